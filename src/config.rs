@@ -1,0 +1,187 @@
+//! `$CAIRN_HOME/config.toml`: the grid's servers and encoding parameters.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Params;
+
+pub const DEFAULT_SEGMENT_SIZE: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Field { path: PathBuf, field: String, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub grid: GridConfig,
+    #[serde(rename = "server")]
+    pub servers: Vec<ServerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GridConfig {
+    /// k: shares needed to rebuild a version.
+    pub needed: u16,
+    /// Servers that must hold a share before a version commits.
+    pub happy: u16,
+    /// n: shares written for each version.
+    pub total: u16,
+    /// Bytes of plaintext per segment.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: u32,
+    /// Seconds before a server request counts as failed.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+fn default_segment_size() -> u32 {
+    DEFAULT_SEGMENT_SIZE
+}
+fn default_timeout_secs() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub name: String,
+    /// Back end kind: `dir` (a local or mounted directory).
+    pub backend: String,
+    /// For `dir`: the directory holding this server's shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    /// The embedded default: `servers` local directory servers under
+    /// `home/servers/`, 3-of-5 with happiness 4.
+    pub fn embedded_default(home: &Path) -> Config {
+        Config {
+            grid: GridConfig {
+                needed: 3,
+                happy: 4,
+                total: 5,
+                segment_size: DEFAULT_SEGMENT_SIZE,
+                timeout_secs: default_timeout_secs(),
+            },
+            servers: (1..=5)
+                .map(|i| ServerConfig {
+                    name: format!("s{i}"),
+                    backend: "dir".into(),
+                    path: Some(home.join("servers").join(format!("s{i}"))),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let field = |field: &str, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field: field.to_string(),
+            message,
+        };
+        let g = &self.grid;
+        if g.needed == 0 {
+            return Err(field("grid.needed", "must be at least 1".into()));
+        }
+        if g.total < g.needed || g.total > crate::codec::MAX_SHARES {
+            return Err(field(
+                "grid.total",
+                format!("{} must be between needed ({}) and {}", g.total, g.needed, crate::codec::MAX_SHARES),
+            ));
+        }
+        if g.segment_size == 0 || g.segment_size % 16 != 0 {
+            return Err(field(
+                "grid.segment_size",
+                format!("{} must be a positive multiple of 16 bytes", g.segment_size),
+            ));
+        }
+        if g.happy < g.needed || g.happy > g.total {
+            return Err(field(
+                "grid.happy",
+                format!("{} must be between needed ({}) and total ({})", g.happy, g.needed, g.total),
+            ));
+        }
+        if g.timeout_secs == 0 {
+            return Err(field("grid.timeout_secs", "must be at least 1".into()));
+        }
+        if self.servers.len() < g.total as usize {
+            return Err(field(
+                "server",
+                format!(
+                    "{} servers configured, but total = {} shares each need a distinct server",
+                    self.servers.len(),
+                    g.total
+                ),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            let at = |f: &str| format!("server[{i}].{f}");
+            if s.name.is_empty() || s.name.contains(['/', '\\']) {
+                return Err(field(&at("name"), format!("{:?} must be non-empty without slashes", s.name)));
+            }
+            if !names.insert(&s.name) {
+                return Err(field(&at("name"), format!("{:?} is used twice", s.name)));
+            }
+            match s.backend.as_str() {
+                "dir" => match &s.path {
+                    Some(p) if p.is_absolute() => {}
+                    Some(p) => return Err(field(&at("path"), format!("{} must be an absolute path", p.display()))),
+                    None => return Err(field(&at("path"), "is required for backend \"dir\"".into())),
+                },
+                other => {
+                    return Err(field(&at("backend"), format!("unknown back end {other:?} (known: \"dir\")")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn params(&self) -> Params {
+        Params::new(self.grid.needed, self.grid.total, self.grid.segment_size).expect("validated")
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.grid.timeout_secs)
+    }
+}
+
+/// `$CAIRN_HOME`, else `$XDG_DATA_HOME/cairn`, else `~/.local/share/cairn`.
+pub fn home_dir() -> anyhow::Result<PathBuf> {
+    if let Some(h) = std::env::var_os("CAIRN_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("cairn"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("set CAIRN_HOME or HOME"))?;
+    Ok(PathBuf::from(home).join(".local/share/cairn"))
+}

@@ -1,0 +1,381 @@
+//! Reads versions back from the grid: locate shares, verify every byte
+//! against the capability, decode, and fall over to other shares on any
+//! missing, unreachable or corrupt one. Unverified bytes never leave here.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::codec::{Capability, Hash, VersionDecoder, FOOTER_LEN};
+use crate::grid::Grid;
+
+/// Segments fetched ahead of the one being written out.
+const READ_AHEAD: usize = 4;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", tag = "state", content = "detail")]
+pub enum ShareState {
+    Ok,
+    Corrupt(String),
+    Unreachable(String),
+}
+
+/// What was found of one share on one server.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareFinding {
+    pub share: u16,
+    pub server: String,
+    #[serde(flatten)]
+    pub state: ShareState,
+}
+
+/// Everything the grid said about a version: the evidence in error messages
+/// and in `cairn check`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Findings {
+    pub shares: Vec<ShareFinding>,
+    /// Servers that could not even be asked, with why.
+    pub unreachable_servers: Vec<(String, String)>,
+}
+
+impl fmt::Display for Findings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = self
+            .shares
+            .iter()
+            .map(|s| match &s.state {
+                ShareState::Ok => format!("share {} on {} ok", s.share, s.server),
+                ShareState::Corrupt(why) => format!("share {} on {} corrupt ({why})", s.share, s.server),
+                ShareState::Unreachable(why) => format!("share {} on {} unreadable ({why})", s.share, s.server),
+            })
+            .collect();
+        parts.extend(self.unreachable_servers.iter().map(|(s, why)| format!("server {s} unreachable ({why})")));
+        if parts.is_empty() {
+            write!(f, "no shares found on any server")
+        } else {
+            write!(f, "{}", parts.join("; "))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("only {valid} valid shares of the {needed} needed to rebuild the file. Found: {findings}")]
+    TooFewShares { valid: usize, needed: u16, findings: Findings },
+    #[error("segment {segment}: fewer than {needed} shares had valid blocks. Found: {findings}")]
+    SegmentLost { segment: u64, needed: u16, findings: Findings },
+    #[error("decoded content does not match the SHA-256 recorded at upload; nothing was written")]
+    PlaintextMismatch,
+    #[error("writing {path}: {source}")]
+    Output { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Codec(#[from] crate::codec::CodecError),
+}
+
+/// An open version on the grid, ready to serve verified segments.
+pub struct VersionReader {
+    grid: Arc<Grid>,
+    cap: Capability,
+    decoder: VersionDecoder,
+    /// (share number, server index) of shares whose trailer verified, by
+    /// share number so data shares come first and decoding is cheapest.
+    sources: Vec<(u16, usize)>,
+    /// Shares that served a bad or no block; skipped from then on.
+    failed: Mutex<HashSet<u16>>,
+    findings: Mutex<Findings>,
+}
+
+impl VersionReader {
+    /// Asks every server which shares it holds and verifies their trailers.
+    pub async fn open(grid: Arc<Grid>, cap: Capability) -> Result<Self, DownloadError> {
+        let layout = cap.layout;
+        let si = cap.storage_index();
+        let mut decoder = VersionDecoder::new(cap.clone());
+        let mut findings = Findings::default();
+
+        let listings = futures::future::join_all(
+            grid.servers
+                .iter()
+                .map(|s| async { grid.timed(s.server.shares(si)).await }),
+        )
+        .await;
+        let mut located = Vec::new();
+        for (idx, listing) in listings.into_iter().enumerate() {
+            match listing {
+                Ok(shares) => located.extend(shares.into_iter().filter(|&s| s < layout.params.total).map(|s| (s, idx))),
+                Err(e) => findings
+                    .unreachable_servers
+                    .push((grid.servers[idx].name.clone(), e.to_string())),
+            }
+        }
+        located.sort();
+
+        let trailers = futures::future::join_all(located.iter().map(|&(share, idx)| {
+            let server = &grid.servers[idx].server;
+            grid.timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
+        }))
+        .await;
+        let mut sources = Vec::new();
+        for ((share, idx), trailer) in located.into_iter().zip(trailers) {
+            let server = grid.servers[idx].name.clone();
+            let state = match trailer {
+                Err(e) => ShareState::Unreachable(e.to_string()),
+                Ok(_) if decoder.has_trailer(share) => continue, // a duplicate copy; one is enough
+                Ok(bytes) => match decoder.accept_trailer(share, &bytes[..layout.trailer_len() as usize]) {
+                    Ok(()) => {
+                        sources.push((share, idx));
+                        ShareState::Ok
+                    }
+                    Err(e) => ShareState::Corrupt(e.to_string()),
+                },
+            };
+            findings.shares.push(ShareFinding { share, server, state });
+        }
+        if sources.len() < layout.params.needed as usize {
+            return Err(DownloadError::TooFewShares {
+                valid: sources.len(),
+                needed: layout.params.needed,
+                findings,
+            });
+        }
+        Ok(VersionReader {
+            grid,
+            cap,
+            decoder,
+            sources,
+            failed: Mutex::new(HashSet::new()),
+            findings: Mutex::new(findings),
+        })
+    }
+
+    pub fn capability(&self) -> &Capability {
+        &self.cap
+    }
+
+    /// The plaintext SHA-256 recorded by the uploader.
+    pub fn plaintext_sha256(&self) -> Hash {
+        self.decoder.plaintext_sha256().expect("a trailer was accepted")
+    }
+
+    /// One verified, decrypted plaintext segment.
+    pub async fn read_segment(&self, segment: u64) -> Result<Vec<u8>, DownloadError> {
+        let layout = self.cap.layout;
+        let k = layout.params.needed as usize;
+        let si = self.cap.storage_index();
+        let mut blocks: Vec<Option<Vec<u8>>> = vec![None; layout.params.total as usize];
+        let mut tried = HashSet::new();
+        loop {
+            let have = blocks.iter().filter(|b| b.is_some()).count();
+            if have == k {
+                break;
+            }
+            let batch: Vec<(u16, usize)> = {
+                let failed = self.failed.lock().expect("lock");
+                self.sources
+                    .iter()
+                    .filter(|(s, _)| !failed.contains(s) && !tried.contains(s))
+                    .take(k - have)
+                    .copied()
+                    .collect()
+            };
+            if batch.is_empty() {
+                return Err(DownloadError::SegmentLost {
+                    segment,
+                    needed: layout.params.needed,
+                    findings: self.findings.lock().expect("lock").clone(),
+                });
+            }
+            let fetched = futures::future::join_all(batch.iter().map(|&(share, idx)| {
+                let server = &self.grid.servers[idx].server;
+                self.grid
+                    .timed(server.read(si, share, layout.block_offset(segment), layout.block_len(segment) as u64))
+            }))
+            .await;
+            for ((share, idx), result) in batch.into_iter().zip(fetched) {
+                tried.insert(share);
+                let state = match result {
+                    Ok(block) => match self.decoder.verify_block(share, segment, &block) {
+                        Ok(()) => {
+                            blocks[share as usize] = Some(block);
+                            continue;
+                        }
+                        Err(e) => ShareState::Corrupt(e.to_string()),
+                    },
+                    Err(e) => ShareState::Unreachable(e.to_string()),
+                };
+                let server = self.grid.servers[idx].name.clone();
+                tracing::warn!(%server, share, segment, ?state, "share failed; using another");
+                self.failed.lock().expect("lock").insert(share);
+                let mut findings = self.findings.lock().expect("lock");
+                if let Some(f) = findings.shares.iter_mut().find(|f| f.share == share) {
+                    f.state = state;
+                }
+            }
+        }
+        Ok(self.decoder.decode_segment(segment, blocks)?)
+    }
+}
+
+/// Downloads a version into `out`. The file appears only complete and
+/// verified: bytes go to a hidden temporary beside it, renamed at the end.
+pub async fn download_to_file(
+    grid: Arc<Grid>,
+    cap: Capability,
+    out: &Path,
+    progress: Arc<dyn crate::upload::Progress>,
+) -> Result<Hash, DownloadError> {
+    let reader = VersionReader::open(grid, cap).await?;
+    let output_err = |source| DownloadError::Output {
+        path: out.to_owned(),
+        source,
+    };
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.cairn-partial-{}", std::process::id()));
+    let result = write_verified(&reader, &tmp, progress).await;
+    let result = match result {
+        Ok(()) => std::fs::rename(&tmp, out).map_err(output_err),
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| reader.plaintext_sha256())
+}
+
+async fn write_verified(
+    reader: &VersionReader,
+    tmp: &Path,
+    progress: Arc<dyn crate::upload::Progress>,
+) -> Result<(), DownloadError> {
+    let output_err = |source| DownloadError::Output {
+        path: tmp.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::create(tmp).map_err(output_err)?;
+    let mut hasher = Sha256::new();
+    let segments = reader.capability().layout.num_segments();
+    let mut stream = futures::stream::iter(0..segments)
+        .map(|j| reader.read_segment(j))
+        .buffered(READ_AHEAD);
+    while let Some(segment) = stream.next().await {
+        let segment = segment?;
+        hasher.update(&segment);
+        file.write_all(&segment).map_err(output_err)?;
+        progress.advance(segment.len() as u64);
+    }
+    let actual: Hash = hasher.finalize().into();
+    if actual != reader.plaintext_sha256() {
+        return Err(DownloadError::PlaintextMismatch);
+    }
+    file.sync_all().map_err(output_err)?;
+    Ok(())
+}
+
+/// Reads every share of a version in full and verifies every block.
+/// Healthy means all `total` shares are present and valid.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub storage_index: String,
+    pub needed: u16,
+    pub total: u16,
+    pub healthy: bool,
+    pub recoverable: bool,
+    pub missing_shares: Vec<u16>,
+    pub findings: Findings,
+}
+
+pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
+    let layout = cap.layout;
+    let si = cap.storage_index();
+    let mut findings = Findings::default();
+    let mut good: HashSet<u16> = HashSet::new();
+    for (idx, server) in grid.servers.iter().enumerate() {
+        let shares = match grid.timed(server.server.shares(si)).await {
+            Ok(s) => s,
+            Err(e) => {
+                findings.unreachable_servers.push((server.name.clone(), e.to_string()));
+                continue;
+            }
+        };
+        for share in shares {
+            let state = verify_whole_share(&grid, idx, &cap, share).await;
+            if state == ShareState::Ok {
+                good.insert(share);
+            }
+            findings.shares.push(ShareFinding {
+                share,
+                server: server.name.clone(),
+                state,
+            });
+        }
+    }
+    let missing_shares: Vec<u16> = (0..layout.params.total).filter(|s| !good.contains(s)).collect();
+    CheckReport {
+        storage_index: si.to_string(),
+        needed: layout.params.needed,
+        total: layout.params.total,
+        healthy: missing_shares.is_empty(),
+        recoverable: good.len() >= layout.params.needed as usize,
+        missing_shares,
+        findings,
+    }
+}
+
+async fn verify_whole_share(grid: &Grid, idx: usize, cap: &Capability, share: u16) -> ShareState {
+    let layout = cap.layout;
+    let si = cap.storage_index();
+    let server = &grid.servers[idx].server;
+    let mut decoder = VersionDecoder::new(cap.clone());
+    if share >= layout.params.total {
+        return ShareState::Corrupt("share number out of range".into());
+    }
+    // Framing first: length, magic and footer; then the trailer by hash.
+    match grid.timed(server.share_len(si, share)).await {
+        Ok(len) if len == layout.share_len() => {}
+        Ok(len) => return ShareState::Corrupt(format!("{len} bytes long, {} expected", layout.share_len())),
+        Err(e) => return ShareState::Unreachable(e.to_string()),
+    }
+    match grid.timed(server.read(si, share, 0, crate::codec::SHARE_MAGIC.len() as u64)).await {
+        Ok(h) if h == crate::codec::SHARE_MAGIC => {}
+        Ok(_) => return ShareState::Corrupt("bad magic".into()),
+        Err(e) => return ShareState::Unreachable(e.to_string()),
+    }
+    let tail = match grid
+        .timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => return ShareState::Unreachable(e.to_string()),
+    };
+    let (trailer, footer) = tail.split_at(layout.trailer_len() as usize);
+    if footer != crate::codec::footer_bytes(layout) {
+        return ShareState::Corrupt("bad footer".into());
+    }
+    if let Err(e) = decoder.accept_trailer(share, trailer) {
+        return ShareState::Corrupt(e.to_string());
+    }
+    for j in 0..layout.num_segments() {
+        let block = grid
+            .timed(server.read(si, share, layout.block_offset(j), layout.block_len(j) as u64))
+            .await;
+        match block {
+            Ok(b) => {
+                if let Err(e) = decoder.verify_block(share, j, &b) {
+                    return ShareState::Corrupt(e.to_string());
+                }
+            }
+            Err(e) => return ShareState::Unreachable(e.to_string()),
+        }
+    }
+    ShareState::Ok
+}

@@ -1,0 +1,310 @@
+//! The grid: storage servers holding shares, and the back ends that reach them.
+//!
+//! A server stores opaque share files named by storage index and share number.
+//! Writing a share is two-phase: bytes go to a private staging name, and the
+//! share becomes visible to readers only on `publish`, so an abandoned upload
+//! never leaves anything a reader could take for a share.
+
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::codec::{tagged_hash, StorageIndex};
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("share not found")]
+    NotFound,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("short read: {got} of {wanted} bytes at offset {offset}")]
+    Short { offset: u64, wanted: u64, got: u64 },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One storage server, whatever its back end.
+#[async_trait]
+pub trait Server: Send + Sync {
+    /// Starts writing a share; nothing is visible until `publish`.
+    async fn create_share(&self, si: StorageIndex, share: u16) -> Result<Box<dyn ShareSink>, ServerError>;
+    /// Exactly `len` bytes at `offset` of a published share.
+    async fn read(&self, si: StorageIndex, share: u16, offset: u64, len: u64) -> Result<Vec<u8>, ServerError>;
+    /// Length in bytes of a published share.
+    async fn share_len(&self, si: StorageIndex, share: u16) -> Result<u64, ServerError>;
+    /// Share numbers of `si` this server holds.
+    async fn shares(&self, si: StorageIndex) -> Result<Vec<u16>, ServerError>;
+    async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError>;
+}
+
+/// A share being written. Dropping it without `publish` leaves at most an
+/// invisible staging object behind, which `abort` or a cleaner removes.
+#[async_trait]
+pub trait ShareSink: Send {
+    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError>;
+    /// Makes the written bytes durable, still invisible to readers.
+    async fn seal(&mut self) -> Result<(), ServerError>;
+    /// Makes the share visible under its final name.
+    async fn publish(self: Box<Self>) -> Result<(), ServerError>;
+    async fn abort(self: Box<Self>);
+}
+
+/// A server of the grid with its configured name.
+#[derive(Clone)]
+pub struct GridServer {
+    pub name: String,
+    pub server: Arc<dyn Server>,
+}
+
+/// The configured servers and the rules for using them.
+pub struct Grid {
+    pub servers: Vec<GridServer>,
+    pub timeout: Duration,
+}
+
+impl Grid {
+    pub fn from_config(config: &Config) -> Grid {
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| GridServer {
+                name: s.name.clone(),
+                server: match s.backend.as_str() {
+                    "dir" => Arc::new(DirServer::new(s.path.clone().expect("validated"))) as Arc<dyn Server>,
+                    other => unreachable!("config validation admits no back end {other}"),
+                },
+            })
+            .collect();
+        Grid {
+            servers,
+            timeout: config.timeout(),
+        }
+    }
+
+    /// Server indices in the order a version's shares are placed: a
+    /// permutation keyed by storage index, so load spreads across servers and
+    /// a reader can predict where shares are.
+    pub fn permuted(&self, si: StorageIndex) -> Vec<usize> {
+        let mut order: Vec<(crate::codec::Hash, usize)> = self
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (tagged_hash(b"cairn-v1-permute", &[&si.0, s.name.as_bytes()]), i))
+            .collect();
+        order.sort();
+        order.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Runs one server request under the grid's time-out.
+    pub async fn timed<T>(&self, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
+        timed(self.timeout, fut).await
+    }
+}
+
+pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(ServerError::Timeout(limit)))
+}
+
+/// A server that is a directory: local disk, or any mounted file system.
+///
+/// Layout: `shares/<si[0..2]>/<si>/<share>` for published shares and
+/// `incoming/` for shares being written.
+pub struct DirServer {
+    root: PathBuf,
+}
+
+impl DirServer {
+    pub fn new(root: PathBuf) -> Self {
+        DirServer { root }
+    }
+
+    fn share_dir(&self, si: StorageIndex) -> PathBuf {
+        let hex = si.to_string();
+        self.root.join("shares").join(&hex[..2]).join(hex)
+    }
+
+    fn share_path(&self, si: StorageIndex, share: u16) -> PathBuf {
+        self.share_dir(si).join(share.to_string())
+    }
+
+    /// A server whose directory vanished is down, not empty: creating it
+    /// again would silently hide the loss.
+    fn check_root(&self) -> Result<(), ServerError> {
+        if self.root.is_dir() {
+            Ok(())
+        } else {
+            Err(ServerError::Other(format!("server directory {} is missing", self.root.display())))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServerError> + Send + 'static,
+) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::Other(format!("I/O task failed: {e}")))?
+}
+
+fn not_found_as(e: std::io::Error) -> ServerError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        ServerError::NotFound
+    } else {
+        ServerError::Io(e)
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[async_trait]
+impl Server for DirServer {
+    async fn create_share(&self, si: StorageIndex, share: u16) -> Result<Box<dyn ShareSink>, ServerError> {
+        self.check_root()?;
+        let incoming = self.root.join("incoming");
+        let staging = incoming.join(format!("{si}.{share}.{:016x}.part", rand::random::<u64>()));
+        let final_path = self.share_path(si, share);
+        let file = blocking({
+            let staging = staging.clone();
+            move || {
+                std::fs::create_dir_all(&incoming)?;
+                Ok(std::fs::File::create_new(&staging)?)
+            }
+        })
+        .await?;
+        Ok(Box::new(DirSink {
+            file: Some(file),
+            staging,
+            final_path,
+        }))
+    }
+
+    async fn read(&self, si: StorageIndex, share: u16, offset: u64, len: u64) -> Result<Vec<u8>, ServerError> {
+        self.check_root()?;
+        let path = self.share_path(si, share);
+        blocking(move || {
+            let mut f = std::fs::File::open(&path).map_err(not_found_as)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::with_capacity(len as usize);
+            f.take(len).read_to_end(&mut buf)?;
+            if buf.len() as u64 != len {
+                return Err(ServerError::Short {
+                    offset,
+                    wanted: len,
+                    got: buf.len() as u64,
+                });
+            }
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn share_len(&self, si: StorageIndex, share: u16) -> Result<u64, ServerError> {
+        self.check_root()?;
+        let path = self.share_path(si, share);
+        blocking(move || Ok(std::fs::metadata(&path).map_err(not_found_as)?.len())).await
+    }
+
+    async fn shares(&self, si: StorageIndex) -> Result<Vec<u16>, ServerError> {
+        self.check_root()?;
+        let dir = self.share_dir(si);
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                if let Some(n) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    out.push(n);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError> {
+        self.check_root()?;
+        let path = self.share_path(si, share);
+        blocking(move || {
+            std::fs::remove_file(&path).map_err(not_found_as)?;
+            // The per-version directory goes when its last share goes.
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+struct DirSink {
+    /// Taken while a blocking write runs; `None` after a failed or
+    /// abandoned write, which makes the sink unusable.
+    file: Option<std::fs::File>,
+    staging: PathBuf,
+    final_path: PathBuf,
+}
+
+impl DirSink {
+    async fn with_file(
+        &mut self,
+        f: impl FnOnce(&mut std::fs::File) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| ServerError::Other("share writer broken by an earlier failure".into()))?;
+        let file = blocking(move || {
+            f(&mut file)?;
+            Ok(file)
+        })
+        .await?;
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ShareSink for DirSink {
+    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError> {
+        self.with_file(move |f| f.write_all(&data)).await
+    }
+
+    async fn seal(&mut self) -> Result<(), ServerError> {
+        self.with_file(|f| f.sync_all()).await
+    }
+
+    async fn publish(self: Box<Self>) -> Result<(), ServerError> {
+        let DirSink {
+            staging, final_path, ..
+        } = *self;
+        blocking(move || {
+            let dir = final_path.parent().expect("share path has a parent");
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(&staging, &final_path)?;
+            fsync_dir(dir)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn abort(self: Box<Self>) {
+        let DirSink { file, staging, .. } = *self;
+        drop(file);
+        let _ = blocking(move || Ok(std::fs::remove_file(staging)?)).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! cairn: a mounted drive whose files live on a grid of storage servers as
+//! encrypted, erasure-coded shares. See docs/ARCHITECTURE.md.
+
+pub mod bench;
+pub mod catalog;
+pub mod codec;
+pub mod config;
+pub mod download;
+pub mod grid;
+pub mod stage;
+pub mod upload;

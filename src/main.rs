@@ -1,0 +1,384 @@
+//! The `cairn` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use cairn::catalog::{Catalog, Kind, VersionState};
+use cairn::codec::Capability;
+use cairn::config::{self, Config};
+use cairn::grid::Grid;
+use cairn::upload::Progress;
+use cairn::{bench, download, stage, upload};
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "A drive whose files live on a grid of storage servers as encrypted, erasure-coded shares")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create $CAIRN_HOME/config.toml (default: 5 local directory servers, 3-of-5, happy 4).
+    Init {
+        /// Number of local directory servers to create under $CAIRN_HOME/servers.
+        #[arg(long, default_value_t = 5)]
+        servers: u16,
+        /// Use these directories as servers instead (repeat the flag, one per server).
+        #[arg(long = "server-dir", value_name = "DIR")]
+        server_dirs: Vec<PathBuf>,
+        /// k: shares needed to rebuild a file.
+        #[arg(long, default_value_t = 3)]
+        needed: u16,
+        /// Servers that must hold a share before an upload succeeds.
+        #[arg(long, default_value_t = 4)]
+        happy: u16,
+        /// n: shares written per file (default: one per server).
+        #[arg(long)]
+        total: Option<u16>,
+        /// Plaintext bytes per segment.
+        #[arg(long, default_value_t = config::DEFAULT_SEGMENT_SIZE)]
+        segment_size: u32,
+    },
+    /// Upload a local file to PATH; prints the version's read capability.
+    Put {
+        source: PathBuf,
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download PATH's newest committed version (or a capability) to OUTPUT.
+    Get {
+        /// Path in the namespace; omit with --cap.
+        path: Option<String>,
+        output: PathBuf,
+        /// Read this capability instead of a path: needs only the servers.
+        #[arg(long, conflicts_with = "path")]
+        cap: Option<String>,
+        /// A version number other than the newest.
+        #[arg(long)]
+        version: Option<i64>,
+    },
+    /// Verify every share of a file; exit 0 only if all are present and valid.
+    Check {
+        path: Option<String>,
+        #[arg(long, conflicts_with = "path")]
+        cap: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory of the namespace.
+    Ls {
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure codec throughput beside SHA-256, AES and Reed-Solomon alone.
+    Bench {
+        /// MiB of data per measurement.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Repetitions; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cairn: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Home {
+    dir: PathBuf,
+}
+
+impl Home {
+    fn locate() -> Result<Home> {
+        Ok(Home {
+            dir: config::home_dir()?,
+        })
+    }
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    fn config(&self) -> Result<Config> {
+        let path = self.config_path();
+        if !path.exists() {
+            bail!(
+                "{} does not exist: run `cairn init` first (CAIRN_HOME={})",
+                path.display(),
+                self.dir.display()
+            );
+        }
+        Ok(Config::load(&path)?)
+    }
+    fn catalog(&self) -> Result<Catalog> {
+        Ok(Catalog::open(&self.dir.join("catalog.db"))?)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// A byte progress bar on a terminal; nothing otherwise.
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new(len: u64, what: &str) -> Arc<Bar> {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        Arc::new(Bar(bar))
+    }
+}
+
+impl Progress for Bar {
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    let home = Home::locate()?;
+    match command {
+        Command::Init {
+            servers,
+            server_dirs,
+            needed,
+            happy,
+            total,
+            segment_size,
+        } => init(&home, servers, server_dirs, needed, happy, total, segment_size),
+        Command::Put { source, path, json } => put(&home, source, &path, json),
+        Command::Get {
+            path,
+            output,
+            cap,
+            version,
+        } => get(&home, path, output, cap, version),
+        Command::Check { path, cap, json } => check(&home, path, cap, json),
+        Command::Ls { path, json } => ls(&home, &path, json),
+        Command::Bench { mib, runs, json } => {
+            let report = bench::codec(mib << 20, runs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init(
+    home: &Home,
+    servers: u16,
+    server_dirs: Vec<PathBuf>,
+    needed: u16,
+    happy: u16,
+    total: Option<u16>,
+    segment_size: u32,
+) -> Result<ExitCode> {
+    let path = home.config_path();
+    if path.exists() {
+        bail!("{} already exists; remove it to start a new grid", path.display());
+    }
+    let mut config = Config::embedded_default(&home.dir);
+    let dirs: Vec<PathBuf> = if server_dirs.is_empty() {
+        (1..=servers).map(|i| home.dir.join("servers").join(format!("s{i}"))).collect()
+    } else {
+        server_dirs
+            .into_iter()
+            .map(|d| std::path::absolute(&d).with_context(|| format!("{}", d.display())))
+            .collect::<Result<_>>()?
+    };
+    config.servers = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| config::ServerConfig {
+            name: format!("s{}", i + 1),
+            backend: "dir".into(),
+            path: Some(d.clone()),
+        })
+        .collect();
+    config.grid.needed = needed;
+    config.grid.happy = happy;
+    config.grid.total = total.unwrap_or(dirs.len() as u16);
+    config.grid.segment_size = segment_size;
+    config.validate(std::path::Path::new("flags"))?;
+    std::fs::create_dir_all(&home.dir).with_context(|| home.dir.display().to_string())?;
+    for d in &dirs {
+        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
+    }
+    std::fs::write(&path, config.to_toml()).with_context(|| path.display().to_string())?;
+    home.catalog()?;
+    println!(
+        "initialised {} with {} servers, {}-of-{}, happy {}",
+        home.dir.display(),
+        dirs.len(),
+        config.grid.needed,
+        config.grid.total,
+        config.grid.happy
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode> {
+    let config = home.config()?;
+    let mut catalog = home.catalog()?;
+    // Fail on a bad destination before reading anything.
+    cairn::catalog::split_path(path)?;
+    if let Ok(node) = catalog.resolve(path) {
+        if node.kind == Kind::Dir {
+            bail!("{path}: is a directory");
+        }
+    }
+    let snap = stage::snapshot(&source, &home.dir.join("stage"))?;
+    let grid = Grid::from_config(&config);
+    let key: cairn::codec::Key = rand::random();
+    let bar = Bar::new(snap.size, "uploading");
+    let report = runtime()?.block_on(upload::upload(
+        &grid,
+        config.params(),
+        config.grid.happy,
+        &snap.path,
+        key,
+        bar.clone(),
+    ))?;
+    bar.0.finish_and_clear();
+    let ino = catalog.ensure_file(path)?;
+    let cap = report.cap.to_string();
+    let sha = hex(&report.plaintext_sha256);
+    let num = catalog.add_version(ino, snap.size, &sha, VersionState::Committed, Some(&cap))?;
+    for (server, why) in &report.failures {
+        eprintln!("cairn: warning: server {server} failed during upload: {why}");
+    }
+    if json {
+        let out = serde_json::json!({
+            "path": path, "version": num, "size": snap.size, "sha256": sha, "cap": cap,
+            "placed": report.placed.iter().map(|(s, srv)| serde_json::json!({"share": s, "server": srv})).collect::<Vec<_>>(),
+            "failures": report.failures.iter().map(|(s, e)| serde_json::json!({"server": s, "error": e})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{cap}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(bytes)
+}
+
+/// The capability named by a path (newest committed, or `version`) or given outright.
+fn resolve_cap(home: &Home, path: Option<String>, cap: Option<String>, version: Option<i64>) -> Result<Capability> {
+    if let Some(cap) = cap {
+        return Ok(cap.parse()?);
+    }
+    let path = path.ok_or_else(|| anyhow!("give a PATH or --cap CAPABILITY"))?;
+    let catalog = home.catalog()?;
+    let node = catalog.resolve(&path)?;
+    if node.kind == Kind::Dir {
+        bail!("{path}: is a directory");
+    }
+    let versions = catalog.versions(node.ino)?;
+    let v = match version {
+        Some(n) => versions
+            .into_iter()
+            .find(|v| v.num == n)
+            .ok_or_else(|| anyhow!("{path} has no version {n}"))?,
+        None => catalog
+            .latest_committed(node.ino)?
+            .ok_or_else(|| anyhow!("{path} has no committed version yet"))?,
+    };
+    let cap = v
+        .cap
+        .ok_or_else(|| anyhow!("{path} version {} is not on the grid yet", v.num))?;
+    Ok(cap.parse()?)
+}
+
+fn get(home: &Home, path: Option<String>, output: PathBuf, cap: Option<String>, version: Option<i64>) -> Result<ExitCode> {
+    let cap = resolve_cap(home, path, cap, version)?;
+    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let bar = Bar::new(cap.layout.size, "downloading");
+    runtime()?.block_on(download::download_to_file(grid, cap, &output, bar.clone()))?;
+    bar.0.finish_and_clear();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> Result<ExitCode> {
+    let cap = resolve_cap(home, path, cap, None)?;
+    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let report = runtime()?.block_on(download::check(grid, cap));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let verdict = if report.healthy {
+            "healthy"
+        } else if report.recoverable {
+            "NOT HEALTHY (recoverable)"
+        } else {
+            "NOT RECOVERABLE"
+        };
+        println!(
+            "{verdict}: {} of {} shares valid (any {} rebuild the file)",
+            report.total as usize - report.missing_shares.len(),
+            report.total,
+            report.needed
+        );
+        println!("  {}", report.findings.to_string().replace("; ", "\n  "));
+        if !report.missing_shares.is_empty() {
+            println!("  missing or invalid shares: {:?}", report.missing_shares);
+        }
+    }
+    Ok(if report.healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
+    let entries = home.catalog()?.list(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in entries {
+        match e.kind {
+            Kind::Dir => println!("{:>14}  {:>4}  {}/", "-", "", e.name),
+            Kind::File => println!(
+                "{:>14}  v{:<3}  {}",
+                e.size.map(|s| s.to_string()).unwrap_or_default(),
+                e.versions,
+                e.name
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
