@@ -94,8 +94,8 @@ pub fn codec(bytes: usize, runs: usize) -> CodecReport {
             let aes_ctr = median_mbps(bytes, runs, || codec::apply_keystream(&key, 0, &mut buf));
             let reed_solomon = match n > k {
                 true => {
-                    let rs = reed_solomon_erasure::galois_8::ReedSolomon::new(k as usize, (n - k) as usize)
-                        .expect("valid");
+                    let rs =
+                        reed_solomon_erasure::galois_8::ReedSolomon::new(k as usize, (n - k) as usize).expect("valid");
                     let block = seg_len.div_ceil(k as usize);
                     let mut shards = vec![vec![0u8; block]; n as usize];
                     median_mbps(bytes, runs, || {

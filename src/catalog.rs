@@ -233,9 +233,9 @@ impl Catalog {
     }
 
     pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self.db.prepare(
-            "SELECT num, size, sha256, state, cap, created_ns FROM versions WHERE ino = ?1 ORDER BY num",
-        )?;
+        let mut stmt = self
+            .db
+            .prepare("SELECT num, size, sha256, state, cap, created_ns FROM versions WHERE ino = ?1 ORDER BY num")?;
         let rows = stmt.query_map([ino], |r| {
             Ok(Version {
                 num: r.get(0)?,

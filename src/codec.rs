@@ -198,14 +198,19 @@ impl fmt::Display for Capability {
 impl FromStr for Capability {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Self, CodecError> {
-        let bad = |what: &str| CodecError::Capability(format!("{what} (expected {CAP_PREFIX}KEY:ROOT:K:N:SIZE:SEGSIZE)"));
+        let bad =
+            |what: &str| CodecError::Capability(format!("{what} (expected {CAP_PREFIX}KEY:ROOT:K:N:SIZE:SEGSIZE)"));
         let rest = s.trim().strip_prefix(CAP_PREFIX).ok_or_else(|| bad("unknown prefix"))?;
         let parts: Vec<&str> = rest.split(':').collect();
         if parts.len() != 6 {
             return Err(bad("wrong number of fields"));
         }
-        let key: Key = unb32(parts[0]).and_then(|v| v.try_into().ok()).ok_or_else(|| bad("bad key"))?;
-        let root: Hash = unb32(parts[1]).and_then(|v| v.try_into().ok()).ok_or_else(|| bad("bad root"))?;
+        let key: Key = unb32(parts[0])
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("bad key"))?;
+        let root: Hash = unb32(parts[1])
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("bad root"))?;
         let num = |i: usize, what: &str| parts[i].parse::<u64>().map_err(|_| bad(what));
         let needed = u16::try_from(num(2, "bad k")?).map_err(|_| bad("bad k"))?;
         let total = u16::try_from(num(3, "bad n")?).map_err(|_| bad("bad n"))?;
@@ -378,9 +383,7 @@ impl VersionEncoder {
                 what: format!("unexpected length {}", plaintext.len()),
             });
         }
-        self.plaintext.update(plaintext);
-        let blocks = encode_blocks(self.layout, self.rs.as_ref(), &self.key, segment, plaintext);
-        let hashes = hash_blocks(segment, &blocks);
+        let (blocks, hashes) = encode_and_hash(self, segment, plaintext);
         for (leaves, h) in self.leaves.iter_mut().zip(hashes) {
             leaves.push(h);
         }
@@ -430,49 +433,72 @@ impl VersionEncoder {
 }
 
 fn encode_blocks(layout: Layout, rs: Option<&ReedSolomon>, key: &Key, segment: u64, plaintext: &[u8]) -> Vec<Vec<u8>> {
-    let k = layout.params.needed as usize;
     let n = layout.params.total as usize;
     let block_len = layout.block_len(segment);
-    let mut crypt = vec![0u8; block_len * k];
-    crypt[..plaintext.len()].copy_from_slice(plaintext);
-    apply_keystream(key, layout.segment_offset(segment), &mut crypt[..plaintext.len()]);
-    let mut blocks: Vec<Vec<u8>> = crypt.chunks(block_len).map(<[u8]>::to_vec).collect();
-    blocks.resize(n, vec![0u8; block_len]);
+    let offset = layout.segment_offset(segment);
+    let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(n);
+    // Data blocks: plaintext slices, zero-padded, encrypted in place.
+    for i in 0..layout.params.needed as usize {
+        let start = (i * block_len).min(plaintext.len());
+        let end = ((i + 1) * block_len).min(plaintext.len());
+        let mut block = Vec::with_capacity(block_len);
+        block.extend_from_slice(&plaintext[start..end]);
+        apply_keystream(key, offset + start as u64, &mut block);
+        block.resize(block_len, 0);
+        blocks.push(block);
+    }
+    blocks.resize_with(n, || vec![0u8; block_len]);
     if let Some(rs) = rs {
         rs.encode(&mut blocks).expect("shard sizes are equal");
     }
     blocks
 }
 
-/// Hashes the blocks of one segment. Hashing is the codec's most expensive
-/// step, so the shares are hashed on parallel threads when there is enough
-/// work to pay for them.
-fn hash_blocks(segment: u64, blocks: &[Vec<u8>]) -> Vec<Hash> {
-    let total: usize = blocks.iter().map(Vec::len).sum();
-    if total < 256 * 1024 {
-        return blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| block_hash(i as u16, segment, b))
-            .collect();
+/// Encodes a segment and hashes the plaintext (into the running file hash)
+/// and every block (into its leaf). SHA-256 is the codec's most expensive
+/// step, so with enough work a helper thread hashes the plaintext while this
+/// one encodes, then both take blocks to hash from a shared counter.
+fn encode_and_hash(enc: &mut VersionEncoder, segment: u64, plaintext: &[u8]) -> (Vec<Vec<u8>>, Vec<Hash>) {
+    let (layout, rs, key) = (enc.layout, enc.rs.as_ref(), &enc.key);
+    let n = layout.params.total as usize;
+    if plaintext.len() < 128 * 1024 {
+        enc.plaintext.update(plaintext);
+        let blocks = encode_blocks(layout, rs, key, segment, plaintext);
+        let hashes = (0..n).map(|i| block_hash(i as u16, segment, &blocks[i])).collect();
+        return (blocks, hashes);
     }
-    let halves = blocks.len().div_ceil(2);
-    std::thread::scope(|s| {
-        let second = s.spawn(|| {
-            blocks[halves..]
-                .iter()
-                .enumerate()
-                .map(|(i, b)| block_hash((halves + i) as u16, segment, b))
-                .collect::<Vec<_>>()
+    let ready = std::sync::OnceLock::<Vec<Vec<u8>>>::new();
+    let (signal, wait) = std::sync::mpsc::channel::<()>();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take_blocks = |blocks: &Vec<Vec<u8>>| {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n {
+                return done;
+            }
+            done.push((i, block_hash(i as u16, segment, &blocks[i])));
+        }
+    };
+    let file_hash = &mut enc.plaintext;
+    let (ready_ref, take_ref) = (&ready, &take_blocks);
+    let (mut found, helper_found) = std::thread::scope(|s| {
+        let helper = s.spawn(move || {
+            file_hash.update(plaintext);
+            // A closed channel means the encoder panicked; that panic wins.
+            wait.recv()
+                .ok()
+                .map(|()| take_ref(ready_ref.get().expect("set before signal")))
         });
-        let mut first: Vec<Hash> = blocks[..halves]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| block_hash(i as u16, segment, b))
-            .collect();
-        first.extend(second.join().expect("hash thread"));
-        first
-    })
+        let blocks = ready.get_or_init(|| encode_blocks(layout, rs, key, segment, plaintext));
+        let _ = signal.send(());
+        let found = take_blocks(blocks);
+        (found, helper.join().expect("hash thread").unwrap_or_default())
+    });
+    found.extend(helper_found);
+    found.sort_by_key(|(i, _)| *i);
+    let blocks = ready.into_inner().expect("encoded");
+    (blocks, found.into_iter().map(|(_, h)| h).collect())
 }
 
 /// Checks trailers and blocks against a capability, and decodes segments.
@@ -661,7 +687,9 @@ pub fn decode_all(cap: &Capability, shares: &[Option<&[u8]>]) -> Result<Vec<u8>,
     let mut usable: Vec<(u16, Vec<&[u8]>)> = Vec::new();
     for (i, share) in shares.iter().enumerate() {
         let Some(share) = share else { continue };
-        let Some((trailer, blocks)) = split_share(layout, share) else { continue };
+        let Some((trailer, blocks)) = split_share(layout, share) else {
+            continue;
+        };
         if dec.accept_trailer(i as u16, trailer).is_ok() {
             usable.push((i as u16, blocks));
         }

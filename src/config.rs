@@ -16,7 +16,11 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: field `{field}`: {message}")]
-    Field { path: PathBuf, field: String, message: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,7 +118,12 @@ impl Config {
         if g.total < g.needed || g.total > crate::codec::MAX_SHARES {
             return Err(field(
                 "grid.total",
-                format!("{} must be between needed ({}) and {}", g.total, g.needed, crate::codec::MAX_SHARES),
+                format!(
+                    "{} must be between needed ({}) and {}",
+                    g.total,
+                    g.needed,
+                    crate::codec::MAX_SHARES
+                ),
             ));
         }
         if g.segment_size == 0 || g.segment_size % 16 != 0 {
@@ -126,7 +135,10 @@ impl Config {
         if g.happy < g.needed || g.happy > g.total {
             return Err(field(
                 "grid.happy",
-                format!("{} must be between needed ({}) and total ({})", g.happy, g.needed, g.total),
+                format!(
+                    "{} must be between needed ({}) and total ({})",
+                    g.happy, g.needed, g.total
+                ),
             ));
         }
         if g.timeout_secs == 0 {
@@ -146,7 +158,10 @@ impl Config {
         for (i, s) in self.servers.iter().enumerate() {
             let at = |f: &str| format!("server[{i}].{f}");
             if s.name.is_empty() || s.name.contains(['/', '\\']) {
-                return Err(field(&at("name"), format!("{:?} must be non-empty without slashes", s.name)));
+                return Err(field(
+                    &at("name"),
+                    format!("{:?} must be non-empty without slashes", s.name),
+                ));
             }
             if !names.insert(&s.name) {
                 return Err(field(&at("name"), format!("{:?} is used twice", s.name)));
@@ -158,7 +173,10 @@ impl Config {
                     None => return Err(field(&at("path"), "is required for backend \"dir\"".into())),
                 },
                 other => {
-                    return Err(field(&at("backend"), format!("unknown back end {other:?} (known: \"dir\")")));
+                    return Err(field(
+                        &at("backend"),
+                        format!("unknown back end {other:?} (known: \"dir\")"),
+                    ));
                 }
             }
         }

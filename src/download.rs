@@ -55,7 +55,11 @@ impl fmt::Display for Findings {
                 ShareState::Unreachable(why) => format!("share {} on {} unreadable ({why})", s.share, s.server),
             })
             .collect();
-        parts.extend(self.unreachable_servers.iter().map(|(s, why)| format!("server {s} unreachable ({why})")));
+        parts.extend(
+            self.unreachable_servers
+                .iter()
+                .map(|(s, why)| format!("server {s} unreachable ({why})")),
+        );
         if parts.is_empty() {
             write!(f, "no shares found on any server")
         } else {
@@ -67,9 +71,17 @@ impl fmt::Display for Findings {
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
     #[error("only {valid} valid shares of the {needed} needed to rebuild the file. Found: {findings}")]
-    TooFewShares { valid: usize, needed: u16, findings: Findings },
+    TooFewShares {
+        valid: usize,
+        needed: u16,
+        findings: Findings,
+    },
     #[error("segment {segment}: fewer than {needed} shares had valid blocks. Found: {findings}")]
-    SegmentLost { segment: u64, needed: u16, findings: Findings },
+    SegmentLost {
+        segment: u64,
+        needed: u16,
+        findings: Findings,
+    },
     #[error("decoded content does not match the SHA-256 recorded at upload; nothing was written")]
     PlaintextMismatch,
     #[error("writing {path}: {source}")]
@@ -108,7 +120,12 @@ impl VersionReader {
         let mut located = Vec::new();
         for (idx, listing) in listings.into_iter().enumerate() {
             match listing {
-                Ok(shares) => located.extend(shares.into_iter().filter(|&s| s < layout.params.total).map(|s| (s, idx))),
+                Ok(shares) => located.extend(
+                    shares
+                        .into_iter()
+                        .filter(|&s| s < layout.params.total)
+                        .map(|s| (s, idx)),
+                ),
                 Err(e) => findings
                     .unreachable_servers
                     .push((grid.servers[idx].name.clone(), e.to_string())),
@@ -193,8 +210,12 @@ impl VersionReader {
             }
             let fetched = futures::future::join_all(batch.iter().map(|&(share, idx)| {
                 let server = &self.grid.servers[idx].server;
-                self.grid
-                    .timed(server.read(si, share, layout.block_offset(segment), layout.block_len(segment) as u64))
+                self.grid.timed(server.read(
+                    si,
+                    share,
+                    layout.block_offset(segment),
+                    layout.block_len(segment) as u64,
+                ))
             }))
             .await;
             for ((share, idx), result) in batch.into_iter().zip(fetched) {
@@ -239,7 +260,10 @@ pub async fn download_to_file(
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.cairn-partial-{}", std::process::id()));
     let result = write_verified(&reader, &tmp, progress).await;
     let result = match result {
@@ -345,7 +369,10 @@ async fn verify_whole_share(grid: &Grid, idx: usize, cap: &Capability, share: u1
         Ok(len) => return ShareState::Corrupt(format!("{len} bytes long, {} expected", layout.share_len())),
         Err(e) => return ShareState::Unreachable(e.to_string()),
     }
-    match grid.timed(server.read(si, share, 0, crate::codec::SHARE_MAGIC.len() as u64)).await {
+    match grid
+        .timed(server.read(si, share, 0, crate::codec::SHARE_MAGIC.len() as u64))
+        .await
+    {
         Ok(h) if h == crate::codec::SHARE_MAGIC => {}
         Ok(_) => return ShareState::Corrupt("bad magic".into()),
         Err(e) => return ShareState::Unreachable(e.to_string()),

@@ -142,7 +142,10 @@ impl DirServer {
         if self.root.is_dir() {
             Ok(())
         } else {
-            Err(ServerError::Other(format!("server directory {} is missing", self.root.display())))
+            Err(ServerError::Other(format!(
+                "server directory {} is missing",
+                self.root.display()
+            )))
         }
     }
 }

@@ -15,7 +15,11 @@ use cairn::upload::Progress;
 use cairn::{bench, download, stage, upload};
 
 #[derive(Parser)]
-#[command(name = "cairn", version, about = "A drive whose files live on a grid of storage servers as encrypted, erasure-coded shares")]
+#[command(
+    name = "cairn",
+    version,
+    about = "A drive whose files live on a grid of storage servers as encrypted, erasure-coded shares"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,12 +56,13 @@ enum Command {
         json: bool,
     },
     /// Download PATH's newest committed version (or a capability) to OUTPUT.
+    #[command(override_usage = "cairn get PATH OUTPUT\n       cairn get --cap CAPABILITY OUTPUT")]
     Get {
-        /// Path in the namespace; omit with --cap.
-        path: Option<String>,
-        output: PathBuf,
+        /// PATH OUTPUT, or just OUTPUT with --cap.
+        #[arg(required = true, num_args = 1..=2, value_name = "PATH OUTPUT")]
+        args: Vec<String>,
         /// Read this capability instead of a path: needs only the servers.
-        #[arg(long, conflicts_with = "path")]
+        #[arg(long)]
         cap: Option<String>,
         /// A version number other than the newest.
         #[arg(long)]
@@ -93,9 +98,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -175,12 +178,14 @@ fn run(command: Command) -> Result<ExitCode> {
             segment_size,
         } => init(&home, servers, server_dirs, needed, happy, total, segment_size),
         Command::Put { source, path, json } => put(&home, source, &path, json),
-        Command::Get {
-            path,
-            output,
-            cap,
-            version,
-        } => get(&home, path, output, cap, version),
+        Command::Get { mut args, cap, version } => {
+            let output = PathBuf::from(args.pop().expect("at least one argument"));
+            match (args.pop(), &cap) {
+                (Some(_), Some(_)) => bail!("give either PATH or --cap, not both"),
+                (None, None) => bail!("give the PATH to read, or --cap CAPABILITY"),
+                (path, _) => get(&home, path, output, cap, version),
+            }
+        }
         Command::Check { path, cap, json } => check(&home, path, cap, json),
         Command::Ls { path, json } => ls(&home, &path, json),
         Command::Bench { mib, runs, json } => {
@@ -210,7 +215,9 @@ fn init(
     }
     let mut config = Config::embedded_default(&home.dir);
     let dirs: Vec<PathBuf> = if server_dirs.is_empty() {
-        (1..=servers).map(|i| home.dir.join("servers").join(format!("s{i}"))).collect()
+        (1..=servers)
+            .map(|i| home.dir.join("servers").join(format!("s{i}")))
+            .collect()
     } else {
         server_dirs
             .into_iter()
@@ -322,7 +329,13 @@ fn resolve_cap(home: &Home, path: Option<String>, cap: Option<String>, version: 
     Ok(cap.parse()?)
 }
 
-fn get(home: &Home, path: Option<String>, output: PathBuf, cap: Option<String>, version: Option<i64>) -> Result<ExitCode> {
+fn get(
+    home: &Home,
+    path: Option<String>,
+    output: PathBuf,
+    cap: Option<String>,
+    version: Option<i64>,
+) -> Result<ExitCode> {
     let cap = resolve_cap(home, path, cap, version)?;
     let grid = Arc::new(Grid::from_config(&home.config()?));
     let bar = Bar::new(cap.layout.size, "downloading");
@@ -381,4 +394,13 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

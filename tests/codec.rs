@@ -7,7 +7,9 @@ use proptest::prelude::*;
 const SEG: u32 = 4096;
 
 fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn interesting_sizes() -> impl Strategy<Value = usize> {
@@ -26,7 +28,9 @@ fn interesting_sizes() -> impl Strategy<Value = usize> {
 }
 
 fn params() -> impl Strategy<Value = Params> {
-    (1u16..=8).prop_flat_map(|k| (Just(k), k..=k + 6)).prop_map(|(k, n)| Params::new(k, n, SEG).unwrap())
+    (1u16..=8)
+        .prop_flat_map(|k| (Just(k), k..=k + 6))
+        .prop_map(|(k, n)| Params::new(k, n, SEG).unwrap())
 }
 
 /// Every subset of `k` indices out of `n`.
@@ -112,7 +116,10 @@ fn servers_see_neither_plaintext_nor_key() {
     let key = [7u8; 16];
     let (_, shares) = encode_all(Params::new(3, 5, SEG).unwrap(), key, &plain);
     for s in &shares {
-        assert!(!s.windows(16).any(|w| w == &plain[..16]), "plaintext visible in a share");
+        assert!(
+            !s.windows(16).any(|w| w == &plain[..16]),
+            "plaintext visible in a share"
+        );
         assert!(!s.windows(16).any(|w| w == key), "key visible in a share");
     }
 }

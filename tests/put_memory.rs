@@ -1,0 +1,46 @@
+//! `cairn put` of a 4 GiB file keeps its peak RSS under 100 MiB: memory is
+//! bounded by a few blocks per server, not by the file.
+//! Its own test binary, so RUSAGE_CHILDREN sees only this test's children.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::{bytes, Home};
+
+fn peak_child_rss_kib() -> i64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) }, 0);
+    usage.ru_maxrss
+}
+
+#[test]
+fn put_of_4_gib_stays_under_100_mib_rss() {
+    let home = Home::init(&[]);
+    let src = home.file("big.bin");
+    let f = std::fs::File::create(&src).unwrap();
+    let size: u64 = 4 << 30;
+    f.set_len(size).unwrap();
+    // Real data at the start, middle and end; the rest reads as zeros.
+    let chunk = bytes(8 << 20, 5);
+    for off in [0, size / 2, size - chunk.len() as u64] {
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    drop(f);
+    let out = home.ok(&["put", src.to_str().unwrap(), "/big.bin"]);
+    assert!(out.contains(&format!(":3:5:{size}:")), "{out}");
+    let rss_mib = peak_child_rss_kib() / 1024;
+    eprintln!("peak RSS of cairn put, 4 GiB: {rss_mib} MiB");
+    assert!(rss_mib < 100, "peak RSS {rss_mib} MiB");
+    std::fs::remove_file(&src).unwrap();
+
+    // And it is all there: spot-check by reading it back.
+    let copy = home.file("copy.bin");
+    home.ok(&["get", "/big.bin", copy.to_str().unwrap()]);
+    let back = std::fs::File::open(&copy).unwrap();
+    assert_eq!(back.metadata().unwrap().len(), size);
+    let mut buf = vec![0u8; chunk.len()];
+    back.read_exact_at(&mut buf, size / 2).unwrap();
+    assert_eq!(buf, chunk);
+}

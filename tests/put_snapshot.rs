@@ -1,0 +1,92 @@
+//! Ticket #427: a source file rewritten while `cairn put` reads it. What is
+//! uploaded must be exactly one whole state of the file, byte for byte.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{stderr, Home};
+
+const SIZE: usize = 8 << 20;
+const CHUNK: usize = 64 << 10;
+
+#[test]
+fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
+    let home = Home::init(&[]);
+    let src = home.file("live.bin");
+    std::fs::write(&src, vec![0u8; SIZE]).unwrap();
+
+    // The writer rewrites the file in place, chunk by chunk, one fill byte
+    // per generation, so any state caught mid-rewrite mixes two bytes. It is
+    // busy half the time and idle the other half, so both races and stable
+    // windows occur.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+            let mut generation = 1u8;
+            while !stop.load(Ordering::Relaxed) {
+                let busy_until = Instant::now() + Duration::from_millis(40);
+                while Instant::now() < busy_until {
+                    f.seek(SeekFrom::Start(0)).unwrap();
+                    for _ in 0..SIZE / CHUNK {
+                        f.write_all(&[generation; CHUNK]).unwrap();
+                    }
+                    generation = generation.wrapping_add(1).max(1);
+                }
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+
+    let mut retries_seen = 0;
+    let mut uploaded = 0;
+    for i in 0..12 {
+        let dest = format!("/live-{i}.bin");
+        let out = home
+            .command(&["put", src.to_str().unwrap(), &dest])
+            .env("CAIRN_LOG", "cairn=info")
+            .output()
+            .unwrap();
+        let log = stderr(&out);
+        retries_seen += log.matches("changed during snapshot").count();
+        if !out.status.success() {
+            // Giving up is allowed, but only with the clear error.
+            assert!(log.contains("kept changing while it was read"), "{log}");
+            continue;
+        }
+        uploaded += 1;
+        let copy = home.file("copy.bin");
+        home.ok(&["get", &dest, copy.to_str().unwrap()]);
+        let bytes = std::fs::read(&copy).unwrap();
+        assert_eq!(bytes.len(), SIZE);
+        let first = bytes[0];
+        let torn = bytes.iter().position(|&b| b != first);
+        assert_eq!(
+            torn, None,
+            "put {i} uploaded a torn file: byte {first} then another at {torn:?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(uploaded > 0, "no put found a stable moment");
+    // Proves the race was actually exercised, so this test could fail.
+    assert!(retries_seen > 0, "no snapshot ever overlapped a rewrite");
+}
+
+#[test]
+fn put_of_a_missing_file_or_directory_fails_clearly() {
+    let home = Home::init(&[]);
+    let out = home.cairn(&["put", "/nonexistent/file", "/x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/nonexistent/file"), "{}", stderr(&out));
+    let out = home.cairn(&["put", home.path().to_str().unwrap(), "/x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a regular file"), "{}", stderr(&out));
+    assert!(home.ok(&["ls", "/"]).is_empty());
+}
