@@ -52,7 +52,7 @@ fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn round_trip_from_every_k_subset(p in params(), len in interesting_sizes(), seed: u8, key: [u8; 16]) {
