@@ -273,7 +273,7 @@ fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode>
         &grid,
         config.params(),
         config.grid.happy,
-        &snap.path,
+        upload::Source::file(&snap.path).with_context(|| snap.path.display().to_string())?,
         key,
         bar.clone(),
     ))?;

@@ -21,8 +21,8 @@ pub const QUEUE_BLOCKS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("reading {path}: {source}")]
-    Source { path: String, source: std::io::Error },
+    #[error("reading the version to upload: {0}")]
+    Source(std::io::Error),
     #[error(
         "not enough servers took a share: {placed} of {happy} needed for happiness; nothing was committed. {}",
         describe_failures(failures)
@@ -61,22 +61,34 @@ pub trait Progress: Send + Sync {
 }
 impl Progress for () {}
 
-/// Uploads `source`, which must not change while it is read: callers pass a
-/// sealed version or a snapshot.
+/// A stable byte source of known size: a sealed version or a snapshot.
+/// It must not change while it is read.
+pub struct Source {
+    pub reader: Box<dyn std::io::Read + Send>,
+    pub size: u64,
+}
+
+impl Source {
+    pub fn file(path: &Path) -> std::io::Result<Source> {
+        let file = std::fs::File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Source {
+            reader: Box::new(file),
+            size,
+        })
+    }
+}
+
+/// Uploads one version of `source` under `key`.
 pub async fn upload(
     grid: &Grid,
     params: crate::codec::Params,
     happy: u16,
-    source: &Path,
+    source: Source,
     key: Key,
     progress: Arc<dyn Progress>,
 ) -> Result<UploadReport, UploadError> {
-    let src_err = |e| UploadError::Source {
-        path: source.display().to_string(),
-        source: e,
-    };
-    let file = std::fs::File::open(source).map_err(src_err)?;
-    let size = file.metadata().map_err(src_err)?.len();
+    let Source { reader, size } = source;
     let encoder = VersionEncoder::new(params, key, size);
     let si = encoder.storage_index();
     let happy = happy as usize;
@@ -93,7 +105,7 @@ pub async fn upload(
 
     let producer = {
         let alive = alive.clone();
-        tokio::task::spawn_blocking(move || produce(file, encoder, senders, alive, happy, progress))
+        tokio::task::spawn_blocking(move || produce(reader, encoder, senders, alive, happy, progress))
     };
     let produced = producer.await.expect("encoder thread");
 
@@ -111,7 +123,7 @@ pub async fn upload(
                 sink.abort().await;
             }
             return Err(match outcome {
-                Err(ProduceError::Io(e)) => src_err(e),
+                Err(ProduceError::Io(e)) => UploadError::Source(e),
                 Err(ProduceError::Codec(e)) => e.into(),
                 Err(ProduceError::TooFewServers) | Ok(_) => UploadError::NotHappy {
                     placed: alive.load(Ordering::SeqCst).min(sealed.len()),
@@ -227,7 +239,7 @@ enum ProduceError {
 
 /// Reads, encodes and queues every segment; runs on a blocking thread.
 fn produce(
-    mut file: std::fs::File,
+    mut source: Box<dyn std::io::Read + Send>,
     mut encoder: VersionEncoder,
     senders: Vec<Option<mpsc::Sender<Vec<u8>>>>,
     alive: Arc<AtomicUsize>,
@@ -252,7 +264,7 @@ fn produce(
     let mut buf = Vec::with_capacity(layout.params.segment_size as usize);
     for j in 0..layout.num_segments() {
         buf.resize(layout.segment_len(j), 0);
-        file.read_exact(&mut buf).map_err(ProduceError::Io)?;
+        source.read_exact(&mut buf).map_err(ProduceError::Io)?;
         let blocks = encoder.encode_segment(&buf).map_err(ProduceError::Codec)?;
         send_all(blocks)?;
         progress.advance(buf.len() as u64);

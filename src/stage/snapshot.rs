@@ -1,4 +1,4 @@
-//! The local staging area: stable snapshots of files that may still change.
+//! Stable snapshots of files that may still change.
 //!
 //! `cairn put` never encodes a live file. It first takes a snapshot under
 //! `$CAIRN_HOME/stage` (a reflink where the file system can, else a copy) and

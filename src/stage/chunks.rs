@@ -1,0 +1,296 @@
+//! Chunked copy-on-write staging: working copies and sealed versions.
+//!
+//! A sealed version is a directory of chunk files `0`, `1`, ... each exactly
+//! `chunk_size` bytes except the last, plus nothing else; it never changes.
+//! A working copy starts from a sealed base (or from nothing) in O(1): it
+//! owns only the chunks written since it was opened, and reads every other
+//! chunk from the base. Sealing moves its own chunks into a new version
+//! directory and hard-links the base's unchanged chunks, so a 4 KiB edit of
+//! a 1 GiB file stores one new chunk and costs no copy of the rest.
+//!
+//! The chunk size equals the codec's segment size, so the uploader reads a
+//! sealed version segment by segment, one chunk file each.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// An immutable version in the staging cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedVersion {
+    pub dir: PathBuf,
+    pub size: u64,
+    pub chunk_size: u64,
+}
+
+fn chunk_count(size: u64, chunk_size: u64) -> u64 {
+    size.div_ceil(chunk_size)
+}
+
+/// Reads `buf.len()` bytes at `offset` of a chunk file, zero-filling past
+/// its end (chunk files of a working copy may be short).
+fn read_chunk_at(path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            buf.fill(0);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+impl SealedVersion {
+    /// Opens a sealed version written by [`WorkingCopy::seal`].
+    pub fn open(dir: PathBuf, size: u64, chunk_size: u64) -> Self {
+        SealedVersion { dir, size, chunk_size }
+    }
+
+    fn chunk_path(&self, index: u64) -> PathBuf {
+        self.dir.join(index.to_string())
+    }
+
+    fn chunk_len(&self, index: u64) -> u64 {
+        (self.size.saturating_sub(index * self.chunk_size)).min(self.chunk_size)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at EOF).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        read_range(offset, buf, self.size, self.chunk_size, |index, within, out| {
+            read_chunk_at(&self.chunk_path(index), within, out)
+        })
+    }
+
+    /// A sequential reader over the whole version, for the uploader.
+    pub fn reader(&self) -> VersionReader {
+        VersionReader {
+            version: self.clone(),
+            offset: 0,
+        }
+    }
+
+    /// Removes the version's chunks from the cache. Chunks shared with other
+    /// versions survive through their other links.
+    pub fn remove(self) -> io::Result<()> {
+        std::fs::remove_dir_all(&self.dir)
+    }
+}
+
+/// Splits a read at `offset` over chunk boundaries, clamped to `size`.
+fn read_range(
+    offset: u64,
+    buf: &mut [u8],
+    size: u64,
+    chunk_size: u64,
+    mut read_chunk: impl FnMut(u64, u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<usize> {
+    if offset >= size {
+        return Ok(0);
+    }
+    let len = (buf.len() as u64).min(size - offset) as usize;
+    let mut done = 0;
+    while done < len {
+        let pos = offset + done as u64;
+        let (index, within) = (pos / chunk_size, pos % chunk_size);
+        let take = ((chunk_size - within) as usize).min(len - done);
+        read_chunk(index, within, &mut buf[done..done + take])?;
+        done += take;
+    }
+    Ok(len)
+}
+
+pub struct VersionReader {
+    version: SealedVersion,
+    offset: u64,
+}
+
+impl Read for VersionReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.version.read_at(self.offset, buf)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// A file open for writing: its own chunks over an optional sealed base.
+#[derive(Debug)]
+pub struct WorkingCopy {
+    dir: PathBuf,
+    base: Option<SealedVersion>,
+    /// Bytes below this offset still come from the base where this copy has
+    /// no chunk of its own. Shrinks on truncation so that extending again
+    /// reads zeros, as on a local file system.
+    base_valid: u64,
+    size: u64,
+    chunk_size: u64,
+    own: BTreeSet<u64>,
+}
+
+impl WorkingCopy {
+    /// Starts a working copy in `dir` (which must not exist) over `base`.
+    /// Copies nothing: O(1) whatever the base's size.
+    pub fn create(dir: PathBuf, base: Option<SealedVersion>, chunk_size: u64) -> io::Result<Self> {
+        std::fs::create_dir(&dir)?;
+        let size = base.as_ref().map_or(0, |b| b.size);
+        if let Some(b) = &base {
+            debug_assert_eq!(b.chunk_size, chunk_size);
+        }
+        Ok(WorkingCopy {
+            dir,
+            base,
+            base_valid: size,
+            size,
+            chunk_size,
+            own: BTreeSet::new(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn own_path(&self, index: u64) -> PathBuf {
+        self.dir.join(index.to_string())
+    }
+
+    /// Where chunk `index` comes from when this copy does not own it, and how
+    /// many of its bytes are valid there.
+    fn base_chunk(&self, index: u64) -> Option<(PathBuf, u64)> {
+        let start = index * self.chunk_size;
+        let base = self.base.as_ref()?;
+        (start < self.base_valid).then(|| (base.chunk_path(index), (self.base_valid - start).min(self.chunk_size)))
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        read_range(offset, buf, self.size, self.chunk_size, |index, within, out| {
+            if self.own.contains(&index) {
+                return read_chunk_at(&self.own_path(index), within, out);
+            }
+            match self.base_chunk(index) {
+                Some((path, valid)) if within < valid => {
+                    let from_base = ((valid - within) as usize).min(out.len());
+                    read_chunk_at(&path, within, &mut out[..from_base])?;
+                    out[from_base..].fill(0);
+                    Ok(())
+                }
+                _ => {
+                    out.fill(0);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Gives this copy its own file for chunk `index`, copying the base's
+    /// bytes of that chunk on first write (copy-on-write, one chunk).
+    fn own_chunk(&mut self, index: u64) -> io::Result<File> {
+        let path = self.own_path(index);
+        if self.own.contains(&index) {
+            return OpenOptions::new().write(true).open(path);
+        }
+        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        if let Some((base_path, valid)) = self.base_chunk(index) {
+            let mut src = File::open(base_path)?.take(valid);
+            io::copy(&mut src, &mut &file)?;
+        }
+        self.own.insert(index);
+        Ok(file)
+    }
+
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
+            let take = ((self.chunk_size - within) as usize).min(data.len() - done);
+            self.own_chunk(index)?.write_all_at(&data[done..done + take], within)?;
+            done += take;
+        }
+        self.size = self.size.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, size: u64) -> io::Result<()> {
+        if size < self.size {
+            self.base_valid = self.base_valid.min(size);
+            let keep = chunk_count(size, self.chunk_size);
+            for index in self.own.split_off(&keep) {
+                std::fs::remove_file(self.own_path(index))?;
+            }
+            // The chunk cut in the middle must read zeros past the cut if
+            // the file grows again.
+            if size % self.chunk_size != 0 && self.own.contains(&(keep - 1)) {
+                File::options()
+                    .write(true)
+                    .open(self.own_path(keep - 1))?
+                    .set_len(size % self.chunk_size)?;
+            }
+        }
+        self.size = size;
+        Ok(())
+    }
+
+    /// Makes every written byte durable on the local disk.
+    pub fn fsync(&self) -> io::Result<()> {
+        for index in &self.own {
+            File::open(self.own_path(*index))?.sync_all()?;
+        }
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Turns this working copy into the immutable version at `version_dir`
+    /// (which must not exist): own chunks are moved, unchanged base chunks
+    /// hard-linked, and every chunk brought to its exact length.
+    pub fn seal(self, version_dir: PathBuf) -> io::Result<SealedVersion> {
+        std::fs::create_dir(&version_dir)?;
+        let count = chunk_count(self.size, self.chunk_size);
+        for index in 0..count {
+            let dest = version_dir.join(index.to_string());
+            let want = (self.size - index * self.chunk_size).min(self.chunk_size);
+            if self.own.contains(&index) {
+                std::fs::rename(self.own_path(index), &dest)?;
+            } else {
+                match (self.base_chunk(index), &self.base) {
+                    // Unchanged and of the same length: share it.
+                    (Some((path, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
+                        std::fs::hard_link(path, &dest)?;
+                        continue;
+                    }
+                    (Some((path, valid)), _) => {
+                        let mut src = File::open(path)?.take(valid);
+                        io::copy(&mut src, &mut File::create_new(&dest)?)?;
+                    }
+                    (None, _) => drop(File::create_new(&dest)?),
+                }
+            }
+            let file = File::options().write(true).open(&dest)?;
+            if file.metadata()?.len() != want {
+                file.set_len(want)?;
+            }
+            file.sync_all()?;
+        }
+        File::open(&version_dir)?.sync_all()?;
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(SealedVersion {
+            dir: version_dir,
+            size: self.size,
+            chunk_size: self.chunk_size,
+        })
+    }
+
+    /// Drops the working copy and its own chunks.
+    pub fn discard(self) -> io::Result<()> {
+        std::fs::remove_dir_all(&self.dir)
+    }
+}

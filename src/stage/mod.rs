@@ -1,0 +1,13 @@
+//! The local staging area under `$CAIRN_HOME`: everything written stays here
+//! until the grid holds it.
+//!
+//! - [`snapshot`]: stable copies of outside files for `cairn put`.
+//! - [`chunks`]: the mount's staging cache. Files are stored as fixed-size
+//!   chunk files; sealed versions are immutable and share unchanged chunks
+//!   with each other by hard link, so reopening a large file for a small
+//!   edit copies one chunk, not the file.
+
+pub mod chunks;
+pub mod snapshot;
+
+pub use snapshot::{snapshot, Snapshot, SnapshotError};

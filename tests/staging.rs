@@ -1,0 +1,158 @@
+//! The mount's chunked staging cache against a reference model (a Vec<u8>),
+//! on real files: working copies read what was written, sealed versions never
+//! change, and sealing shares unchanged chunks instead of copying them.
+
+use std::os::unix::fs::MetadataExt;
+
+use cairn::stage::chunks::{SealedVersion, WorkingCopy};
+use proptest::prelude::*;
+
+const CHUNK: u64 = 64;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate(u64),
+    /// Seal the working copy as a version and open a new one over it.
+    SealAndReopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..6 * CHUNK, 1usize..3 * CHUNK as usize, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
+        1 => (0u64..6 * CHUNK).prop_map(Op::Truncate),
+        1 => Just(Op::SealAndReopen),
+    ]
+}
+
+fn read_all(read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<usize>, size: u64) -> Vec<u8> {
+    // Odd-sized reads cross chunk boundaries at every alignment.
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 37];
+    loop {
+        let n = read_at(out.len() as u64, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(out.len() as u64, size);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn matches_a_reference_model_and_sealed_versions_never_change(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model: Vec<u8> = Vec::new();
+        let mut sealed: Vec<(SealedVersion, Vec<u8>)> = Vec::new();
+        let mut next_dir = 0;
+        let mut fresh = || { next_dir += 1; dir.path().join(format!("d{next_dir}")) };
+        let mut work = WorkingCopy::create(fresh(), None, CHUNK).unwrap();
+        for op in ops {
+            match op {
+                Op::Write { offset, len, byte } => {
+                    work.write_at(offset, &vec![byte; len]).unwrap();
+                    let end = offset as usize + len;
+                    if model.len() < end { model.resize(end, 0); }
+                    model[offset as usize..end].fill(byte);
+                }
+                Op::Truncate(size) => {
+                    work.truncate(size).unwrap();
+                    model.resize(size as usize, 0);
+                }
+                Op::SealAndReopen => {
+                    let version = work.seal(fresh()).unwrap();
+                    prop_assert_eq!(read_all(|o, b| version.read_at(o, b), version.size), model.clone());
+                    work = WorkingCopy::create(fresh(), Some(version.clone()), CHUNK).unwrap();
+                    sealed.push((version, model.clone()));
+                }
+            }
+            prop_assert_eq!(work.size(), model.len() as u64);
+            prop_assert_eq!(read_all(|o, b| work.read_at(o, b), work.size()), model.clone());
+        }
+        for (version, content) in &sealed {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut version.reader(), &mut bytes).unwrap();
+            prop_assert_eq!(&bytes, content, "a sealed version changed");
+        }
+    }
+}
+
+#[test]
+fn a_small_edit_of_a_large_file_stores_one_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = 1 << 20;
+    let mut work = WorkingCopy::create(dir.path().join("w1"), None, chunk).unwrap();
+    let data: Vec<u8> = (0..64 * chunk).map(|i| (i % 251) as u8).collect();
+    work.write_at(0, &data).unwrap();
+    let v1 = work.seal(dir.path().join("v1")).unwrap();
+
+    // Reopen, write 4 KiB in the middle, seal again.
+    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1.clone()), chunk).unwrap();
+    work.write_at(30 * chunk + 100, &[0xAA; 4096]).unwrap();
+    let v2 = work.seal(dir.path().join("v2")).unwrap();
+
+    let mut shared = 0;
+    for i in 0..64 {
+        let a = std::fs::metadata(v1.dir.join(i.to_string())).unwrap();
+        let b = std::fs::metadata(v2.dir.join(i.to_string())).unwrap();
+        if a.ino() == b.ino() {
+            shared += 1;
+        }
+    }
+    assert_eq!(shared, 63, "every chunk but the edited one is shared");
+    let mut expected = data.clone();
+    expected[(30 * chunk + 100) as usize..][..4096].fill(0xAA);
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut v2.reader(), &mut got).unwrap();
+    assert!(got == expected, "v2 content");
+    let mut old = Vec::new();
+    std::io::Read::read_to_end(&mut v1.reader(), &mut old).unwrap();
+    assert!(old == data, "v1 unchanged");
+}
+
+#[test]
+fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
+    use cairn::{config::Config, download, grid::Grid, upload};
+    use std::sync::Arc;
+
+    let home = tempfile::tempdir().unwrap();
+    let config = Config::embedded_default(home.path());
+    for s in &config.servers {
+        std::fs::create_dir_all(s.path.as_ref().unwrap()).unwrap();
+    }
+    let chunk = config.grid.segment_size as u64;
+    let mut work = WorkingCopy::create(home.path().join("w"), None, chunk).unwrap();
+    let data: Vec<u8> = (0..3 * chunk + 777).map(|i| (i * 7 % 256) as u8).collect();
+    work.write_at(0, &data).unwrap();
+    let version = work.seal(home.path().join("v")).unwrap();
+
+    let grid = Arc::new(Grid::from_config(&config));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let source = upload::Source {
+        reader: Box::new(version.reader()),
+        size: version.size,
+    };
+    let report = rt
+        .block_on(upload::upload(
+            &grid,
+            config.params(),
+            config.grid.happy,
+            source,
+            [3; 16],
+            Arc::new(()),
+        ))
+        .unwrap();
+    assert_eq!(report.placed.len(), 5);
+    let out = home.path().join("out");
+    rt.block_on(download::download_to_file(grid, report.cap, &out, Arc::new(())))
+        .unwrap();
+    assert!(std::fs::read(out).unwrap() == data);
+}
