@@ -1,5 +1,6 @@
-//! The namespace: paths, nodes and each file's versions with their
-//! capabilities, in an embedded transactional store (SQLite).
+//! The namespace: nodes (directories, files, symlinks) with their attributes,
+//! and each file's versions with their capabilities, in an embedded
+//! transactional store (SQLite, WAL).
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -8,6 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 pub const ROOT_INO: i64 = 1;
+/// Parent of nodes that were unlinked while still open.
+pub const ORPHAN_PARENT: i64 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -28,6 +31,7 @@ pub enum CatalogError {
 pub enum Kind {
     Dir,
     File,
+    Symlink,
 }
 
 impl Kind {
@@ -35,13 +39,14 @@ impl Kind {
         match self {
             Kind::Dir => "dir",
             Kind::File => "file",
+            Kind::Symlink => "symlink",
         }
     }
     fn parse(s: &str) -> Kind {
-        if s == "dir" {
-            Kind::Dir
-        } else {
-            Kind::File
+        match s {
+            "dir" => Kind::Dir,
+            "symlink" => Kind::Symlink,
+            _ => Kind::File,
         }
     }
 }
@@ -52,36 +57,62 @@ pub struct Node {
     pub parent: i64,
     pub name: String,
     pub kind: Kind,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime_ns: i64,
     pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// Attributes of a node about to be created.
+#[derive(Debug, Clone)]
+pub struct NewNode<'a> {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub target: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VersionState {
-    /// Sealed locally, not yet on the grid.
+    /// Sealed locally, waiting for or in upload.
     Staged,
     /// On the grid with happiness.
     Committed,
+    /// Replaced by a newer version before its upload started; never uploaded.
+    Superseded,
+    /// Its file was deleted before it was uploaded.
+    Dropped,
 }
 
 impl VersionState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             VersionState::Staged => "staged",
             VersionState::Committed => "committed",
+            VersionState::Superseded => "superseded",
+            VersionState::Dropped => "dropped",
         }
     }
     fn parse(s: &str) -> VersionState {
-        if s == "committed" {
-            VersionState::Committed
-        } else {
-            VersionState::Staged
+        match s {
+            "committed" => VersionState::Committed,
+            "superseded" => VersionState::Superseded,
+            "dropped" => VersionState::Dropped,
+            _ => VersionState::Staged,
         }
     }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Version {
+    pub ino: i64,
     pub num: i64,
     pub size: u64,
     pub sha256: String,
@@ -93,6 +124,7 @@ pub struct Version {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
+    pub ino: i64,
     pub name: String,
     pub kind: Kind,
     /// Size of the newest version, for files.
@@ -111,11 +143,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     parent INTEGER NOT NULL,
     name TEXT NOT NULL,
     kind TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    atime_ns INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    UNIQUE (parent, name)
+    ctime_ns INTEGER NOT NULL,
+    target TEXT
 );
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes (parent, name) WHERE parent != 0;
 CREATE TABLE IF NOT EXISTS versions (
-    ino INTEGER NOT NULL REFERENCES nodes(ino),
+    ino INTEGER NOT NULL,
     num INTEGER NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
@@ -124,7 +162,17 @@ CREATE TABLE IF NOT EXISTS versions (
     created_ns INTEGER NOT NULL,
     PRIMARY KEY (ino, num)
 );
+CREATE INDEX IF NOT EXISTS versions_by_state ON versions (state);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+);
 ";
+
+const NODE_COLUMNS: &str = "ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target";
+const VERSION_COLUMNS: &str = "ino, num, size, sha256, state, cap, created_ns";
 
 pub fn now_ns() -> i64 {
     SystemTime::now()
@@ -142,40 +190,188 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, CatalogError> {
     Ok(names)
 }
 
+fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
+    Ok(Node {
+        ino: r.get(0)?,
+        parent: r.get(1)?,
+        name: r.get(2)?,
+        kind: Kind::parse(&r.get::<_, String>(3)?),
+        mode: r.get(4)?,
+        uid: r.get(5)?,
+        gid: r.get(6)?,
+        atime_ns: r.get(7)?,
+        mtime_ns: r.get(8)?,
+        ctime_ns: r.get(9)?,
+        target: r.get(10)?,
+    })
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<Version> {
+    Ok(Version {
+        ino: r.get(0)?,
+        num: r.get(1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        sha256: r.get(3)?,
+        state: VersionState::parse(&r.get::<_, String>(4)?),
+        cap: r.get(5)?,
+        created_ns: r.get(6)?,
+    })
+}
+
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        // Commits survive a crash of the process; `sync_to_disk` makes them
+        // survive a power loss too, and fsync calls it.
+        db.pragma_update(None, "synchronous", "NORMAL")?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.execute_batch(SCHEMA)?;
+        let now = now_ns();
         db.execute(
-            "INSERT OR IGNORE INTO nodes (ino, parent, name, kind, mtime_ns) VALUES (?1, ?1, '', 'dir', ?2)",
-            params![ROOT_INO, now_ns()],
+            &format!("INSERT OR IGNORE INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?1, '', 'dir', 493, ?2, ?3, ?4, ?4, ?4, NULL)"),
+            params![ROOT_INO, unsafe { libc::getuid() }, unsafe { libc::getgid() }, now],
         )?;
         Ok(Catalog { db })
     }
 
-    fn node(&self, ino: i64) -> Result<Option<Node>, CatalogError> {
+    /// Makes every committed transaction durable on disk.
+    pub fn sync_to_disk(&self) -> Result<(), CatalogError> {
+        self.db.pragma_update(None, "synchronous", "FULL")?;
+        let result = self.db.execute_batch("BEGIN IMMEDIATE; COMMIT;");
+        self.db.pragma_update(None, "synchronous", "NORMAL")?;
+        result?;
+        self.db.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    pub fn node(&self, ino: i64) -> Result<Option<Node>, CatalogError> {
+        Ok(self
+            .db
+            .query_row(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE ino = ?1"), [ino], row_to_node)
+            .optional()?)
+    }
+
+    pub fn child(&self, parent: i64, name: &str) -> Result<Option<Node>, CatalogError> {
         Ok(self
             .db
             .query_row(
-                "SELECT ino, parent, name, kind, mtime_ns FROM nodes WHERE ino = ?1",
-                [ino],
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1"),
+                params![parent, name],
                 row_to_node,
             )
             .optional()?)
     }
 
-    fn child(&self, parent: i64, name: &str) -> Result<Option<Node>, CatalogError> {
+    /// Children of a directory, in inode order (stable offsets for readdir).
+    pub fn children(&self, parent: i64) -> Result<Vec<Node>, CatalogError> {
+        let mut stmt = self.db.prepare_cached(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND ino != ?1 ORDER BY ino"
+        ))?;
+        let rows = stmt.query_map([parent], row_to_node)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn has_children(&self, parent: i64) -> Result<bool, CatalogError> {
         Ok(self
             .db
             .query_row(
-                "SELECT ino, parent, name, kind, mtime_ns FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1",
-                params![parent, name],
-                row_to_node,
+                "SELECT 1 FROM nodes WHERE parent = ?1 AND ino != ?1 LIMIT 1",
+                [parent],
+                |_| Ok(()),
             )
-            .optional()?)
+            .optional()?
+            .is_some())
+    }
+
+    pub fn create(&self, parent: i64, name: &str, new: &NewNode<'_>) -> Result<Node, CatalogError> {
+        let now = now_ns();
+        self.db.execute(
+            "INSERT INTO nodes (parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
+            params![parent, name, new.kind.as_str(), new.mode, new.uid, new.gid, now, new.target],
+        )?;
+        let ino = self.db.last_insert_rowid();
+        self.touch_dir(parent, now)?;
+        Ok(self.node(ino)?.expect("just inserted"))
+    }
+
+    fn touch_dir(&self, dir: i64, now: i64) -> Result<(), CatalogError> {
+        self.db
+            .execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![dir, now])?;
+        Ok(())
+    }
+
+    /// Writes back a node's attributes (mode, owner, times).
+    pub fn update_attrs(&self, node: &Node) -> Result<(), CatalogError> {
+        self.db.execute(
+            "UPDATE nodes SET mode = ?2, uid = ?3, gid = ?4, atime_ns = ?5, mtime_ns = ?6, ctime_ns = ?7 WHERE ino = ?1",
+            params![node.ino, node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.ctime_ns],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a name. The node itself goes too, unless `keep_orphan` (the
+    /// file is still open): then it stays, nameless, until `forget_orphan`.
+    pub fn unlink(&mut self, node: &Node, keep_orphan: bool) -> Result<(), CatalogError> {
+        let tx = self.db.transaction()?;
+        let now = now_ns();
+        if keep_orphan {
+            tx.execute(
+                "UPDATE nodes SET parent = ?2, name = ?1, ctime_ns = ?3 WHERE ino = ?1",
+                params![node.ino, ORPHAN_PARENT, now],
+            )?;
+        } else {
+            delete_node(&tx, node.ino)?;
+        }
+        tx.execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![node.parent, now])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn forget_orphan(&mut self, ino: i64) -> Result<(), CatalogError> {
+        let tx = self.db.transaction()?;
+        delete_node(&tx, ino)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Orphans left by a crash: open files that were unlinked.
+    pub fn orphans(&self) -> Result<Vec<i64>, CatalogError> {
+        let mut stmt = self.db.prepare("SELECT ino FROM nodes WHERE parent = 0 AND ino != 1")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves `node` to (`parent`, `name`), replacing `replaced` if given.
+    pub fn rename(
+        &mut self,
+        node: &Node,
+        parent: i64,
+        name: &str,
+        replaced: Option<(&Node, bool)>,
+    ) -> Result<(), CatalogError> {
+        let tx = self.db.transaction()?;
+        let now = now_ns();
+        if let Some((old, keep_orphan)) = replaced {
+            if keep_orphan {
+                tx.execute(
+                    "UPDATE nodes SET parent = ?2, name = ?1 WHERE ino = ?1",
+                    params![old.ino, ORPHAN_PARENT],
+                )?;
+            } else {
+                delete_node(&tx, old.ino)?;
+            }
+        }
+        tx.execute(
+            "UPDATE nodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
+            params![node.ino, parent, name, now],
+        )?;
+        for dir in [node.parent, parent] {
+            tx.execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![dir, now])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn resolve(&self, path: &str) -> Result<Node, CatalogError> {
@@ -191,20 +387,59 @@ impl Catalog {
         Ok(node)
     }
 
+    /// The path of a node, for messages and `cairn status`.
+    pub fn path_of(&self, ino: i64) -> Result<String, CatalogError> {
+        let mut names = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            match self.node(cur)? {
+                Some(n) if n.parent != ORPHAN_PARENT => {
+                    names.push(n.name);
+                    cur = n.parent;
+                }
+                _ => return Ok(format!("(deleted file {ino})")),
+            }
+        }
+        names.reverse();
+        Ok(format!("/{}", names.join("/")))
+    }
+
     /// The file node at `path`, created with any missing parent directories.
     pub fn ensure_file(&mut self, path: &str) -> Result<i64, CatalogError> {
         let names = split_path(path)?;
         let (file_name, dirs) = names
             .split_last()
             .ok_or_else(|| CatalogError::InvalidPath(path.to_string()))?;
-        let tx = self.db.transaction()?;
         let mut parent = ROOT_INO;
+        let owner = NewNode {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+            target: None,
+        };
         for name in dirs {
-            parent = ensure_child(&tx, parent, name, Kind::Dir, path)?;
+            parent = match self.child(parent, name)? {
+                Some(n) if n.kind == Kind::Dir => n.ino,
+                Some(_) => return Err(CatalogError::NotADirectory(path.to_string())),
+                None => self.create(parent, name, &owner)?.ino,
+            };
         }
-        let ino = ensure_child(&tx, parent, file_name, Kind::File, path)?;
-        tx.commit()?;
-        Ok(ino)
+        match self.child(parent, file_name)? {
+            Some(n) if n.kind == Kind::File => Ok(n.ino),
+            Some(_) => Err(CatalogError::IsADirectory(path.to_string())),
+            None => Ok(self
+                .create(
+                    parent,
+                    file_name,
+                    &NewNode {
+                        kind: Kind::File,
+                        mode: 0o644,
+                        ..owner
+                    },
+                )?
+                .ino),
+        }
     }
 
     /// Records a new version of a file; returns its number.
@@ -222,40 +457,85 @@ impl Catalog {
             [ino],
             |r| r.get(0),
         )?;
-        let now = now_ns();
         tx.execute(
-            "INSERT INTO versions (ino, num, size, sha256, state, cap, created_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![ino, num, size as i64, sha256, state.as_str(), cap, now],
+            &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            params![ino, num, size as i64, sha256, state.as_str(), cap, now_ns()],
         )?;
-        tx.execute("UPDATE nodes SET mtime_ns = ?2 WHERE ino = ?1", params![ino, now])?;
         tx.commit()?;
         Ok(num)
+    }
+
+    pub fn set_version_state(&self, ino: i64, num: i64, state: VersionState) -> Result<(), CatalogError> {
+        self.db.execute(
+            "UPDATE versions SET state = ?3 WHERE ino = ?1 AND num = ?2",
+            params![ino, num, state.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a version committed, with what its upload learnt.
+    pub fn commit_version(&self, ino: i64, num: i64, cap: &str, sha256: &str) -> Result<(), CatalogError> {
+        self.db.execute(
+            "UPDATE versions SET state = 'committed', cap = ?3, sha256 = ?4 WHERE ino = ?1 AND num = ?2",
+            params![ino, num, cap, sha256],
+        )?;
+        Ok(())
+    }
+
+    /// The number the next version of `ino` will get.
+    pub fn next_version_num(&self, ino: i64) -> Result<i64, CatalogError> {
+        Ok(self.db.query_row(
+            "SELECT COALESCE(MAX(num), 0) + 1 FROM versions WHERE ino = ?1",
+            [ino],
+            |r| r.get(0),
+        )?)
     }
 
     pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
         let mut stmt = self
             .db
-            .prepare("SELECT num, size, sha256, state, cap, created_ns FROM versions WHERE ino = ?1 ORDER BY num")?;
-        let rows = stmt.query_map([ino], |r| {
-            Ok(Version {
-                num: r.get(0)?,
-                size: r.get::<_, i64>(1)? as u64,
-                sha256: r.get(2)?,
-                state: VersionState::parse(&r.get::<_, String>(3)?),
-                cap: r.get(4)?,
-                created_ns: r.get(5)?,
-            })
-        })?;
+            .prepare_cached(&format!("SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num"))?;
+        let rows = stmt.query_map([ino], row_to_version)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest version of a file, whatever its state.
+    pub fn latest(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
+        Ok(self
+            .db
+            .query_row(
+                &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num DESC LIMIT 1"),
+                [ino],
+                row_to_version,
+            )
+            .optional()?)
     }
 
     /// The newest version the grid holds.
     pub fn latest_committed(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
         Ok(self
-            .versions(ino)?
-            .into_iter()
-            .rev()
-            .find(|v| v.state == VersionState::Committed))
+            .db
+            .query_row(
+                &format!(
+                    "SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 AND state = 'committed' ORDER BY num DESC LIMIT 1"
+                ),
+                [ino],
+                row_to_version,
+            )
+            .optional()?)
+    }
+
+    /// Versions waiting for upload, oldest first.
+    pub fn staged(&self) -> Result<Vec<Version>, CatalogError> {
+        let mut stmt = self.db.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE state = 'staged' ORDER BY created_ns"
+        ))?;
+        let rows = stmt.query_map([], row_to_version)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn count_nodes(&self) -> Result<u64, CatalogError> {
+        Ok(self.db.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, CatalogError> {
@@ -264,58 +544,66 @@ impl Catalog {
             return Err(CatalogError::NotADirectory(path.to_string()));
         }
         let mut stmt = self.db.prepare(
-            "SELECT n.name, n.kind, n.mtime_ns,
+            "SELECT n.ino, n.name, n.kind, n.mtime_ns,
                     (SELECT size FROM versions v WHERE v.ino = n.ino ORDER BY num DESC LIMIT 1),
                     (SELECT COUNT(*) FROM versions v WHERE v.ino = n.ino)
              FROM nodes n WHERE n.parent = ?1 AND n.ino != ?1 ORDER BY n.name",
         )?;
         let rows = stmt.query_map([dir.ino], |r| {
             Ok(Entry {
-                name: r.get(0)?,
-                kind: Kind::parse(&r.get::<_, String>(1)?),
-                mtime_ns: r.get(2)?,
-                size: r.get::<_, Option<i64>>(3)?.map(|s| s as u64),
-                versions: r.get(4)?,
+                ino: r.get(0)?,
+                name: r.get(1)?,
+                kind: Kind::parse(&r.get::<_, String>(2)?),
+                mtime_ns: r.get(3)?,
+                size: r.get::<_, Option<i64>>(4)?.map(|s| s as u64),
+                versions: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
-}
 
-fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
-    Ok(Node {
-        ino: r.get(0)?,
-        parent: r.get(1)?,
-        name: r.get(2)?,
-        kind: Kind::parse(&r.get::<_, String>(3)?),
-        mtime_ns: r.get(4)?,
-    })
-}
-
-fn ensure_child(
-    tx: &rusqlite::Transaction<'_>,
-    parent: i64,
-    name: &str,
-    kind: Kind,
-    path: &str,
-) -> Result<i64, CatalogError> {
-    let existing: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT ino, kind FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1",
-            params![parent, name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    match existing {
-        Some((ino, k)) if Kind::parse(&k) == kind => Ok(ino),
-        Some(_) if kind == Kind::Dir => Err(CatalogError::NotADirectory(path.to_string())),
-        Some(_) => Err(CatalogError::IsADirectory(path.to_string())),
-        None => {
-            tx.execute(
-                "INSERT INTO nodes (parent, name, kind, mtime_ns) VALUES (?1, ?2, ?3, ?4)",
-                params![parent, name, kind.as_str(), now_ns()],
-            )?;
-            Ok(tx.last_insert_rowid())
-        }
+    pub fn xattr(&self, ino: i64, name: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
+                params![ino, name],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
+
+    pub fn xattr_names(&self, ino: i64) -> Result<Vec<String>, CatalogError> {
+        let mut stmt = self.db.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([ino], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn set_xattr(&self, ino: i64, name: &str, value: &[u8]) -> Result<(), CatalogError> {
+        self.db.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
+            params![ino, name, value],
+        )?;
+        Ok(())
+    }
+
+    /// Returns whether the attribute existed.
+    pub fn remove_xattr(&self, ino: i64, name: &str) -> Result<bool, CatalogError> {
+        Ok(self
+            .db
+            .execute("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2", params![ino, name])?
+            > 0)
+    }
+}
+
+/// Deletes a node and its attributes; its versions not yet uploaded are
+/// dropped (committed ones stay on record for retention and gc).
+fn delete_node(tx: &rusqlite::Transaction<'_>, ino: i64) -> Result<(), CatalogError> {
+    tx.execute("DELETE FROM nodes WHERE ino = ?1", [ino])?;
+    tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
+    tx.execute(
+        "UPDATE versions SET state = 'dropped' WHERE ino = ?1 AND state = 'staged'",
+        [ino],
+    )?;
+    Ok(())
 }

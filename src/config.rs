@@ -183,6 +183,22 @@ impl Config {
         Ok(())
     }
 
+    /// Creates `home` with this config and the directories of its `dir`
+    /// servers. Refuses to overwrite an existing config.
+    pub fn write_new(&self, home: &Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let path = home.join("config.toml");
+        if path.exists() {
+            anyhow::bail!("{} already exists; remove it to start a new grid", path.display());
+        }
+        std::fs::create_dir_all(home).with_context(|| home.display().to_string())?;
+        for dir in self.servers.iter().filter_map(|s| s.path.as_ref()) {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        }
+        std::fs::write(&path, self.to_toml()).with_context(|| path.display().to_string())?;
+        Ok(())
+    }
+
     pub fn params(&self) -> Params {
         Params::new(self.grid.needed, self.grid.total, self.grid.segment_size).expect("validated")
     }

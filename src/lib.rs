@@ -1,11 +1,15 @@
 //! cairn: a mounted drive whose files live on a grid of storage servers as
 //! encrypted, erasure-coded shares. See docs/ARCHITECTURE.md.
 
+
 pub mod bench;
 pub mod catalog;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod download;
+pub mod fuse;
 pub mod grid;
 pub mod stage;
 pub mod upload;
+pub mod vfs;

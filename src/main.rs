@@ -14,6 +14,8 @@ use cairn::grid::Grid;
 use cairn::upload::Progress;
 use cairn::{bench, download, stage, upload};
 
+mod mount;
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -80,6 +82,42 @@ enum Command {
     Ls {
         #[arg(default_value = "/")]
         path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount the drive at DIR (foreground; initialises the embedded default if needed).
+    Mount {
+        dir: PathBuf,
+        /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf unless root).
+        #[arg(long)]
+        allow_other: bool,
+        #[arg(long)]
+        read_only: bool,
+        /// Seconds a sealed version waits before upload, so a burst of saves uploads once.
+        #[arg(long, default_value_t = 2.0)]
+        writeback_delay: f64,
+    },
+    /// Show what is staged, uploading and committed.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every closed file is committed on the grid.
+    Sync {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every version of a file in the mount.
+    Versions {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an old version's content the newest version.
+    Restore {
+        path: String,
+        #[arg(long)]
+        version: i64,
         #[arg(long)]
         json: bool,
     },
@@ -188,6 +226,16 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Check { path, cap, json } => check(&home, path, cap, json),
         Command::Ls { path, json } => ls(&home, &path, json),
+        Command::Mount {
+            dir,
+            allow_other,
+            read_only,
+            writeback_delay,
+        } => mount::run(&home.dir, &dir, allow_other, read_only, writeback_delay),
+        Command::Status { json } => mount::status(&home.dir, json),
+        Command::Sync { json } => mount::sync(&home.dir, json),
+        Command::Versions { path, json } => mount::versions(&home.dir, &path, json),
+        Command::Restore { path, version, json } => mount::restore(&home.dir, &path, version, json),
         Command::Bench { mib, runs, json } => {
             let report = bench::codec(mib << 20, runs);
             if json {
@@ -209,10 +257,6 @@ fn init(
     total: Option<u16>,
     segment_size: u32,
 ) -> Result<ExitCode> {
-    let path = home.config_path();
-    if path.exists() {
-        bail!("{} already exists; remove it to start a new grid", path.display());
-    }
     let mut config = Config::embedded_default(&home.dir);
     let dirs: Vec<PathBuf> = if server_dirs.is_empty() {
         (1..=servers)
@@ -238,12 +282,7 @@ fn init(
     config.grid.total = total.unwrap_or(dirs.len() as u16);
     config.grid.segment_size = segment_size;
     config.validate(std::path::Path::new("flags"))?;
-    std::fs::create_dir_all(&home.dir).with_context(|| home.dir.display().to_string())?;
-    for d in &dirs {
-        std::fs::create_dir_all(d).with_context(|| d.display().to_string())?;
-    }
-    std::fs::write(&path, config.to_toml()).with_context(|| path.display().to_string())?;
-    home.catalog()?;
+    config.write_new(&home.dir)?;
     println!(
         "initialised {} with {} servers, {}-of-{}, happy {}",
         home.dir.display(),
@@ -385,6 +424,7 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
     for e in entries {
         match e.kind {
             Kind::Dir => println!("{:>14}  {:>4}  {}/", "-", "", e.name),
+            Kind::Symlink => println!("{:>14}  {:>4}  {}@", "-", "", e.name),
             Kind::File => println!(
                 "{:>14}  v{:<3}  {}",
                 e.size.map(|s| s.to_string()).unwrap_or_default(),

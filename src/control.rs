@@ -1,0 +1,101 @@
+//! The control socket: `cairn status`, `sync`, `versions` and `restore`
+//! talk to the running daemon through `$CAIRN_HOME/control.sock`, one JSON
+//! request and one JSON reply per connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::vfs::Vfs;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Sync,
+    Versions { path: String },
+    Restore { path: String, version: i64 },
+}
+
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join("control.sock")
+}
+
+/// Turns a path the user typed (inside the mount, or a path of the drive
+/// such as "/notes.txt") into a path of the drive.
+fn drive_path(mountpoint: &Path, path: &str) -> String {
+    let p = Path::new(path);
+    let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    match absolute.strip_prefix(mountpoint) {
+        Ok(rest) => format!("/{}", rest.display()),
+        Err(_) => path.to_string(),
+    }
+}
+
+async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
+    let result = match req {
+        Request::Status => vfs.status().map(|s| json!({ "mountpoint": mountpoint, "status": s })),
+        Request::Sync => vfs.sync().await.map(|n| json!({ "synced": n })),
+        Request::Versions { path } => {
+            let path = drive_path(mountpoint, &path);
+            vfs.versions(&path).map(|v| json!({ "path": path, "versions": v }))
+        }
+        Request::Restore { path, version } => {
+            let path = drive_path(mountpoint, &path);
+            vfs.restore(&path, version)
+                .map(|n| json!({ "path": path, "restored": version, "version": n }))
+        }
+    };
+    match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => json!({ "ok": false, "error": e.to_string() }),
+    }
+}
+
+/// Serves the socket until the process ends.
+pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (vfs, mountpoint) = (vfs.clone(), mountpoint.clone());
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let reply = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => answer(&vfs, &mountpoint, req).await,
+                Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+            };
+            let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+        });
+    }
+}
+
+/// Sends one request to the daemon of `home` and returns its reply.
+pub fn request(home: &Path, req: &Request) -> anyhow::Result<Value> {
+    let socket = socket_path(home);
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(|e| {
+        anyhow::anyhow!(
+            "no cairn daemon answers at {} ({e}); is `cairn mount` running with this CAIRN_HOME?",
+            socket.display()
+        )
+    })?;
+    stream.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let reply: Value = serde_json::from_str(&line)?;
+    if reply["ok"] != json!(true) {
+        anyhow::bail!("{}", reply["error"].as_str().unwrap_or("the daemon refused the request"));
+    }
+    Ok(reply)
+}

@@ -1,0 +1,372 @@
+//! The FUSE adapter: each fuser callback decodes its arguments, calls the
+//! platform-neutral [`Vfs`] core, and encodes the result. Errors become
+//! errno values in [`errno`], the one place that decides them.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenAccMode,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::catalog::Kind;
+use crate::vfs::{Attr, Caller, SetAttr, Vfs, VfsError};
+
+/// How long the kernel may cache attributes and names. Every change goes
+/// through this daemon, so a short TTL only bounds staleness after
+/// `cairn restore`, which changes content behind the kernel's back.
+const TTL: Duration = Duration::from_secs(1);
+const BLOCK: u64 = 4096;
+
+pub struct CairnFs {
+    vfs: Arc<Vfs>,
+}
+
+impl CairnFs {
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        CairnFs { vfs }
+    }
+}
+
+/// The single mapping from core errors to errno.
+pub fn errno(e: &VfsError) -> Errno {
+    use crate::catalog::CatalogError;
+    let code = match e {
+        VfsError::NotFound => libc::ENOENT,
+        VfsError::Exists => libc::EEXIST,
+        VfsError::NotDir => libc::ENOTDIR,
+        VfsError::IsDir => libc::EISDIR,
+        VfsError::NotEmpty => libc::ENOTEMPTY,
+        VfsError::Invalid => libc::EINVAL,
+        VfsError::NameTooLong => libc::ENAMETOOLONG,
+        VfsError::ReadOnly => libc::EROFS,
+        VfsError::NotPermitted => libc::EPERM,
+        VfsError::NoAttr => libc::ENODATA,
+        VfsError::NotSupported => libc::EOPNOTSUPP,
+        VfsError::Busy => libc::EBUSY,
+        VfsError::BadHandle => libc::EBADF,
+        VfsError::Io(io) => io.raw_os_error().unwrap_or(libc::EIO),
+        VfsError::Catalog(CatalogError::NotFound(_)) => libc::ENOENT,
+        VfsError::Catalog(CatalogError::NotADirectory(_)) => libc::ENOTDIR,
+        VfsError::Catalog(CatalogError::IsADirectory(_)) => libc::EISDIR,
+        VfsError::Catalog(CatalogError::InvalidPath(_)) => libc::EINVAL,
+        VfsError::Catalog(CatalogError::Db(_)) | VfsError::Grid(_) => libc::EIO,
+    };
+    if code == libc::EIO {
+        tracing::warn!(error = %e, "returning EIO");
+    }
+    Errno::from_i32(code)
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn fuse_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(BLOCK) * (BLOCK / 512),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: BLOCK as u32,
+        flags: 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Errno> {
+    name.to_str().ok_or(Errno::from_i32(libc::EINVAL))
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+macro_rules! reply {
+    ($reply:expr, $result:expr, |$ok:ident| $body:expr) => {
+        match $result {
+            Ok($ok) => $body,
+            Err(e) => $reply.error(errno(&e)),
+        }
+    };
+}
+
+fn entry(reply: ReplyEntry, result: Result<Attr, VfsError>) {
+    reply!(reply, result, |a| reply.entry(&TTL, &fuse_attr(&a), Generation(0)))
+}
+
+fn empty(reply: ReplyEmpty, result: Result<(), VfsError>) {
+    reply!(reply, result, |_ok| reply.ok())
+}
+
+impl Filesystem for CairnFs {
+    fn destroy(&mut self) {
+        if let Err(e) = self.vfs.seal_all() {
+            tracing::error!(error = %e, "sealing open files at unmount");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        entry(reply, self.vfs.lookup(parent.0, name));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply!(reply, self.vfs.getattr(ino.0), |a| reply.attr(&TTL, &fuse_attr(&a)))
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
+        reply!(reply, self.vfs.setattr(ino.0, set), |a| reply.attr(&TTL, &fuse_attr(&a)))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        reply!(reply, self.vfs.readlink(ino.0), |t| reply.data(t.as_bytes()))
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
+        entry(reply, self.vfs.mkdir(parent.0, name, mode & !umask, caller(req)));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        empty(reply, self.vfs.unlink(parent.0, name));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        empty(reply, self.vfs.rmdir(parent.0, name));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (Ok(name), Some(target)) = (name_str(link_name), target.to_str()) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        entry(reply, self.vfs.symlink(parent.0, name, target, caller(req)));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (Ok(name), Ok(newname)) = (name_str(name), name_str(newname)) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        empty(reply, self.vfs.rename(parent.0, name, newparent.0, newname, no_replace));
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        // Hard links are not supported (docs/COMPATIBILITY.md).
+        reply.error(Errno::from_i32(libc::EPERM));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        reply!(reply, self.vfs.open(ino.0, write, truncate), |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
+        reply!(reply, self.vfs.create(parent.0, name, mode & !umask, caller(req)), |ok| {
+            let (attr, fh) = ok;
+            reply.created(&TTL, &fuse_attr(&attr), Generation(0), FileHandle(fh), FopenFlags::empty())
+        })
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        reply!(reply, self.vfs.read(fh.0, offset, size), |data| reply.data(&data))
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply!(reply, self.vfs.write(fh.0, offset, data), |n| reply.written(n as u32))
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.vfs.release(fh.0));
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        empty(reply, self.vfs.fsync(fh.0));
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        reply!(reply, self.vfs.readdir(ino.0, offset), |entries| {
+            for (child, off, kind, name) in entries {
+                if reply.add(INodeNo(child), off, file_type(kind), name) {
+                    break;
+                }
+            }
+            reply.ok()
+        })
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply!(reply, self.vfs.statfs(), |s| reply.statfs(
+            s.total_bytes / BLOCK,
+            s.free_bytes / BLOCK,
+            s.free_bytes / BLOCK,
+            s.files + 1_000_000,
+            1_000_000,
+            BLOCK as u32,
+            crate::vfs::NAME_MAX as u32,
+            BLOCK as u32,
+        ))
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
+        empty(reply, self.vfs.setxattr(ino.0, name, value));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENODATA)) };
+        reply!(reply, self.vfs.getxattr(ino.0, name), |value| xattr_reply(reply, size, &value))
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply!(reply, self.vfs.listxattr(ino.0), |names| {
+            let mut buf = Vec::new();
+            for n in names {
+                buf.extend_from_slice(OsStr::new(&n).as_bytes());
+                buf.push(0);
+            }
+            xattr_reply(reply, size, &buf)
+        })
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENODATA)) };
+        empty(reply, self.vfs.removexattr(ino.0, name));
+    }
+}
+
+/// Size 0 asks how big the value is; too small a buffer is ERANGE.
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,227 @@
+//! `cairn mount` and the commands that talk to a running mount.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use cairn::config::Config;
+use cairn::control::{self, Request};
+use cairn::fuse::CairnFs;
+use cairn::vfs::{Status, Vfs, VfsOptions};
+
+pub fn run(home: &Path, dir: &Path, allow_other: bool, read_only: bool, writeback_delay: f64) -> Result<ExitCode> {
+    let config_path = home.join("config.toml");
+    if !config_path.exists() {
+        Config::embedded_default(home).write_new(home)?;
+        eprintln!(
+            "cairn: initialised {} with the embedded default grid (5 local servers, 3-of-5)",
+            home.display()
+        );
+    }
+    let config = Config::load(&config_path)?;
+    let mountpoint = std::fs::canonicalize(dir).with_context(|| format!("mount point {}", dir.display()))?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if !(0.0..=86400.0).contains(&writeback_delay) {
+        bail!("--writeback-delay must be between 0 and 86400 seconds");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let vfs = Vfs::new(
+        VfsOptions {
+            home: home.to_owned(),
+            writeback_delay: Duration::from_secs_f64(writeback_delay),
+            read_only,
+        },
+        &config,
+        runtime.handle().clone(),
+    )?;
+    runtime.spawn(vfs.clone().run_uploads());
+    let socket = control::socket_path(home);
+    runtime.spawn({
+        let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());
+        async move {
+            if let Err(e) = control::serve(vfs, socket, mountpoint).await {
+                tracing::error!(error = %e, "control socket stopped");
+            }
+        }
+    });
+
+    let mut session = mount_session(vfs.clone(), &mountpoint, allow_other, read_only)?;
+    eprintln!("cairn: mounted at {} (Ctrl-C or fusermount3 -u to stop)", mountpoint.display());
+    let mut unmounter = session.unmount_callable();
+    runtime.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; unmounting");
+        if let Err(e) = unmounter.unmount() {
+            eprintln!("cairn: unmount failed: {e}");
+        }
+    });
+    session.run().context("FUSE session")?;
+
+    // Unmounted: everything written is sealed (destroy did it; again in case
+    // the kernel never sent destroy), and the queue is in the catalog.
+    vfs.seal_all()?;
+    let pending = vfs.status()?.queue.len();
+    let _ = std::fs::remove_file(&socket);
+    if pending > 0 {
+        eprintln!("cairn: unmounted; {pending} versions not yet on the grid will upload at the next mount");
+    } else {
+        eprintln!("cairn: unmounted; everything is on the grid");
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mount_session(vfs: Arc<Vfs>, mountpoint: &Path, allow_other: bool, read_only: bool) -> Result<fuser::Session<CairnFs>> {
+    use fuser::{MountOption, SessionACL};
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("cairn".into()),
+        MountOption::Subtype("cairn".into()),
+        MountOption::DefaultPermissions,
+        if read_only { MountOption::RO } else { MountOption::RW },
+    ];
+    config.n_threads = Some(4);
+    // Auto-unmount (the mount goes away if the daemon dies) needs
+    // allow_other or allow_root at the FUSE level.
+    config.mount_options.push(MountOption::AutoUnmount);
+    config.acl = if allow_other { SessionACL::All } else { SessionACL::RootAndOwner };
+    match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
+        Ok(s) => Ok(s),
+        Err(e) if !allow_other => {
+            tracing::warn!(error = %e, "auto-unmount unavailable (allow user_allow_other in /etc/fuse.conf); mounting without it");
+            config.mount_options.retain(|o| *o != MountOption::AutoUnmount);
+            config.acl = SessionACL::Owner;
+            Ok(fuser::Session::new(CairnFs::new(vfs), mountpoint, &config)?)
+        }
+        Err(e) => Err(e).context(format!("mounting at {}", mountpoint.display())),
+    }
+}
+
+fn print_json(v: &Value) -> Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(home: &Path, json: bool) -> Result<ExitCode> {
+    let reply = control::request(home, &Request::Status)?;
+    if json {
+        return print_json(&reply);
+    }
+    let status: Status = serde_json::from_value(reply["status"].clone())?;
+    println!("mounted at {}", reply["mountpoint"].as_str().unwrap_or("?"));
+    for path in &status.open_for_write {
+        println!("  writing    {path}");
+    }
+    if status.queue.is_empty() {
+        println!("everything closed is committed on the grid");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bars = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stdout());
+    let style = indicatif::ProgressStyle::with_template("  {msg:<40} [{bar:25}] {bytes}/{total_bytes}")
+        .expect("template")
+        .progress_chars("=> ");
+    for e in &status.queue {
+        let bar = bars.add(indicatif::ProgressBar::new(e.size.max(1)).with_style(style.clone()));
+        let mut msg = format!("{} v{} {}", e.path, e.version, e.state);
+        if let Some(err) = &e.last_error {
+            msg.push_str(&format!(" (attempt {}: {err})", e.attempts));
+        }
+        bar.set_message(msg);
+        bar.set_position(e.sent);
+        bar.abandon();
+    }
+    if !console_is_terminal() {
+        for e in &status.queue {
+            println!("  {:<10} {} v{} {}/{} bytes", e.state, e.path, e.version, e.sent, e.size);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn console_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}
+
+pub fn sync(home: &Path, json: bool) -> Result<ExitCode> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message("waiting for the grid");
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let reply = control::request(home, &Request::Sync)?;
+    spinner.finish_and_clear();
+    if json {
+        return print_json(&reply);
+    }
+    println!("every closed file is committed on the grid");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn versions(home: &Path, path: &str, json: bool) -> Result<ExitCode> {
+    let reply = control::request(home, &Request::Versions { path: path.into() })?;
+    if json {
+        return print_json(&reply);
+    }
+    println!("{:>4}  {:>12}  {:<10}  {:<20}  sha256", "ver", "size", "state", "time (UTC)");
+    for v in reply["versions"].as_array().into_iter().flatten() {
+        let ns = v["created_ns"].as_i64().unwrap_or(0);
+        let sha = v["sha256"].as_str().filter(|s| !s.is_empty()).unwrap_or("-");
+        println!(
+            "{:>4}  {:>12}  {:<10}  {:<20}  {sha}",
+            v["num"].as_i64().unwrap_or(0),
+            v["size"].as_u64().unwrap_or(0),
+            v["state"].as_str().unwrap_or("?"),
+            format_time(ns)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restore(home: &Path, path: &str, version: i64, json: bool) -> Result<ExitCode> {
+    let reply = control::request(
+        home,
+        &Request::Restore {
+            path: path.into(),
+            version,
+        },
+    )?;
+    if json {
+        return print_json(&reply);
+    }
+    println!("{} version {version} restored as version {}", path, reply["version"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds since the epoch as "YYYY-MM-DD HH:MM:SS" (UTC), without a date crate.
+fn format_time(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,1286 @@
+//! The platform-neutral file system core: namespace, open files, staging,
+//! sealing, versions, and the upload queue. No FUSE here: the `fuse` adapter
+//! (and later a WinFsp one) translate kernel requests into these calls and
+//! map [`VfsError`] to their error codes in one place each.
+//!
+//! The rule everything follows: writes go to a working copy in the staging
+//! cache; when the last writer of a file releases it, the working copy is
+//! sealed as the next immutable version and queued for upload after the
+//! write-back delay. Uploads only ever read sealed versions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, Version, VersionState};
+use crate::codec::{Capability, Params};
+use crate::download::VersionReader;
+use crate::grid::Grid;
+use crate::stage::chunks::{SealedVersion, WorkingCopy};
+use crate::upload;
+
+/// Longest name a directory entry may have, as on ext4.
+pub const NAME_MAX: usize = 255;
+/// Uploads running at once.
+const UPLOAD_CONCURRENCY: usize = 2;
+/// Segments fetched ahead of a sequential reader.
+const READ_AHEAD_SEGMENTS: u64 = 4;
+/// The extended-attribute namespace cairn answers itself.
+pub const XATTR_PREFIX: &str = "user.cairn.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("attribute namespace not supported")]
+    NotSupported,
+    #[error("file is busy")]
+    Busy,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("grid: {0}")]
+    Grid(String),
+}
+
+pub type VfsResult<T> = Result<T, VfsError>;
+
+/// Attributes of a node, as every platform adapter needs them.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub nlink: u32,
+}
+
+/// A requested attribute change (setattr / truncate / chmod / utimens).
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+/// Who asks: owner of what gets created.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct VfsOptions {
+    pub home: PathBuf,
+    pub writeback_delay: Duration,
+    pub read_only: bool,
+}
+
+struct Handle {
+    ino: i64,
+    write: bool,
+}
+
+/// A file with open handles, and its working copy once written.
+#[derive(Default)]
+struct OpenFile {
+    handles: usize,
+    writers: usize,
+    work: Option<WorkingCopy>,
+    /// Written or truncated since the working copy was made.
+    dirty: bool,
+    /// Written since mtime was last set: sealing sets mtime to now. An
+    /// explicit utimens clears it, so `cp -a` and rsync keep their times.
+    touched: bool,
+}
+
+/// A sealed version waiting for, or in, upload.
+struct Pending {
+    ready_at: Instant,
+    attempts: u32,
+    uploading: bool,
+    sent: Arc<AtomicU64>,
+    size: u64,
+    last_error: Option<String>,
+}
+
+struct State {
+    catalog: Catalog,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    files: HashMap<i64, OpenFile>,
+    queue: BTreeMap<(i64, i64), Pending>,
+}
+
+pub struct Vfs {
+    state: Mutex<State>,
+    grid: Arc<Grid>,
+    params: Params,
+    happy: u16,
+    cache: PathBuf,
+    options: VfsOptions,
+    /// Wakes the upload scheduler.
+    upload_wake: Notify,
+    /// Signalled whenever a version leaves the queue.
+    queue_changed: Notify,
+    readers: Mutex<HashMap<(i64, i64), Arc<VersionReader>>>,
+    /// Directories of `dir` servers, for statfs.
+    server_dirs: Vec<PathBuf>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}
+
+fn to_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn check_name(name: &str) -> VfsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(VfsError::NameTooLong);
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(VfsError::Invalid);
+    }
+    Ok(())
+}
+
+/// A version's directory in the staging cache.
+fn version_dir(cache: &Path, ino: i64, num: i64) -> PathBuf {
+    cache.join("versions").join(format!("{ino}.{num}"))
+}
+
+impl Vfs {
+    pub fn new(
+        options: VfsOptions,
+        config: &crate::config::Config,
+        runtime: tokio::runtime::Handle,
+    ) -> VfsResult<Arc<Vfs>> {
+        let cache = options.home.join("cache");
+        for d in ["work", "versions", "fetch"] {
+            std::fs::create_dir_all(cache.join(d))?;
+        }
+        // Working copies left by a crash are not recoverable yet (issue 4);
+        // move them aside rather than lose or silently reuse them.
+        for entry in std::fs::read_dir(cache.join("work"))? {
+            let entry = entry?;
+            let aside = options.home.join("lost+found");
+            std::fs::create_dir_all(&aside)?;
+            std::fs::rename(entry.path(), aside.join(entry.file_name()))?;
+            tracing::warn!(path = %aside.display(), "a working copy left by a crash was moved aside");
+        }
+        let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
+        for ino in catalog.orphans()? {
+            catalog.forget_orphan(ino)?;
+        }
+        let mut queue = BTreeMap::new();
+        for v in catalog.staged()? {
+            queue.insert(
+                (v.ino, v.num),
+                Pending {
+                    ready_at: Instant::now(),
+                    attempts: 0,
+                    uploading: false,
+                    sent: Arc::new(AtomicU64::new(0)),
+                    size: v.size,
+                    last_error: None,
+                },
+            );
+        }
+        if !queue.is_empty() {
+            tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
+        }
+        Ok(Arc::new(Vfs {
+            state: Mutex::new(State {
+                catalog,
+                handles: HashMap::new(),
+                next_fh: 1,
+                files: HashMap::new(),
+                queue,
+            }),
+            grid: Arc::new(Grid::from_config(config)),
+            params: config.params(),
+            happy: config.grid.happy,
+            cache,
+            server_dirs: config.servers.iter().filter_map(|s| s.path.clone()).collect(),
+            runtime,
+            options,
+            upload_wake: Notify::new(),
+            queue_changed: Notify::new(),
+            readers: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("vfs state lock")
+    }
+
+    fn chunk_size(&self) -> u64 {
+        self.params.segment_size as u64
+    }
+
+    fn writable(&self) -> VfsResult<()> {
+        if self.options.read_only {
+            Err(VfsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ----- attributes -----
+
+    fn attr_of(&self, st: &State, node: &Node) -> VfsResult<Attr> {
+        let size = match node.kind {
+            Kind::Dir => 4096,
+            Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
+            Kind::File => match st.files.get(&node.ino).and_then(|f| f.work.as_ref()) {
+                Some(work) => work.size(),
+                None => st.catalog.latest(node.ino)?.map_or(0, |v| v.size),
+            },
+        };
+        Ok(Attr {
+            ino: node.ino as u64,
+            kind: node.kind,
+            size,
+            perm: (node.mode & 0o7777) as u16,
+            uid: node.uid,
+            gid: node.gid,
+            atime: to_time(node.atime_ns),
+            mtime: to_time(node.mtime_ns),
+            ctime: to_time(node.ctime_ns),
+            nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+        })
+    }
+
+    fn node(st: &State, ino: i64) -> VfsResult<Node> {
+        st.catalog.node(ino)?.ok_or(VfsError::NotFound)
+    }
+
+    fn dir(st: &State, ino: i64) -> VfsResult<Node> {
+        let node = Self::node(st, ino)?;
+        if node.kind != Kind::Dir {
+            return Err(VfsError::NotDir);
+        }
+        Ok(node)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> VfsResult<Attr> {
+        let st = self.lock();
+        Self::dir(&st, parent as i64)?;
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn getattr(&self, ino: u64) -> VfsResult<Attr> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> VfsResult<Attr> {
+        self.writable()?;
+        let ino = ino as i64;
+        if let Some(size) = set.size {
+            self.modify(ino, |work| work.truncate(size))?;
+        }
+        let mut st = self.lock();
+        let mut node = Self::node(&st, ino)?;
+        let now = crate::catalog::now_ns();
+        if let Some(mode) = set.mode {
+            node.mode = mode & 0o7777;
+        }
+        if let Some(uid) = set.uid {
+            node.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            node.gid = gid;
+        }
+        if let Some(t) = set.atime {
+            node.atime_ns = to_ns(t);
+        }
+        if let Some(t) = set.mtime {
+            node.mtime_ns = to_ns(t);
+            if let Some(file) = st.files.get_mut(&ino) {
+                file.touched = false;
+            }
+        } else if set.size.is_some() {
+            node.mtime_ns = now;
+        }
+        node.ctime_ns = now;
+        st.catalog.update_attrs(&node)?;
+        self.attr_of(&st, &node)
+    }
+
+    // ----- namespace -----
+
+    fn create_node(&self, parent: u64, name: &str, new: NewNode<'_>) -> VfsResult<(MutexGuard<'_, State>, Node)> {
+        self.writable()?;
+        check_name(name)?;
+        let st = self.lock();
+        Self::dir(&st, parent as i64)?;
+        if st.catalog.child(parent as i64, name)?.is_some() {
+            return Err(VfsError::Exists);
+        }
+        let node = st.catalog.create(parent as i64, name, &new)?;
+        Ok((st, node))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<Attr> {
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Dir,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: None,
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &str, target: &str, caller: Caller) -> VfsResult<Attr> {
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Symlink,
+                mode: 0o777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: Some(target),
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn readlink(&self, ino: u64) -> VfsResult<String> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        node.target.ok_or(VfsError::Invalid)
+    }
+
+    /// Creates and opens a regular file for writing. Its empty content
+    /// counts as written, so even an empty new file becomes a version.
+    pub fn create(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<(Attr, u64)> {
+        let (mut st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::File,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: None,
+            },
+        )?;
+        let work = self.new_working_copy(node.ino, None)?;
+        let file = st.files.entry(node.ino).or_default();
+        file.work = Some(work);
+        file.dirty = true;
+        let fh = Self::add_handle(&mut st, node.ino, true);
+        let attr = self.attr_of(&st, &node)?;
+        Ok((attr, fh))
+    }
+
+    fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(fh, Handle { ino, write });
+        let file = st.files.entry(ino).or_default();
+        file.handles += 1;
+        if write {
+            file.writers += 1;
+        }
+        fh
+    }
+
+    fn new_working_copy(&self, ino: i64, base: Option<SealedVersion>) -> VfsResult<WorkingCopy> {
+        let dir = self
+            .cache
+            .join("work")
+            .join(format!("{ino}-{:016x}", rand::random::<u64>()));
+        Ok(WorkingCopy::create(dir, base, self.chunk_size())?)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        if node.kind == Kind::Dir {
+            return Err(VfsError::IsDir);
+        }
+        let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
+        st.catalog.unlink(&node, open)?;
+        Self::drop_queued(&mut st, node.ino);
+        Ok(())
+    }
+
+    /// Forgets queued uploads of a deleted file (the catalog marked them dropped).
+    fn drop_queued(st: &mut State, ino: i64) {
+        let gone: Vec<_> = st
+            .queue
+            .iter()
+            .filter(|((i, _), p)| *i == ino && !p.uploading)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            st.queue.remove(&k);
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        if node.kind != Kind::Dir {
+            return Err(VfsError::NotDir);
+        }
+        if st.catalog.has_children(node.ino)? {
+            return Err(VfsError::NotEmpty);
+        }
+        st.catalog.unlink(&node, false)?;
+        Ok(())
+    }
+
+    /// Renames, replacing an existing target as rename(2) does. Only the
+    /// namespace changes: content and versions stay with the node, so a
+    /// rename never re-uploads.
+    pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool) -> VfsResult<()> {
+        self.writable()?;
+        check_name(new_name)?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        Self::dir(&st, new_parent as i64)?;
+        let target = st.catalog.child(new_parent as i64, new_name)?;
+        if let Some(t) = &target {
+            if t.ino == node.ino {
+                return Ok(());
+            }
+            if no_replace {
+                return Err(VfsError::Exists);
+            }
+            match (node.kind == Kind::Dir, t.kind == Kind::Dir) {
+                (true, false) => return Err(VfsError::NotDir),
+                (false, true) => return Err(VfsError::IsDir),
+                (true, true) if st.catalog.has_children(t.ino)? => return Err(VfsError::NotEmpty),
+                _ => {}
+            }
+        }
+        let replaced = target.map(|t| {
+            let open = st.files.get(&t.ino).is_some_and(|f| f.handles > 0);
+            (t, open)
+        });
+        st.catalog.rename(
+            &node,
+            new_parent as i64,
+            new_name,
+            replaced.as_ref().map(|(t, open)| (t, *open)),
+        )?;
+        if let Some((t, _)) = replaced {
+            Self::drop_queued(&mut st, t.ino);
+        }
+        Ok(())
+    }
+
+    /// Directory entries after `offset`, with the offset to resume after
+    /// each. Offsets are derived from inode numbers, so they stay valid while
+    /// entries are added or removed.
+    pub fn readdir(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
+        let st = self.lock();
+        let dir = Self::dir(&st, ino as i64)?;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((ino, 1, Kind::Dir, ".".to_string()));
+        }
+        if offset < 2 {
+            out.push((dir.parent as u64, 2, Kind::Dir, "..".to_string()));
+        }
+        for child in st.catalog.children(ino as i64)? {
+            let off = child.ino as u64 + 2;
+            if off > offset {
+                out.push((child.ino as u64, off, child.kind, child.name));
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- open files -----
+
+    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> VfsResult<u64> {
+        let ino = ino as i64;
+        if write {
+            self.writable()?;
+        }
+        {
+            let st = self.lock();
+            let node = Self::node(&st, ino)?;
+            if node.kind == Kind::Dir && write {
+                return Err(VfsError::IsDir);
+            }
+        }
+        if truncate {
+            self.ensure_working(ino)?;
+        }
+        let mut st = self.lock();
+        if truncate {
+            let file = st.files.entry(ino).or_default();
+            if let Some(work) = file.work.as_mut() {
+                work.truncate(0)?;
+                file.dirty = true;
+            }
+        }
+        Ok(Self::add_handle(&mut st, ino, write))
+    }
+
+    /// Makes sure `ino` has a working copy, over its newest version. A base
+    /// not fully in the cache is fetched first, outside the lock.
+    fn ensure_working(&self, ino: i64) -> VfsResult<()> {
+        loop {
+            let (latest, missing) = {
+                let mut st = self.lock();
+                if st.files.get(&ino).is_some_and(|f| f.work.is_some()) {
+                    return Ok(());
+                }
+                let latest = st.catalog.latest(ino)?;
+                let missing = match &latest {
+                    Some(v) => self.missing_chunks(v),
+                    None => Vec::new(),
+                };
+                if missing.is_empty() {
+                    let base = latest.map(|v| self.sealed(&v));
+                    let work = self.new_working_copy(ino, base)?;
+                    st.files.entry(ino).or_default().work = Some(work);
+                    return Ok(());
+                }
+                (latest.expect("missing chunks imply a version"), missing)
+            };
+            for index in missing {
+                self.fetch_chunk(&latest, index)?;
+            }
+        }
+    }
+
+    fn sealed(&self, v: &Version) -> SealedVersion {
+        SealedVersion::open(version_dir(&self.cache, v.ino, v.num), v.size, self.chunk_size())
+    }
+
+    fn missing_chunks(&self, v: &Version) -> Vec<u64> {
+        let dir = version_dir(&self.cache, v.ino, v.num);
+        (0..v.size.div_ceil(self.chunk_size()))
+            .filter(|i| !dir.join(i.to_string()).exists())
+            .collect()
+    }
+
+    /// Applies a change to a file's working copy. With no writer holding
+    /// the file open (truncate(2) by path), the change is sealed at once.
+    fn modify(&self, ino: i64, change: impl FnOnce(&mut WorkingCopy) -> std::io::Result<()>) -> VfsResult<()> {
+        {
+            let st = self.lock();
+            let node = Self::node(&st, ino)?;
+            if node.kind != Kind::File {
+                return Err(if node.kind == Kind::Dir {
+                    VfsError::IsDir
+                } else {
+                    VfsError::Invalid
+                });
+            }
+        }
+        self.ensure_working(ino)?;
+        let mut st = self.lock();
+        let file = st.files.get_mut(&ino).expect("ensured");
+        change(file.work.as_mut().expect("ensured"))?;
+        file.dirty = true;
+        file.touched = true;
+        if file.writers == 0 {
+            self.seal(&mut st, ino)?;
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<usize> {
+        let ino = {
+            let st = self.lock();
+            let h = st.handles.get(&fh).ok_or(VfsError::BadHandle)?;
+            if !h.write {
+                return Err(VfsError::BadHandle);
+            }
+            h.ino
+        };
+        self.ensure_working(ino)?;
+        let mut st = self.lock();
+        let file = st.files.get_mut(&ino).expect("open file");
+        file.work.as_mut().expect("ensured").write_at(offset, data)?;
+        file.dirty = true;
+        file.touched = true;
+        Ok(data.len())
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        let ino = {
+            let st = self.lock();
+            st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino
+        };
+        let mut buf = vec![0u8; size as usize];
+        // A version superseded while we read may vanish; one retry picks up
+        // the newer one.
+        for attempt in 0..2 {
+            let version = {
+                let st = self.lock();
+                if let Some(work) = st.files.get(&ino).and_then(|f| f.work.as_ref()) {
+                    let n = work.read_at(offset, &mut buf)?;
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                match st.catalog.latest(ino)? {
+                    Some(v) => v,
+                    None => return Ok(Vec::new()),
+                }
+            };
+            match self.read_version(&version, offset, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Err(VfsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(VfsError::NotFound)
+    }
+
+    /// Reads from a sealed version, fetching from the grid the chunks the
+    /// cache does not hold, and starting read-ahead of the next ones.
+    fn read_version(&self, v: &Version, offset: u64, buf: &mut [u8]) -> VfsResult<usize> {
+        if offset >= v.size {
+            return Ok(0);
+        }
+        let cs = self.chunk_size();
+        let end = (offset + buf.len() as u64).min(v.size);
+        let dir = version_dir(&self.cache, v.ino, v.num);
+        for index in offset / cs..end.div_ceil(cs) {
+            if !dir.join(index.to_string()).exists() {
+                if v.state == VersionState::Staged {
+                    // A staged version is complete in the cache by construction.
+                    return Err(std::io::Error::from(std::io::ErrorKind::NotFound).into());
+                }
+                self.fetch_chunk(v, index)?;
+            }
+        }
+        if v.cap.is_some() {
+            self.read_ahead(v, end.div_ceil(cs));
+        }
+        Ok(self.sealed(v).read_at(offset, buf)?)
+    }
+
+    fn version_reader(&self, v: &Version) -> VfsResult<Arc<VersionReader>> {
+        if let Some(r) = self.readers.lock().expect("readers").get(&(v.ino, v.num)) {
+            return Ok(r.clone());
+        }
+        let cap: Capability = v
+            .cap
+            .as_deref()
+            .ok_or_else(|| VfsError::Grid(format!("version {} is neither cached nor on the grid", v.num)))?
+            .parse()
+            .map_err(|e: crate::codec::CodecError| VfsError::Grid(e.to_string()))?;
+        let reader = self
+            .runtime
+            .block_on(VersionReader::open(self.grid.clone(), cap))
+            .map_err(|e| VfsError::Grid(e.to_string()))?;
+        let reader = Arc::new(reader);
+        let mut readers = self.readers.lock().expect("readers");
+        if readers.len() > 64 {
+            readers.clear();
+        }
+        readers.insert((v.ino, v.num), reader.clone());
+        Ok(reader)
+    }
+
+    /// Downloads, verifies and caches one chunk (= one segment) of a version.
+    fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
+        let reader = self.version_reader(v)?;
+        let segment = self.runtime
+            .block_on(reader.read_segment(index))
+            .map_err(|e| VfsError::Grid(e.to_string()))?;
+        store_chunk(&self.cache, v, index, &segment)?;
+        Ok(())
+    }
+
+    fn read_ahead(&self, v: &Version, from: u64) {
+        let chunks = v.size.div_ceil(self.chunk_size());
+        let dir = version_dir(&self.cache, v.ino, v.num);
+        let wanted: Vec<u64> = (from..(from + READ_AHEAD_SEGMENTS).min(chunks))
+            .filter(|i| !dir.join(i.to_string()).exists())
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let Ok(reader) = self.version_reader(v) else { return };
+        let (cache, v) = (self.cache.clone(), v.clone());
+        self.runtime.spawn(async move {
+            for index in wanted {
+                match reader.read_segment(index).await {
+                    Ok(segment) => {
+                        let _ = store_chunk(&cache, &v, index, &segment);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read-ahead failed");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn fsync(&self, fh: u64) -> VfsResult<()> {
+        let st = self.lock();
+        let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
+        if let Some(work) = st.files.get(&ino).and_then(|f| f.work.as_ref()) {
+            work.fsync()?;
+        }
+        st.catalog.sync_to_disk()?;
+        Ok(())
+    }
+
+    /// Closes a handle. The last writer's release seals the file.
+    pub fn release(&self, fh: u64) -> VfsResult<()> {
+        let mut st = self.lock();
+        let handle = st.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
+        let ino = handle.ino;
+        let file = st.files.get_mut(&ino).expect("open file");
+        file.handles -= 1;
+        if handle.write {
+            file.writers -= 1;
+        }
+        let (writers, handles) = (file.writers, file.handles);
+        let orphan = st.catalog.node(ino)?.is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
+        if orphan {
+            if handles == 0 {
+                if let Some(work) = st.files.remove(&ino).and_then(|f| f.work) {
+                    work.discard()?;
+                }
+                st.catalog.forget_orphan(ino)?;
+            }
+            return Ok(());
+        }
+        if writers == 0 {
+            self.seal(&mut st, ino)?;
+        }
+        if handles == 0 && st.files.get(&ino).is_some_and(|f| f.work.is_none()) {
+            st.files.remove(&ino);
+        }
+        Ok(())
+    }
+
+    /// Seals a file's working copy as its next version, if it was written;
+    /// otherwise drops it. The version is queued after the write-back delay.
+    fn seal(&self, st: &mut State, ino: i64) -> VfsResult<()> {
+        let Some(file) = st.files.get_mut(&ino) else { return Ok(()) };
+        let Some(work) = file.work.take() else { return Ok(()) };
+        let touched = std::mem::take(&mut file.touched);
+        if !std::mem::take(&mut file.dirty) {
+            work.discard()?;
+            return Ok(());
+        }
+        let num = st.catalog.next_version_num(ino)?;
+        let sealed = work.seal(version_dir(&self.cache, ino, num))?;
+        st.catalog.add_version(ino, sealed.size, "", VersionState::Staged, None)?;
+        if touched {
+            if let Some(mut node) = st.catalog.node(ino)? {
+                let now = crate::catalog::now_ns();
+                node.mtime_ns = now;
+                node.ctime_ns = now;
+                st.catalog.update_attrs(&node)?;
+            }
+        }
+        st.queue.insert(
+            (ino, num),
+            Pending {
+                ready_at: Instant::now() + self.options.writeback_delay,
+                attempts: 0,
+                uploading: false,
+                sent: Arc::new(AtomicU64::new(0)),
+                size: sealed.size,
+                last_error: None,
+            },
+        );
+        tracing::debug!(ino, num, size = sealed.size, "sealed");
+        self.upload_wake.notify_one();
+        Ok(())
+    }
+
+    /// Seals every file still open for writing: used on unmount, so nothing
+    /// written is left outside a version.
+    pub fn seal_all(&self) -> VfsResult<()> {
+        let mut st = self.lock();
+        let inos: Vec<i64> = st.files.keys().copied().collect();
+        for ino in inos {
+            self.seal(&mut st, ino)?;
+        }
+        st.catalog.sync_to_disk()?;
+        Ok(())
+    }
+
+    // ----- extended attributes -----
+
+    pub fn getxattr(&self, ino: u64, name: &str) -> VfsResult<Vec<u8>> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
+            let info = self.file_info(&st, &node)?;
+            let value = match key {
+                "state" => Some(info.state.to_string()),
+                "version" => info.version.map(|v| v.to_string()),
+                "cap" => info.cap,
+                "sha256" => info.sha256,
+                _ => None,
+            };
+            return value.map(String::into_bytes).ok_or(VfsError::NoAttr);
+        }
+        st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> VfsResult<Vec<String>> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        let mut names = st.catalog.xattr_names(node.ino)?;
+        if node.kind == Kind::File {
+            let info = self.file_info(&st, &node)?;
+            names.push(format!("{XATTR_PREFIX}state"));
+            if info.version.is_some() {
+                names.push(format!("{XATTR_PREFIX}version"));
+            }
+            if info.cap.is_some() {
+                names.push(format!("{XATTR_PREFIX}cap"));
+                names.push(format!("{XATTR_PREFIX}sha256"));
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &str, value: &[u8]) -> VfsResult<()> {
+        self.writable()?;
+        if name.starts_with(XATTR_PREFIX) {
+            return Err(VfsError::NotPermitted);
+        }
+        if !name.starts_with("user.") {
+            return Err(VfsError::NotSupported);
+        }
+        let st = self.lock();
+        Self::node(&st, ino as i64)?;
+        st.catalog.set_xattr(ino as i64, name, value)?;
+        Ok(())
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        if name.starts_with(XATTR_PREFIX) {
+            return Err(VfsError::NotPermitted);
+        }
+        let st = self.lock();
+        if st.catalog.remove_xattr(ino as i64, name)? {
+            Ok(())
+        } else {
+            Err(VfsError::NoAttr)
+        }
+    }
+
+    fn file_info(&self, st: &State, node: &Node) -> VfsResult<FileInfo> {
+        let open_dirty = st
+            .files
+            .get(&node.ino)
+            .is_some_and(|f| f.work.is_some() && f.dirty);
+        let latest = st.catalog.latest(node.ino)?;
+        let committed = st.catalog.latest_committed(node.ino)?;
+        let uploading = st.queue.iter().any(|((i, _), p)| *i == node.ino && p.uploading);
+        let state = if open_dirty {
+            "writing"
+        } else if uploading {
+            "uploading"
+        } else {
+            match &latest {
+                None => "empty",
+                Some(v) if v.state == VersionState::Committed => "committed",
+                Some(_) => "staged",
+            }
+        };
+        Ok(FileInfo {
+            state,
+            version: latest.map(|v| v.num),
+            cap: committed.as_ref().and_then(|v| v.cap.clone()),
+            sha256: committed.map(|v| v.sha256),
+        })
+    }
+
+    pub fn statfs(&self) -> VfsResult<StatFs> {
+        let st = self.lock();
+        let files = st.catalog.count_nodes()?;
+        drop(st);
+        // Capacity in file bytes: each version puts 1/k of its size on each
+        // of n servers, so a disk holding c servers fills at c/k bytes per
+        // file byte. The first disk to fill bounds the grid.
+        let mut disks: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+        for dir in self.server_dirs.iter().chain(std::iter::once(&self.cache)) {
+            use std::os::unix::fs::MetadataExt;
+            if let (Ok(meta), Ok((total, free))) = (std::fs::metadata(dir), fs_space(dir)) {
+                let count = if dir == &self.cache { 0 } else { 1 };
+                disks.entry(meta.dev()).or_insert((total, free, 0)).2 += count;
+            }
+        }
+        let k = self.params.needed as u64;
+        let (total_bytes, free_bytes) = disks
+            .values()
+            .filter(|(_, _, count)| *count > 0)
+            .map(|(total, free, count)| (total * k / count, free * k / count))
+            .fold((u64::MAX, u64::MAX), |(t, f), (t2, f2)| (t.min(t2), f.min(f2)));
+        Ok(StatFs {
+            total_bytes: if total_bytes == u64::MAX { 0 } else { total_bytes },
+            free_bytes: if free_bytes == u64::MAX { 0 } else { free_bytes },
+            files,
+        })
+    }
+}
+
+struct FileInfo {
+    state: &'static str,
+    version: Option<i64>,
+    cap: Option<String>,
+    sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+}
+
+fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct we own from a valid C string.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize))
+}
+
+/// Writes a verified chunk into a version's cache directory atomically.
+fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = version_dir(cache, v.ino, v.num);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = cache
+        .join("fetch")
+        .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(index.to_string()))
+}
+
+// ----- the upload queue -----
+
+/// One entry of `cairn status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct QueueEntry {
+    pub path: String,
+    pub version: i64,
+    pub size: u64,
+    pub state: String,
+    pub sent: u64,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub queue: Vec<QueueEntry>,
+    pub open_for_write: Vec<String>,
+}
+
+struct ProgressCounter(Arc<AtomicU64>);
+
+impl upload::Progress for ProgressCounter {
+    fn advance(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl Vfs {
+    pub fn status(&self) -> VfsResult<Status> {
+        let st = self.lock();
+        let mut queue = Vec::new();
+        for ((ino, num), p) in &st.queue {
+            let state = if p.uploading {
+                "uploading"
+            } else if p.ready_at > Instant::now() {
+                "waiting"
+            } else {
+                "queued"
+            };
+            queue.push(QueueEntry {
+                path: st.catalog.path_of(*ino)?,
+                version: *num,
+                size: p.size,
+                state: state.into(),
+                sent: p.sent.load(Ordering::Relaxed),
+                attempts: p.attempts,
+                last_error: p.last_error.clone(),
+            });
+        }
+        let mut open_for_write = Vec::new();
+        for (ino, f) in &st.files {
+            if f.writers > 0 {
+                open_for_write.push(st.catalog.path_of(*ino)?);
+            }
+        }
+        Ok(Status { queue, open_for_write })
+    }
+
+    /// Skips the write-back delay for everything queued and waits until
+    /// every sealed version is committed (or superseded, or its file gone).
+    pub async fn sync(&self) -> VfsResult<usize> {
+        let mut committed = 0;
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            for p in st.queue.values_mut() {
+                p.ready_at = p.ready_at.min(now);
+            }
+            committed += st.queue.len();
+        }
+        self.upload_wake.notify_one();
+        loop {
+            let notified = self.queue_changed.notified();
+            if self.lock().queue.is_empty() {
+                return Ok(committed);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+
+    /// Runs the upload scheduler forever: picks ready versions, skips the
+    /// superseded, uploads with bounded concurrency, retries with backoff.
+    pub async fn run_uploads(self: Arc<Self>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY));
+        loop {
+            let wake = self.upload_wake.notified();
+            let permit = slots.clone().acquire_owned().await.expect("semaphore");
+            match self.next_upload() {
+                Ok(Some(job)) => {
+                    let vfs = self.clone();
+                    tokio::spawn(async move {
+                        vfs.upload_one(job).await;
+                        drop(permit);
+                        vfs.upload_wake.notify_one();
+                    });
+                }
+                Ok(None) => {
+                    drop(permit);
+                    let next = self.next_ready_at();
+                    let sleep = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+                    let _ = tokio::time::timeout(sleep.max(Duration::from_millis(10)), wake).await;
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "upload scheduler");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn next_ready_at(&self) -> Option<Instant> {
+        let st = self.lock();
+        st.queue.values().filter(|p| !p.uploading).map(|p| p.ready_at).min()
+    }
+
+    fn next_upload(&self) -> VfsResult<Option<UploadJob>> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let ready: Vec<(i64, i64)> = st
+            .queue
+            .iter()
+            .filter(|(_, p)| !p.uploading && p.ready_at <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (ino, num) in ready {
+            let newer = st.queue.range((ino, num + 1)..(ino + 1, 0)).next().is_some();
+            if newer {
+                // Superseded before its upload started: never uploaded.
+                st.queue.remove(&(ino, num));
+                st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
+                let _ = std::fs::remove_dir_all(version_dir(&self.cache, ino, num));
+                tracing::debug!(ino, num, "superseded before upload");
+                self.queue_changed.notify_waiters();
+                continue;
+            }
+            let p = st.queue.get_mut(&(ino, num)).expect("listed");
+            p.uploading = true;
+            p.sent.store(0, Ordering::Relaxed);
+            return Ok(Some(UploadJob {
+                ino,
+                num,
+                version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
+                sent: p.sent.clone(),
+            }));
+        }
+        Ok(None)
+    }
+
+    async fn upload_one(&self, job: UploadJob) {
+        let source = upload::Source {
+            reader: Box::new(job.version.reader()),
+            size: job.version.size,
+        };
+        let result = upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            rand::random(),
+            Arc::new(ProgressCounter(job.sent.clone())),
+        )
+        .await;
+        let mut st = self.lock();
+        match result {
+            Ok(report) => {
+                let sha = data_encoding::HEXLOWER.encode(&report.plaintext_sha256);
+                if let Err(e) = st.catalog.commit_version(job.ino, job.num, &report.cap.to_string(), &sha) {
+                    tracing::error!(error = %e, "recording a committed version");
+                }
+                st.queue.remove(&(job.ino, job.num));
+                tracing::info!(ino = job.ino, num = job.num, "committed");
+            }
+            Err(e) => {
+                if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
+                    p.attempts += 1;
+                    p.uploading = false;
+                    let backoff = Duration::from_secs(1 << p.attempts.min(6));
+                    p.ready_at = Instant::now() + backoff;
+                    p.last_error = Some(e.to_string());
+                    tracing::warn!(ino = job.ino, num = job.num, error = %e, ?backoff, "upload failed; will retry");
+                }
+            }
+        }
+        drop(st);
+        self.queue_changed.notify_waiters();
+    }
+
+    // ----- versions, for the control socket -----
+
+    /// Resolves a path inside the drive ("/a/b") to its node.
+    pub fn resolve(&self, path: &str) -> VfsResult<Node> {
+        Ok(self.lock().catalog.resolve(path)?)
+    }
+
+    pub fn versions(&self, path: &str) -> VfsResult<Vec<Version>> {
+        let st = self.lock();
+        let node = st.catalog.resolve(path)?;
+        Ok(st.catalog.versions(node.ino)?)
+    }
+
+    /// Makes version `num`'s content the newest version. A committed old
+    /// version is reused by capability, so nothing is uploaded again.
+    pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.resolve(path)?;
+        if st.files.get(&node.ino).is_some_and(|f| f.writers > 0) {
+            return Err(VfsError::Busy);
+        }
+        let old = st
+            .catalog
+            .versions(node.ino)?
+            .into_iter()
+            .find(|v| v.num == num)
+            .ok_or(VfsError::NotFound)?;
+        let new_num = st.catalog.next_version_num(node.ino)?;
+        let old_dir = version_dir(&self.cache, node.ino, num);
+        let new_dir = version_dir(&self.cache, node.ino, new_num);
+        // Share whatever chunks of the old version the cache holds.
+        if old_dir.is_dir() {
+            std::fs::create_dir_all(&new_dir)?;
+            for entry in std::fs::read_dir(&old_dir)? {
+                let entry = entry?;
+                std::fs::hard_link(entry.path(), new_dir.join(entry.file_name()))?;
+            }
+        }
+        match old.state {
+            VersionState::Committed => {
+                let n = st.catalog.add_version(
+                    node.ino,
+                    old.size,
+                    &old.sha256,
+                    VersionState::Committed,
+                    old.cap.as_deref(),
+                )?;
+                Ok(n)
+            }
+            _ if self.missing_chunks(&old).is_empty() && old_dir.is_dir() => {
+                let n = st.catalog.add_version(node.ino, old.size, "", VersionState::Staged, None)?;
+                st.queue.insert(
+                    (node.ino, n),
+                    Pending {
+                        ready_at: Instant::now(),
+                        attempts: 0,
+                        uploading: false,
+                        sent: Arc::new(AtomicU64::new(0)),
+                        size: old.size,
+                        last_error: None,
+                    },
+                );
+                self.upload_wake.notify_one();
+                Ok(n)
+            }
+            _ => Err(VfsError::Grid(format!(
+                "version {num} was never uploaded and is no longer in the cache"
+            ))),
+        }
+    }
+}
+
+struct UploadJob {
+    ino: i64,
+    num: i64,
+    version: SealedVersion,
+    sent: Arc<AtomicU64>,
+}
