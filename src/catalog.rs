@@ -248,7 +248,11 @@ impl Catalog {
     pub fn node(&self, ino: i64) -> Result<Option<Node>, CatalogError> {
         Ok(self
             .db
-            .query_row(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE ino = ?1"), [ino], row_to_node)
+            .query_row(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE ino = ?1"),
+                [ino],
+                row_to_node,
+            )
             .optional()?)
     }
 
@@ -289,7 +293,16 @@ impl Catalog {
         self.db.execute(
             "INSERT INTO nodes (parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
-            params![parent, name, new.kind.as_str(), new.mode, new.uid, new.gid, now, new.target],
+            params![
+                parent,
+                name,
+                new.kind.as_str(),
+                new.mode,
+                new.uid,
+                new.gid,
+                now,
+                new.target
+            ],
         )?;
         let ino = self.db.last_insert_rowid();
         self.touch_dir(parent, now)?;
@@ -297,8 +310,10 @@ impl Catalog {
     }
 
     fn touch_dir(&self, dir: i64, now: i64) -> Result<(), CatalogError> {
-        self.db
-            .execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![dir, now])?;
+        self.db.execute(
+            "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
+            params![dir, now],
+        )?;
         Ok(())
     }
 
@@ -324,7 +339,10 @@ impl Catalog {
         } else {
             delete_node(&tx, node.ino)?;
         }
-        tx.execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![node.parent, now])?;
+        tx.execute(
+            "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
+            params![node.parent, now],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -368,7 +386,10 @@ impl Catalog {
             params![node.ino, parent, name, now],
         )?;
         for dir in [node.parent, parent] {
-            tx.execute("UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1", params![dir, now])?;
+            tx.execute(
+                "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
+                params![dir, now],
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -492,9 +513,9 @@ impl Catalog {
     }
 
     pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self
-            .db
-            .prepare_cached(&format!("SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num"))?;
+        let mut stmt = self.db.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num"
+        ))?;
         let rows = stmt.query_map([ino], row_to_version)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -535,7 +556,9 @@ impl Catalog {
     }
 
     pub fn count_nodes(&self) -> Result<u64, CatalogError> {
-        Ok(self.db.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .db
+            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, CatalogError> {
@@ -574,7 +597,9 @@ impl Catalog {
     }
 
     pub fn xattr_names(&self, ino: i64) -> Result<Vec<String>, CatalogError> {
-        let mut stmt = self.db.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+        let mut stmt = self
+            .db
+            .prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
         let rows = stmt.query_map([ino], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -64,6 +64,10 @@ pub struct ServerConfig {
     /// For `dir`: the directory holding this server's shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// Testing aid: delay every share write by this many milliseconds, to
+    /// stand in for a slow link (tests cannot slow a local disk on demand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_delay_ms: Option<u64>,
 }
 
 impl Config {
@@ -83,6 +87,7 @@ impl Config {
                     name: format!("s{i}"),
                     backend: "dir".into(),
                     path: Some(home.join("servers").join(format!("s{i}"))),
+                    test_delay_ms: None,
                 })
                 .collect(),
         }

@@ -95,7 +95,10 @@ pub fn request(home: &Path, req: &Request) -> anyhow::Result<Value> {
     BufReader::new(stream).read_line(&mut line)?;
     let reply: Value = serde_json::from_str(&line)?;
     if reply["ok"] != json!(true) {
-        anyhow::bail!("{}", reply["error"].as_str().unwrap_or("the daemon refused the request"));
+        anyhow::bail!(
+            "{}",
+            reply["error"].as_str().unwrap_or("the daemon refused the request")
+        );
     }
     Ok(reply)
 }

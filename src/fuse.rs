@@ -134,7 +134,9 @@ impl Filesystem for CairnFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
         entry(reply, self.vfs.lookup(parent.0, name));
     }
 
@@ -168,7 +170,8 @@ impl Filesystem for CairnFs {
             atime: atime.map(time),
             mtime: mtime.map(time),
         };
-        reply!(reply, self.vfs.setattr(ino.0, set), |a| reply.attr(&TTL, &fuse_attr(&a)))
+        reply!(reply, self.vfs.setattr(ino.0, set), |a| reply
+            .attr(&TTL, &fuse_attr(&a)))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -176,17 +179,23 @@ impl Filesystem for CairnFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
         entry(reply, self.vfs.mkdir(parent.0, name, mode & !umask, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
         empty(reply, self.vfs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENOENT)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::ENOENT));
+        };
         empty(reply, self.vfs.rmdir(parent.0, name));
     }
 
@@ -239,11 +248,23 @@ impl Filesystem for CairnFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
-        reply!(reply, self.vfs.create(parent.0, name, mode & !umask, caller(req)), |ok| {
-            let (attr, fh) = ok;
-            reply.created(&TTL, &fuse_attr(&attr), Generation(0), FileHandle(fh), FopenFlags::empty())
-        })
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        reply!(
+            reply,
+            self.vfs.create(parent.0, name, mode & !umask, caller(req)),
+            |ok| {
+                let (attr, fh) = ok;
+                reply.created(
+                    &TTL,
+                    &fuse_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
+        )
     }
 
     fn read(
@@ -334,13 +355,19 @@ impl Filesystem for CairnFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::EINVAL)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
         empty(reply, self.vfs.setxattr(ino.0, name, value));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENODATA)) };
-        reply!(reply, self.vfs.getxattr(ino.0, name), |value| xattr_reply(reply, size, &value))
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
+        reply!(reply, self.vfs.getxattr(ino.0, name), |value| xattr_reply(
+            reply, size, &value
+        ))
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -355,7 +382,9 @@ impl Filesystem for CairnFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = name_str(name) else { return reply.error(Errno::from_i32(libc::ENODATA)) };
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        };
         empty(reply, self.vfs.removexattr(ino.0, name));
     }
 }

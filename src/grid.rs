@@ -77,7 +77,10 @@ impl Grid {
             .map(|s| GridServer {
                 name: s.name.clone(),
                 server: match s.backend.as_str() {
-                    "dir" => Arc::new(DirServer::new(s.path.clone().expect("validated"))) as Arc<dyn Server>,
+                    "dir" => Arc::new(DirServer {
+                        root: s.path.clone().expect("validated"),
+                        write_delay: Duration::from_millis(s.test_delay_ms.unwrap_or(0)),
+                    }) as Arc<dyn Server>,
                     other => unreachable!("config validation admits no back end {other}"),
                 },
             })
@@ -119,14 +122,12 @@ pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, Serve
 /// Layout: `shares/<si[0..2]>/<si>/<share>` for published shares and
 /// `incoming/` for shares being written.
 pub struct DirServer {
-    root: PathBuf,
+    pub root: PathBuf,
+    /// Added before every share write (`test_delay_ms`); zero normally.
+    pub write_delay: Duration,
 }
 
 impl DirServer {
-    pub fn new(root: PathBuf) -> Self {
-        DirServer { root }
-    }
-
     fn share_dir(&self, si: StorageIndex) -> PathBuf {
         let hex = si.to_string();
         self.root.join("shares").join(&hex[..2]).join(hex)
@@ -186,6 +187,7 @@ impl Server for DirServer {
         })
         .await?;
         Ok(Box::new(DirSink {
+            write_delay: self.write_delay,
             file: Some(file),
             staging,
             final_path,
@@ -255,6 +257,7 @@ impl Server for DirServer {
 }
 
 struct DirSink {
+    write_delay: Duration,
     /// Taken while a blocking write runs; `None` after a failed or
     /// abandoned write, which makes the sink unusable.
     file: Option<std::fs::File>,
@@ -284,6 +287,9 @@ impl DirSink {
 #[async_trait]
 impl ShareSink for DirSink {
     async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError> {
+        if !self.write_delay.is_zero() {
+            tokio::time::sleep(self.write_delay).await;
+        }
         self.with_file(move |f| f.write_all(&data)).await
     }
 

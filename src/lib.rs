@@ -1,7 +1,6 @@
 //! cairn: a mounted drive whose files live on a grid of storage servers as
 //! encrypted, erasure-coded shares. See docs/ARCHITECTURE.md.
 
-
 pub mod bench;
 pub mod catalog;
 pub mod codec;

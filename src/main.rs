@@ -275,6 +275,7 @@ fn init(
             name: format!("s{}", i + 1),
             backend: "dir".into(),
             path: Some(d.clone()),
+            test_delay_ms: None,
         })
         .collect();
     config.grid.needed = needed;

@@ -54,18 +54,21 @@ pub fn run(home: &Path, dir: &Path, allow_other: bool, read_only: bool, writebac
         }
     });
 
-    let mut session = mount_session(vfs.clone(), &mountpoint, allow_other, read_only)?;
-    eprintln!("cairn: mounted at {} (Ctrl-C or fusermount3 -u to stop)", mountpoint.display());
-    let mut unmounter = session.unmount_callable();
-    runtime.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("signal received; unmounting");
-        if let Err(e) = unmounter.unmount() {
-            eprintln!("cairn: unmount failed: {e}");
+    let session = mount_session(vfs.clone(), &mountpoint, allow_other, read_only)?;
+    eprintln!(
+        "cairn: mounted at {} (Ctrl-C or fusermount3 -u to stop)",
+        mountpoint.display()
+    );
+    runtime.spawn({
+        let mountpoint = mountpoint.clone();
+        async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal received; unmounting");
+            unmount(&mountpoint);
         }
     });
     session.run().context("FUSE session")?;
@@ -84,7 +87,33 @@ pub fn run(home: &Path, dir: &Path, allow_other: bool, read_only: bool, writebac
     Ok(ExitCode::SUCCESS)
 }
 
-fn mount_session(vfs: Arc<Vfs>, mountpoint: &Path, allow_other: bool, read_only: bool) -> Result<fuser::Session<CairnFs>> {
+/// Unmounts our own mount point as `fusermount3 -u` would; if files are
+/// still open in it, detaches it lazily so the daemon stops once they close.
+/// (Closing fuser's auto-unmount socket does not unmount while this process
+/// still holds /dev/fuse.)
+fn unmount(mountpoint: &Path) {
+    let run = |lazy: bool| {
+        let mut cmd = std::process::Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        cmd.arg(mountpoint)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !run(false) && !run(true) {
+        eprintln!("cairn: could not unmount {}; run fusermount3 -u", mountpoint.display());
+    }
+}
+
+fn mount_session(
+    vfs: Arc<Vfs>,
+    mountpoint: &Path,
+    allow_other: bool,
+    read_only: bool,
+) -> Result<fuser::Session<CairnFs>> {
     use fuser::{MountOption, SessionACL};
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -97,7 +126,11 @@ fn mount_session(vfs: Arc<Vfs>, mountpoint: &Path, allow_other: bool, read_only:
     // Auto-unmount (the mount goes away if the daemon dies) needs
     // allow_other or allow_root at the FUSE level.
     config.mount_options.push(MountOption::AutoUnmount);
-    config.acl = if allow_other { SessionACL::All } else { SessionACL::RootAndOwner };
+    config.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::RootAndOwner
+    };
     match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
         Ok(s) => Ok(s),
         Err(e) if !allow_other => {
@@ -145,7 +178,10 @@ pub fn status(home: &Path, json: bool) -> Result<ExitCode> {
     }
     if !console_is_terminal() {
         for e in &status.queue {
-            println!("  {:<10} {} v{} {}/{} bytes", e.state, e.path, e.version, e.sent, e.size);
+            println!(
+                "  {:<10} {} v{} {}/{} bytes",
+                e.state, e.path, e.version, e.sent, e.size
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -174,7 +210,10 @@ pub fn versions(home: &Path, path: &str, json: bool) -> Result<ExitCode> {
     if json {
         return print_json(&reply);
     }
-    println!("{:>4}  {:>12}  {:<10}  {:<20}  sha256", "ver", "size", "state", "time (UTC)");
+    println!(
+        "{:>4}  {:>12}  {:<10}  {:<20}  sha256",
+        "ver", "size", "state", "time (UTC)"
+    );
     for v in reply["versions"].as_array().into_iter().flatten() {
         let ns = v["created_ns"].as_i64().unwrap_or(0);
         let sha = v["sha256"].as_str().filter(|s| !s.is_empty()).unwrap_or("-");

@@ -131,12 +131,31 @@ struct OpenFile {
 
 /// A sealed version waiting for, or in, upload.
 struct Pending {
-    ready_at: Instant,
+    sealed_at: Instant,
+    /// After a failed attempt: not before this.
+    retry_at: Option<Instant>,
+    /// `cairn sync` asked for it: skip the write-back delay.
+    flush: bool,
     attempts: u32,
     uploading: bool,
     sent: Arc<AtomicU64>,
     size: u64,
     last_error: Option<String>,
+}
+
+impl Pending {
+    fn new(size: u64, sealed_at: Instant) -> Pending {
+        Pending {
+            sealed_at,
+            retry_at: None,
+            flush: false,
+            attempts: 0,
+            uploading: false,
+            sent: Arc::new(AtomicU64::new(0)),
+            size,
+            last_error: None,
+        }
+    }
 }
 
 struct State {
@@ -212,17 +231,10 @@ impl Vfs {
         }
         let mut queue = BTreeMap::new();
         for v in catalog.staged()? {
-            queue.insert(
-                (v.ino, v.num),
-                Pending {
-                    ready_at: Instant::now(),
-                    attempts: 0,
-                    uploading: false,
-                    sent: Arc::new(AtomicU64::new(0)),
-                    size: v.size,
-                    last_error: None,
-                },
-            );
+            // Already waited out their delay before the last unmount.
+            let mut p = Pending::new(v.size, Instant::now());
+            p.flush = true;
+            queue.insert((v.ino, v.num), p);
         }
         if !queue.is_empty() {
             tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
@@ -737,7 +749,8 @@ impl Vfs {
     /// Downloads, verifies and caches one chunk (= one segment) of a version.
     fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
         let reader = self.version_reader(v)?;
-        let segment = self.runtime
+        let segment = self
+            .runtime
             .block_on(reader.read_segment(index))
             .map_err(|e| VfsError::Grid(e.to_string()))?;
         store_chunk(&self.cache, v, index, &segment)?;
@@ -791,7 +804,10 @@ impl Vfs {
             file.writers -= 1;
         }
         let (writers, handles) = (file.writers, file.handles);
-        let orphan = st.catalog.node(ino)?.is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
+        let orphan = st
+            .catalog
+            .node(ino)?
+            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
         if orphan {
             if handles == 0 {
                 if let Some(work) = st.files.remove(&ino).and_then(|f| f.work) {
@@ -813,7 +829,9 @@ impl Vfs {
     /// Seals a file's working copy as its next version, if it was written;
     /// otherwise drops it. The version is queued after the write-back delay.
     fn seal(&self, st: &mut State, ino: i64) -> VfsResult<()> {
-        let Some(file) = st.files.get_mut(&ino) else { return Ok(()) };
+        let Some(file) = st.files.get_mut(&ino) else {
+            return Ok(());
+        };
         let Some(work) = file.work.take() else { return Ok(()) };
         let touched = std::mem::take(&mut file.touched);
         if !std::mem::take(&mut file.dirty) {
@@ -822,7 +840,8 @@ impl Vfs {
         }
         let num = st.catalog.next_version_num(ino)?;
         let sealed = work.seal(version_dir(&self.cache, ino, num))?;
-        st.catalog.add_version(ino, sealed.size, "", VersionState::Staged, None)?;
+        st.catalog
+            .add_version(ino, sealed.size, "", VersionState::Staged, None)?;
         if touched {
             if let Some(mut node) = st.catalog.node(ino)? {
                 let now = crate::catalog::now_ns();
@@ -831,17 +850,7 @@ impl Vfs {
                 st.catalog.update_attrs(&node)?;
             }
         }
-        st.queue.insert(
-            (ino, num),
-            Pending {
-                ready_at: Instant::now() + self.options.writeback_delay,
-                attempts: 0,
-                uploading: false,
-                sent: Arc::new(AtomicU64::new(0)),
-                size: sealed.size,
-                last_error: None,
-            },
-        );
+        st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
         tracing::debug!(ino, num, size = sealed.size, "sealed");
         self.upload_wake.notify_one();
         Ok(())
@@ -924,10 +933,7 @@ impl Vfs {
     }
 
     fn file_info(&self, st: &State, node: &Node) -> VfsResult<FileInfo> {
-        let open_dirty = st
-            .files
-            .get(&node.ino)
-            .is_some_and(|f| f.work.is_some() && f.dirty);
+        let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.work.is_some() && f.dirty);
         let latest = st.catalog.latest(node.ino)?;
         let committed = st.catalog.latest_committed(node.ino)?;
         let uploading = st.queue.iter().any(|((i, _), p)| *i == node.ino && p.uploading);
@@ -1048,10 +1054,11 @@ impl Vfs {
     pub fn status(&self) -> VfsResult<Status> {
         let st = self.lock();
         let mut queue = Vec::new();
+        let now = Instant::now();
         for ((ino, num), p) in &st.queue {
             let state = if p.uploading {
                 "uploading"
-            } else if p.ready_at > Instant::now() {
+            } else if self.ino_ready_at(&st, *ino).is_none_or(|t| t > now) {
                 "waiting"
             } else {
                 "queued"
@@ -1081,9 +1088,8 @@ impl Vfs {
         let mut committed = 0;
         {
             let mut st = self.lock();
-            let now = Instant::now();
             for p in st.queue.values_mut() {
-                p.ready_at = p.ready_at.min(now);
+                p.flush = true;
             }
             committed += st.queue.len();
         }
@@ -1116,7 +1122,9 @@ impl Vfs {
                 Ok(None) => {
                     drop(permit);
                     let next = self.next_ready_at();
-                    let sleep = next.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+                    let sleep = next.map_or(Duration::from_secs(3600), |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
                     let _ = tokio::time::timeout(sleep.max(Duration::from_millis(10)), wake).await;
                 }
                 Err(e) => {
@@ -1130,29 +1138,50 @@ impl Vfs {
 
     fn next_ready_at(&self) -> Option<Instant> {
         let st = self.lock();
-        st.queue.values().filter(|p| !p.uploading).map(|p| p.ready_at).min()
+        let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
+        inos.into_iter().filter_map(|ino| self.ino_ready_at(&st, ino)).min()
+    }
+
+    /// When the newest pending version of `ino` may start uploading: once
+    /// the file has been quiet for the write-back delay (so a burst of saves
+    /// uploads once), or once its oldest pending version has waited five
+    /// delays (so a file saved continuously still reaches the grid), and
+    /// never while another version of it is uploading. `None`: not now.
+    fn ino_ready_at(&self, st: &State, ino: i64) -> Option<Instant> {
+        let pending: Vec<&Pending> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|(_, p)| p).collect();
+        if pending.iter().any(|p| p.uploading) {
+            return None;
+        }
+        let (oldest, newest) = (pending.first()?, pending.last()?);
+        let delay = self.options.writeback_delay;
+        let mut at = (newest.sealed_at + delay).min(oldest.sealed_at + delay * 5);
+        if pending.iter().any(|p| p.flush) {
+            at = at.min(Instant::now());
+        }
+        Some(newest.retry_at.map_or(at, |r| r.max(at)))
     }
 
     fn next_upload(&self) -> VfsResult<Option<UploadJob>> {
         let mut st = self.lock();
         let now = Instant::now();
-        let ready: Vec<(i64, i64)> = st
-            .queue
-            .iter()
-            .filter(|(_, p)| !p.uploading && p.ready_at <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for (ino, num) in ready {
-            let newer = st.queue.range((ino, num + 1)..(ino + 1, 0)).next().is_some();
-            if newer {
-                // Superseded before its upload started: never uploaded.
-                st.queue.remove(&(ino, num));
-                st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
-                let _ = std::fs::remove_dir_all(version_dir(&self.cache, ino, num));
-                tracing::debug!(ino, num, "superseded before upload");
-                self.queue_changed.notify_waiters();
+        let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
+        for ino in inos {
+            if self.ino_ready_at(&st, ino).is_none_or(|t| t > now) {
                 continue;
             }
+            let nums: Vec<i64> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|((_, n), _)| *n).collect();
+            let (newest, older) = nums.split_last().expect("ready implies pending");
+            for num in older {
+                // Superseded before its upload started: never uploaded.
+                st.queue.remove(&(ino, *num));
+                st.catalog.set_version_state(ino, *num, VersionState::Superseded)?;
+                let _ = std::fs::remove_dir_all(version_dir(&self.cache, ino, *num));
+                tracing::debug!(ino, num, "superseded before upload");
+            }
+            if !older.is_empty() {
+                self.queue_changed.notify_waiters();
+            }
+            let num = *newest;
             let p = st.queue.get_mut(&(ino, num)).expect("listed");
             p.uploading = true;
             p.sent.store(0, Ordering::Relaxed);
@@ -1184,7 +1213,10 @@ impl Vfs {
         match result {
             Ok(report) => {
                 let sha = data_encoding::HEXLOWER.encode(&report.plaintext_sha256);
-                if let Err(e) = st.catalog.commit_version(job.ino, job.num, &report.cap.to_string(), &sha) {
+                if let Err(e) = st
+                    .catalog
+                    .commit_version(job.ino, job.num, &report.cap.to_string(), &sha)
+                {
                     tracing::error!(error = %e, "recording a committed version");
                 }
                 st.queue.remove(&(job.ino, job.num));
@@ -1195,7 +1227,7 @@ impl Vfs {
                     p.attempts += 1;
                     p.uploading = false;
                     let backoff = Duration::from_secs(1 << p.attempts.min(6));
-                    p.ready_at = Instant::now() + backoff;
+                    p.retry_at = Some(Instant::now() + backoff);
                     p.last_error = Some(e.to_string());
                     tracing::warn!(ino = job.ino, num = job.num, error = %e, ?backoff, "upload failed; will retry");
                 }
@@ -1256,18 +1288,12 @@ impl Vfs {
                 Ok(n)
             }
             _ if self.missing_chunks(&old).is_empty() && old_dir.is_dir() => {
-                let n = st.catalog.add_version(node.ino, old.size, "", VersionState::Staged, None)?;
-                st.queue.insert(
-                    (node.ino, n),
-                    Pending {
-                        ready_at: Instant::now(),
-                        attempts: 0,
-                        uploading: false,
-                        sent: Arc::new(AtomicU64::new(0)),
-                        size: old.size,
-                        last_error: None,
-                    },
-                );
+                let n = st
+                    .catalog
+                    .add_version(node.ino, old.size, "", VersionState::Staged, None)?;
+                let mut p = Pending::new(old.size, Instant::now());
+                p.flush = true;
+                st.queue.insert((node.ino, n), p);
                 self.upload_wake.notify_one();
                 Ok(n)
             }

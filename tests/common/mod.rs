@@ -91,3 +91,111 @@ pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A running `cairn mount` of a home, unmounted on drop.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let target = dir.to_str().unwrap();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(target))
+}
+
+impl Home {
+    /// An empty home (no config): `cairn mount` initialises it.
+    pub fn empty() -> Home {
+        Home {
+            dir: tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap(),
+        }
+    }
+
+    pub fn mount(&self, extra: &[&str]) -> Mounted {
+        let dir = tempfile::Builder::new().prefix("cairn-mnt-").tempdir().unwrap();
+        let child = self
+            .command(&[&["mount", dir.path().to_str().unwrap()], extra].concat())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.path().join("mount.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            dir,
+            child: Some(child),
+        };
+        for _ in 0..200 {
+            if is_mounted(m.path()) {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!(
+            "mount did not appear: {}",
+            std::fs::read_to_string(self.path().join("mount.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Mounted {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+
+    /// Unmounts as a user would and returns the daemon's exit status.
+    pub fn unmount(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(self.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "fusermount3 -u failed");
+        self.wait()
+    }
+
+    /// Sends a signal to the daemon and returns its exit status.
+    pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: kill on the PID of the child we spawned.
+        unsafe { libc::kill(pid, sig) };
+        self.wait()
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        for _ in 0..400 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        panic!("cairn mount did not exit within 10 s of unmounting");
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(self.path())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(data))
+}

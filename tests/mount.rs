@@ -1,0 +1,273 @@
+//! The mount through a real FUSE mount, driven by real tools and syscalls.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
+
+use common::{bytes, sha256_hex, Home};
+
+fn versions(home: &Home, path: &str) -> Vec<serde_json::Value> {
+    let out = home.ok(&["versions", "--json", path]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["versions"].as_array().unwrap().clone()
+}
+
+fn committed(versions: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    versions.iter().filter(|v| v["state"] == "committed").collect()
+}
+
+#[test]
+fn files_read_back_from_the_grid_after_the_cache_is_gone() {
+    let home = Home::empty();
+    let mnt = home.mount(&[]);
+    let big = bytes(100 << 20, 11);
+    std::fs::write(mnt.file("big.bin"), &big).unwrap();
+    let tree = mnt.file("tree");
+    let mut small = Vec::new();
+    for i in 0..120 {
+        let dir = tree.join(format!("d{}", i % 7));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = bytes(i * 997 % 20_000, i as u64);
+        std::fs::write(dir.join(format!("f{i}")), &data).unwrap();
+        small.push((format!("tree/d{}/f{i}", i % 7), data));
+    }
+    std::os::unix::fs::symlink("d0/f0", tree.join("link")).unwrap();
+    // Readers see writes at once, before any upload.
+    assert!(std::fs::read(mnt.file("big.bin")).unwrap() == big);
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success(), "clean unmount exits 0");
+
+    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
+    let mnt = home.mount(&[]);
+    assert!(
+        std::fs::read(mnt.file("big.bin")).unwrap() == big,
+        "100 MiB file from the grid"
+    );
+    for (path, data) in &small {
+        assert!(&std::fs::read(mnt.file(path)).unwrap() == data, "{path}");
+    }
+    assert_eq!(
+        std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
+        Some("d0/f0")
+    );
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_file_overwritten_while_its_first_version_uploads_commits_only_whole_versions() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    let path = mnt.file("ticket427.bin");
+    let v1 = bytes(200 << 20, 427);
+    std::fs::write(&path, &v1).unwrap(); // close: version 1, uploading at once
+    let mut v2 = v1.clone();
+    let patch = bytes(1 << 20, 428);
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(100 << 20)).unwrap();
+        f.write_all(&patch).unwrap();
+    } // close: version 2
+    v2[100 << 20..(100 << 20) + patch.len()].copy_from_slice(&patch);
+    home.ok(&["sync"]);
+    let all = versions(&home, path.to_str().unwrap());
+    let done = committed(&all);
+    let closed = [sha256_hex(&v1), sha256_hex(&v2)];
+    assert!(!done.is_empty());
+    for v in &done {
+        let sha = v["sha256"].as_str().unwrap();
+        assert!(
+            closed.contains(&sha.to_string()),
+            "committed version {} is no closed state",
+            v["num"]
+        );
+    }
+    assert_eq!(
+        done.last().unwrap()["sha256"],
+        closed[1],
+        "the newest commit is version 2"
+    );
+    assert!(std::fs::read(&path).unwrap() == v2);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn twenty_saves_in_a_second_upload_at_most_two_versions() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "2"]);
+    let path = mnt.file("notes.txt");
+    let start = Instant::now();
+    for i in 0..20 {
+        std::fs::write(&path, format!("save number {i}\n").repeat(100)).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(start.elapsed() < Duration::from_millis(1500));
+    home.ok(&["sync"]);
+    let all = versions(&home, path.to_str().unwrap());
+    assert_eq!(all.len(), 20, "every save is a version");
+    let done = committed(&all);
+    assert!(done.len() <= 2, "{} versions uploaded", done.len());
+    assert_eq!(
+        all.iter().filter(|v| v["state"] == "superseded").count(),
+        20 - done.len()
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "save number 19\n".repeat(100));
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_file_saved_every_500_ms_still_reaches_the_grid() {
+    let home = Home::init(&[]);
+    // Slow servers (a test stand-in for a slow link): every share write
+    // waits 100 ms, so each upload of this 4 MiB file takes longer than
+    // the 500 ms between saves.
+    let cfg = home.file("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("backend = \"dir\"", "backend = \"dir\"\ntest_delay_ms = 100"),
+    )
+    .unwrap();
+    let mnt = home.mount(&["--writeback-delay", "2"]);
+    let path = mnt.file("log.bin");
+    let start = Instant::now();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(60) {
+        std::fs::write(&path, bytes(4 << 20, i)).unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let during = committed(&versions(&home, path.to_str().unwrap())).len();
+    assert!(during >= 2, "only {during} versions committed during a minute of saves");
+    home.ok(&["sync"]);
+    let all = versions(&home, path.to_str().unwrap());
+    assert_eq!(
+        committed(&all).last().unwrap()["sha256"],
+        sha256_hex(&bytes(4 << 20, i - 1))
+    );
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn sigterm_is_a_clean_stop_and_uploads_resume_at_the_next_mount() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "600"]);
+    let data = bytes(3 << 20, 5);
+    std::fs::write(mnt.file("pending.bin"), &data).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["status"]["queue"][0]["path"], "/pending.bin");
+    assert!(mnt.signal(libc::SIGTERM).success(), "SIGTERM exits 0");
+
+    let mnt = home.mount(&[]);
+    home.ok(&["sync"]);
+    let all = versions(&home, "/pending.bin");
+    assert_eq!(committed(&all).len(), 1);
+    assert_eq!(all[0]["sha256"], sha256_hex(&data));
+    assert!(mnt.signal(libc::SIGINT).success(), "SIGINT exits 0");
+}
+
+#[test]
+fn restore_makes_an_old_version_the_newest_without_uploading() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    let path = mnt.file("doc.txt");
+    for i in 1..=3 {
+        std::fs::write(&path, format!("draft {i}\n")).unwrap();
+        home.ok(&["sync"]);
+    }
+    let out = home.ok(&["restore", path.to_str().unwrap(), "--version", "1"]);
+    assert!(out.contains("restored as version 4"), "{out}");
+    std::thread::sleep(Duration::from_millis(1100)); // attribute cache TTL
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "draft 1\n");
+    let all = versions(&home, "/doc.txt");
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[3]["state"], "committed");
+    assert_eq!(
+        all[3]["cap"], all[0]["cap"],
+        "restored by capability, not uploaded again"
+    );
+    let state = xattr(&path, "user.cairn.state");
+    assert_eq!(state, "committed");
+    assert!(xattr(&path, "user.cairn.cap").starts_with("cairn:chk1:"));
+    assert!(mnt.unmount().success());
+}
+
+fn xattr(path: &std::path::Path, name: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer we own.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(len >= 0, "getxattr {name}: {}", std::io::Error::last_os_error());
+    String::from_utf8(buf[..len as usize].to_vec()).unwrap()
+}
+
+#[test]
+fn posix_namespace_operations_behave_as_on_a_local_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::empty();
+    let mnt = home.mount(&[]);
+    let p = |n: &str| mnt.file(n);
+    std::fs::create_dir(p("a")).unwrap();
+    std::fs::write(p("a/x"), b"one").unwrap();
+    std::fs::write(p("a/y"), b"two").unwrap();
+    // rename over an existing file replaces it
+    std::fs::rename(p("a/x"), p("a/y")).unwrap();
+    assert_eq!(std::fs::read(p("a/y")).unwrap(), b"one");
+    assert!(!p("a/x").exists());
+    // rename of a directory, and over an empty directory
+    std::fs::create_dir(p("b")).unwrap();
+    std::fs::rename(p("a"), p("b")).unwrap();
+    assert_eq!(std::fs::read(p("b/y")).unwrap(), b"one");
+    // rmdir of a non-empty directory fails
+    let err = std::fs::remove_dir(p("b")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+    // chmod and utimens
+    std::fs::set_permissions(p("b/y"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::metadata(p("b/y")).unwrap().permissions().mode() & 0o777, 0o600);
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(p("b/y"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    assert_eq!(std::fs::metadata(p("b/y")).unwrap().modified().unwrap(), t);
+    // truncate by path, growing and shrinking
+    std::fs::File::options()
+        .write(true)
+        .open(p("b/y"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert_eq!(std::fs::read(p("b/y")).unwrap(), b"one\0\0\0\0\0\0\0");
+    std::fs::File::options()
+        .write(true)
+        .open(p("b/y"))
+        .unwrap()
+        .set_len(2)
+        .unwrap();
+    assert_eq!(std::fs::read(p("b/y")).unwrap(), b"on");
+    // O_APPEND
+    let mut f = std::fs::OpenOptions::new().append(true).open(p("b/y")).unwrap();
+    f.write_all(b"+more").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(p("b/y")).unwrap(), b"on+more");
+    // an unlinked file stays readable through its open handle
+    let mut keep = std::fs::File::open(p("b/y")).unwrap();
+    std::fs::remove_file(p("b/y")).unwrap();
+    let mut back = String::new();
+    std::io::Read::read_to_string(&mut keep, &mut back).unwrap();
+    assert_eq!(back, "on+more");
+    drop(keep);
+    std::fs::remove_dir(p("b")).unwrap();
+    assert_eq!(std::fs::read_dir(mnt.path()).unwrap().count(), 0);
+    // hard links are refused clearly
+    std::fs::write(p("h"), b"h").unwrap();
+    assert_eq!(
+        std::fs::hard_link(p("h"), p("h2")).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert!(mnt.unmount().success());
+}
