@@ -2,6 +2,7 @@
 //! and each file's versions with their capabilities, in an embedded
 //! transactional store (SQLite, WAL).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -552,6 +553,15 @@ impl Catalog {
             "SELECT {VERSION_COLUMNS} FROM versions WHERE state = 'staged' ORDER BY created_ns"
         ))?;
         let rows = stmt.query_map([], row_to_version)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// States of every version, for cache eviction.
+    pub fn version_states(&self) -> Result<HashMap<(i64, i64), VersionState>, CatalogError> {
+        let mut stmt = self.db.prepare("SELECT ino, num, state FROM versions")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(((r.get(0)?, r.get(1)?), VersionState::parse(&r.get::<_, String>(2)?)))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

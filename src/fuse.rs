@@ -296,8 +296,8 @@ impl Filesystem for CairnFs {
         reply!(reply, self.vfs.write(fh.0, offset, data), |n| reply.written(n as u32))
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        empty(reply, self.vfs.flush(fh.0));
     }
 
     fn release(

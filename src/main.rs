@@ -96,6 +96,9 @@ enum Command {
         /// Seconds a sealed version waits before upload, so a burst of saves uploads once.
         #[arg(long, default_value_t = 2.0)]
         writeback_delay: f64,
+        /// MiB of clean (committed) data the cache keeps; staged data is never evicted.
+        #[arg(long, default_value_t = 10240)]
+        cache_size: u64,
     },
     /// Show what is staged, uploading and committed.
     Status {
@@ -231,7 +234,17 @@ fn run(command: Command) -> Result<ExitCode> {
             allow_other,
             read_only,
             writeback_delay,
-        } => mount::run(&home.dir, &dir, allow_other, read_only, writeback_delay),
+            cache_size,
+        } => mount::run(
+            &home.dir,
+            &dir,
+            mount::MountArgs {
+                allow_other,
+                read_only,
+                writeback_delay,
+                cache_size_mib: cache_size,
+            },
+        ),
         Command::Status { json } => mount::status(&home.dir, json),
         Command::Sync { json } => mount::sync(&home.dir, json),
         Command::Versions { path, json } => mount::versions(&home.dir, &path, json),

@@ -13,7 +13,20 @@ use cairn::control::{self, Request};
 use cairn::fuse::CairnFs;
 use cairn::vfs::{Status, Vfs, VfsOptions};
 
-pub fn run(home: &Path, dir: &Path, allow_other: bool, read_only: bool, writeback_delay: f64) -> Result<ExitCode> {
+pub struct MountArgs {
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub writeback_delay: f64,
+    pub cache_size_mib: u64,
+}
+
+pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
+    let MountArgs {
+        allow_other,
+        read_only,
+        writeback_delay,
+        cache_size_mib,
+    } = args;
     let config_path = home.join("config.toml");
     if !config_path.exists() {
         Config::embedded_default(home).write_new(home)?;
@@ -39,11 +52,26 @@ pub fn run(home: &Path, dir: &Path, allow_other: bool, read_only: bool, writebac
             home: home.to_owned(),
             writeback_delay: Duration::from_secs_f64(writeback_delay),
             read_only,
+            cache_max_bytes: cache_size_mib << 20,
         },
         &config,
         runtime.handle().clone(),
     )?;
     runtime.spawn(vfs.clone().run_uploads());
+    runtime.spawn({
+        let vfs = vfs.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let vfs = vfs.clone();
+                match tokio::task::spawn_blocking(move || vfs.evict()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cache eviction"),
+                    Err(e) => tracing::warn!(error = %e, "cache eviction task"),
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+    });
     let socket = control::socket_path(home);
     runtime.spawn({
         let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());

@@ -109,6 +109,9 @@ pub struct VfsOptions {
     pub home: PathBuf,
     pub writeback_delay: Duration,
     pub read_only: bool,
+    /// Bound on the cache's clean (committed) data; staged data is never
+    /// evicted and may exceed it.
+    pub cache_max_bytes: u64,
 }
 
 struct Handle {
@@ -793,6 +796,29 @@ impl Vfs {
         Ok(())
     }
 
+    /// A close(2) of a descriptor. If it belongs to the file's only writer,
+    /// the file is sealed now, so a version exists when close returns (the
+    /// kernel sends `release` later, asynchronously). Writes that still
+    /// arrive through this handle (a dup'ed descriptor) start a new version.
+    pub fn flush(&self, fh: u64) -> VfsResult<()> {
+        let mut st = self.lock();
+        let Some(handle) = st.handles.get(&fh) else {
+            return Ok(());
+        };
+        let (ino, write) = (handle.ino, handle.write);
+        if write && st.files.get(&ino).is_some_and(|f| f.writers == 1) && !self.is_orphan(&st, ino)? {
+            self.seal(&mut st, ino)?;
+        }
+        Ok(())
+    }
+
+    fn is_orphan(&self, st: &State, ino: i64) -> VfsResult<bool> {
+        Ok(st
+            .catalog
+            .node(ino)?
+            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT))
+    }
+
     /// Closes a handle. The last writer's release seals the file.
     pub fn release(&self, fh: u64) -> VfsResult<()> {
         let mut st = self.lock();
@@ -1019,6 +1045,74 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
         .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, dir.join(index.to_string()))
+}
+
+// ----- cache eviction -----
+
+impl Vfs {
+    /// Deletes cached chunks of versions the grid holds, least recently
+    /// fetched or sealed first, until the cache is under its bound. Never
+    /// touches staged versions or the base of an open working copy.
+    /// Returns the bytes freed.
+    pub fn evict(&self) -> VfsResult<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let (states, protected) = {
+            let st = self.lock();
+            let protected: std::collections::HashSet<PathBuf> = st
+                .files
+                .values()
+                .filter_map(|f| f.work.as_ref()?.base_dir().map(Path::to_owned))
+                .collect();
+            (st.catalog.version_states()?, protected)
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut used = 0u64;
+        let mut candidates = Vec::new();
+        for dir in [self.cache.join("versions"), self.cache.join("work")] {
+            for version in std::fs::read_dir(&dir)? {
+                let version = version?.path();
+                let key = version
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.split_once('.'))
+                    .and_then(|(i, n)| Some((i.parse::<i64>().ok()?, n.parse::<i64>().ok()?)));
+                let evictable = dir.ends_with("versions")
+                    && !protected.contains(&version)
+                    && key.is_some_and(|k| states.get(&k).is_none_or(|s| *s != VersionState::Staged));
+                let Ok(chunks) = std::fs::read_dir(&version) else {
+                    continue;
+                };
+                for chunk in chunks {
+                    let chunk = chunk?;
+                    let meta = chunk.metadata()?;
+                    let bytes = meta.blocks() * 512;
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        used += bytes;
+                    }
+                    if evictable {
+                        candidates.push((meta.mtime(), meta.nlink(), bytes, chunk.path()));
+                    }
+                }
+            }
+        }
+        let max = self.options.cache_max_bytes;
+        let mut freed = 0;
+        candidates.sort();
+        for (_, nlink, bytes, path) in candidates {
+            if used.saturating_sub(freed) <= max {
+                break;
+            }
+            std::fs::remove_file(&path)?;
+            // A chunk shared with another version frees nothing yet.
+            if nlink == 1 {
+                freed += bytes;
+            }
+        }
+        if freed > 0 {
+            tracing::info!(freed, used, max, "evicted clean chunks from the cache");
+        }
+        Ok(freed)
+    }
 }
 
 // ----- the upload queue -----

@@ -271,3 +271,98 @@ fn posix_namespace_operations_behave_as_on_a_local_disk() {
     );
     assert!(mnt.unmount().success());
 }
+
+/// Bytes of chunk files cached for versions (unique inodes).
+fn cached_bytes(home: &Home) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    common::walk(&home.path().join("cache/versions"), &mut |p| {
+        let m = std::fs::metadata(p).unwrap();
+        if seen.insert(m.ino()) {
+            total += m.len();
+        }
+    });
+    total
+}
+
+#[test]
+fn an_uncached_file_streams_and_the_cache_keeps_its_bound() {
+    use std::io::Read;
+    let home = Home::empty();
+    let mnt = home.mount(&["--cache-size", "16"]);
+    let data = bytes(64 << 20, 9);
+    std::fs::write(mnt.file("big"), &data).unwrap();
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success());
+    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
+
+    let mnt = home.mount(&["--cache-size", "16"]);
+    let mut f = std::fs::File::open(mnt.file("big")).unwrap();
+    let mut first = vec![0u8; 4096];
+    f.read_exact(&mut first).unwrap();
+    assert_eq!(first, data[..4096]);
+    // Only the first segments (plus read-ahead) were fetched, not 64 MiB.
+    let fetched = cached_bytes(&home);
+    assert!(fetched <= 8 << 20, "{fetched} bytes cached after reading 4 KiB");
+    let mut rest = Vec::new();
+    f.read_to_end(&mut rest).unwrap();
+    assert!(rest == data[4096..]);
+    // The eviction pass (every 2 s) brings clean data under 16 MiB.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cached_bytes(&home) > 16 << 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        cached_bytes(&home) <= 16 << 20,
+        "cache over its bound: {}",
+        cached_bytes(&home)
+    );
+    // And evicted data reads back from the grid.
+    assert!(std::fs::read(mnt.file("big")).unwrap() == data);
+    drop(f);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn staged_data_is_never_evicted() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--cache-size", "1", "--writeback-delay", "600"]);
+    let data = bytes(8 << 20, 3);
+    std::fs::write(mnt.file("staged"), &data).unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // at least one eviction pass
+    assert!(cached_bytes(&home) >= 8 << 20);
+    assert!(std::fs::read(mnt.file("staged")).unwrap() == data);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_small_edit_of_a_large_file_stages_one_chunk() {
+    use std::os::unix::fs::FileExt;
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "600"]);
+    let path = mnt.file("big");
+    std::fs::write(&path, bytes(64 << 20, 1)).unwrap();
+    let before = cached_bytes(&home);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[7u8; 4096], 30 << 20).unwrap();
+    drop(f);
+    let extra = cached_bytes(&home) - before;
+    assert!(extra <= 1 << 20, "a 4 KiB edit added {extra} bytes of staging");
+    let all = versions(&home, "/big");
+    assert_eq!(all.len(), 2);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn read_only_mounts_refuse_writes() {
+    let home = Home::empty();
+    let mnt = home.mount(&[]);
+    std::fs::write(mnt.file("f"), b"x").unwrap();
+    assert!(mnt.unmount().success());
+    let mnt = home.mount(&["--read-only"]);
+    assert_eq!(std::fs::read(mnt.file("f")).unwrap(), b"x");
+    let err = std::fs::write(mnt.file("g"), b"y").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert!(mnt.unmount().success());
+}

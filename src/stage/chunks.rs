@@ -160,6 +160,11 @@ impl WorkingCopy {
         self.size
     }
 
+    /// The sealed version this copy reads unchanged chunks from.
+    pub fn base_dir(&self) -> Option<&Path> {
+        self.base.as_ref().map(|b| b.dir.as_path())
+    }
+
     fn own_path(&self, index: u64) -> PathBuf {
         self.dir.join(index.to_string())
     }
