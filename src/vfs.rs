@@ -127,6 +127,9 @@ struct OpenFile {
     work: Option<WorkingCopy>,
     /// Written or truncated since the working copy was made.
     dirty: bool,
+    /// Data written or truncated (not just created) since the working copy
+    /// was made: only then does a flush seal.
+    written: bool,
     /// Written since mtime was last set: sealing sets mtime to now. An
     /// explicit utimens clears it, so `cp -a` and rsync keep their times.
     touched: bool,
@@ -331,8 +334,11 @@ impl Vfs {
 
     pub fn setattr(&self, ino: u64, set: SetAttr) -> VfsResult<Attr> {
         self.writable()?;
+        // Truncation to the current size changes nothing (and must not
+        // count as a write: the kernel sends it after creating with O_TRUNC).
+        let resize = set.size.filter(|size| self.getattr(ino).is_ok_and(|a| a.size != *size));
         let ino = ino as i64;
-        if let Some(size) = set.size {
+        if let Some(size) = resize {
             self.modify(ino, |work| work.truncate(size))?;
         }
         let mut st = self.lock();
@@ -355,7 +361,7 @@ impl Vfs {
             if let Some(file) = st.files.get_mut(&ino) {
                 file.touched = false;
             }
-        } else if set.size.is_some() {
+        } else if resize.is_some() {
             node.mtime_ns = now;
         }
         node.ctime_ns = now;
@@ -644,6 +650,7 @@ impl Vfs {
         let file = st.files.get_mut(&ino).expect("ensured");
         change(file.work.as_mut().expect("ensured"))?;
         file.dirty = true;
+        file.written = true;
         file.touched = true;
         if file.writers == 0 {
             self.seal(&mut st, ino)?;
@@ -665,6 +672,7 @@ impl Vfs {
         let file = st.files.get_mut(&ino).expect("open file");
         file.work.as_mut().expect("ensured").write_at(offset, data)?;
         file.dirty = true;
+        file.written = true;
         file.touched = true;
         Ok(data.len())
     }
@@ -796,17 +804,21 @@ impl Vfs {
         Ok(())
     }
 
-    /// A close(2) of a descriptor. If it belongs to the file's only writer,
-    /// the file is sealed now, so a version exists when close returns (the
-    /// kernel sends `release` later, asynchronously). Writes that still
-    /// arrive through this handle (a dup'ed descriptor) start a new version.
+    /// A close(2) of a descriptor. If it belongs to the file's only writer
+    /// and data was written, the file is sealed now, so the version exists
+    /// when close returns (the kernel sends `release` later, asynchronously).
+    /// Writes that still arrive through this handle (a dup'ed descriptor)
+    /// start a new version. A shell's `> file` closes its first descriptor
+    /// before writing through the dup; nothing was written then, so no empty
+    /// version is sealed.
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
         let mut st = self.lock();
         let Some(handle) = st.handles.get(&fh) else {
             return Ok(());
         };
         let (ino, write) = (handle.ino, handle.write);
-        if write && st.files.get(&ino).is_some_and(|f| f.writers == 1) && !self.is_orphan(&st, ino)? {
+        let sole_writer_wrote = st.files.get(&ino).is_some_and(|f| f.writers == 1 && f.written);
+        if write && sole_writer_wrote && !self.is_orphan(&st, ino)? {
             self.seal(&mut st, ino)?;
         }
         Ok(())
@@ -860,6 +872,8 @@ impl Vfs {
         };
         let Some(work) = file.work.take() else { return Ok(()) };
         let touched = std::mem::take(&mut file.touched);
+        file.written = false;
+        file.written = false;
         if !std::mem::take(&mut file.dirty) {
             work.discard()?;
             return Ok(());

@@ -366,3 +366,22 @@ fn read_only_mounts_refuse_writes() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     assert!(mnt.unmount().success());
 }
+
+#[test]
+fn a_shell_redirect_makes_one_version_sealed_by_the_time_close_returns() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "600"]);
+    let path = mnt.file("x");
+    let ok = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo hi > '{}'", path.display()))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    // No waiting: the version exists once close(2) has returned.
+    let all = versions(&home, "/x");
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["size"], 3);
+    assert!(mnt.unmount().success());
+}

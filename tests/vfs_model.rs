@@ -16,10 +16,23 @@ const CALLER: Caller = Caller { uid: 0, gid: 0 };
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { name: usize, offset: u64, len: usize, byte: u8 },
-    Truncate { name: usize, size: u64 },
-    Rename { from: usize, to: usize },
-    Unlink { name: usize },
+    Write {
+        name: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        name: usize,
+        size: u64,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    Unlink {
+        name: usize,
+    },
     Sync,
 }
 
