@@ -22,34 +22,58 @@ fn files_read_back_from_the_grid_after_the_cache_is_gone() {
     let home = Home::empty();
     let mnt = home.mount(&[]);
     let big = bytes(100 << 20, 11);
-    std::fs::write(mnt.file("big.bin"), &big).unwrap();
-    let tree = mnt.file("tree");
-    let mut small = Vec::new();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("big.bin"), &big).unwrap();
+    let tree = src.path().join("tree");
     for i in 0..120 {
         let dir = tree.join(format!("d{}", i % 7));
         std::fs::create_dir_all(&dir).unwrap();
-        let data = bytes(i * 997 % 20_000, i as u64);
-        std::fs::write(dir.join(format!("f{i}")), &data).unwrap();
-        small.push((format!("tree/d{}/f{i}", i % 7), data));
+        std::fs::write(dir.join(format!("f{i}")), bytes(i * 997 % 20_000, i as u64)).unwrap();
     }
     std::os::unix::fs::symlink("d0/f0", tree.join("link")).unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "cp -a {from:?}");
+    };
+    copy(&src.path().join("big.bin"), mnt.path());
+    copy(&tree, mnt.path());
+    let same = |mnt: &common::Mounted, what: &str| {
+        let out = std::process::Command::new("diff")
+            .arg("-r")
+            .arg(src.path().join(what))
+            .arg(mnt.file(what))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "diff -r {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
     // Readers see writes at once, before any upload.
-    assert!(std::fs::read(mnt.file("big.bin")).unwrap() == big);
+    same(&mnt, "big.bin");
+    same(&mnt, "tree");
     home.ok(&["sync"]);
     assert!(mnt.unmount().success(), "clean unmount exits 0");
 
     std::fs::remove_dir_all(home.path().join("cache")).unwrap();
     let mnt = home.mount(&[]);
-    assert!(
-        std::fs::read(mnt.file("big.bin")).unwrap() == big,
-        "100 MiB file from the grid"
-    );
-    for (path, data) in &small {
-        assert!(&std::fs::read(mnt.file(path)).unwrap() == data, "{path}");
-    }
+    same(&mnt, "big.bin");
+    same(&mnt, "tree");
     assert_eq!(
         std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
         Some("d0/f0")
+    );
+    let times = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().modified().unwrap();
+    assert_eq!(
+        times(&tree.join("d3/f10")),
+        times(&mnt.file("tree/d3/f10")),
+        "cp -a kept mtime"
     );
     assert!(mnt.unmount().success());
 }
@@ -384,4 +408,18 @@ fn a_shell_redirect_makes_one_version_sealed_by_the_time_close_returns() {
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0]["size"], 3);
     assert!(mnt.unmount().success());
+}
+
+#[test]
+fn the_mount_goes_away_if_the_daemon_is_killed() {
+    let home = Home::empty();
+    let mnt = home.mount(&[]);
+    let path = mnt.path().to_owned();
+    let status = mnt.signal(libc::SIGKILL);
+    assert!(!status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while common::is_mounted(&path) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!common::is_mounted(&path), "auto-unmount did not remove the mount");
 }
