@@ -30,6 +30,8 @@ pub const NAME_MAX: usize = 255;
 const UPLOAD_CONCURRENCY: usize = 2;
 /// Segments fetched ahead of a sequential reader.
 const READ_AHEAD_SEGMENTS: u64 = 4;
+/// How long `cairn sync` waits for releases of files closed just before it.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The extended-attribute namespace cairn answers itself.
 pub const XATTR_PREFIX: &str = "user.cairn.";
 
@@ -117,6 +119,8 @@ pub struct VfsOptions {
 struct Handle {
     ino: i64,
     write: bool,
+    /// Flushed (closed once) but not yet released.
+    closing: bool,
 }
 
 /// A file with open handles, and its working copy once written.
@@ -127,9 +131,6 @@ struct OpenFile {
     work: Option<WorkingCopy>,
     /// Written or truncated since the working copy was made.
     dirty: bool,
-    /// Data written or truncated (not just created) since the working copy
-    /// was made: only then does a flush seal.
-    written: bool,
     /// Written since mtime was last set: sealing sets mtime to now. An
     /// explicit utimens clears it, so `cp -a` and rsync keep their times.
     touched: bool,
@@ -445,7 +446,14 @@ impl Vfs {
     fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
         let fh = st.next_fh;
         st.next_fh += 1;
-        st.handles.insert(fh, Handle { ino, write });
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                write,
+                closing: false,
+            },
+        );
         let file = st.files.entry(ino).or_default();
         file.handles += 1;
         if write {
@@ -650,10 +658,9 @@ impl Vfs {
         let file = st.files.get_mut(&ino).expect("ensured");
         change(file.work.as_mut().expect("ensured"))?;
         file.dirty = true;
-        file.written = true;
         file.touched = true;
         if file.writers == 0 {
-            self.seal(&mut st, ino)?;
+            self.seal(&mut st, ino, "change without an open writer")?;
         }
         Ok(())
     }
@@ -672,7 +679,6 @@ impl Vfs {
         let file = st.files.get_mut(&ino).expect("open file");
         file.work.as_mut().expect("ensured").write_at(offset, data)?;
         file.dirty = true;
-        file.written = true;
         file.touched = true;
         Ok(data.len())
     }
@@ -804,31 +810,19 @@ impl Vfs {
         Ok(())
     }
 
-    /// A close(2) of a descriptor. If it belongs to the file's only writer
-    /// and data was written, the file is sealed now, so the version exists
-    /// when close returns (the kernel sends `release` later, asynchronously).
-    /// Writes that still arrive through this handle (a dup'ed descriptor)
-    /// start a new version. A shell's `> file` closes its first descriptor
-    /// before writing through the dup; nothing was written then, so no empty
-    /// version is sealed.
+    /// A close(2) of a descriptor. This does not seal: a flush also comes
+    /// whenever any process holding a copy of the descriptor closes it (a
+    /// fork+exec anywhere in a multithreaded writer closes inherited
+    /// descriptors), so it says nothing about the writer being done. The
+    /// handle is marked closing, so `cairn sync` can wait for its release.
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
         let mut st = self.lock();
-        let Some(handle) = st.handles.get(&fh) else {
-            return Ok(());
-        };
-        let (ino, write) = (handle.ino, handle.write);
-        let sole_writer_wrote = st.files.get(&ino).is_some_and(|f| f.writers == 1 && f.written);
-        if write && sole_writer_wrote && !self.is_orphan(&st, ino)? {
-            self.seal(&mut st, ino)?;
+        if let Some(handle) = st.handles.get_mut(&fh) {
+            if handle.write {
+                handle.closing = true;
+            }
         }
         Ok(())
-    }
-
-    fn is_orphan(&self, st: &State, ino: i64) -> VfsResult<bool> {
-        Ok(st
-            .catalog
-            .node(ino)?
-            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT))
     }
 
     /// Closes a handle. The last writer's release seals the file.
@@ -856,7 +850,7 @@ impl Vfs {
             return Ok(());
         }
         if writers == 0 {
-            self.seal(&mut st, ino)?;
+            self.seal(&mut st, ino, "last release")?;
         }
         if handles == 0 && st.files.get(&ino).is_some_and(|f| f.work.is_none()) {
             st.files.remove(&ino);
@@ -866,14 +860,13 @@ impl Vfs {
 
     /// Seals a file's working copy as its next version, if it was written;
     /// otherwise drops it. The version is queued after the write-back delay.
-    fn seal(&self, st: &mut State, ino: i64) -> VfsResult<()> {
+    fn seal(&self, st: &mut State, ino: i64, why: &str) -> VfsResult<()> {
+        tracing::debug!(ino, why, "seal");
         let Some(file) = st.files.get_mut(&ino) else {
             return Ok(());
         };
         let Some(work) = file.work.take() else { return Ok(()) };
         let touched = std::mem::take(&mut file.touched);
-        file.written = false;
-        file.written = false;
         if !std::mem::take(&mut file.dirty) {
             work.discard()?;
             return Ok(());
@@ -902,7 +895,7 @@ impl Vfs {
         let mut st = self.lock();
         let inos: Vec<i64> = st.files.keys().copied().collect();
         for ino in inos {
-            self.seal(&mut st, ino)?;
+            self.seal(&mut st, ino, "unmount")?;
         }
         st.catalog.sync_to_disk()?;
         Ok(())
@@ -1166,7 +1159,7 @@ impl Vfs {
         for ((ino, num), p) in &st.queue {
             let state = if p.uploading {
                 "uploading"
-            } else if self.ino_ready_at(&st, *ino).is_none_or(|t| t > now) {
+            } else if self.ino_ready_at(&st, *ino, now).is_none_or(|t| t > now) {
                 "waiting"
             } else {
                 "queued"
@@ -1193,21 +1186,26 @@ impl Vfs {
     /// Skips the write-back delay for everything queued and waits until
     /// every sealed version is committed (or superseded, or its file gone).
     pub async fn sync(&self) -> VfsResult<usize> {
-        let mut committed = 0;
-        {
-            let mut st = self.lock();
-            for p in st.queue.values_mut() {
-                p.flush = true;
-            }
-            committed += st.queue.len();
-        }
-        self.upload_wake.notify_one();
+        // The kernel releases a closed file (which seals it) asynchronously,
+        // so versions may still arrive while we wait: every round marks the
+        // whole queue, and waits for handles closed just before `sync`.
+        let grace_until = Instant::now() + CLOSE_GRACE;
+        let mut seen = std::collections::BTreeSet::new();
         loop {
             let notified = self.queue_changed.notified();
-            if self.lock().queue.is_empty() {
-                return Ok(committed);
+            {
+                let mut st = self.lock();
+                for (key, p) in st.queue.iter_mut() {
+                    p.flush = true;
+                    seen.insert(*key);
+                }
+                let closing = Instant::now() < grace_until && st.handles.values().any(|h| h.closing);
+                if st.queue.is_empty() && !closing {
+                    return Ok(seen.len());
+                }
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            self.upload_wake.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
         }
     }
 
@@ -1247,7 +1245,10 @@ impl Vfs {
     fn next_ready_at(&self) -> Option<Instant> {
         let st = self.lock();
         let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
-        inos.into_iter().filter_map(|ino| self.ino_ready_at(&st, ino)).min()
+        let now = Instant::now();
+        inos.into_iter()
+            .filter_map(|ino| self.ino_ready_at(&st, ino, now))
+            .min()
     }
 
     /// When the newest pending version of `ino` may start uploading: once
@@ -1255,7 +1256,7 @@ impl Vfs {
     /// uploads once), or once its oldest pending version has waited five
     /// delays (so a file saved continuously still reaches the grid), and
     /// never while another version of it is uploading. `None`: not now.
-    fn ino_ready_at(&self, st: &State, ino: i64) -> Option<Instant> {
+    fn ino_ready_at(&self, st: &State, ino: i64, now: Instant) -> Option<Instant> {
         let pending: Vec<&Pending> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|(_, p)| p).collect();
         if pending.iter().any(|p| p.uploading) {
             return None;
@@ -1264,7 +1265,7 @@ impl Vfs {
         let delay = self.options.writeback_delay;
         let mut at = (newest.sealed_at + delay).min(oldest.sealed_at + delay * 5);
         if pending.iter().any(|p| p.flush) {
-            at = at.min(Instant::now());
+            at = at.min(now);
         }
         Some(newest.retry_at.map_or(at, |r| r.max(at)))
     }
@@ -1274,7 +1275,7 @@ impl Vfs {
         let now = Instant::now();
         let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
         for ino in inos {
-            if self.ino_ready_at(&st, ino).is_none_or(|t| t > now) {
+            if self.ino_ready_at(&st, ino, now).is_none_or(|t| t > now) {
                 continue;
             }
             let nums: Vec<i64> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|((_, n), _)| *n).collect();

@@ -13,6 +13,15 @@ fn versions(home: &Home, path: &str) -> Vec<serde_json::Value> {
     v["versions"].as_array().unwrap().clone()
 }
 
+/// The kernel releases a file (which seals it) just after close returns.
+fn wait_for_versions(home: &Home, path: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while versions(home, path).len() < n {
+        assert!(Instant::now() < deadline, "{path} never got {n} versions");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn committed(versions: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     versions.iter().filter(|v| v["state"] == "committed").collect()
 }
@@ -85,6 +94,7 @@ fn a_file_overwritten_while_its_first_version_uploads_commits_only_whole_version
     let path = mnt.file("ticket427.bin");
     let v1 = bytes(200 << 20, 427);
     std::fs::write(&path, &v1).unwrap(); // close: version 1, uploading at once
+    wait_for_versions(&home, "/ticket427.bin", 1);
     let mut v2 = v1.clone();
     let patch = bytes(1 << 20, 428);
     {
@@ -367,10 +377,12 @@ fn a_small_edit_of_a_large_file_stages_one_chunk() {
     let mnt = home.mount(&["--writeback-delay", "600"]);
     let path = mnt.file("big");
     std::fs::write(&path, bytes(64 << 20, 1)).unwrap();
+    wait_for_versions(&home, "/big", 1);
     let before = cached_bytes(&home);
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&[7u8; 4096], 30 << 20).unwrap();
     drop(f);
+    wait_for_versions(&home, "/big", 2);
     let extra = cached_bytes(&home) - before;
     assert!(extra <= 1 << 20, "a 4 KiB edit added {extra} bytes of staging");
     let all = versions(&home, "/big");
@@ -392,7 +404,7 @@ fn read_only_mounts_refuse_writes() {
 }
 
 #[test]
-fn a_shell_redirect_makes_one_version_sealed_by_the_time_close_returns() {
+fn a_shell_redirect_makes_one_version() {
     let home = Home::empty();
     let mnt = home.mount(&["--writeback-delay", "600"]);
     let path = mnt.file("x");
@@ -403,10 +415,46 @@ fn a_shell_redirect_makes_one_version_sealed_by_the_time_close_returns() {
         .unwrap()
         .success();
     assert!(ok);
-    // No waiting: the version exists once close(2) has returned.
+    home.ok(&["sync"]);
     let all = versions(&home, "/x");
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0]["size"], 3);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_fork_while_a_file_is_written_does_not_seal_a_partial_version() {
+    // Another thread forking and exec'ing closes an inherited copy of the
+    // writer's descriptor, which the kernel reports as a flush of the file.
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "600"]);
+    let path = mnt.file("w.bin");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forker = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::process::Command::new("true").status().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let data = bytes(8 << 20, 8);
+    {
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in data.chunks(1 << 20) {
+            f.write_all(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(forker.join().unwrap() > 0);
+    home.ok(&["sync"]);
+    let all = versions(&home, "/w.bin");
+    assert_eq!(all.len(), 1, "partial versions were sealed: {all:?}");
+    assert_eq!(all[0]["size"], 8 << 20);
     assert!(mnt.unmount().success());
 }
 
@@ -422,4 +470,67 @@ fn the_mount_goes_away_if_the_daemon_is_killed() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!common::is_mounted(&path), "auto-unmount did not remove the mount");
+}
+
+#[test]
+fn a_failed_upload_is_retried_until_the_grid_takes_it() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    // Two of five servers gone: happiness (4) cannot hold.
+    let aside = home.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for s in ["s1", "s2"] {
+        std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
+    }
+    let data = bytes(2 << 20, 77);
+    std::fs::write(mnt.file("f"), &data).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let status: serde_json::Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+        let e = status["status"]["queue"][0].clone();
+        if e["attempts"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(entry["attempts"].as_u64().unwrap() >= 1, "{entry}");
+    assert!(entry["last_error"].as_str().unwrap().contains("happiness"), "{entry}");
+    let all = versions(&home, "/f");
+    assert_eq!(
+        all.last().unwrap()["state"],
+        "staged",
+        "not committed without happiness: {all:?}"
+    );
+    // The servers come back; the retry (with backoff) commits it.
+    for s in ["s1", "s2"] {
+        std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
+    }
+    home.ok(&["sync"]);
+    let all = versions(&home, "/f");
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["state"], "committed");
+    assert_eq!(all[0]["sha256"], sha256_hex(&data));
+    // No abandoned staging file is left on the servers that took part.
+    for s in ["s3", "s4", "s5"] {
+        let left = std::fs::read_dir(home.server_dir(s).join("incoming")).unwrap().count();
+        assert_eq!(left, 0, "{s}: staging files left");
+    }
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_rename_never_uploads_again() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    std::fs::create_dir(mnt.file("dir")).unwrap();
+    std::fs::write(mnt.file("dir/a"), bytes(1 << 20, 1)).unwrap();
+    home.ok(&["sync"]);
+    let shares_before = home.share_files().len();
+    std::fs::rename(mnt.file("dir/a"), mnt.file("dir/b")).unwrap();
+    std::fs::rename(mnt.file("dir"), mnt.file("moved")).unwrap();
+    home.ok(&["sync"]);
+    let all = versions(&home, "/moved/b");
+    assert_eq!(all.len(), 1, "the rename made no version");
+    assert_eq!(home.share_files().len(), shares_before, "the rename wrote no share");
+    assert!(mnt.unmount().success());
 }

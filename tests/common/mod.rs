@@ -26,6 +26,10 @@ impl Home {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
         c.args(args).env("CAIRN_HOME", self.path()).env_remove("CAIRN_LOG");
+        // CAIRN_TEST_LOG=cairn=debug logs the daemons of a test run.
+        if let Some(filter) = std::env::var_os("CAIRN_TEST_LOG") {
+            c.env("CAIRN_LOG", filter);
+        }
         c
     }
 
@@ -114,12 +118,23 @@ impl Home {
         }
     }
 
+    /// Where a mount's daemon logs: kept in /tmp when CAIRN_TEST_LOG is set.
+    fn log_path(&self) -> PathBuf {
+        match std::env::var_os("CAIRN_TEST_LOG") {
+            Some(_) => PathBuf::from(format!(
+                "/tmp/cairn-test-{}.log",
+                self.path().file_name().unwrap().to_string_lossy()
+            )),
+            None => self.path().join("mount.log"),
+        }
+    }
+
     pub fn mount(&self, extra: &[&str]) -> Mounted {
         let dir = tempfile::Builder::new().prefix("cairn-mnt-").tempdir().unwrap();
         let child = self
             .command(&[&["mount", dir.path().to_str().unwrap()], extra].concat())
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(self.path().join("mount.log")).unwrap())
+            .stderr(std::fs::File::create(self.log_path()).unwrap())
             .spawn()
             .unwrap();
         let m = Mounted {
@@ -134,7 +149,7 @@ impl Home {
         }
         panic!(
             "mount did not appear: {}",
-            std::fs::read_to_string(self.path().join("mount.log")).unwrap_or_default()
+            std::fs::read_to_string(self.log_path()).unwrap_or_default()
         );
     }
 }
