@@ -163,6 +163,7 @@ CREATE TABLE IF NOT EXISTS versions (
     created_ns INTEGER NOT NULL,
     PRIMARY KEY (ino, num)
 );
+
 CREATE INDEX IF NOT EXISTS versions_by_state ON versions (state);
 CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL,
@@ -228,6 +229,7 @@ impl Catalog {
         db.pragma_update(None, "synchronous", "NORMAL")?;
         db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.execute_batch(SCHEMA)?;
+        migrate(&db)?;
         let now = now_ns();
         db.execute(
             &format!("INSERT OR IGNORE INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?1, '', 'dir', 493, ?2, ?3, ?4, ?4, ?4, NULL)"),
@@ -473,18 +475,47 @@ impl Catalog {
         state: VersionState,
         cap: Option<&str>,
     ) -> Result<i64, CatalogError> {
-        let tx = self.db.transaction()?;
-        let num: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(num), 0) + 1 FROM versions WHERE ino = ?1",
-            [ino],
-            |r| r.get(0),
+        self.add_version_from(ino, size, sha256, state, cap, None)
+    }
+
+    /// Records a new version sealed from the working copy named `origin`.
+    pub fn add_version_from(
+        &mut self,
+        ino: i64,
+        size: u64,
+        sha256: &str,
+        state: VersionState,
+        cap: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<i64, CatalogError> {
+        let num = self.next_version_num(ino)?;
+        self.db.execute(
+            &format!("INSERT INTO versions ({VERSION_COLUMNS}, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+            params![ino, num, size as i64, sha256, state.as_str(), cap, now_ns(), origin],
         )?;
-        tx.execute(
-            &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-            params![ino, num, size as i64, sha256, state.as_str(), cap, now_ns()],
-        )?;
-        tx.commit()?;
         Ok(num)
+    }
+
+    /// Whether a version was sealed from the working copy named `origin`.
+    pub fn sealed_from(&self, origin: &str) -> Result<bool, CatalogError> {
+        Ok(self
+            .db
+            .query_row("SELECT 1 FROM versions WHERE origin = ?1", [origin], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// The key to upload a version with: the one chosen at its first attempt.
+    pub fn upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<String, CatalogError> {
+        self.db.execute(
+            "UPDATE versions SET upload_key = ?3 WHERE ino = ?1 AND num = ?2 AND upload_key IS NULL",
+            params![ino, num, fresh],
+        )?;
+        Ok(self.db.query_row(
+            "SELECT upload_key FROM versions WHERE ino = ?1 AND num = ?2",
+            params![ino, num],
+            |r| r.get(0),
+        )?)
     }
 
     pub fn set_version_state(&self, ino: i64, num: i64, state: VersionState) -> Result<(), CatalogError> {
@@ -629,6 +660,25 @@ impl Catalog {
             .execute("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2", params![ino, name])?
             > 0)
     }
+}
+
+/// Columns added after the first release of the schema.
+fn migrate(db: &Connection) -> Result<(), CatalogError> {
+    let has = |column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = db.prepare("SELECT name FROM pragma_table_info('versions') WHERE name = ?1")?;
+        stmt.exists([column])
+    };
+    // The working copy a version was sealed from: after a crash, a working
+    // copy whose version exists was already sealed.
+    if !has("origin")? {
+        db.execute_batch("ALTER TABLE versions ADD COLUMN origin TEXT")?;
+    }
+    // The encryption key of an upload, kept so a retried or resumed upload
+    // writes the same shares under the same names instead of new ones.
+    if !has("upload_key")? {
+        db.execute_batch("ALTER TABLE versions ADD COLUMN upload_key TEXT")?;
+    }
+    Ok(())
 }
 
 /// Deletes a node and its attributes; its versions not yet uploaded are

@@ -42,6 +42,9 @@ pub trait Server: Send + Sync {
     /// Share numbers of `si` this server holds.
     async fn shares(&self, si: StorageIndex) -> Result<Vec<u16>, ServerError>;
     async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError>;
+    /// Removes what uploads of crashed processes left half-written;
+    /// returns how many objects went.
+    async fn clean_abandoned(&self) -> Result<usize, ServerError>;
 }
 
 /// A share being written. Dropping it without `publish` leaves at most an
@@ -176,7 +179,13 @@ impl Server for DirServer {
     async fn create_share(&self, si: StorageIndex, share: u16) -> Result<Box<dyn ShareSink>, ServerError> {
         self.check_root()?;
         let incoming = self.root.join("incoming");
-        let staging = incoming.join(format!("{si}.{share}.{:016x}.part", rand::random::<u64>()));
+        // The writer's PID in the name lets a cleaner tell abandoned files
+        // (their process is gone) from ones still being written.
+        let staging = incoming.join(format!(
+            "{si}.{share}.{}.{:016x}.part",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         let final_path = self.share_path(si, share);
         let file = blocking({
             let staging = staging.clone();
@@ -237,6 +246,30 @@ impl Server for DirServer {
             }
             out.sort();
             Ok(out)
+        })
+        .await
+    }
+
+    async fn clean_abandoned(&self) -> Result<usize, ServerError> {
+        self.check_root()?;
+        let incoming = self.root.join("incoming");
+        blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&incoming) else {
+                return Ok(0);
+            };
+            let mut removed = 0;
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name.split('.').nth(2).and_then(|p| p.parse::<i32>().ok());
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
+                if name.ends_with(".part") && !alive {
+                    std::fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
         })
         .await
     }

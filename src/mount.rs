@@ -36,7 +36,14 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
         );
     }
     let config = Config::load(&config_path)?;
+    recover_stale_mount(dir)?;
     let mountpoint = std::fs::canonicalize(dir).with_context(|| format!("mount point {}", dir.display()))?;
+    if is_mounted(&mountpoint) {
+        bail!(
+            "{} is already a mount point (is cairn already mounted there?)",
+            mountpoint.display()
+        );
+    }
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -113,6 +120,41 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let target = path.to_string_lossy();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&*target))
+}
+
+/// A daemon killed together with its auto-unmount helper leaves a dead FUSE
+/// mount: every access fails with ENOTCONN. Detach it (lazily) and say so.
+fn recover_stale_mount(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let ok = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                bail!(
+                    "{} is a stale FUSE mount left by a crashed daemon, and `fusermount3 -u -z` failed; unmount it by hand",
+                    dir.display()
+                );
+            }
+            eprintln!(
+                "cairn: {} was a stale mount left by a crashed daemon; unmounted it (lazy unmount)",
+                dir.display()
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Unmounts our own mount point as `fusermount3 -u` would; if files are

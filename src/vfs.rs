@@ -223,19 +223,11 @@ impl Vfs {
         for d in ["work", "versions", "fetch"] {
             std::fs::create_dir_all(cache.join(d))?;
         }
-        // Working copies left by a crash are not recoverable yet (issue 4);
-        // move them aside rather than lose or silently reuse them.
-        for entry in std::fs::read_dir(cache.join("work"))? {
-            let entry = entry?;
-            let aside = options.home.join("lost+found");
-            std::fs::create_dir_all(&aside)?;
-            std::fs::rename(entry.path(), aside.join(entry.file_name()))?;
-            tracing::warn!(path = %aside.display(), "a working copy left by a crash was moved aside");
-        }
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
         for ino in catalog.orphans()? {
             catalog.forget_orphan(ino)?;
         }
+        recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
         let mut queue = BTreeMap::new();
         for v in catalog.staged()? {
             // Already waited out their delay before the last unmount.
@@ -873,8 +865,12 @@ impl Vfs {
         }
         let num = st.catalog.next_version_num(ino)?;
         let sealed = work.seal(version_dir(&self.cache, ino, num))?;
+        // The catalog row is the commit point; only then does the working
+        // copy go (a crash in between is resolved by `recover_staging`).
+        let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
         st.catalog
-            .add_version(ino, sealed.size, "", VersionState::Staged, None)?;
+            .add_version_from(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
+        work.discard()?;
         if touched {
             if let Some(mut node) = st.catalog.node(ino)? {
                 let now = crate::catalog::now_ns();
@@ -1054,6 +1050,61 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
     std::fs::rename(&tmp, dir.join(index.to_string()))
 }
 
+// ----- crash recovery -----
+
+/// Puts the staging cache back in order after a crash (kill -9, power loss):
+/// - a version directory without a catalog row was being sealed when the
+///   crash came: its working copy is still whole, so it goes;
+/// - a working copy whose version row exists was sealed already: it goes;
+/// - any other working copy belonged to a file open for writing: every byte
+///   that reached it is kept, and it is sealed as the file's next version.
+fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsResult<()> {
+    let known = catalog.version_states()?;
+    for entry in std::fs::read_dir(cache.join("versions"))? {
+        let path = entry?.path();
+        let key = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split_once('.'))
+            .and_then(|(i, n)| Some((i.parse::<i64>().ok()?, n.parse::<i64>().ok()?)));
+        if key.is_none_or(|k| !known.contains_key(&k)) {
+            tracing::info!(path = %path.display(), "removing a version left half-sealed by a crash");
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
+    for entry in std::fs::read_dir(cache.join("work"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ino = name.split_once('-').and_then(|(i, _)| i.parse::<i64>().ok());
+        let live = match ino {
+            Some(ino) => catalog
+                .node(ino)?
+                .is_some_and(|n| n.parent != crate::catalog::ORPHAN_PARENT),
+            None => false,
+        };
+        if catalog.sealed_from(&name)? || !live {
+            std::fs::remove_dir_all(&path)?;
+            continue;
+        }
+        let ino = ino.expect("live implies a parsed inode");
+        let work = WorkingCopy::recover(path.clone(), chunk_size)?;
+        let num = catalog.next_version_num(ino)?;
+        let sealed = work.seal(version_dir(cache, ino, num))?;
+        catalog.add_version_from(ino, sealed.size, "", VersionState::Staged, None, Some(&name))?;
+        work.discard()?;
+        tracing::warn!(
+            path = %catalog.path_of(ino)?,
+            size = sealed.size,
+            version = num,
+            "a file open for writing at a crash was recovered as a new version"
+        );
+    }
+    Ok(())
+}
+
 // ----- cache eviction -----
 
 impl Vfs {
@@ -1211,7 +1262,15 @@ impl Vfs {
 
     /// Runs the upload scheduler forever: picks ready versions, skips the
     /// superseded, uploads with bounded concurrency, retries with backoff.
+    /// First it clears what crashed uploads left on the servers.
     pub async fn run_uploads(self: Arc<Self>) {
+        for s in &self.grid.servers {
+            match self.grid.timed(s.server.clean_abandoned()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(server = %s.name, n, "removed abandoned partial shares"),
+                Err(e) => tracing::warn!(server = %s.name, error = %e, "could not clean abandoned shares"),
+            }
+        }
         let slots = Arc::new(tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY));
         loop {
             let wake = self.upload_wake.notified();
@@ -1304,7 +1363,27 @@ impl Vfs {
         Ok(None)
     }
 
+    /// The key chosen at a version's first upload attempt, so a retry or a
+    /// resumed upload writes the same shares under the same names, replacing
+    /// whatever an interrupted attempt left rather than orphaning it.
+    fn upload_key(&self, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
+        let fresh = data_encoding::HEXLOWER.encode(&rand::random::<crate::codec::Key>());
+        let stored = self.lock().catalog.upload_key(ino, num, &fresh)?;
+        data_encoding::HEXLOWER
+            .decode(stored.as_bytes())
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| VfsError::Grid(format!("version {num}: stored upload key is malformed")))
+    }
+
     async fn upload_one(&self, job: UploadJob) {
+        let key = match self.upload_key(job.ino, job.num) {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::error!(error = %e, "choosing an upload key");
+                rand::random()
+            }
+        };
         let source = upload::Source {
             reader: Box::new(job.version.reader()),
             size: job.version.size,
@@ -1314,7 +1393,7 @@ impl Vfs {
             self.params,
             self.happy,
             source,
-            rand::random(),
+            key,
             Arc::new(ProgressCounter(job.sent.clone())),
         )
         .await;

@@ -123,6 +123,21 @@ impl Read for VersionReader {
     }
 }
 
+/// What a working copy needs besides its chunk files to be rebuilt after a
+/// crash: where its base is and the size it was truncated to. Written at
+/// creation and at every truncation (the only size changes a chunk file's
+/// length does not record).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PersistedState {
+    base_dir: Option<PathBuf>,
+    base_size: u64,
+    base_valid: u64,
+    /// The size at the last creation or truncation; writes only grow it.
+    size_floor: u64,
+}
+
+const STATE_FILE: &str = "state";
+
 /// A file open for writing: its own chunks over an optional sealed base.
 #[derive(Debug)]
 pub struct WorkingCopy {
@@ -146,14 +161,59 @@ impl WorkingCopy {
         if let Some(b) = &base {
             debug_assert_eq!(b.chunk_size, chunk_size);
         }
-        Ok(WorkingCopy {
+        let copy = WorkingCopy {
             dir,
             base,
             base_valid: size,
             size,
             chunk_size,
             own: BTreeSet::new(),
+        };
+        copy.save_state()?;
+        Ok(copy)
+    }
+
+    /// Rebuilds a working copy left in `dir` by a crash: every byte that
+    /// reached its chunk files is kept.
+    pub fn recover(dir: PathBuf, chunk_size: u64) -> io::Result<Self> {
+        let state: PersistedState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE))?)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut own = BTreeSet::new();
+        let mut size = state.size_floor;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if let Some(index) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+                own.insert(index);
+                size = size.max(index * chunk_size + entry.metadata()?.len());
+            }
+        }
+        let base = state
+            .base_dir
+            .map(|d| SealedVersion::open(d, state.base_size, chunk_size));
+        Ok(WorkingCopy {
+            dir,
+            base,
+            base_valid: state.base_valid,
+            size,
+            chunk_size,
+            own,
         })
+    }
+
+    fn save_state(&self) -> io::Result<()> {
+        let state = PersistedState {
+            base_dir: self.base.as_ref().map(|b| b.dir.clone()),
+            base_size: self.base.as_ref().map_or(0, |b| b.size),
+            base_valid: self.base_valid,
+            size_floor: self.size,
+        };
+        let tmp = self.dir.join("state.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&state).map_err(io::Error::other)?)?;
+        std::fs::rename(tmp, self.dir.join(STATE_FILE))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn size(&self) -> u64 {
@@ -243,7 +303,7 @@ impl WorkingCopy {
             }
         }
         self.size = size;
-        Ok(())
+        self.save_state()
     }
 
     /// Makes every written byte durable on the local disk.
@@ -251,20 +311,23 @@ impl WorkingCopy {
         for index in &self.own {
             File::open(self.own_path(*index))?.sync_all()?;
         }
+        File::open(self.dir.join(STATE_FILE))?.sync_all()?;
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Turns this working copy into the immutable version at `version_dir`
-    /// (which must not exist): own chunks are moved, unchanged base chunks
-    /// hard-linked, and every chunk brought to its exact length.
-    pub fn seal(self, version_dir: PathBuf) -> io::Result<SealedVersion> {
+    /// Builds the immutable version at `version_dir` (which must not exist)
+    /// from this working copy: own chunks and unchanged base chunks are
+    /// hard-linked, and every chunk brought to its exact length. The working
+    /// copy stays whole until the caller discards it, after recording the
+    /// version: a crash in between loses nothing.
+    pub fn seal(&self, version_dir: PathBuf) -> io::Result<SealedVersion> {
         std::fs::create_dir(&version_dir)?;
         let count = chunk_count(self.size, self.chunk_size);
         for index in 0..count {
             let dest = version_dir.join(index.to_string());
             let want = (self.size - index * self.chunk_size).min(self.chunk_size);
             if self.own.contains(&index) {
-                std::fs::rename(self.own_path(index), &dest)?;
+                std::fs::hard_link(self.own_path(index), &dest)?;
             } else {
                 match (self.base_chunk(index), &self.base) {
                     // Unchanged and of the same length: share it.
@@ -286,7 +349,6 @@ impl WorkingCopy {
             file.sync_all()?;
         }
         File::open(&version_dir)?.sync_all()?;
-        std::fs::remove_dir_all(&self.dir)?;
         Ok(SealedVersion {
             dir: version_dir,
             size: self.size,

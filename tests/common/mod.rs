@@ -175,6 +175,10 @@ impl Mounted {
         self.wait()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// Sends a signal to the daemon and returns its exit status.
     pub fn signal(mut self, sig: i32) -> std::process::ExitStatus {
         let pid = self.child.as_ref().unwrap().id() as i32;
