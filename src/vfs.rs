@@ -1090,7 +1090,18 @@ fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsR
             continue;
         }
         let ino = ino.expect("live implies a parsed inode");
-        let work = WorkingCopy::recover(path.clone(), chunk_size)?;
+        let work = match WorkingCopy::recover(path.clone(), chunk_size) {
+            Ok(work) => work,
+            // Killed between creating the directory and writing its state:
+            // nothing was written to it yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::remove_dir_all(&path)?;
+                continue;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into());
+            }
+        };
         let num = catalog.next_version_num(ino)?;
         let sealed = work.seal(version_dir(cache, ino, num))?;
         catalog.add_version_from(ino, sealed.size, "", VersionState::Staged, None, Some(&name))?;
