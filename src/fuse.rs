@@ -55,6 +55,11 @@ pub fn errno(e: &VfsError) -> Errno {
         VfsError::Catalog(CatalogError::NotADirectory(_)) => libc::ENOTDIR,
         VfsError::Catalog(CatalogError::IsADirectory(_)) => libc::EISDIR,
         VfsError::Catalog(CatalogError::InvalidPath(_)) => libc::EINVAL,
+        VfsError::Catalog(CatalogError::Db(rusqlite::Error::SqliteFailure(e, _)))
+            if e.code == rusqlite::ErrorCode::DiskFull =>
+        {
+            libc::ENOSPC
+        }
         VfsError::Catalog(CatalogError::Db(_)) | VfsError::Grid(_) => libc::EIO,
     };
     if code == libc::EIO {
@@ -326,6 +331,21 @@ impl Filesystem for CairnFs {
             }
             reply.ok()
         })
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls: isatty() and friends get the answer a regular file gives.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

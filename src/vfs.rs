@@ -226,6 +226,7 @@ impl Vfs {
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
         for ino in catalog.orphans()? {
             catalog.forget_orphan(ino)?;
+            purge_versions(&cache, ino);
         }
         recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
         let mut queue = BTreeMap::new();
@@ -471,11 +472,20 @@ impl Vfs {
         }
         let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
         st.catalog.unlink(&node, open)?;
-        Self::drop_queued(&mut st, node.ino);
+        self.forget_content(&mut st, node.ino, open);
         Ok(())
     }
 
-    /// Forgets queued uploads of a deleted file (the catalog marked them dropped).
+    /// A deleted file: forget its queued uploads (the catalog marked them
+    /// dropped) and, unless it is still open, free its cached versions.
+    fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) {
+        Self::drop_queued(st, ino);
+        if !still_open {
+            purge_versions(&self.cache, ino);
+        }
+    }
+
+    /// Forgets queued uploads of a deleted file.
     fn drop_queued(st: &mut State, ino: i64) {
         let gone: Vec<_> = st
             .queue
@@ -536,8 +546,8 @@ impl Vfs {
             new_name,
             replaced.as_ref().map(|(t, open)| (t, *open)),
         )?;
-        if let Some((t, _)) = replaced {
-            Self::drop_queued(&mut st, t.ino);
+        if let Some((t, open)) = replaced {
+            self.forget_content(&mut st, t.ino, open);
         }
         Ok(())
     }
@@ -666,6 +676,7 @@ impl Vfs {
             }
             h.ino
         };
+        self.ensure_space(data.len() as u64)?;
         self.ensure_working(ino)?;
         let mut st = self.lock();
         let file = st.files.get_mut(&ino).expect("open file");
@@ -673,6 +684,18 @@ impl Vfs {
         file.dirty = true;
         file.touched = true;
         Ok(data.len())
+    }
+
+    /// Data writes stop with ENOSPC while a reserve is still free on the
+    /// cache's disk (2% of it, 4 to 256 MiB), so deleting files, sealing and
+    /// the catalog keep working on a full disk and space can be freed.
+    fn ensure_space(&self, bytes: u64) -> VfsResult<()> {
+        let (total, free) = fs_space(&self.cache)?;
+        let reserve = (total / 50).clamp(4 << 20, 256 << 20);
+        if free < reserve + bytes {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into());
+        }
+        Ok(())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
@@ -838,6 +861,7 @@ impl Vfs {
                     work.discard()?;
                 }
                 st.catalog.forget_orphan(ino)?;
+                purge_versions(&self.cache, ino);
             }
             return Ok(());
         }
@@ -864,12 +888,28 @@ impl Vfs {
             return Ok(());
         }
         let num = st.catalog.next_version_num(ino)?;
-        let sealed = work.seal(version_dir(&self.cache, ino, num))?;
+        let dir = version_dir(&self.cache, ino, num);
         // The catalog row is the commit point; only then does the working
         // copy go (a crash in between is resolved by `recover_staging`).
         let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
-        st.catalog
-            .add_version_from(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
+        let recorded = work.seal(dir.clone()).map_err(VfsError::from).and_then(|sealed| {
+            st.catalog
+                .add_version_from(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
+            Ok(sealed)
+        });
+        let sealed = match recorded {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                // A full disk, say: keep the working copy as it was, so the
+                // file reads the same and a later close seals it.
+                let _ = std::fs::remove_dir_all(&dir);
+                let file = st.files.get_mut(&ino).expect("still open");
+                file.work = Some(work);
+                file.dirty = true;
+                file.touched |= touched;
+                return Err(e);
+            }
+        };
         work.discard()?;
         if touched {
             if let Some(mut node) = st.catalog.node(ino)? {
@@ -1037,6 +1077,19 @@ fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
         return Err(std::io::Error::last_os_error());
     }
     Ok((s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize))
+}
+
+/// Removes every cached version of a deleted file.
+fn purge_versions(cache: &Path, ino: i64) {
+    let prefix = format!("{ino}.");
+    let Ok(entries) = std::fs::read_dir(cache.join("versions")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Writes a verified chunk into a version's cache directory atomically.
