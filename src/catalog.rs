@@ -293,9 +293,12 @@ impl Catalog {
 
     pub fn create(&self, parent: i64, name: &str, new: &NewNode<'_>) -> Result<Node, CatalogError> {
         let now = now_ns();
+        // Inode numbers are never reused: a deleted file's versions stay on
+        // record under its number, and the kernel may still know it.
         self.db.execute(
-            "INSERT INTO nodes (parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
+            "INSERT INTO nodes (ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
+             VALUES ((SELECT MAX(m) + 1 FROM (SELECT MAX(ino) AS m FROM nodes UNION ALL SELECT MAX(ino) FROM versions)),
+                     ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
             params![
                 parent,
                 name,

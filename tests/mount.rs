@@ -534,3 +534,21 @@ fn a_rename_never_uploads_again() {
     assert_eq!(home.share_files().len(), shares_before, "the rename wrote no share");
     assert!(mnt.unmount().success());
 }
+
+#[test]
+fn a_new_file_never_inherits_a_deleted_files_versions() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "600"]);
+    std::fs::write(mnt.file("a"), b"first file").unwrap();
+    home.ok(&["sync"]);
+    std::fs::remove_file(mnt.file("a")).unwrap();
+    // The same name, and in a naive store the same inode number, again.
+    let f = std::fs::File::create(mnt.file("b")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    assert_eq!(std::fs::read(mnt.file("b")).unwrap(), b"");
+    drop(f);
+    home.ok(&["sync"]);
+    let v: serde_json::Value = serde_json::from_str(&home.ok(&["versions", "--json", "/b"])).unwrap();
+    assert_eq!(v["versions"].as_array().unwrap().len(), 1, "{v}");
+    assert!(mnt.unmount().success());
+}
