@@ -107,6 +107,7 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
         }
     });
     session.run().context("FUSE session")?;
+    reap_unmount_helper();
 
     // Unmounted: everything written is sealed (destroy did it; again in case
     // the kernel never sent destroy), and the queue is in the catalog.
@@ -120,6 +121,23 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
+}
+
+/// fuser's auto-unmount helper (a `fusermount3` child) outlives the
+/// session by a moment and then unmounts the mount point *path*. Waiting for
+/// it before exiting keeps it from unmounting a new mount made right after
+/// this daemon stops (seen when remounting at once).
+fn reap_unmount_helper() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        let mut status = 0;
+        // SAFETY: waitpid on our own children, non-blocking.
+        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
+            -1 => return, // no children left
+            0 => std::thread::sleep(Duration::from_millis(10)),
+            _ => {}
+        }
+    }
 }
 
 fn is_mounted(path: &Path) -> bool {

@@ -264,11 +264,16 @@ impl WorkingCopy {
         if self.own.contains(&index) {
             return OpenOptions::new().write(true).open(path);
         }
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        // The copy is built under a temporary name and renamed into place,
+        // so a crash never leaves a half-copied chunk that recovery would
+        // take for this copy's own (and read zeros from).
+        let tmp = self.dir.join(format!("{index}.cow"));
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         if let Some((base_path, valid)) = self.base_chunk(index) {
             let mut src = File::open(base_path)?.take(valid);
             io::copy(&mut src, &mut &file)?;
         }
+        std::fs::rename(&tmp, &path)?;
         self.own.insert(index);
         Ok(file)
     }
