@@ -599,6 +599,16 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every committed version with its capability, newest first: what a
+    /// full repair pass walks.
+    pub fn committed_versions(&self) -> Result<Vec<Version>, CatalogError> {
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE state = 'committed' AND cap IS NOT NULL ORDER BY created_ns DESC"
+        ))?;
+        let rows = stmt.query_map([], row_to_version)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn count_nodes(&self) -> Result<u64, CatalogError> {
         Ok(self
             .db

@@ -10,5 +10,6 @@ pub mod download;
 pub mod fuse;
 pub mod grid;
 pub mod stage;
+pub mod repair;
 pub mod upload;
 pub mod vfs;

@@ -78,6 +78,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put back shares that servers lost, corrupted or never received.
+    Repair {
+        /// A file of the namespace; or --cap, or --all.
+        path: Option<String>,
+        #[arg(long, conflicts_with = "path")]
+        cap: Option<String>,
+        /// Every committed version in the catalog.
+        #[arg(long, conflicts_with_all = ["path", "cap"])]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// List a directory of the namespace.
     Ls {
         #[arg(default_value = "/")]
@@ -229,6 +241,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Check { path, cap, json } => check(&home, path, cap, json),
         Command::Ls { path, json } => ls(&home, &path, json),
+        Command::Repair { path, cap, all, json } => repair(&home, path, cap, all, json),
         Command::Mount {
             dir,
             allow_other,
@@ -427,6 +440,50 @@ fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> 
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn repair(home: &Home, path: Option<String>, cap: Option<String>, all: bool, json: bool) -> Result<ExitCode> {
+    let caps: Vec<Capability> = if all {
+        let versions = home.catalog()?.committed_versions()?;
+        let mut seen = std::collections::HashSet::new();
+        versions
+            .into_iter()
+            .filter_map(|v| v.cap)
+            .filter(|c| seen.insert(c.clone()))
+            .map(|c| c.parse())
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![resolve_cap(home, path, cap, None)?]
+    };
+    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let rt = runtime()?;
+    let mut reports = Vec::new();
+    let mut healthy = true;
+    for cap in caps {
+        let report = rt.block_on(cairn::repair::repair(grid.clone(), cap))?;
+        healthy &= report.healthy;
+        if !json {
+            let what = if report.missing.is_empty() {
+                "healthy, nothing to do".to_string()
+            } else {
+                format!(
+                    "missing {:?}; placed {:?}{}",
+                    report.missing,
+                    report.placed,
+                    if report.healthy { "; healthy now" } else { "; STILL NOT HEALTHY" }
+                )
+            };
+            println!("{}: {what}", report.storage_index);
+            for (server, why) in &report.failures {
+                println!("  {server}: {why}");
+            }
+        }
+        reports.push(report);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {

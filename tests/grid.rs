@@ -226,3 +226,43 @@ fn init_flags_choose_servers_and_parameters() {
         assert!(std::path::Path::new(p).join("shares").is_dir(), "{p} holds a share");
     }
 }
+
+#[test]
+fn repair_puts_back_lost_and_corrupt_shares_exactly() {
+    let home = Home::init(&[]);
+    // s2 is down during the upload: happiness (4) holds with four servers.
+    let aside = home.file("s2-aside");
+    std::fs::rename(home.server_dir("s2"), &aside).unwrap();
+    let (data, _) = put_sample(&home);
+    assert!(!home.cairn(&["check", "/dir/sample.bin"]).status.success());
+    std::fs::rename(&aside, home.server_dir("s2")).unwrap();
+    // And another share is corrupted on disk.
+    let (_, victim) = home.share_files()[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[4242] ^= 0x10;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let out = home.cairn(&["repair", "--json", "/dir/sample.bin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports[0]["missing"].as_array().unwrap().len(), 2, "{reports}");
+    assert_eq!(reports[0]["healthy"], true);
+    assert!(home.cairn(&["check", "/dir/sample.bin"]).status.success());
+    assert_eq!(home.share_files().len(), 5, "one share per server again");
+    // Every share is now valid on its own: any 3 of them rebuild the file.
+    for (_, path) in home.share_files().into_iter().take(2) {
+        std::fs::remove_file(path).unwrap();
+    }
+    let (out, got) = get(&home, &["get", "/dir/sample.bin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(got.unwrap(), data);
+    // `--all` repairs the two just deleted; a second pass finds nothing to do.
+    let pass = |n: usize| {
+        let out = home.cairn(&["repair", "--all", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r[0]["missing"].as_array().unwrap().len(), n, "{r}");
+    };
+    pass(2);
+    pass(0);
+}
