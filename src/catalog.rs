@@ -599,6 +599,23 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    pub fn set_degraded(&self, ino: i64, num: i64, degraded: bool) -> Result<(), CatalogError> {
+        self.db.execute(
+            "UPDATE versions SET degraded = ?3 WHERE ino = ?1 AND num = ?2",
+            params![ino, num, degraded],
+        )?;
+        Ok(())
+    }
+
+    /// Committed versions known to miss shares.
+    pub fn degraded_versions(&self) -> Result<Vec<Version>, CatalogError> {
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE degraded != 0 AND state = 'committed' AND cap IS NOT NULL"
+        ))?;
+        let rows = stmt.query_map([], row_to_version)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Every committed version with its capability, newest first: what a
     /// full repair pass walks.
     pub fn committed_versions(&self) -> Result<Vec<Version>, CatalogError> {
@@ -690,6 +707,10 @@ fn migrate(db: &Connection) -> Result<(), CatalogError> {
     // writes the same shares under the same names instead of new ones.
     if !has("upload_key")? {
         db.execute_batch("ALTER TABLE versions ADD COLUMN upload_key TEXT")?;
+    }
+    // Committed with fewer than n shares (a server was down): repaired later.
+    if !has("degraded")? {
+        db.execute_batch("ALTER TABLE versions ADD COLUMN degraded INTEGER NOT NULL DEFAULT 0")?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ pub mod control;
 pub mod download;
 pub mod fuse;
 pub mod grid;
-pub mod stage;
 pub mod repair;
+pub mod stage;
 pub mod upload;
 pub mod vfs;

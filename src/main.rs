@@ -111,6 +111,9 @@ enum Command {
         /// MiB of clean (committed) data the cache keeps; staged data is never evicted.
         #[arg(long, default_value_t = 10240)]
         cache_size: u64,
+        /// Seconds between attempts to repair versions uploaded while a server was down.
+        #[arg(long, default_value_t = 30.0)]
+        repair_interval: f64,
     },
     /// Show what is staged, uploading and committed.
     Status {
@@ -248,6 +251,7 @@ fn run(command: Command) -> Result<ExitCode> {
             read_only,
             writeback_delay,
             cache_size,
+            repair_interval,
         } => mount::run(
             &home.dir,
             &dir,
@@ -256,6 +260,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 read_only,
                 writeback_delay,
                 cache_size_mib: cache_size,
+                repair_interval,
             },
         ),
         Command::Status { json } => mount::status(&home.dir, json),
@@ -470,7 +475,11 @@ fn repair(home: &Home, path: Option<String>, cap: Option<String>, all: bool, jso
                     "missing {:?}; placed {:?}{}",
                     report.missing,
                     report.placed,
-                    if report.healthy { "; healthy now" } else { "; STILL NOT HEALTHY" }
+                    if report.healthy {
+                        "; healthy now"
+                    } else {
+                        "; STILL NOT HEALTHY"
+                    }
                 )
             };
             println!("{}: {what}", report.storage_index);

@@ -18,6 +18,7 @@ pub struct MountArgs {
     pub read_only: bool,
     pub writeback_delay: f64,
     pub cache_size_mib: u64,
+    pub repair_interval: f64,
 }
 
 pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
@@ -26,6 +27,7 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
         read_only,
         writeback_delay,
         cache_size_mib,
+        repair_interval,
     } = args;
     let config_path = home.join("config.toml");
     if !config_path.exists() {
@@ -79,6 +81,20 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
             }
         }
     });
+    if read_only {
+        tracing::info!("read-only: no automatic repair");
+    } else {
+        let vfs = vfs.clone();
+        let every = Duration::from_secs_f64(repair_interval.max(0.1));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = vfs.repair_degraded().await {
+                    tracing::warn!(error = %e, "automatic repair");
+                }
+            }
+        });
+    }
     let socket = control::socket_path(home);
     runtime.spawn({
         let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());

@@ -63,7 +63,12 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
         .filter(|f| f.state == crate::download::ShareState::Ok)
         .map(|f| f.server.as_str())
         .collect();
-    let unreachable: HashSet<&str> = before.findings.unreachable_servers.iter().map(|(s, _)| s.as_str()).collect();
+    let unreachable: HashSet<&str> = before
+        .findings
+        .unreachable_servers
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect();
     let mut free: Vec<usize> = grid
         .permuted(si)
         .into_iter()
@@ -111,7 +116,10 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
     for j in 0..layout.num_segments() {
         let plaintext = reader.read_segment(j).await?;
         let blocks = encoder.encode_segment(&plaintext)?;
-        write_all(&grid, &mut sinks, &mut failed, &mut report, |share| blocks[share as usize].clone()).await;
+        write_all(&grid, &mut sinks, &mut failed, &mut report, |share| {
+            blocks[share as usize].clone()
+        })
+        .await;
     }
     let encoded = encoder.finish()?;
     if encoded.cap.root != cap.root {
@@ -120,7 +128,10 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
         }
         return Err(RepairError::RootMismatch);
     }
-    write_all(&grid, &mut sinks, &mut failed, &mut report, |share| encoded.tails[share as usize].clone()).await;
+    write_all(&grid, &mut sinks, &mut failed, &mut report, |share| {
+        encoded.tails[share as usize].clone()
+    })
+    .await;
     for (share, server, mut sink) in sinks {
         if failed.contains(&share) {
             sink.abort().await;

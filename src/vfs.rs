@@ -1472,7 +1472,13 @@ impl Vfs {
                     tracing::error!(error = %e, "recording a committed version");
                 }
                 st.queue.remove(&(job.ino, job.num));
-                tracing::info!(ino = job.ino, num = job.num, "committed");
+                if report.placed.len() < self.params.total as usize {
+                    // Happiness held without every server: repaired later.
+                    if let Err(e) = st.catalog.set_degraded(job.ino, job.num, true) {
+                        tracing::error!(error = %e, "recording a degraded version");
+                    }
+                }
+                tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
             Err(e) => {
                 if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
@@ -1487,6 +1493,28 @@ impl Vfs {
         }
         drop(st);
         self.queue_changed.notify_waiters();
+    }
+
+    /// Repairs committed versions that were uploaded without every server,
+    /// once those servers answer again. Returns how many became healthy.
+    pub async fn repair_degraded(&self) -> VfsResult<usize> {
+        let degraded = self.lock().catalog.degraded_versions()?;
+        let mut healed = 0;
+        for v in degraded {
+            let Some(cap) = v.cap.as_deref().and_then(|c| c.parse::<Capability>().ok()) else {
+                continue;
+            };
+            match crate::repair::repair(self.grid.clone(), cap).await {
+                Ok(report) if report.healthy => {
+                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    tracing::info!(ino = v.ino, num = v.num, placed = ?report.placed, "repaired");
+                    healed += 1;
+                }
+                Ok(report) => tracing::debug!(ino = v.ino, num = v.num, failures = ?report.failures, "repair: not yet"),
+                Err(e) => tracing::warn!(ino = v.ino, num = v.num, error = %e, "repair failed"),
+            }
+        }
+        Ok(healed)
     }
 
     // ----- versions, for the control socket -----

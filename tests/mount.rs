@@ -552,3 +552,25 @@ fn a_new_file_never_inherits_a_deleted_files_versions() {
     assert_eq!(v["versions"].as_array().unwrap().len(), 1, "{v}");
     assert!(mnt.unmount().success());
 }
+
+#[test]
+fn shares_a_server_missed_are_repaired_when_it_comes_back() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0", "--repair-interval", "0.5"]);
+    let aside = home.path().join("s5-aside");
+    std::fs::rename(home.server_dir("s5"), &aside).unwrap();
+    std::fs::write(mnt.file("f"), bytes(2 << 20, 55)).unwrap();
+    home.ok(&["sync"]);
+    let cap = versions(&home, "/f")[0]["cap"].as_str().unwrap().to_string();
+    assert!(
+        !home.cairn(&["check", "--cap", &cap]).status.success(),
+        "committed with 4 of 5 shares"
+    );
+    std::fs::rename(&aside, home.server_dir("s5")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !home.cairn(&["check", "--cap", &cap]).status.success() {
+        assert!(Instant::now() < deadline, "the missing share was never repaired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(mnt.unmount().success());
+}
