@@ -46,7 +46,11 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
 
     let mut retries_seen = 0;
     let mut uploaded = 0;
-    for i in 0..12 {
+    // At least 12 puts, and more (up to 40) until one has met the writer.
+    for i in 0..40 {
+        if i >= 12 && retries_seen > 0 {
+            break;
+        }
         let dest = format!("/live-{i}.bin");
         let out = home
             .command(&["put", src.to_str().unwrap(), &dest])

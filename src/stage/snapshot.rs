@@ -90,6 +90,7 @@ pub fn snapshot(src: &Path, stage_dir: &Path) -> Result<Snapshot, SnapshotError>
         }
         let before = FileState::of(&before_meta);
         if before.ctime >= started {
+            tracing::info!(path = %src.display(), attempt, "source changed during snapshot (this clock tick); retrying");
             continue;
         }
         let dest = stage_dir.join(format!("snapshot-{:016x}", rand::random::<u64>()));
