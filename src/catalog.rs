@@ -547,12 +547,16 @@ impl Catalog {
         )?)
     }
 
-    pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self.db.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num"
-        ))?;
-        let rows = stmt.query_map([ino], row_to_version)?;
+    fn select_versions(&self, filter: &str, params: impl rusqlite::Params) -> Result<Vec<Version>, CatalogError> {
+        let mut stmt = self
+            .db
+            .prepare_cached(&format!("SELECT {VERSION_COLUMNS} FROM versions {filter}"))?;
+        let rows = stmt.query_map(params, row_to_version)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
+        self.select_versions("WHERE ino = ?1 ORDER BY num", [ino])
     }
 
     /// The newest version of a file, whatever its state.
@@ -583,11 +587,7 @@ impl Catalog {
 
     /// Versions waiting for upload, oldest first.
     pub fn staged(&self) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self.db.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE state = 'staged' ORDER BY created_ns"
-        ))?;
-        let rows = stmt.query_map([], row_to_version)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.select_versions("WHERE state = 'staged' ORDER BY created_ns", [])
     }
 
     /// States of every version, for cache eviction.
@@ -609,21 +609,16 @@ impl Catalog {
 
     /// Committed versions known to miss shares.
     pub fn degraded_versions(&self) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self.db.prepare(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE degraded != 0 AND state = 'committed' AND cap IS NOT NULL"
-        ))?;
-        let rows = stmt.query_map([], row_to_version)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.select_versions("WHERE degraded != 0 AND state = 'committed' AND cap IS NOT NULL", [])
     }
 
     /// Every committed version with its capability, newest first: what a
     /// full repair pass walks.
     pub fn committed_versions(&self) -> Result<Vec<Version>, CatalogError> {
-        let mut stmt = self.db.prepare(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE state = 'committed' AND cap IS NOT NULL ORDER BY created_ns DESC"
-        ))?;
-        let rows = stmt.query_map([], row_to_version)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.select_versions(
+            "WHERE state = 'committed' AND cap IS NOT NULL ORDER BY created_ns DESC",
+            [],
+        )
     }
 
     pub fn count_nodes(&self) -> Result<u64, CatalogError> {

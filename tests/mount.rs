@@ -312,9 +312,11 @@ fn cached_bytes(home: &Home) -> u64 {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0;
     common::walk(&home.path().join("cache/versions"), &mut |p| {
-        let m = std::fs::metadata(p).unwrap();
-        if seen.insert(m.ino()) {
-            total += m.len();
+        // Eviction may remove a chunk between the listing and this look.
+        if let Ok(m) = std::fs::metadata(p) {
+            if seen.insert(m.ino()) {
+                total += m.len();
+            }
         }
     });
     total

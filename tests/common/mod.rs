@@ -69,8 +69,8 @@ impl Home {
 
 pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries {
-        let p = e.unwrap().path();
+    for e in entries.flatten() {
+        let p = e.path();
         if p.is_dir() {
             walk(&p, f);
         } else {
