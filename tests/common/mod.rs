@@ -191,6 +191,14 @@ impl Mounted {
         let mut child = self.child.take().unwrap();
         for _ in 0..400 {
             if let Some(status) = child.try_wait().unwrap() {
+                // After a kill, auto-unmount lags a moment; the temporary
+                // mount point can only be removed once the mount is gone.
+                for _ in 0..100 {
+                    if !is_mounted(self.path()) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
                 return status;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
