@@ -469,20 +469,9 @@ impl Catalog {
         }
     }
 
-    /// Records a new version of a file; returns its number.
+    /// Records a new version of a file; returns its number. `origin` names
+    /// the working copy it was sealed from, if any.
     pub fn add_version(
-        &mut self,
-        ino: i64,
-        size: u64,
-        sha256: &str,
-        state: VersionState,
-        cap: Option<&str>,
-    ) -> Result<i64, CatalogError> {
-        self.add_version_from(ino, size, sha256, state, cap, None)
-    }
-
-    /// Records a new version sealed from the working copy named `origin`.
-    pub fn add_version_from(
         &mut self,
         ino: i64,
         size: u64,

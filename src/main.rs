@@ -352,7 +352,7 @@ fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode>
     let ino = catalog.ensure_file(path)?;
     let cap = report.cap.to_string();
     let sha = hex(&report.plaintext_sha256);
-    let num = catalog.add_version(ino, snap.size, &sha, VersionState::Committed, Some(&cap))?;
+    let num = catalog.add_version(ino, snap.size, &sha, VersionState::Committed, Some(&cap), None)?;
     for (server, why) in &report.failures {
         eprintln!("cairn: warning: server {server} failed during upload: {why}");
     }

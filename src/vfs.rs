@@ -887,22 +887,11 @@ impl Vfs {
             work.discard()?;
             return Ok(());
         }
-        let num = st.catalog.next_version_num(ino)?;
-        let dir = version_dir(&self.cache, ino, num);
-        // The catalog row is the commit point; only then does the working
-        // copy go (a crash in between is resolved by `recover_staging`).
-        let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
-        let recorded = work.seal(dir.clone()).map_err(VfsError::from).and_then(|sealed| {
-            st.catalog
-                .add_version_from(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
-            Ok(sealed)
-        });
-        let sealed = match recorded {
-            Ok(sealed) => sealed,
+        let (num, sealed) = match record_sealed(&self.cache, &mut st.catalog, ino, &work) {
+            Ok(recorded) => recorded,
             Err(e) => {
                 // A full disk, say: keep the working copy as it was, so the
                 // file reads the same and a later close seals it.
-                let _ = std::fs::remove_dir_all(&dir);
                 let file = st.files.get_mut(&ino).expect("still open");
                 file.work = Some(work);
                 file.dirty = true;
@@ -1103,6 +1092,31 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
     std::fs::rename(&tmp, dir.join(index.to_string()))
 }
 
+/// Seals a working copy as the file's next version and records it (state
+/// staged). The catalog row is the commit point: the caller discards the
+/// working copy only afterwards, and a crash in between is resolved by
+/// `recover_staging`. On failure nothing is recorded and the half-built
+/// version directory is removed.
+fn record_sealed(cache: &Path, catalog: &mut Catalog, ino: i64, work: &WorkingCopy) -> VfsResult<(i64, SealedVersion)> {
+    let num = catalog.next_version_num(ino)?;
+    let dir = version_dir(cache, ino, num);
+    let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
+    let recorded = work.seal(dir.clone()).map_err(VfsError::from).and_then(|sealed| {
+        catalog.add_version(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
+        Ok(sealed)
+    });
+    if recorded.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((num, recorded?))
+}
+
+/// (ino, version number) of a `cache/versions/INO.NUM` directory.
+fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
+    let (ino, num) = path.file_name()?.to_str()?.split_once('.')?;
+    Some((ino.parse().ok()?, num.parse().ok()?))
+}
+
 // ----- crash recovery -----
 
 /// Puts the staging cache back in order after a crash (kill -9, power loss):
@@ -1115,12 +1129,7 @@ fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsR
     let known = catalog.version_states()?;
     for entry in std::fs::read_dir(cache.join("versions"))? {
         let path = entry?.path();
-        let key = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.split_once('.'))
-            .and_then(|(i, n)| Some((i.parse::<i64>().ok()?, n.parse::<i64>().ok()?)));
-        if key.is_none_or(|k| !known.contains_key(&k)) {
+        if version_dir_key(&path).is_none_or(|k| !known.contains_key(&k)) {
             tracing::info!(path = %path.display(), "removing a version left half-sealed by a crash");
             std::fs::remove_dir_all(&path)?;
         }
@@ -1155,9 +1164,7 @@ fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsR
                 return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into());
             }
         };
-        let num = catalog.next_version_num(ino)?;
-        let sealed = work.seal(version_dir(cache, ino, num))?;
-        catalog.add_version_from(ino, sealed.size, "", VersionState::Staged, None, Some(&name))?;
+        let (num, sealed) = record_sealed(cache, catalog, ino, &work)?;
         work.discard()?;
         tracing::warn!(
             path = %catalog.path_of(ino)?,
@@ -1193,14 +1200,10 @@ impl Vfs {
         for dir in [self.cache.join("versions"), self.cache.join("work")] {
             for version in std::fs::read_dir(&dir)? {
                 let version = version?.path();
-                let key = version
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.split_once('.'))
-                    .and_then(|(i, n)| Some((i.parse::<i64>().ok()?, n.parse::<i64>().ok()?)));
                 let evictable = dir.ends_with("versions")
                     && !protected.contains(&version)
-                    && key.is_some_and(|k| states.get(&k).is_none_or(|s| *s != VersionState::Staged));
+                    && version_dir_key(&version)
+                        .is_some_and(|k| states.get(&k).is_none_or(|s| *s != VersionState::Staged));
                 let Ok(chunks) = std::fs::read_dir(&version) else {
                     continue;
                 };
@@ -1564,13 +1567,14 @@ impl Vfs {
                     &old.sha256,
                     VersionState::Committed,
                     old.cap.as_deref(),
+                    None,
                 )?;
                 Ok(n)
             }
             _ if self.missing_chunks(&old).is_empty() && old_dir.is_dir() => {
                 let n = st
                     .catalog
-                    .add_version(node.ino, old.size, "", VersionState::Staged, None)?;
+                    .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;
                 let mut p = Pending::new(old.size, Instant::now());
                 p.flush = true;
                 st.queue.insert((node.ino, n), p);

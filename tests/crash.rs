@@ -9,11 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{bytes, is_mounted, sha256_hex, Home};
 
-fn versions(home: &Home, path: &str) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_str(&home.ok(&["versions", "--json", path])).unwrap();
-    v["versions"].as_array().unwrap().clone()
-}
-
 /// After a crash: mount again, sync, drop the cache, mount again (content
 /// now comes from the grid alone) and hand the mount to `check`.
 fn restart_and_verify(home: &Home, check: impl FnOnce(&common::Mounted)) {
@@ -77,7 +72,7 @@ fn a_file_open_for_writing_at_kill_9_keeps_what_reached_staging() {
         assert!(std::fs::read(mnt.file("open")).unwrap() == written);
         assert_eq!(std::fs::read(mnt.file("old")).unwrap(), b"NEW content");
         // The recovered state is a version of its own, after the closed one.
-        let all = versions(&home, "/old");
+        let all = home.versions("/old");
         assert_eq!(all.len(), 2, "{all:?}");
         assert_eq!(all[0]["size"], 11);
         assert_eq!(all[1]["sha256"], sha256_hex(b"NEW content"));
@@ -89,12 +84,8 @@ fn an_upload_killed_midway_resumes_and_leaves_no_partial_shares() {
     let home = Home::init(&[]);
     let cfg = home.file("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    // Slow servers (a test stand-in for a slow link), so the kill lands mid-upload.
-    std::fs::write(
-        &cfg,
-        text.replace("backend = \"dir\"", "backend = \"dir\"\ntest_delay_ms = 50"),
-    )
-    .unwrap();
+    // Slow servers, so the kill lands mid-upload.
+    home.slow_servers(50);
     let mnt = home.mount(&["--writeback-delay", "0"]);
     let data = bytes(20 << 20, 6);
     std::fs::write(mnt.file("big"), &data).unwrap();

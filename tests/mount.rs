@@ -7,16 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::{bytes, sha256_hex, Home};
 
-fn versions(home: &Home, path: &str) -> Vec<serde_json::Value> {
-    let out = home.ok(&["versions", "--json", path]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["versions"].as_array().unwrap().clone()
-}
-
 /// The kernel releases a file (which seals it) just after close returns.
 fn wait_for_versions(home: &Home, path: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while versions(home, path).len() < n {
+    while home.versions(path).len() < n {
         assert!(Instant::now() < deadline, "{path} never got {n} versions");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -104,7 +98,7 @@ fn a_file_overwritten_while_its_first_version_uploads_commits_only_whole_version
     } // close: version 2
     v2[100 << 20..(100 << 20) + patch.len()].copy_from_slice(&patch);
     home.ok(&["sync"]);
-    let all = versions(&home, path.to_str().unwrap());
+    let all = home.versions(path.to_str().unwrap());
     let done = committed(&all);
     let closed = [sha256_hex(&v1), sha256_hex(&v2)];
     assert!(!done.is_empty());
@@ -137,7 +131,7 @@ fn twenty_saves_in_a_second_upload_at_most_two_versions() {
     }
     assert!(start.elapsed() < Duration::from_millis(1500));
     home.ok(&["sync"]);
-    let all = versions(&home, path.to_str().unwrap());
+    let all = home.versions(path.to_str().unwrap());
     assert_eq!(all.len(), 20, "every save is a version");
     let done = committed(&all);
     assert!(done.len() <= 2, "{} versions uploaded", done.len());
@@ -155,13 +149,7 @@ fn a_file_saved_every_500_ms_still_reaches_the_grid() {
     // Slow servers (a test stand-in for a slow link): every share write
     // waits 100 ms, so each upload of this 4 MiB file takes longer than
     // the 500 ms between saves.
-    let cfg = home.file("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("backend = \"dir\"", "backend = \"dir\"\ntest_delay_ms = 100"),
-    )
-    .unwrap();
+    home.slow_servers(100);
     let mnt = home.mount(&["--writeback-delay", "2"]);
     let path = mnt.file("log.bin");
     let start = Instant::now();
@@ -171,10 +159,10 @@ fn a_file_saved_every_500_ms_still_reaches_the_grid() {
         i += 1;
         std::thread::sleep(Duration::from_millis(500));
     }
-    let during = committed(&versions(&home, path.to_str().unwrap())).len();
+    let during = committed(&home.versions(path.to_str().unwrap())).len();
     assert!(during >= 2, "only {during} versions committed during a minute of saves");
     home.ok(&["sync"]);
-    let all = versions(&home, path.to_str().unwrap());
+    let all = home.versions(path.to_str().unwrap());
     assert_eq!(
         committed(&all).last().unwrap()["sha256"],
         sha256_hex(&bytes(4 << 20, i - 1))
@@ -194,7 +182,7 @@ fn sigterm_is_a_clean_stop_and_uploads_resume_at_the_next_mount() {
 
     let mnt = home.mount(&[]);
     home.ok(&["sync"]);
-    let all = versions(&home, "/pending.bin");
+    let all = home.versions("/pending.bin");
     assert_eq!(committed(&all).len(), 1);
     assert_eq!(all[0]["sha256"], sha256_hex(&data));
     assert!(mnt.signal(libc::SIGINT).success(), "SIGINT exits 0");
@@ -213,7 +201,7 @@ fn restore_makes_an_old_version_the_newest_without_uploading() {
     assert!(out.contains("restored as version 4"), "{out}");
     std::thread::sleep(Duration::from_millis(1100)); // attribute cache TTL
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "draft 1\n");
-    let all = versions(&home, "/doc.txt");
+    let all = home.versions("/doc.txt");
     assert_eq!(all.len(), 4);
     assert_eq!(all[3]["state"], "committed");
     assert_eq!(
@@ -387,7 +375,7 @@ fn a_small_edit_of_a_large_file_stages_one_chunk() {
     wait_for_versions(&home, "/big", 2);
     let extra = cached_bytes(&home) - before;
     assert!(extra <= 1 << 20, "a 4 KiB edit added {extra} bytes of staging");
-    let all = versions(&home, "/big");
+    let all = home.versions("/big");
     assert_eq!(all.len(), 2);
     assert!(mnt.unmount().success());
 }
@@ -418,7 +406,7 @@ fn a_shell_redirect_makes_one_version() {
         .success();
     assert!(ok);
     home.ok(&["sync"]);
-    let all = versions(&home, "/x");
+    let all = home.versions("/x");
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0]["size"], 3);
     assert!(mnt.unmount().success());
@@ -454,7 +442,7 @@ fn a_fork_while_a_file_is_written_does_not_seal_a_partial_version() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(forker.join().unwrap() > 0);
     home.ok(&["sync"]);
-    let all = versions(&home, "/w.bin");
+    let all = home.versions("/w.bin");
     assert_eq!(all.len(), 1, "partial versions were sealed: {all:?}");
     assert_eq!(all[0]["size"], 8 << 20);
     assert!(mnt.unmount().success());
@@ -497,7 +485,7 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
     };
     assert!(entry["attempts"].as_u64().unwrap() >= 1, "{entry}");
     assert!(entry["last_error"].as_str().unwrap().contains("happiness"), "{entry}");
-    let all = versions(&home, "/f");
+    let all = home.versions("/f");
     assert_eq!(
         all.last().unwrap()["state"],
         "staged",
@@ -508,7 +496,7 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
         std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
     }
     home.ok(&["sync"]);
-    let all = versions(&home, "/f");
+    let all = home.versions("/f");
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0]["state"], "committed");
     assert_eq!(all[0]["sha256"], sha256_hex(&data));
@@ -531,7 +519,7 @@ fn a_rename_never_uploads_again() {
     std::fs::rename(mnt.file("dir/a"), mnt.file("dir/b")).unwrap();
     std::fs::rename(mnt.file("dir"), mnt.file("moved")).unwrap();
     home.ok(&["sync"]);
-    let all = versions(&home, "/moved/b");
+    let all = home.versions("/moved/b");
     assert_eq!(all.len(), 1, "the rename made no version");
     assert_eq!(home.share_files().len(), shares_before, "the rename wrote no share");
     assert!(mnt.unmount().success());
@@ -563,7 +551,7 @@ fn shares_a_server_missed_are_repaired_when_it_comes_back() {
     std::fs::rename(home.server_dir("s5"), &aside).unwrap();
     std::fs::write(mnt.file("f"), bytes(2 << 20, 55)).unwrap();
     home.ok(&["sync"]);
-    let cap = versions(&home, "/f")[0]["cap"].as_str().unwrap().to_string();
+    let cap = home.versions("/f")[0]["cap"].as_str().unwrap().to_string();
     assert!(
         !home.cairn(&["check", "--cap", &cap]).status.success(),
         "committed with 4 of 5 shares"

@@ -65,6 +65,21 @@ impl Home {
     pub fn file(&self, name: &str) -> PathBuf {
         self.path().join(name)
     }
+
+    /// Every version of a drive path, from the running daemon.
+    pub fn versions(&self, path: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["versions", "--json", path])).unwrap();
+        v["versions"].as_array().unwrap().clone()
+    }
+
+    /// Makes every server wait `ms` before each share write: the documented
+    /// `test_delay_ms` stand-in for a slow link.
+    pub fn slow_servers(&self, ms: u64) {
+        let cfg = self.file("config.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let slowed = text.replace("backend = \"dir\"", &format!("backend = \"dir\"\ntest_delay_ms = {ms}"));
+        std::fs::write(&cfg, slowed).unwrap();
+    }
 }
 
 pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
