@@ -119,6 +119,7 @@ pub async fn upload(
     let encoded = match produced {
         Ok(encoded) if sealed.len() >= happy => encoded,
         outcome => {
+            let placed = alive.load(Ordering::SeqCst).min(sealed.len());
             for (_, _, sink) in sealed.drain(..) {
                 sink.abort().await;
             }
@@ -126,7 +127,7 @@ pub async fn upload(
                 Err(ProduceError::Io(e)) => UploadError::Source(e),
                 Err(ProduceError::Codec(e)) => e.into(),
                 Err(ProduceError::TooFewServers) | Ok(_) => UploadError::NotHappy {
-                    placed: alive.load(Ordering::SeqCst).min(sealed.len()),
+                    placed,
                     happy,
                     failures,
                 },

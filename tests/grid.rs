@@ -137,6 +137,10 @@ fn a_removed_server_directory_is_a_dead_server() {
         msg.contains("happiness") && msg.contains("s3") && msg.contains("s4"),
         "{msg}"
     );
+    assert!(
+        msg.contains("3 of 4"),
+        "the error counts the servers that took a share: {msg}"
+    );
     assert_eq!(home.share_files(), before, "no share of the failed upload is visible");
     assert!(!home.ok(&["ls", "/dir"]).contains("third.bin"));
     for s in ["s1", "s2", "s5"] {
