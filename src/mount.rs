@@ -131,7 +131,8 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
     let pending = vfs.status()?.queue.len();
     let _ = std::fs::remove_file(&socket);
     if pending > 0 {
-        eprintln!("cairn: unmounted; {pending} versions not yet on the grid will upload at the next mount");
+        let versions = if pending == 1 { "version" } else { "versions" };
+        eprintln!("cairn: unmounted; {pending} {versions} not yet on the grid will upload at the next mount");
     } else {
         eprintln!("cairn: unmounted; everything is on the grid");
     }
