@@ -46,6 +46,17 @@ pub struct GridConfig {
     /// Seconds before a server request counts as failed.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// MiB of share blocks held in memory across all uploads at once.
+    #[serde(default = "default_memory_budget_mib")]
+    pub memory_budget_mib: u64,
+    /// MiB of share blocks spilled to disk for servers that fall behind;
+    /// unset means 10% of the free space where the spill queue lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_limit_mib: Option<u64>,
+    /// Milliseconds a read waits for a server before asking another one
+    /// for the same segment as well.
+    #[serde(default = "default_hedge_after_ms")]
+    pub hedge_after_ms: u64,
 }
 
 fn default_segment_size() -> u32 {
@@ -53,6 +64,12 @@ fn default_segment_size() -> u32 {
 }
 fn default_timeout_secs() -> u64 {
     30
+}
+fn default_memory_budget_mib() -> u64 {
+    64
+}
+fn default_hedge_after_ms() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,10 +81,42 @@ pub struct ServerConfig {
     /// For `dir`: the directory holding this server's shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
-    /// Testing aid: delay every share write by this many milliseconds, to
-    /// stand in for a slow link (tests cannot slow a local disk on demand).
+    /// Testing aid: faults injected into this server's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_delay_ms: Option<u64>,
+    pub faults: Option<FaultConfig>,
+}
+
+/// Faults a server can be made to show, for tests and drills: a real local
+/// directory cannot be made slow, stalled, flaky, full or lying on demand.
+/// Every field defaults to "no fault".
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Added before every request.
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Every request hangs: the server accepts and never answers.
+    #[serde(default)]
+    pub stall: bool,
+    /// Requests hang while this file exists (a stall that can be lifted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_flag: Option<PathBuf>,
+    /// Share writes hang once this many bytes were written (a mid-upload stall).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_after_bytes: Option<u64>,
+    /// Fraction (0 to 1) of requests that fail with an I/O error.
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Fraction (0 to 1) of reads that return one flipped bit.
+    #[serde(default)]
+    pub corrupt_read_rate: f64,
+    /// The server is full after this many bytes of share writes: more fail
+    /// with "no space left on device".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    /// Seed of the error and corruption draws, for repeatable runs.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl Config {
@@ -81,13 +130,16 @@ impl Config {
                 total: 5,
                 segment_size: DEFAULT_SEGMENT_SIZE,
                 timeout_secs: default_timeout_secs(),
+                memory_budget_mib: default_memory_budget_mib(),
+                spill_limit_mib: None,
+                hedge_after_ms: default_hedge_after_ms(),
             },
             servers: (1..=5)
                 .map(|i| ServerConfig {
                     name: format!("s{i}"),
                     backend: "dir".into(),
                     path: Some(home.join("servers").join(format!("s{i}"))),
-                    test_delay_ms: None,
+                    faults: None,
                 })
                 .collect(),
         }
@@ -149,6 +201,9 @@ impl Config {
         if g.timeout_secs == 0 {
             return Err(field("grid.timeout_secs", "must be at least 1".into()));
         }
+        if g.memory_budget_mib == 0 {
+            return Err(field("grid.memory_budget_mib", "must be at least 1".into()));
+        }
         if self.servers.len() < g.total as usize {
             return Err(field(
                 "server",
@@ -170,6 +225,13 @@ impl Config {
             }
             if !names.insert(&s.name) {
                 return Err(field(&at("name"), format!("{:?} is used twice", s.name)));
+            }
+            if let Some(f) = &s.faults {
+                for (name, rate) in [("error_rate", f.error_rate), ("corrupt_read_rate", f.corrupt_read_rate)] {
+                    if !(0.0..=1.0).contains(&rate) {
+                        return Err(field(&at(&format!("faults.{name}")), format!("{rate} must be between 0 and 1")));
+                    }
+                }
             }
             match s.backend.as_str() {
                 "dir" => match &s.path {
@@ -210,6 +272,10 @@ impl Config {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.grid.timeout_secs)
+    }
+
+    pub fn hedge_after(&self) -> Duration {
+        Duration::from_millis(self.grid.hedge_after_ms)
     }
 }
 

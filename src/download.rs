@@ -8,6 +8,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -100,61 +103,70 @@ pub struct VersionReader {
     sources: Vec<(u16, usize)>,
     /// Shares that served a bad or no block; skipped from then on.
     failed: Mutex<HashSet<u16>>,
+    /// Shares that were slow to answer; asked last.
+    laggards: Mutex<HashSet<u16>>,
     findings: Mutex<Findings>,
 }
 
 impl VersionReader {
     /// Asks every server which shares it holds and verifies their trailers.
+    /// Once `needed` shares verified, servers that have not answered get
+    /// the grid's hedge delay more, then the read goes on without them.
     pub async fn open(grid: Arc<Grid>, cap: Capability) -> Result<Self, DownloadError> {
         let layout = cap.layout;
-        let si = cap.storage_index();
+        let k = layout.params.needed as usize;
         let mut decoder = VersionDecoder::new(cap.clone());
         let mut findings = Findings::default();
-
-        let listings = futures::future::join_all(
-            grid.servers
-                .iter()
-                .map(|s| async { grid.timed(s.server.shares(si)).await }),
-        )
-        .await;
-        let mut located = Vec::new();
-        for (idx, listing) in listings.into_iter().enumerate() {
-            match listing {
-                Ok(shares) => located.extend(
-                    shares
-                        .into_iter()
-                        .filter(|&s| s < layout.params.total)
-                        .map(|s| (s, idx)),
-                ),
-                Err(e) => findings
-                    .unreachable_servers
-                    .push((grid.servers[idx].name.clone(), e.to_string())),
+        let mut pending: FuturesUnordered<_> = (0..grid.servers.len())
+            .map(|idx| locate_on_server(&grid, &cap, idx))
+            .collect();
+        let mut waiting: HashSet<usize> = (0..grid.servers.len()).collect();
+        let mut sources = Vec::new();
+        let deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(deadline);
+        let mut deadline_set = false;
+        loop {
+            tokio::select! {
+                next = pending.next() => {
+                    let Some((idx, located)) = next else { break };
+                    waiting.remove(&idx);
+                    let server = grid.servers[idx].name.clone();
+                    let trailers = match located {
+                        Ok(t) => t,
+                        Err(e) => {
+                            findings.unreachable_servers.push((server, e.to_string()));
+                            continue;
+                        }
+                    };
+                    for (share, trailer) in trailers {
+                        let state = match trailer {
+                            Err(e) => ShareState::Unreachable(e.to_string()),
+                            Ok(_) if decoder.has_trailer(share) => continue, // a duplicate copy; one is enough
+                            Ok(bytes) => match decoder.accept_trailer(share, &bytes[..layout.trailer_len() as usize]) {
+                                Ok(()) => {
+                                    sources.push((share, idx));
+                                    ShareState::Ok
+                                }
+                                Err(e) => ShareState::Corrupt(e.to_string()),
+                            },
+                        };
+                        findings.shares.push(ShareFinding { share, server: server.clone(), state });
+                    }
+                    if sources.len() >= k && !deadline_set {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + grid.hedge_after);
+                        deadline_set = true;
+                    }
+                }
+                () = &mut deadline => break,
             }
         }
-        located.sort();
-
-        let trailers = futures::future::join_all(located.iter().map(|&(share, idx)| {
-            let server = &grid.servers[idx].server;
-            grid.timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
-        }))
-        .await;
-        let mut sources = Vec::new();
-        for ((share, idx), trailer) in located.into_iter().zip(trailers) {
-            let server = grid.servers[idx].name.clone();
-            let state = match trailer {
-                Err(e) => ShareState::Unreachable(e.to_string()),
-                Ok(_) if decoder.has_trailer(share) => continue, // a duplicate copy; one is enough
-                Ok(bytes) => match decoder.accept_trailer(share, &bytes[..layout.trailer_len() as usize]) {
-                    Ok(()) => {
-                        sources.push((share, idx));
-                        ShareState::Ok
-                    }
-                    Err(e) => ShareState::Corrupt(e.to_string()),
-                },
-            };
-            findings.shares.push(ShareFinding { share, server, state });
+        drop(pending);
+        for idx in waiting {
+            let why = format!("no answer within {:?} of the others; read without it", grid.hedge_after);
+            findings.unreachable_servers.push((grid.servers[idx].name.clone(), why));
         }
-        if sources.len() < layout.params.needed as usize {
+        sources.sort();
+        if sources.len() < k {
             return Err(DownloadError::TooFewShares {
                 valid: sources.len(),
                 needed: layout.params.needed,
@@ -167,6 +179,7 @@ impl VersionReader {
             decoder,
             sources,
             failed: Mutex::new(HashSet::new()),
+            laggards: Mutex::new(HashSet::new()),
             findings: Mutex::new(findings),
         })
     }
@@ -180,67 +193,118 @@ impl VersionReader {
         self.decoder.plaintext_sha256().expect("a trailer was accepted")
     }
 
-    /// One verified, decrypted plaintext segment.
+    /// Shares to ask, best first: not failed, and laggards last.
+    fn candidates(&self) -> Vec<(u16, usize)> {
+        let failed = self.failed.lock().expect("lock");
+        let laggards = self.laggards.lock().expect("lock");
+        let mut c: Vec<(u16, usize)> = self.sources.iter().filter(|(s, _)| !failed.contains(s)).copied().collect();
+        c.sort_by_key(|(s, _)| laggards.contains(s));
+        c
+    }
+
+    /// One verified, decrypted plaintext segment. Blocks are asked from
+    /// `needed` servers; every hedge delay without enough answers asks one
+    /// more, and a failed or corrupt block is replaced at once.
     pub async fn read_segment(&self, segment: u64) -> Result<Vec<u8>, DownloadError> {
         let layout = self.cap.layout;
         let k = layout.params.needed as usize;
         let si = self.cap.storage_index();
+        let fetch = |(share, idx): (u16, usize)| async move {
+            let server = &self.grid.servers[idx].server;
+            let offset = layout.block_offset(segment);
+            let len = layout.block_len(segment) as u64;
+            ((share, idx), self.grid.timed(server.read(si, share, offset, len)).await)
+        };
         let mut blocks: Vec<Option<Vec<u8>>> = vec![None; layout.params.total as usize];
-        let mut tried = HashSet::new();
-        loop {
-            let have = blocks.iter().filter(|b| b.is_some()).count();
-            if have == k {
-                break;
+        let mut have = 0;
+        let mut next = self.candidates().into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        let mut asked = HashSet::new();
+        let hedge = tokio::time::sleep(self.grid.hedge_after);
+        tokio::pin!(hedge);
+        while have < k {
+            while have + in_flight.len() < k {
+                let Some(c) = next.next() else { break };
+                asked.insert(c.0);
+                in_flight.push(fetch(c));
             }
-            let batch: Vec<(u16, usize)> = {
-                let failed = self.failed.lock().expect("lock");
-                self.sources
-                    .iter()
-                    .filter(|(s, _)| !failed.contains(s) && !tried.contains(s))
-                    .take(k - have)
-                    .copied()
-                    .collect()
-            };
-            if batch.is_empty() {
+            if in_flight.is_empty() {
                 return Err(DownloadError::SegmentLost {
                     segment,
                     needed: layout.params.needed,
                     findings: self.findings.lock().expect("lock").clone(),
                 });
             }
-            let fetched = futures::future::join_all(batch.iter().map(|&(share, idx)| {
-                let server = &self.grid.servers[idx].server;
-                self.grid.timed(server.read(
-                    si,
-                    share,
-                    layout.block_offset(segment),
-                    layout.block_len(segment) as u64,
-                ))
-            }))
-            .await;
-            for ((share, idx), result) in batch.into_iter().zip(fetched) {
-                tried.insert(share);
-                let state = match result {
-                    Ok(block) => match self.decoder.verify_block(share, segment, &block) {
-                        Ok(()) => {
-                            blocks[share as usize] = Some(block);
-                            continue;
-                        }
-                        Err(e) => ShareState::Corrupt(e.to_string()),
-                    },
-                    Err(e) => ShareState::Unreachable(e.to_string()),
-                };
-                let server = self.grid.servers[idx].name.clone();
-                tracing::warn!(%server, share, segment, ?state, "share failed; using another");
-                self.failed.lock().expect("lock").insert(share);
-                let mut findings = self.findings.lock().expect("lock");
-                if let Some(f) = findings.shares.iter_mut().find(|f| f.share == share) {
-                    f.state = state;
+            tokio::select! {
+                Some(((share, idx), result)) = in_flight.next() => {
+                    asked.remove(&share);
+                    self.take_block(share, idx, segment, result, &mut blocks, &mut have);
+                }
+                () = &mut hedge => {
+                    // Those still out are slow: ask them last from now on,
+                    // and ask one more server for this segment.
+                    self.laggards.lock().expect("lock").extend(asked.iter().copied());
+                    if let Some(c) = next.next() {
+                        tracing::debug!(segment, share = c.0, "hedging a slow read");
+                        asked.insert(c.0);
+                        in_flight.push(fetch(c));
+                    }
+                    hedge.as_mut().reset(tokio::time::Instant::now() + self.grid.hedge_after);
                 }
             }
         }
         Ok(self.decoder.decode_segment(segment, blocks)?)
     }
+
+    /// Verifies one fetched block and keeps it, or records the share failed.
+    fn take_block(
+        &self,
+        share: u16,
+        idx: usize,
+        segment: u64,
+        result: Result<Vec<u8>, crate::grid::ServerError>,
+        blocks: &mut [Option<Vec<u8>>],
+        have: &mut usize,
+    ) {
+        let state = match result {
+            Ok(block) => match self.decoder.verify_block(share, segment, &block) {
+                Ok(()) => {
+                    self.laggards.lock().expect("lock").remove(&share);
+                    blocks[share as usize] = Some(block);
+                    *have += 1;
+                    return;
+                }
+                Err(e) => ShareState::Corrupt(e.to_string()),
+            },
+            Err(e) => ShareState::Unreachable(e.to_string()),
+        };
+        let server = self.grid.servers[idx].name.clone();
+        tracing::warn!(%server, share, segment, ?state, "share failed; using another");
+        self.failed.lock().expect("lock").insert(share);
+        let mut findings = self.findings.lock().expect("lock");
+        if let Some(f) = findings.shares.iter_mut().find(|f| f.share == share) {
+            f.state = state;
+        }
+    }
+}
+
+type Located = Result<Vec<(u16, Result<Vec<u8>, crate::grid::ServerError>)>, crate::grid::ServerError>;
+
+/// The shares of a version one server holds, each with its trailer bytes.
+async fn locate_on_server(grid: &Grid, cap: &Capability, idx: usize) -> (usize, Located) {
+    let layout = cap.layout;
+    let si = cap.storage_index();
+    let server = &grid.servers[idx].server;
+    let shares = match grid.timed(server.shares(si)).await {
+        Ok(s) => s,
+        Err(e) => return (idx, Err(e)),
+    };
+    let wanted: Vec<u16> = shares.into_iter().filter(|&s| s < layout.params.total).collect();
+    let trailers = futures::future::join_all(wanted.iter().map(|&share| {
+        grid.timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
+    }))
+    .await;
+    (idx, Ok(wanted.into_iter().zip(trailers).collect()))
 }
 
 /// Downloads a version into `out`. The file appears only complete and

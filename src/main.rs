@@ -191,6 +191,9 @@ impl Home {
         }
         Ok(Config::load(&path)?)
     }
+    fn grid(&self) -> Result<Grid> {
+        Ok(Grid::from_config(&self.config()?, &self.dir))
+    }
     fn catalog(&self) -> Result<Catalog> {
         Ok(Catalog::open(&self.dir.join("catalog.db"))?)
     }
@@ -306,7 +309,7 @@ fn init(
             name: format!("s{}", i + 1),
             backend: "dir".into(),
             path: Some(d.clone()),
-            test_delay_ms: None,
+            faults: None,
         })
         .collect();
     config.grid.needed = needed;
@@ -337,7 +340,7 @@ fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode>
         }
     }
     let snap = stage::snapshot(&source, &home.dir.join("stage"))?;
-    let grid = Grid::from_config(&config);
+    let grid = Grid::from_config(&config, &home.dir);
     let key: cairn::codec::Key = rand::random();
     let bar = Bar::new(snap.size, "uploading");
     let report = runtime()?.block_on(upload::upload(
@@ -408,7 +411,7 @@ fn get(
     version: Option<i64>,
 ) -> Result<ExitCode> {
     let cap = resolve_cap(home, path, cap, version)?;
-    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let grid = Arc::new(home.grid()?);
     let bar = Bar::new(cap.layout.size, "downloading");
     runtime()?.block_on(download::download_to_file(grid, cap, &output, bar.clone()))?;
     bar.0.finish_and_clear();
@@ -417,7 +420,7 @@ fn get(
 
 fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> Result<ExitCode> {
     let cap = resolve_cap(home, path, cap, None)?;
-    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let grid = Arc::new(home.grid()?);
     let report = runtime()?.block_on(download::check(grid, cap));
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -460,7 +463,7 @@ fn repair(home: &Home, path: Option<String>, cap: Option<String>, all: bool, jso
     } else {
         vec![resolve_cap(home, path, cap, None)?]
     };
-    let grid = Arc::new(Grid::from_config(&home.config()?));
+    let grid = Arc::new(home.grid()?);
     let rt = runtime()?;
     let mut reports = Vec::new();
     let mut healthy = true;

@@ -247,7 +247,7 @@ impl Vfs {
                 files: HashMap::new(),
                 queue,
             }),
-            grid: Arc::new(Grid::from_config(config)),
+            grid: Arc::new(Grid::from_config(config, &options.home)),
             params: config.params(),
             happy: config.grid.happy,
             cache,

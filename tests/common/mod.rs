@@ -72,13 +72,31 @@ impl Home {
         v["versions"].as_array().unwrap().clone()
     }
 
-    /// Makes every server wait `ms` before each share write: the documented
-    /// `test_delay_ms` stand-in for a slow link.
+    /// Injected delay on every request of every server: a slow link.
     pub fn slow_servers(&self, ms: u64) {
-        let cfg = self.file("config.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        let slowed = text.replace("backend = \"dir\"", &format!("backend = \"dir\"\ntest_delay_ms = {ms}"));
-        std::fs::write(&cfg, slowed).unwrap();
+        self.edit_config(|c| {
+            for s in &mut c.servers {
+                s.faults.get_or_insert_with(Default::default).delay_ms = ms;
+            }
+        });
+    }
+
+    pub fn config(&self) -> cairn::config::Config {
+        cairn::config::Config::load(&self.file("config.toml")).unwrap()
+    }
+
+    pub fn edit_config(&self, f: impl FnOnce(&mut cairn::config::Config)) {
+        let mut config = self.config();
+        f(&mut config);
+        std::fs::write(self.file("config.toml"), config.to_toml()).unwrap();
+    }
+
+    /// Sets the injected faults of server `name` (see docs/RELIABILITY.md).
+    pub fn set_faults(&self, name: &str, faults: cairn::config::FaultConfig) {
+        self.edit_config(|c| {
+            let server = c.servers.iter_mut().find(|s| s.name == name).expect("server name");
+            server.faults = Some(faults);
+        });
     }
 }
 

@@ -1,124 +1,13 @@
-//! The grid: storage servers holding shares, and the back ends that reach them.
-//!
-//! A server stores opaque share files named by storage index and share number.
-//! Writing a share is two-phase: bytes go to a private staging name, and the
-//! share becomes visible to readers only on `publish`, so an abandoned upload
-//! never leaves anything a reader could take for a share.
+//! The `dir` back end: a server that is a directory on a local or mounted
+//! file system.
 
-use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::codec::{tagged_hash, StorageIndex};
-use crate::config::Config;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("share not found")]
-    NotFound,
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    #[error("short read: {got} of {wanted} bytes at offset {offset}")]
-    Short { offset: u64, wanted: u64, got: u64 },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Other(String),
-}
-
-/// One storage server, whatever its back end.
-#[async_trait]
-pub trait Server: Send + Sync {
-    /// Starts writing a share; nothing is visible until `publish`.
-    async fn create_share(&self, si: StorageIndex, share: u16) -> Result<Box<dyn ShareSink>, ServerError>;
-    /// Exactly `len` bytes at `offset` of a published share.
-    async fn read(&self, si: StorageIndex, share: u16, offset: u64, len: u64) -> Result<Vec<u8>, ServerError>;
-    /// Length in bytes of a published share.
-    async fn share_len(&self, si: StorageIndex, share: u16) -> Result<u64, ServerError>;
-    /// Share numbers of `si` this server holds.
-    async fn shares(&self, si: StorageIndex) -> Result<Vec<u16>, ServerError>;
-    async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError>;
-    /// Removes what uploads of crashed processes left half-written;
-    /// returns how many objects went.
-    async fn clean_abandoned(&self) -> Result<usize, ServerError>;
-}
-
-/// A share being written. Dropping it without `publish` leaves at most an
-/// invisible staging object behind, which `abort` or a cleaner removes.
-#[async_trait]
-pub trait ShareSink: Send {
-    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError>;
-    /// Makes the written bytes durable, still invisible to readers.
-    async fn seal(&mut self) -> Result<(), ServerError>;
-    /// Makes the share visible under its final name.
-    async fn publish(self: Box<Self>) -> Result<(), ServerError>;
-    async fn abort(self: Box<Self>);
-}
-
-/// A server of the grid with its configured name.
-#[derive(Clone)]
-pub struct GridServer {
-    pub name: String,
-    pub server: Arc<dyn Server>,
-}
-
-/// The configured servers and the rules for using them.
-pub struct Grid {
-    pub servers: Vec<GridServer>,
-    pub timeout: Duration,
-}
-
-impl Grid {
-    pub fn from_config(config: &Config) -> Grid {
-        let servers = config
-            .servers
-            .iter()
-            .map(|s| GridServer {
-                name: s.name.clone(),
-                server: match s.backend.as_str() {
-                    "dir" => Arc::new(DirServer {
-                        root: s.path.clone().expect("validated"),
-                        write_delay: Duration::from_millis(s.test_delay_ms.unwrap_or(0)),
-                    }) as Arc<dyn Server>,
-                    other => unreachable!("config validation admits no back end {other}"),
-                },
-            })
-            .collect();
-        Grid {
-            servers,
-            timeout: config.timeout(),
-        }
-    }
-
-    /// Server indices in the order a version's shares are placed: a
-    /// permutation keyed by storage index, so load spreads across servers and
-    /// a reader can predict where shares are.
-    pub fn permuted(&self, si: StorageIndex) -> Vec<usize> {
-        let mut order: Vec<(crate::codec::Hash, usize)> = self
-            .servers
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (tagged_hash(b"cairn-v1-permute", &[&si.0, s.name.as_bytes()]), i))
-            .collect();
-        order.sort();
-        order.into_iter().map(|(_, i)| i).collect()
-    }
-
-    /// Runs one server request under the grid's time-out.
-    pub async fn timed<T>(&self, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
-        timed(self.timeout, fut).await
-    }
-}
-
-pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or(Err(ServerError::Timeout(limit)))
-}
+use super::{Server, ServerError, ShareSink};
+use crate::codec::StorageIndex;
 
 /// A server that is a directory: local disk, or any mounted file system.
 ///
@@ -126,8 +15,6 @@ pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, Serve
 /// `incoming/` for shares being written.
 pub struct DirServer {
     pub root: PathBuf,
-    /// Added before every share write (`test_delay_ms`); zero normally.
-    pub write_delay: Duration,
 }
 
 impl DirServer {
@@ -196,7 +83,6 @@ impl Server for DirServer {
         })
         .await?;
         Ok(Box::new(DirSink {
-            write_delay: self.write_delay,
             file: Some(file),
             staging,
             final_path,
@@ -290,7 +176,6 @@ impl Server for DirServer {
 }
 
 struct DirSink {
-    write_delay: Duration,
     /// Taken while a blocking write runs; `None` after a failed or
     /// abandoned write, which makes the sink unusable.
     file: Option<std::fs::File>,
@@ -320,9 +205,6 @@ impl DirSink {
 #[async_trait]
 impl ShareSink for DirSink {
     async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError> {
-        if !self.write_delay.is_zero() {
-            tokio::time::sleep(self.write_delay).await;
-        }
         self.with_file(move |f| f.write_all(&data)).await
     }
 

@@ -1,0 +1,147 @@
+//! The grid: storage servers holding shares, and the back ends that reach them.
+//!
+//! A server stores opaque share files named by storage index and share number.
+//! Writing a share is two-phase: bytes go to a private staging name, and the
+//! share becomes visible to readers only on `publish`, so an abandoned upload
+//! never leaves anything a reader could take for a share.
+
+mod dir;
+mod faults;
+
+pub use dir::DirServer;
+pub use faults::FaultyServer;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::codec::{tagged_hash, StorageIndex};
+use crate::config::Config;
+use crate::upload::Budget;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("share not found")]
+    NotFound,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("short read: {got} of {wanted} bytes at offset {offset}")]
+    Short { offset: u64, wanted: u64, got: u64 },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One storage server, whatever its back end.
+#[async_trait]
+pub trait Server: Send + Sync {
+    /// Starts writing a share; nothing is visible until `publish`.
+    async fn create_share(&self, si: StorageIndex, share: u16) -> Result<Box<dyn ShareSink>, ServerError>;
+    /// Exactly `len` bytes at `offset` of a published share.
+    async fn read(&self, si: StorageIndex, share: u16, offset: u64, len: u64) -> Result<Vec<u8>, ServerError>;
+    /// Length in bytes of a published share.
+    async fn share_len(&self, si: StorageIndex, share: u16) -> Result<u64, ServerError>;
+    /// Share numbers of `si` this server holds.
+    async fn shares(&self, si: StorageIndex) -> Result<Vec<u16>, ServerError>;
+    async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError>;
+    /// Removes what uploads of crashed processes left half-written;
+    /// returns how many objects went.
+    async fn clean_abandoned(&self) -> Result<usize, ServerError>;
+}
+
+/// A share being written. Dropping it without `publish` leaves at most an
+/// invisible staging object behind, which `abort` or a cleaner removes.
+#[async_trait]
+pub trait ShareSink: Send {
+    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError>;
+    /// Makes the written bytes durable, still invisible to readers.
+    async fn seal(&mut self) -> Result<(), ServerError>;
+    /// Makes the share visible under its final name.
+    async fn publish(self: Box<Self>) -> Result<(), ServerError>;
+    async fn abort(self: Box<Self>);
+}
+
+/// A server of the grid with its configured name.
+#[derive(Clone)]
+pub struct GridServer {
+    pub name: String,
+    pub server: Arc<dyn Server>,
+}
+
+/// The configured servers and the rules for using them.
+pub struct Grid {
+    pub servers: Vec<GridServer>,
+    /// Longest wait for any one server request.
+    pub timeout: Duration,
+    /// How long a read waits for a server before asking another as well.
+    pub hedge_after: Duration,
+    /// Memory and spill space shared by every upload through this grid.
+    pub budget: Arc<Budget>,
+}
+
+impl Grid {
+    /// The grid of `config`; uploads spill blocks for slow servers under
+    /// `state_dir/spill`.
+    pub fn from_config(config: &Config, state_dir: &Path) -> Grid {
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| {
+                let server = match s.backend.as_str() {
+                    "dir" => Arc::new(DirServer {
+                        root: s.path.clone().expect("validated"),
+                    }) as Arc<dyn Server>,
+                    other => unreachable!("config validation admits no back end {other}"),
+                };
+                GridServer {
+                    name: s.name.clone(),
+                    server: match &s.faults {
+                        Some(f) => Arc::new(FaultyServer::new(server, f.clone())),
+                        None => server,
+                    },
+                }
+            })
+            .collect();
+        let g = &config.grid;
+        Grid {
+            servers,
+            timeout: config.timeout(),
+            hedge_after: config.hedge_after(),
+            budget: Arc::new(Budget::new(
+                g.memory_budget_mib << 20,
+                state_dir.join("spill"),
+                g.spill_limit_mib.map(|m| m << 20),
+            )),
+        }
+    }
+
+    /// Server indices in the order a version's shares are placed: a
+    /// permutation keyed by storage index, so load spreads across servers and
+    /// a reader can predict where shares are.
+    pub fn permuted(&self, si: StorageIndex) -> Vec<usize> {
+        let mut order: Vec<(crate::codec::Hash, usize)> = self
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (tagged_hash(b"cairn-v1-permute", &[&si.0, s.name.as_bytes()]), i))
+            .collect();
+        order.sort();
+        order.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Runs one server request under the grid's time-out.
+    pub async fn timed<T>(&self, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
+        timed(self.timeout, fut).await
+    }
+}
+
+pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(ServerError::Timeout(limit)))
+}
+
