@@ -356,6 +356,10 @@ fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode>
     let cap = report.cap.to_string();
     let sha = hex(&report.plaintext_sha256);
     let num = catalog.add_version(ino, snap.size, &sha, VersionState::Committed, Some(&cap), None)?;
+    if report.placed.len() < config.grid.total as usize {
+        // A mount's repair loop (or `cairn repair`) places the rest later.
+        catalog.set_degraded(ino, num, true)?;
+    }
     for (server, why) in &report.failures {
         eprintln!("cairn: warning: server {server} failed during upload: {why}");
     }

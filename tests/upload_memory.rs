@@ -1,0 +1,76 @@
+//! The memory bound of uploads with a stalled server: a 2 GiB file uploads
+//! while one server stops answering after its first MiB. Its blocks spill
+//! to disk instead of memory, so the uploader's peak RSS stays under the
+//! memory budget (default 64 MiB) + 32 MiB.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::Stdio;
+
+use cairn::config::FaultConfig;
+use common::{bytes, Home};
+
+/// Runs `cmd` to its end; returns (success, stdout, stderr, peak RSS in KiB)
+/// of that one process, from wait4.
+fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (bool, String, String, i64) {
+    let out = dir.join("measured.out");
+    let err = dir.join("measured.err");
+    let child = cmd
+        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and usage are ours to fill.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let read = |p| std::fs::read_to_string(p).unwrap();
+    (ok, read(&out), read(&err), usage.ru_maxrss)
+}
+
+#[test]
+fn a_2_gib_upload_with_a_stalled_server_stays_within_the_memory_budget() {
+    let home = Home::init(&[]);
+    home.edit_config(|c| c.grid.timeout_secs = 20);
+    home.set_faults(
+        "s2",
+        FaultConfig {
+            stall_after_bytes: Some(1 << 20),
+            ..Default::default()
+        },
+    );
+    let budget_mib = home.config().grid.memory_budget_mib as i64;
+    let src = home.file("big.bin");
+    let f = std::fs::File::create(&src).unwrap();
+    let size: u64 = 2 << 30;
+    f.set_len(size).unwrap();
+    let chunk = bytes(8 << 20, 9);
+    for off in [0, size / 3, size - chunk.len() as u64] {
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    drop(f);
+
+    let mut cmd = home.command(&["put", "--json", src.to_str().unwrap(), "/big.bin"]);
+    cmd.env("CAIRN_LOG", "cairn=info");
+    let (ok, stdout, log, peak_kib) = run_measured(cmd, home.path());
+    assert!(ok, "{log}");
+    let peak_mib = peak_kib / 1024;
+    eprintln!("peak RSS of a 2 GiB put with s2 stalled: {peak_mib} MiB (budget {budget_mib} MiB)");
+    assert!(log.contains("server is behind; spilling its blocks to disk"), "{log}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["placed"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(report["failures"][0]["server"], "s2", "{report}");
+    assert!(peak_mib < budget_mib + 32, "peak RSS {peak_mib} MiB");
+    std::fs::remove_file(&src).unwrap();
+
+    let copy = home.file("copy.bin");
+    home.ok(&["get", "/big.bin", copy.to_str().unwrap()]);
+    let back = std::fs::File::open(&copy).unwrap();
+    assert_eq!(back.metadata().unwrap().len(), size);
+    let mut buf = vec![0u8; chunk.len()];
+    back.read_exact_at(&mut buf, size / 3).unwrap();
+    assert_eq!(buf, chunk);
+}
