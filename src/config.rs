@@ -229,7 +229,10 @@ impl Config {
             if let Some(f) = &s.faults {
                 for (name, rate) in [("error_rate", f.error_rate), ("corrupt_read_rate", f.corrupt_read_rate)] {
                     if !(0.0..=1.0).contains(&rate) {
-                        return Err(field(&at(&format!("faults.{name}")), format!("{rate} must be between 0 and 1")));
+                        return Err(field(
+                            &at(&format!("faults.{name}")),
+                            format!("{rate} must be between 0 and 1"),
+                        ));
                     }
                 }
             }

@@ -197,7 +197,12 @@ impl VersionReader {
     fn candidates(&self) -> Vec<(u16, usize)> {
         let failed = self.failed.lock().expect("lock");
         let laggards = self.laggards.lock().expect("lock");
-        let mut c: Vec<(u16, usize)> = self.sources.iter().filter(|(s, _)| !failed.contains(s)).copied().collect();
+        let mut c: Vec<(u16, usize)> = self
+            .sources
+            .iter()
+            .filter(|(s, _)| !failed.contains(s))
+            .copied()
+            .collect();
         c.sort_by_key(|(s, _)| laggards.contains(s));
         c
     }
@@ -300,10 +305,11 @@ async fn locate_on_server(grid: &Grid, cap: &Capability, idx: usize) -> (usize, 
         Err(e) => return (idx, Err(e)),
     };
     let wanted: Vec<u16> = shares.into_iter().filter(|&s| s < layout.params.total).collect();
-    let trailers = futures::future::join_all(wanted.iter().map(|&share| {
-        grid.timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
-    }))
-    .await;
+    let trailers =
+        futures::future::join_all(wanted.iter().map(|&share| {
+            grid.timed(server.read(si, share, layout.trailer_offset(), layout.trailer_len() + FOOTER_LEN))
+        }))
+        .await;
     (idx, Ok(wanted.into_iter().zip(trailers).collect()))
 }
 

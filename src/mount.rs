@@ -263,6 +263,14 @@ pub fn status(home: &Path, json: bool) -> Result<ExitCode> {
     for path in &status.open_for_write {
         println!("  writing    {path}");
     }
+    if status.upload_memory_bytes > 0 || status.spill_bytes > 0 {
+        println!(
+            "upload buffers: {} of {} MiB in memory, {} MiB spilled to disk for slow servers",
+            status.upload_memory_bytes >> 20,
+            status.upload_memory_limit >> 20,
+            status.spill_bytes >> 20
+        );
+    }
     if status.queue.is_empty() {
         println!("everything closed is committed on the grid");
         return Ok(ExitCode::SUCCESS);

@@ -1259,6 +1259,11 @@ pub struct QueueEntry {
 pub struct Status {
     pub queue: Vec<QueueEntry>,
     pub open_for_write: Vec<String>,
+    /// Share blocks held in memory by uploads now, and the budget.
+    pub upload_memory_bytes: u64,
+    pub upload_memory_limit: u64,
+    /// Share blocks spilled to disk for servers that fell behind.
+    pub spill_bytes: u64,
 }
 
 struct ProgressCounter(Arc<AtomicU64>);
@@ -1298,7 +1303,14 @@ impl Vfs {
                 open_for_write.push(st.catalog.path_of(*ino)?);
             }
         }
-        Ok(Status { queue, open_for_write })
+        let budget = &self.grid.budget;
+        Ok(Status {
+            queue,
+            open_for_write,
+            upload_memory_bytes: budget.memory_in_use(),
+            upload_memory_limit: budget.memory_limit(),
+            spill_bytes: budget.spill_in_use(),
+        })
     }
 
     /// Skips the write-back delay for everything queued and waits until

@@ -162,7 +162,10 @@ fn erroring_servers_are_dropped_while_happiness_holds_and_fail_cleanly_below_it(
     let data = bytes(2 << 20, 4);
     let report = put_json(&home, "one.bin", &data);
     assert_eq!(placed_servers(&report), ["s1", "s2", "s3", "s4"]);
-    assert!(report["failures"][0]["error"].as_str().unwrap().contains("injected fault: I/O error"));
+    assert!(report["failures"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("injected fault: I/O error"));
     assert_eq!(get_bytes(&home, "/one.bin").unwrap(), data);
 
     // Two erroring servers of five leave 3 < happy 4: nothing commits.
@@ -171,8 +174,14 @@ fn erroring_servers_are_dropped_while_happiness_holds_and_fail_cleanly_below_it(
     let out = put_file(&home, "two.bin", &data);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("3 of 4 needed for happiness; nothing was committed"), "{err}");
-    assert!(err.contains("s1: injected fault") && err.contains("s5: injected fault"), "{err}");
+    assert!(
+        err.contains("3 of 4 needed for happiness; nothing was committed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("s1: injected fault") && err.contains("s5: injected fault"),
+        "{err}"
+    );
     assert_eq!(home.share_files(), shares_before, "no visible share of a failed put");
     assert!(get_bytes(&home, "/two.bin").is_err());
 }
@@ -287,4 +296,62 @@ fn a_bad_fault_config_names_the_field() {
     let out = home.cairn(&["repair", "--all"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("server[1].faults.error_rate"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_mount_commits_and_reads_back_through_a_stalled_and_a_lying_server() {
+    let home = Home::init(&[]);
+    timeout(&home, 2);
+    let flag = home.file("s2-stalled");
+    std::fs::write(&flag, "").unwrap();
+    home.set_faults(
+        "s2",
+        FaultConfig {
+            stall_flag: Some(flag.clone()),
+            ..Default::default()
+        },
+    );
+    home.set_faults(
+        "s4",
+        FaultConfig {
+            corrupt_read_rate: 1.0,
+            ..Default::default()
+        },
+    );
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}"), bytes(i * 700_000 + 10, 40 + i as u64)))
+        .collect();
+    let mnt = home.mount(&["--writeback-delay", "0", "--repair-interval", "0.5"]);
+    for (name, data) in &files {
+        std::fs::write(mnt.file(name), data).unwrap();
+    }
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success());
+
+    // Only the grid has them now; s2 hangs and s4 lies on every read.
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    let mnt = home.mount(&["--repair-interval", "0.5"]);
+    for (name, data) in &files {
+        assert!(std::fs::read(mnt.file(name)).unwrap() == *data, "{name}");
+    }
+    // s2 answers again: the mount places the shares it missed. (`check`
+    // runs from the config file, where s4 no longer lies; the running
+    // daemon's s4 still does.)
+    std::fs::remove_file(&flag).unwrap();
+    home.edit_config(|c| c.servers[3].faults = None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (name, _) in &files {
+        let cap = home.versions(&format!("/{name}"))[0]["cap"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        while !home.cairn(&["check", "--cap", &cap]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the missing share was never repaired"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(mnt.unmount().success());
 }

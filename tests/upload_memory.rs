@@ -13,6 +13,7 @@ use common::{bytes, Home};
 
 /// Runs `cmd` to its end; returns (success, stdout, stderr, peak RSS in KiB)
 /// of that one process, from wait4.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
 fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (bool, String, String, i64) {
     let out = dir.join("measured.out");
     let err = dir.join("measured.err");

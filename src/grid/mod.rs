@@ -144,4 +144,3 @@ pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, Serve
         .await
         .unwrap_or(Err(ServerError::Timeout(limit)))
 }
-

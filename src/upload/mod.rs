@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
-use budget::{SpillFile, Spilled};
 use crate::codec::{Capability, Hash, Key, StorageIndex, VersionEncoder, SHARE_MAGIC};
 use crate::grid::{timed, Grid, ShareSink};
+use budget::{SpillFile, Spilled};
 
 /// Blocks held in memory per server. Two keep a server busy while the next
 /// segment is encoded; more only add memory.
