@@ -72,15 +72,50 @@ fn default_hedge_after_ms() -> u64 {
     300
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub name: String,
-    /// Back end kind: `dir` (a local or mounted directory).
+    /// Back end kind: `dir` (a local or mounted directory) or `s3` (an
+    /// S3-compatible object store).
     pub backend: String,
     /// For `dir`: the directory holding this server's shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// For `s3`: the service URL, such as `http://127.0.0.1:3900`; unset
+    /// means AWS itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// For `s3`: the bucket, which must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// For `s3`: the region (default `us-east-1`; Garage uses `garage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// For `s3`: a key prefix, so several grids can share a bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// For `s3`: path-style requests (`endpoint/bucket/key`, default true)
+    /// or virtual-hosted ones (`bucket.endpoint/key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    /// For `s3`: credentials. Unset means $AWS_ACCESS_KEY_ID and
+    /// $AWS_SECRET_ACCESS_KEY, else `credentials_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+    /// For `s3`: an AWS-style credentials file (default
+    /// `~/.aws/credentials`) and the profile to use in it (default
+    /// $AWS_PROFILE, else `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// For `s3`: MiB per multipart part (default 5, the S3 minimum). A share
+    /// smaller than one part is stored with a single PUT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_size_mib: Option<u64>,
     /// Testing aid: faults injected into this server's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faults: Option<FaultConfig>,
@@ -139,7 +174,7 @@ impl Config {
                     name: format!("s{i}"),
                     backend: "dir".into(),
                     path: Some(home.join("servers").join(format!("s{i}"))),
-                    faults: None,
+                    ..Default::default()
                 })
                 .collect(),
         }
@@ -242,10 +277,32 @@ impl Config {
                     Some(p) => return Err(field(&at("path"), format!("{} must be an absolute path", p.display()))),
                     None => return Err(field(&at("path"), "is required for backend \"dir\"".into())),
                 },
+                "s3" => {
+                    if s.bucket.as_deref().is_none_or(str::is_empty) {
+                        return Err(field(&at("bucket"), "is required for backend \"s3\"".into()));
+                    }
+                    if let Some(e) = &s.endpoint {
+                        if !(e.starts_with("http://") || e.starts_with("https://")) {
+                            return Err(field(
+                                &at("endpoint"),
+                                format!("{e:?} must start with http:// or https://"),
+                            ));
+                        }
+                    }
+                    if s.access_key_id.is_some() != s.secret_access_key.is_some() {
+                        return Err(field(
+                            &at("secret_access_key"),
+                            "access_key_id and secret_access_key go together".into(),
+                        ));
+                    }
+                    if s.part_size_mib == Some(0) {
+                        return Err(field(&at("part_size_mib"), "must be at least 1".into()));
+                    }
+                }
                 other => {
                     return Err(field(
                         &at("backend"),
-                        format!("unknown back end {other:?} (known: \"dir\")"),
+                        format!("unknown back end {other:?} (known: \"dir\", \"s3\")"),
                     ));
                 }
             }
@@ -265,7 +322,16 @@ impl Config {
         for dir in self.servers.iter().filter_map(|s| s.path.as_ref()) {
             std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
         }
-        std::fs::write(&path, self.to_toml()).with_context(|| path.display().to_string())?;
+        // Owner-only: S3 entries may hold secret keys.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(self.to_toml().as_bytes()))
+            .with_context(|| path.display().to_string())?;
         Ok(())
     }
 

@@ -19,7 +19,10 @@ use crate::codec::{Capability, Hash, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
 
 /// Segments fetched ahead of the one being written out.
-const READ_AHEAD: usize = 4;
+pub const READ_AHEAD: usize = 4;
+
+/// Bytes of consecutive blocks `check` asks for in one request.
+const CHECK_READ_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", tag = "state", content = "detail")]
@@ -393,24 +396,35 @@ pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
     let si = cap.storage_index();
     let mut findings = Findings::default();
     let mut good: HashSet<u16> = HashSet::new();
-    for (idx, server) in grid.servers.iter().enumerate() {
-        let shares = match grid.timed(server.server.shares(si)).await {
-            Ok(s) => s,
-            Err(e) => {
-                findings.unreachable_servers.push((server.name.clone(), e.to_string()));
-                continue;
+    // Servers are checked at once; each one's shares in turn.
+    let per_server = futures::future::join_all(grid.servers.iter().enumerate().map(|(idx, server)| {
+        let grid = &grid;
+        let cap = &cap;
+        async move {
+            let shares = grid.timed(server.server.shares(si)).await?;
+            let mut states = Vec::new();
+            for share in shares {
+                states.push((share, verify_whole_share(grid, idx, cap, share).await));
             }
-        };
-        for share in shares {
-            let state = verify_whole_share(&grid, idx, &cap, share).await;
-            if state == ShareState::Ok {
-                good.insert(share);
+            Ok::<_, crate::grid::ServerError>(states)
+        }
+    }))
+    .await;
+    for (server, states) in grid.servers.iter().zip(per_server) {
+        match states {
+            Ok(states) => {
+                for (share, state) in states {
+                    if state == ShareState::Ok {
+                        good.insert(share);
+                    }
+                    findings.shares.push(ShareFinding {
+                        share,
+                        server: server.name.clone(),
+                        state,
+                    });
+                }
             }
-            findings.shares.push(ShareFinding {
-                share,
-                server: server.name.clone(),
-                state,
-            });
+            Err(e) => findings.unreachable_servers.push((server.name.clone(), e.to_string())),
         }
     }
     let missing_shares: Vec<u16> = (0..layout.params.total).filter(|s| !good.contains(s)).collect();
@@ -461,18 +475,27 @@ async fn verify_whole_share(grid: &Grid, idx: usize, cap: &Capability, share: u1
     if let Err(e) = decoder.accept_trailer(share, trailer) {
         return ShareState::Corrupt(e.to_string());
     }
-    for j in 0..layout.num_segments() {
-        let block = grid
-            .timed(server.read(si, share, layout.block_offset(j), layout.block_len(j) as u64))
-            .await;
-        match block {
-            Ok(b) => {
-                if let Err(e) = decoder.verify_block(share, j, &b) {
-                    return ShareState::Corrupt(e.to_string());
-                }
-            }
-            Err(e) => return ShareState::Unreachable(e.to_string()),
+    // Blocks are contiguous in a share: read runs of them in one request.
+    let m = layout.num_segments();
+    let block_end = |j: u64| layout.block_offset(j) + layout.block_len(j) as u64;
+    let mut first = 0;
+    while first < m {
+        let start = layout.block_offset(first);
+        let mut last = first;
+        while last + 1 < m && block_end(last + 1) - start <= CHECK_READ_BYTES {
+            last += 1;
         }
+        let run = match grid.timed(server.read(si, share, start, block_end(last) - start)).await {
+            Ok(run) => run,
+            Err(e) => return ShareState::Unreachable(e.to_string()),
+        };
+        for j in first..=last {
+            let at = (layout.block_offset(j) - start) as usize;
+            if let Err(e) = decoder.verify_block(share, j, &run[at..at + layout.block_len(j)]) {
+                return ShareState::Corrupt(e.to_string());
+            }
+        }
+        first = last + 1;
     }
     ShareState::Ok
 }

@@ -7,6 +7,7 @@
 //! missing share numbers. The result must reproduce the capability's
 //! integrity root, or nothing is published.
 
+use futures::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -113,8 +114,11 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
     let mut encoder = VersionEncoder::new(layout.params, cap.key, layout.size);
     let mut failed: HashSet<u16> = HashSet::new();
     write_all(&grid, &mut sinks, &mut failed, &mut report, |_| SHARE_MAGIC.to_vec()).await;
-    for j in 0..layout.num_segments() {
-        let plaintext = reader.read_segment(j).await?;
+    let mut segments = futures::stream::iter(0..layout.num_segments())
+        .map(|j| reader.read_segment(j))
+        .buffered(crate::download::READ_AHEAD);
+    while let Some(plaintext) = segments.next().await {
+        let plaintext = plaintext?;
         let blocks = encoder.encode_segment(&plaintext)?;
         write_all(&grid, &mut sinks, &mut failed, &mut report, |share| {
             blocks[share as usize].clone()
@@ -166,7 +170,7 @@ async fn write_all(
         if failed.contains(share) {
             continue;
         }
-        if let Err(e) = grid.timed(sink.write(piece(*share))).await {
+        if let Err(e) = grid.timed(sink.write(piece(*share).into())).await {
             failed.insert(*share);
             report.failures.push((server.clone(), e.to_string()));
         }

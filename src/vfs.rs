@@ -247,7 +247,9 @@ impl Vfs {
                 files: HashMap::new(),
                 queue,
             }),
-            grid: Arc::new(Grid::from_config(config, &options.home)),
+            grid: Arc::new(
+                Grid::from_config(config, &options.home).map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+            ),
             params: config.params(),
             happy: config.grid.happy,
             cache,
@@ -1343,13 +1345,7 @@ impl Vfs {
     /// superseded, uploads with bounded concurrency, retries with backoff.
     /// First it clears what crashed uploads left on the servers.
     pub async fn run_uploads(self: Arc<Self>) {
-        for s in &self.grid.servers {
-            match self.grid.timed(s.server.clean_abandoned()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(server = %s.name, n, "removed abandoned partial shares"),
-                Err(e) => tracing::warn!(server = %s.name, error = %e, "could not clean abandoned shares"),
-            }
-        }
+        self.grid.clean_abandoned().await;
         let slots = Arc::new(tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY));
         loop {
             let wake = self.upload_wake.notified();

@@ -22,63 +22,7 @@ fn committed(versions: &[serde_json::Value]) -> Vec<&serde_json::Value> {
 
 #[test]
 fn files_read_back_from_the_grid_after_the_cache_is_gone() {
-    let home = Home::empty();
-    let mnt = home.mount(&[]);
-    let big = bytes(100 << 20, 11);
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("big.bin"), &big).unwrap();
-    let tree = src.path().join("tree");
-    for i in 0..120 {
-        let dir = tree.join(format!("d{}", i % 7));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("f{i}")), bytes(i * 997 % 20_000, i as u64)).unwrap();
-    }
-    std::os::unix::fs::symlink("d0/f0", tree.join("link")).unwrap();
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let ok = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(from)
-            .arg(to)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "cp -a {from:?}");
-    };
-    copy(&src.path().join("big.bin"), mnt.path());
-    copy(&tree, mnt.path());
-    let same = |mnt: &common::Mounted, what: &str| {
-        let out = std::process::Command::new("diff")
-            .arg("-r")
-            .arg(src.path().join(what))
-            .arg(mnt.file(what))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "diff -r {what}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    };
-    // Readers see writes at once, before any upload.
-    same(&mnt, "big.bin");
-    same(&mnt, "tree");
-    home.ok(&["sync"]);
-    assert!(mnt.unmount().success(), "clean unmount exits 0");
-
-    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
-    let mnt = home.mount(&[]);
-    same(&mnt, "big.bin");
-    same(&mnt, "tree");
-    assert_eq!(
-        std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
-        Some("d0/f0")
-    );
-    let times = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().modified().unwrap();
-    assert_eq!(
-        times(&tree.join("d3/f10")),
-        times(&mnt.file("tree/d3/f10")),
-        "cp -a kept mtime"
-    );
-    assert!(mnt.unmount().success());
+    common::files_survive_losing_the_cache(&Home::empty());
 }
 
 #[test]

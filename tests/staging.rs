@@ -140,7 +140,7 @@ fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
     work.write_at(0, &data).unwrap();
     let version = work.seal(home.path().join("v")).unwrap();
 
-    let grid = Arc::new(Grid::from_config(&config, home.path()));
+    let grid = Arc::new(Grid::from_config(&config, home.path()).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let source = upload::Source {
         reader: Box::new(version.reader()),

@@ -6,31 +6,9 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::process::Stdio;
 
 use cairn::config::FaultConfig;
-use common::{bytes, Home};
-
-/// Runs `cmd` to its end; returns (success, stdout, stderr, peak RSS in KiB)
-/// of that one process, from wait4.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
-fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (bool, String, String, i64) {
-    let out = dir.join("measured.out");
-    let err = dir.join("measured.err");
-    let child = cmd
-        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; status and usage are ours to fill.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let read = |p| std::fs::read_to_string(p).unwrap();
-    (ok, read(&out), read(&err), usage.ru_maxrss)
-}
+use common::{bytes, run_measured, Home};
 
 #[test]
 fn a_2_gib_upload_with_a_stalled_server_stays_within_the_memory_budget() {

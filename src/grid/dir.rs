@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{Server, ServerError, ShareSink};
+use super::{Block, Server, ServerError, ShareSink};
 use crate::codec::StorageIndex;
 
 /// A server that is a directory: local disk, or any mounted file system.
@@ -204,8 +204,8 @@ impl DirSink {
 
 #[async_trait]
 impl ShareSink for DirSink {
-    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError> {
-        self.with_file(move |f| f.write_all(&data)).await
+    async fn write(&mut self, block: Block) -> Result<(), ServerError> {
+        self.with_file(move |f| f.write_all(&block.data)).await
     }
 
     async fn seal(&mut self) -> Result<(), ServerError> {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Server, ServerError, ShareSink};
+use super::{Block, Server, ServerError, ShareSink};
 use crate::codec::StorageIndex;
 use crate::config::FaultConfig;
 
@@ -138,9 +138,9 @@ struct FaultySink {
 
 #[async_trait]
 impl ShareSink for FaultySink {
-    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError> {
-        self.faults.before_write(data.len() as u64).await?;
-        self.inner.write(data).await
+    async fn write(&mut self, block: Block) -> Result<(), ServerError> {
+        self.faults.before_write(block.data.len() as u64).await?;
+        self.inner.write(block).await
     }
 
     async fn seal(&mut self) -> Result<(), ServerError> {

@@ -7,9 +7,11 @@
 
 mod dir;
 mod faults;
+mod s3;
 
 pub use dir::DirServer;
 pub use faults::FaultyServer;
+pub use s3::S3Server;
 
 use std::future::Future;
 use std::path::Path;
@@ -53,11 +55,25 @@ pub trait Server: Send + Sync {
     async fn clean_abandoned(&self) -> Result<usize, ServerError>;
 }
 
+/// Bytes on their way into a share, with the memory budget they hold (if
+/// any): a sink that keeps the bytes after `write` returns keeps the
+/// permit with them, so buffered bytes stay counted.
+pub struct Block {
+    pub data: Vec<u8>,
+    pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl From<Vec<u8>> for Block {
+    fn from(data: Vec<u8>) -> Block {
+        Block { data, memory: None }
+    }
+}
+
 /// A share being written. Dropping it without `publish` leaves at most an
 /// invisible staging object behind, which `abort` or a cleaner removes.
 #[async_trait]
 pub trait ShareSink: Send {
-    async fn write(&mut self, data: Vec<u8>) -> Result<(), ServerError>;
+    async fn write(&mut self, block: Block) -> Result<(), ServerError>;
     /// Makes the written bytes durable, still invisible to readers.
     async fn seal(&mut self) -> Result<(), ServerError>;
     /// Makes the share visible under its final name.
@@ -86,7 +102,7 @@ pub struct Grid {
 impl Grid {
     /// The grid of `config`; uploads spill blocks for slow servers under
     /// `state_dir/spill`.
-    pub fn from_config(config: &Config, state_dir: &Path) -> Grid {
+    pub fn from_config(config: &Config, state_dir: &Path) -> anyhow::Result<Grid> {
         let servers = config
             .servers
             .iter()
@@ -95,19 +111,20 @@ impl Grid {
                     "dir" => Arc::new(DirServer {
                         root: s.path.clone().expect("validated"),
                     }) as Arc<dyn Server>,
+                    "s3" => Arc::new(S3Server::new(s, config.timeout(), state_dir)?),
                     other => unreachable!("config validation admits no back end {other}"),
                 };
-                GridServer {
+                Ok(GridServer {
                     name: s.name.clone(),
                     server: match &s.faults {
                         Some(f) => Arc::new(FaultyServer::new(server, f.clone())),
                         None => server,
                     },
-                }
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let g = &config.grid;
-        Grid {
+        Ok(Grid {
             servers,
             timeout: config.timeout(),
             hedge_after: config.hedge_after(),
@@ -116,7 +133,7 @@ impl Grid {
                 state_dir.join("spill"),
                 g.spill_limit_mib.map(|m| m << 20),
             )),
-        }
+        })
     }
 
     /// Server indices in the order a version's shares are placed: a
@@ -131,6 +148,24 @@ impl Grid {
             .collect();
         order.sort();
         order.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Removes, on every server, what uploads of crashed processes left
+    /// half-written (partial files, incomplete multipart uploads); returns
+    /// how many went. A server that cannot be asked is logged and skipped.
+    pub async fn clean_abandoned(&self) -> usize {
+        let mut total = 0;
+        for s in &self.servers {
+            match self.timed(s.server.clean_abandoned()).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(server = %s.name, n, "removed abandoned partial shares");
+                    total += n;
+                }
+                Err(e) => tracing::warn!(server = %s.name, error = %e, "could not clean abandoned shares"),
+            }
+        }
+        total
     }
 
     /// Runs one server request under the grid's time-out.

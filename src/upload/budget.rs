@@ -52,6 +52,13 @@ impl Budget {
         self.memory.clone().try_acquire_many_owned(len).ok()
     }
 
+    /// Memory for one block, waiting for room; `None` for a block larger
+    /// than the whole budget, which then goes uncounted rather than never.
+    pub async fn wait_memory(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let len = u32::try_from(len).ok().filter(|&l| l as u64 <= self.memory_limit)?;
+        self.memory.clone().acquire_many_owned(len).await.ok()
+    }
+
     pub fn memory_limit(&self) -> u64 {
         self.memory_limit
     }
@@ -128,6 +135,10 @@ pub struct Spilled {
 }
 
 impl Spilled {
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
     pub fn read(&self) -> std::io::Result<Vec<u8>> {
         let mut buf = vec![0; self.len as usize];
         self.file.file.read_exact_at(&mut buf, self.offset)?;

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify};
 
 use crate::codec::{Capability, Hash, Key, StorageIndex, VersionEncoder, SHARE_MAGIC};
-use crate::grid::{timed, Grid, ShareSink};
+use crate::grid::{timed, Block, Grid, ShareSink};
 use budget::{SpillFile, Spilled};
 
 /// Blocks held in memory per server. Two keep a server busy while the next
@@ -123,7 +123,8 @@ pub async fn upload(
             tx: Some(tx),
             spill: None,
         });
-        feeders.push(tokio::spawn(feed(sink, rx, lane, grid.timeout, shared.clone())));
+        let budget = grid.budget.clone();
+        feeders.push(tokio::spawn(feed(sink, rx, lane, budget, grid.timeout, shared.clone())));
     }
 
     let queue = Queue {
@@ -286,8 +287,27 @@ impl Lane {
 }
 
 enum Queued {
-    Memory(Vec<u8>, OwnedSemaphorePermit),
+    Memory(Block),
     Spilled(Spilled),
+}
+
+/// Writes one queued block. A spilled one is read back into memory
+/// counted against the budget like any other.
+async fn write_queued(sink: &mut dyn ShareSink, item: Queued, budget: &Budget, limit: Duration) -> Result<(), String> {
+    let block = match item {
+        Queued::Memory(block) => block,
+        Queued::Spilled(spilled) => {
+            let memory = timed(limit, async { Ok(budget.wait_memory(spilled.len()).await) })
+                .await
+                .map_err(|_| format!("no room in the upload memory budget within {limit:?}"))?;
+            let read = tokio::task::spawn_blocking(move || spilled.read()).await;
+            let data = read
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| format!("reading its spilled blocks: {e}"))?;
+            Block { data, memory }
+        }
+    };
+    timed(limit, sink.write(block)).await.map_err(|e| e.to_string())
 }
 
 /// Writes one server's queue into its share, in order. After a failure it
@@ -296,32 +316,22 @@ async fn feed(
     mut sink: Box<dyn ShareSink>,
     mut rx: mpsc::UnboundedReceiver<Queued>,
     lane: Arc<Lane>,
+    budget: Arc<Budget>,
     limit: Duration,
     shared: Arc<Shared>,
 ) -> Result<PlacedSink, Failure> {
     while let Some(item) = rx.recv().await {
-        let (block, permit) = match item {
-            Queued::Memory(block, permit) => (Ok(block), Some(permit)),
-            Queued::Spilled(spilled) if !lane.is_failed() => {
-                let read = tokio::task::spawn_blocking(move || spilled.read()).await;
-                (read.unwrap_or_else(|e| Err(std::io::Error::other(e))), None)
-            }
-            Queued::Spilled(_) => (Ok(Vec::new()), None),
-        };
+        let from_memory = matches!(item, Queued::Memory(_));
         if !lane.is_failed() {
-            let written = match block {
-                Ok(block) => tokio::select! {
-                    r = timed(limit, sink.write(block)) => r.map_err(|e| e.to_string()),
-                    () = lane.cancel.notified() => Ok(()),
-                },
-                Err(e) => Err(format!("reading its spilled blocks: {e}")),
+            let written = tokio::select! {
+                r = write_queued(&mut *sink, item, &budget, limit) => r,
+                () = lane.cancel.notified() => Ok(()),
             };
             if let Err(reason) = written {
                 lane.fail(&shared, reason);
             }
         }
-        if permit.is_some() {
-            drop(permit);
+        if from_memory {
             lane.in_memory.fetch_sub(1, Ordering::SeqCst);
             shared.signal_drained();
         }
@@ -373,7 +383,10 @@ impl Queue {
             let item = match permit {
                 Some(permit) => {
                     lane.in_memory.fetch_add(1, Ordering::SeqCst);
-                    Queued::Memory(block, permit)
+                    Queued::Memory(Block {
+                        data: block,
+                        memory: Some(permit),
+                    })
                 }
                 None => match spill(&mut pl.spill, &self.budget, &block, lane) {
                     Ok(spilled) => Queued::Spilled(spilled),

@@ -1,6 +1,8 @@
 //! Shared helpers: a private CAIRN_HOME and the real `cairn` binary.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -110,6 +112,45 @@ pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
             f(&p);
         }
     }
+}
+
+/// Runs `cmd` to its end; returns (success, stdout, stderr, peak RSS in KiB)
+/// of that one process: its VmHWM, read every 10 ms while it runs. (wait4's
+/// ru_maxrss would also count the test process the child was spawned from.)
+pub fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (bool, String, String, i64) {
+    let out = dir.join("measured.out");
+    let err = dir.join("measured.err");
+    let mut child = cmd
+        .stdout(std::process::Stdio::from(std::fs::File::create(&out).unwrap()))
+        .stderr(std::process::Stdio::from(std::fs::File::create(&err).unwrap()))
+        .spawn()
+        .unwrap();
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            if let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let read = |p| std::fs::read_to_string(p).unwrap();
+    (status.success(), read(&out), read(&err), peak_kib)
+}
+
+/// Files under `dir`, recursively; 0 if it does not exist.
+pub fn walk_count(dir: &Path) -> usize {
+    let mut n = 0;
+    walk(dir, &mut |_| n += 1);
+    n
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -258,4 +299,66 @@ impl Drop for Mounted {
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(data))
+}
+
+/// Mounts `home`, copies in a 100 MiB file and a tree, syncs, deletes the
+/// staging cache, mounts again and compares everything, read from the grid
+/// alone.
+pub fn files_survive_losing_the_cache(home: &Home) {
+    let mnt = home.mount(&[]);
+    let big = bytes(100 << 20, 11);
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("big.bin"), &big).unwrap();
+    let tree = src.path().join("tree");
+    for i in 0..120 {
+        let dir = tree.join(format!("d{}", i % 7));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}")), bytes(i * 997 % 20_000, i as u64)).unwrap();
+    }
+    std::os::unix::fs::symlink("d0/f0", tree.join("link")).unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "cp -a {from:?}");
+    };
+    copy(&src.path().join("big.bin"), mnt.path());
+    copy(&tree, mnt.path());
+    let same = |mnt: &Mounted, what: &str| {
+        let out = std::process::Command::new("diff")
+            .arg("-r")
+            .arg(src.path().join(what))
+            .arg(mnt.file(what))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "diff -r {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    // Readers see writes at once, before any upload.
+    same(&mnt, "big.bin");
+    same(&mnt, "tree");
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success(), "clean unmount exits 0");
+
+    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
+    let mnt = home.mount(&[]);
+    same(&mnt, "big.bin");
+    same(&mnt, "tree");
+    assert_eq!(
+        std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
+        Some("d0/f0")
+    );
+    let times = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().modified().unwrap();
+    assert_eq!(
+        times(&tree.join("d3/f10")),
+        times(&mnt.file("tree/d3/f10")),
+        "cp -a kept mtime"
+    );
+    assert!(mnt.unmount().success());
 }

@@ -1,0 +1,196 @@
+//! S3 grids: five real s3s-fs servers on 127.0.0.1 as the grid.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::s3::S3Servers;
+use common::{bytes, stderr, Home};
+
+fn s3_home(servers: &S3Servers) -> Home {
+    let args = servers.init_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Home::init(&args)
+}
+
+fn put(home: &Home, name: &str, data: &[u8]) -> serde_json::Value {
+    let src = home.file(name);
+    std::fs::write(&src, data).unwrap();
+    let out = home.ok(&["put", "--json", src.to_str().unwrap(), &format!("/{name}")]);
+    std::fs::remove_file(&src).unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+fn get(home: &Home, path: &str) -> Result<Vec<u8>, String> {
+    let out_path = home.file("got.bin");
+    let _ = std::fs::remove_file(&out_path);
+    let out = home.cairn(&["get", path, out_path.to_str().unwrap()]);
+    if out.status.success() {
+        Ok(std::fs::read(&out_path).unwrap())
+    } else {
+        Err(stderr(&out))
+    }
+}
+
+fn healthy(home: &Home, path: &str) -> bool {
+    home.cairn(&["check", path]).status.success()
+}
+
+#[test]
+fn put_get_check_on_an_s3_grid_and_a_killed_server() {
+    let mut servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    // 20 MiB: shares of ~7 MiB go up as multipart uploads (5 MiB parts);
+    // the small file's shares are single PUTs.
+    let big = bytes(20 << 20, 1);
+    let small = bytes(5000, 2);
+    let report = put(&home, "big.bin", &big);
+    assert_eq!(report["placed"].as_array().unwrap().len(), 5, "{report}");
+    put(&home, "small.bin", &small);
+    assert_eq!(get(&home, "/big.bin").unwrap(), big);
+    assert_eq!(get(&home, "/small.bin").unwrap(), small);
+    assert!(healthy(&home, "/big.bin"));
+
+    // A killed server: still readable, and check names it.
+    servers.kill(2);
+    assert_eq!(get(&home, "/big.bin").unwrap(), big);
+    assert_eq!(get(&home, "/small.bin").unwrap(), small);
+    let out = home.cairn(&["check", "/big.bin"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("s3"),
+        "names the dead server"
+    );
+    // Writes go on with happiness 4 of the 4 left.
+    let third = bytes(3 << 20, 3);
+    let report = put(&home, "third.bin", &third);
+    assert_eq!(report["placed"].as_array().unwrap().len(), 4, "{report}");
+    servers.restart(2);
+    assert!(home.ok(&["repair", "--all"]).contains("healthy now"));
+    assert!(healthy(&home, "/third.bin"));
+}
+
+#[test]
+fn reads_fetch_only_the_blocks_they_need() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    let data = bytes(64 << 20, 4);
+    put(&home, "big.bin", &data);
+    let mnt = home.mount(&[]);
+    let before = servers.bytes_sent();
+    // 64 KiB from the middle of a 64 MiB file that is not in the cache.
+    let f = std::fs::File::open(mnt.file("big.bin")).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(&mut buf, 32 << 20).unwrap();
+    let sent = servers.bytes_sent() - before;
+    assert_eq!(buf, data[32 << 20..(32 << 20) + (64 << 10)]);
+    eprintln!("servers sent {sent} bytes for a 64 KiB read of a 64 MiB file");
+    // The whole file would be 64 MiB; a few segments with read-ahead are
+    // a few MiB.
+    assert!(sent < 16 << 20, "servers sent {sent} bytes");
+    drop(f);
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn a_sigstopped_server_is_dropped_memory_stays_bounded_and_it_is_repaired_after_sigcont() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    home.edit_config(|c| c.grid.timeout_secs = 5);
+    let src = home.file("stop.bin");
+    let sha = {
+        // Not kept in this process: a child's peak RSS (from wait4) counts
+        // the parent's memory it was forked with.
+        let data = bytes(200 << 20, 5);
+        std::fs::write(&src, &data).unwrap();
+        common::sha256_hex(&data)
+    };
+    let mut cmd = home.command(&["put", "--json", src.to_str().unwrap(), "/stop.bin"]);
+    cmd.env("CAIRN_LOG", "cairn=info");
+    let started = Instant::now();
+    let stopper = std::thread::spawn({
+        let pid = servers.pid(1);
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: a signal to the s3s-fs process this test started.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+    });
+    let (ok, stdout, log, peak_kib) = common::run_measured(cmd, home.path());
+    stopper.join().unwrap();
+    eprintln!(
+        "put with s2 stopped: {:?}, peak RSS {} MiB",
+        started.elapsed(),
+        peak_kib / 1024
+    );
+    servers.signal(1, libc::SIGCONT);
+    assert!(ok, "{log}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["placed"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(report["failures"][0]["server"], "s2", "{report}");
+    let budget_mib = home.config().grid.memory_budget_mib as i64;
+    assert!(peak_kib / 1024 < budget_mib + 32, "peak RSS {} MiB", peak_kib / 1024);
+    assert_eq!(common::sha256_hex(&get(&home, "/stop.bin").unwrap()), sha);
+    assert!(!healthy(&home, "/stop.bin"));
+    assert!(home.ok(&["repair", "--all"]).contains("healthy now"));
+    assert!(healthy(&home, "/stop.bin"));
+}
+
+#[test]
+fn a_put_killed_mid_upload_leaves_only_incomplete_multipart_uploads_which_repair_aborts() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    home.slow_servers(50);
+    let src = home.file("big.bin");
+    std::fs::write(&src, bytes(60 << 20, 6)).unwrap();
+    let mut child = home
+        .command(&["put", src.to_str().unwrap(), "/big.bin"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = home.file("multipart");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let journaled = || common::walk_count(&journal);
+    while journaled() < 5 {
+        assert!(Instant::now() < deadline, "no multipart upload was started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let objects = || {
+        let mut n = 0;
+        for i in 0..5 {
+            n += common::walk_count(&servers.data_dir(i).join("cairn"));
+        }
+        n
+    };
+    assert_eq!(objects(), 0, "no share is visible after the kill");
+    assert!(get(&home, "/big.bin").is_err());
+
+    home.edit_config(|c| {
+        for s in &mut c.servers {
+            s.faults = None;
+        }
+    });
+    let out = home.ok(&["repair", "--all"]);
+    assert!(out.contains("removed 5 abandoned partial uploads"), "{out}");
+    assert_eq!(journaled(), 0);
+    // s3s-fs keeps parts of open uploads beside the buckets; aborting
+    // removed them.
+    for i in 0..5 {
+        let leftover: Vec<_> = std::fs::read_dir(servers.data_dir(i))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "cairn")
+            .collect();
+        assert!(leftover.is_empty(), "server {i} kept {leftover:?}");
+    }
+}
+
+#[test]
+fn the_mount_works_unchanged_on_an_s3_grid() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    common::files_survive_losing_the_cache(&home);
+}
