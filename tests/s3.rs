@@ -194,3 +194,25 @@ fn the_mount_works_unchanged_on_an_s3_grid() {
     let home = s3_home(&servers);
     common::files_survive_losing_the_cache(&home);
 }
+
+#[test]
+fn one_grid_mixes_dir_and_s3_servers() {
+    let servers = S3Servers::start(3);
+    let dirs = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = Vec::new();
+    for name in ["a", "b"] {
+        args.push("--server-dir".into());
+        args.push(dirs.path().join(name).to_str().unwrap().into());
+    }
+    args.extend(servers.init_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let home = Home::init(&args);
+    let kinds: Vec<String> = home.config().servers.iter().map(|s| s.backend.clone()).collect();
+    assert_eq!(kinds, ["dir", "dir", "s3", "s3", "s3"]);
+    let data = bytes(9 << 20, 7);
+    let report = put(&home, "mixed.bin", &data);
+    assert_eq!(report["placed"].as_array().unwrap().len(), 5, "{report}");
+    assert_eq!(common::walk_count(dirs.path()), 2, "one share in each directory server");
+    assert_eq!(get(&home, "/mixed.bin").unwrap(), data);
+    assert!(healthy(&home, "/mixed.bin"));
+}
