@@ -33,6 +33,12 @@ pub enum Kind {
     Dir,
     File,
     Symlink,
+    /// Special files: names with attributes and no content. A device
+    /// node's number is kept in `target`.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl Kind {
@@ -41,12 +47,20 @@ impl Kind {
             Kind::Dir => "dir",
             Kind::File => "file",
             Kind::Symlink => "symlink",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::CharDevice => "chardev",
+            Kind::BlockDevice => "blockdev",
         }
     }
     fn parse(s: &str) -> Kind {
         match s {
             "dir" => Kind::Dir,
             "symlink" => Kind::Symlink,
+            "fifo" => Kind::Fifo,
+            "socket" => Kind::Socket,
+            "chardev" => Kind::CharDevice,
+            "blockdev" => Kind::BlockDevice,
             _ => Kind::File,
         }
     }
@@ -277,6 +291,15 @@ impl Catalog {
         ))?;
         let rows = stmt.query_map([parent], row_to_node)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Subdirectories of a directory: its link count is 2 plus this.
+    pub fn subdir_count(&self, parent: i64) -> Result<u32, CatalogError> {
+        Ok(self.db.query_row(
+            "SELECT COUNT(*) FROM nodes WHERE parent = ?1 AND ino != ?1 AND kind = 'dir'",
+            [parent],
+            |r| r.get(0),
+        )?)
     }
 
     pub fn has_children(&self, parent: i64) -> Result<bool, CatalogError> {

@@ -73,6 +73,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -90,7 +94,7 @@ fn fuse_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: BLOCK as u32,
         flags: 0,
     }
@@ -202,6 +206,32 @@ impl Filesystem for CairnFs {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
         empty(reply, self.vfs.rmdir(parent.0, name));
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let Ok(name) = name_str(name) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        let perm = mode & !umask;
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            // mknod of a regular file: an empty file, as creat() then close().
+            libc::S_IFREG | 0 => {
+                let made = self
+                    .vfs
+                    .create(parent.0, name, perm, caller(req))
+                    .and_then(|(attr, fh)| {
+                        self.vfs.release(fh)?;
+                        Ok(attr)
+                    });
+                return entry(reply, made);
+            }
+            _ => return reply.error(Errno::from_i32(libc::EINVAL)),
+        };
+        entry(reply, self.vfs.mknod(parent.0, name, kind, perm, rdev, caller(req)));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -320,6 +350,19 @@ impl Filesystem for CairnFs {
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         empty(reply, self.vfs.fsync(fh.0));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.vfs.fallocate(ino.0, offset, length, mode));
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -595,6 +595,9 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
         match e.kind {
             Kind::Dir => println!("{:>14}  {:>4}  {}/", "-", "", e.name),
             Kind::Symlink => println!("{:>14}  {:>4}  {}@", "-", "", e.name),
+            Kind::Fifo => println!("{:>14}  {:>4}  {}|", "-", "", e.name),
+            Kind::Socket => println!("{:>14}  {:>4}  {}=", "-", "", e.name),
+            Kind::CharDevice | Kind::BlockDevice => println!("{:>14}  {:>4}  {} (device)", "-", "", e.name),
             Kind::File => println!(
                 "{:>14}  v{:<3}  {}",
                 e.size.map(|s| s.to_string()).unwrap_or_default(),

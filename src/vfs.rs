@@ -86,6 +86,7 @@ pub struct Attr {
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub nlink: u32,
+    pub rdev: u32,
 }
 
 /// A requested attribute change (setattr / truncate / chmod / utimens).
@@ -288,6 +289,11 @@ impl Vfs {
                 Some(work) => work.size(),
                 None => st.catalog.latest(node.ino)?.map_or(0, |v| v.size),
             },
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,
+        };
+        let rdev = match node.kind {
+            Kind::CharDevice | Kind::BlockDevice => node.target.as_ref().and_then(|t| t.parse().ok()).unwrap_or(0),
+            _ => 0,
         };
         Ok(Attr {
             ino: node.ino as u64,
@@ -299,7 +305,13 @@ impl Vfs {
             atime: to_time(node.atime_ns),
             mtime: to_time(node.mtime_ns),
             ctime: to_time(node.ctime_ns),
-            nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+            nlink: match node.kind {
+                Kind::Dir => 2 + st.catalog.subdir_count(node.ino)?,
+                // Unlinked while open: alive only through its handles.
+                _ if node.parent == crate::catalog::ORPHAN_PARENT => 0,
+                _ => 1,
+            },
+            rdev,
         })
     }
 
@@ -316,6 +328,9 @@ impl Vfs {
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> VfsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(VfsError::NameTooLong);
+        }
         let st = self.lock();
         Self::dir(&st, parent as i64)?;
         let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
@@ -365,6 +380,25 @@ impl Vfs {
         self.attr_of(&st, &node)
     }
 
+    /// posix_fallocate: makes the file at least `offset + len` long.
+    /// Other modes (punching holes, collapsing ranges) are not supported.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> VfsResult<()> {
+        if mode != 0 {
+            return Err(VfsError::NotSupported);
+        }
+        let end = offset.checked_add(len).ok_or(VfsError::Invalid)?;
+        if end > self.getattr(ino)?.size {
+            self.setattr(
+                ino,
+                SetAttr {
+                    size: Some(end),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     // ----- namespace -----
 
     fn create_node(&self, parent: u64, name: &str, new: NewNode<'_>) -> VfsResult<(MutexGuard<'_, State>, Node)> {
@@ -389,6 +423,24 @@ impl Vfs {
                 uid: caller.uid,
                 gid: caller.gid,
                 target: None,
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    /// A fifo, socket or device node: a name with attributes, no content.
+    pub fn mknod(&self, parent: u64, name: &str, kind: Kind, mode: u32, rdev: u32, caller: Caller) -> VfsResult<Attr> {
+        let rdev = rdev.to_string();
+        let device = matches!(kind, Kind::CharDevice | Kind::BlockDevice);
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: device.then_some(rdev.as_str()),
             },
         )?;
         self.attr_of(&st, &node)
