@@ -19,7 +19,7 @@ use crate::codec::{Capability, Hash, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
 
 /// Segments fetched ahead of the one being written out.
-pub const READ_AHEAD: usize = 4;
+pub const READ_AHEAD: usize = 16;
 
 /// Bytes of consecutive blocks `check` asks for in one request.
 const CHECK_READ_BYTES: u64 = 8 << 20;
