@@ -508,3 +508,34 @@ fn shares_a_server_missed_are_repaired_when_it_comes_back() {
     }
     assert!(mnt.unmount().success());
 }
+
+#[test]
+fn files_over_4_gib_and_special_files_work_through_the_mount() {
+    use std::os::unix::fs::{FileExt, FileTypeExt};
+    let home = Home::empty();
+    // A long write-back delay: this test is about the mount, not a 5 GiB upload.
+    let mnt = home.mount(&["--writeback-delay", "3600"]);
+    let path = mnt.file("big");
+    let f = std::fs::File::create(&path).unwrap();
+    f.write_all_at(b"past 4 GiB", 5 << 30).unwrap();
+    drop(f);
+    let f = std::fs::File::open(&path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), (5 << 30) + 10);
+    let mut buf = [1u8; 10];
+    f.read_exact_at(&mut buf, 5 << 30).unwrap();
+    assert_eq!(&buf, b"past 4 GiB");
+    f.read_exact_at(&mut buf, 4 << 30).unwrap();
+    assert_eq!(buf, [0; 10], "the hole reads as zeros");
+    drop(f);
+
+    let fifo = std::ffi::CString::new(mnt.file("pipe").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+    let meta = std::fs::symlink_metadata(mnt.file("pipe")).unwrap();
+    assert!(meta.file_type().is_fifo());
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o640
+    );
+    assert!(mnt.unmount().success());
+}
