@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const ROOT_INO: i64 = 1;
 /// Parent of nodes that were unlinked while still open.
@@ -27,7 +27,7 @@ pub enum CatalogError {
     InvalidPath(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Dir,
@@ -66,7 +66,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     pub ino: i64,
     pub parent: i64,
@@ -79,7 +79,7 @@ pub struct Node {
     pub atime_ns: i64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
 }
 
@@ -104,6 +104,8 @@ pub enum VersionState {
     Superseded,
     /// Its file was deleted before it was uploaded.
     Dropped,
+    /// No longer retained: `cairn gc` deleted its shares.
+    Collected,
 }
 
 impl VersionState {
@@ -113,6 +115,7 @@ impl VersionState {
             VersionState::Committed => "committed",
             VersionState::Superseded => "superseded",
             VersionState::Dropped => "dropped",
+            VersionState::Collected => "collected",
         }
     }
     fn parse(s: &str) -> VersionState {
@@ -120,6 +123,7 @@ impl VersionState {
             "committed" => VersionState::Committed,
             "superseded" => VersionState::Superseded,
             "dropped" => VersionState::Dropped,
+            "collected" => VersionState::Collected,
             _ => VersionState::Staged,
         }
     }
@@ -185,7 +189,54 @@ CREATE TABLE IF NOT EXISTS xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (ino, name)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS namespaces (
+    seq INTEGER PRIMARY KEY,
+    cap TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    collected INTEGER NOT NULL DEFAULT 0
+);
 ";
+
+/// The namespace as stored on the grid: every directory, name and
+/// attribute, and each file's committed versions (docs/FORMAT.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub format: u32,
+    pub nodes: Vec<Node>,
+    pub versions: Vec<SnapshotVersion>,
+    pub xattrs: Vec<SnapshotXattr>,
+}
+
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotVersion {
+    pub ino: i64,
+    pub num: i64,
+    pub size: u64,
+    pub sha256: String,
+    pub cap: String,
+    pub created_ns: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotXattr {
+    pub ino: i64,
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+/// A namespace snapshot published to the grid.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishedNamespace {
+    pub seq: u64,
+    pub cap: String,
+    pub created_ns: i64,
+}
 
 const NODE_COLUMNS: &str = "ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target";
 const VERSION_COLUMNS: &str = "ino, num, size, sha256, state, cap, created_ns";
@@ -626,6 +677,138 @@ impl Catalog {
 
     /// Every committed version with its capability, newest first: what a
     /// full repair pass walks.
+    /// The namespace to publish: every node (but files without a committed
+    /// version, and unlinked ones still open), all committed versions, and
+    /// the nodes' extended attributes.
+    pub fn export(&self) -> Result<Snapshot, CatalogError> {
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE parent != {ORPHAN_PARENT} AND NOT (kind = 'file' AND NOT EXISTS
+               (SELECT 1 FROM versions v WHERE v.ino = nodes.ino AND v.state = 'committed')) ORDER BY ino"
+        ))?;
+        let nodes: Vec<Node> = stmt.query_map([], row_to_node)?.collect::<Result<_, _>>()?;
+        let versions = self
+            .committed_versions()?
+            .into_iter()
+            .filter_map(|v| {
+                Some(SnapshotVersion {
+                    cap: v.cap?,
+                    ino: v.ino,
+                    num: v.num,
+                    size: v.size,
+                    sha256: v.sha256,
+                    created_ns: v.created_ns,
+                })
+            })
+            .collect();
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT x.ino, x.name, x.value FROM xattrs x JOIN nodes n ON n.ino = x.ino
+             WHERE n.parent != {ORPHAN_PARENT} ORDER BY x.ino, x.name"
+        ))?;
+        let xattrs = stmt
+            .query_map([], |r| {
+                Ok(SnapshotXattr {
+                    ino: r.get(0)?,
+                    name: r.get(1)?,
+                    value: r.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot {
+            format: SNAPSHOT_FORMAT,
+            nodes,
+            versions,
+            xattrs,
+        })
+    }
+
+    /// Replaces the whole namespace with `snap` (recovery on a new machine).
+    pub fn import(&mut self, snap: &Snapshot) -> Result<(), CatalogError> {
+        let tx = self.db.transaction()?;
+        tx.execute_batch("DELETE FROM nodes; DELETE FROM versions; DELETE FROM xattrs;")?;
+        for n in &snap.nodes {
+            tx.execute(
+                &format!("INSERT INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
+                    n.ino,
+                    n.parent,
+                    n.name,
+                    n.kind.as_str(),
+                    n.mode,
+                    n.uid,
+                    n.gid,
+                    n.atime_ns,
+                    n.mtime_ns,
+                    n.ctime_ns,
+                    n.target
+                ],
+            )?;
+        }
+        for v in &snap.versions {
+            tx.execute(
+                &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 'committed', ?5, ?6)"),
+                params![v.ino, v.num, v.size as i64, v.sha256, v.cap, v.created_ns],
+            )?;
+        }
+        for x in &snap.xattrs {
+            tx.execute(
+                "INSERT INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
+                params![x.ino, x.name, x.value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, CatalogError> {
+        Ok(self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), CatalogError> {
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    pub fn add_namespace(&self, ns: &PublishedNamespace) -> Result<(), CatalogError> {
+        self.db.execute(
+            "INSERT OR REPLACE INTO namespaces (seq, cap, created_ns) VALUES (?1, ?2, ?3)",
+            params![ns.seq as i64, ns.cap, ns.created_ns],
+        )?;
+        Ok(())
+    }
+
+    /// Published namespaces not yet collected, newest first.
+    pub fn namespaces(&self) -> Result<Vec<PublishedNamespace>, CatalogError> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT seq, cap, created_ns FROM namespaces WHERE collected = 0 ORDER BY seq DESC")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PublishedNamespace {
+                seq: r.get::<_, i64>(0)? as u64,
+                cap: r.get(1)?,
+                created_ns: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn collect_namespace(&self, seq: u64) -> Result<(), CatalogError> {
+        self.db
+            .execute("UPDATE namespaces SET collected = 1 WHERE seq = ?1", [seq as i64])?;
+        Ok(())
+    }
+
+    /// Whether a node still has a name (deleted files' versions are kept
+    /// for retention only).
+    pub fn is_live(&self, ino: i64) -> Result<bool, CatalogError> {
+        Ok(self.node(ino)?.is_some_and(|n| n.parent != ORPHAN_PARENT))
+    }
+
     pub fn committed_versions(&self) -> Result<Vec<Version>, CatalogError> {
         self.select_versions(
             "WHERE state = 'committed' AND cap IS NOT NULL ORDER BY created_ns DESC",

@@ -27,8 +27,62 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub grid: GridConfig,
+    #[serde(default)]
+    pub namespace: NamespaceConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
     #[serde(rename = "server")]
     pub servers: Vec<ServerConfig>,
+}
+
+/// Publishing the namespace to the grid (docs/ARCHITECTURE.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Seconds between publications while mounted (only if something
+    /// changed); `cairn sync` publishes at once.
+    #[serde(default = "default_namespace_interval")]
+    pub interval_secs: u64,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig {
+            interval_secs: default_namespace_interval(),
+        }
+    }
+}
+
+fn default_namespace_interval() -> u64 {
+    300
+}
+
+/// Which committed versions `cairn gc` keeps: each file's newest always,
+/// its last `keep_versions`, and every version younger than `keep_days`
+/// (deleted files' versions too, for that long).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+    #[serde(default = "default_keep_days")]
+    pub keep_days: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_versions: default_keep_versions(),
+            keep_days: default_keep_days(),
+        }
+    }
+}
+
+fn default_keep_versions() -> u32 {
+    10
+}
+fn default_keep_days() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -169,6 +223,8 @@ impl Config {
                 spill_limit_mib: None,
                 hedge_after_ms: default_hedge_after_ms(),
             },
+            namespace: NamespaceConfig::default(),
+            retention: RetentionConfig::default(),
             servers: (1..=5)
                 .map(|i| ServerConfig {
                     name: format!("s{i}"),

@@ -39,7 +39,13 @@ fn drive_path(mountpoint: &Path, path: &str) -> String {
 async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
     let result = match req {
         Request::Status => vfs.status().map(|s| json!({ "mountpoint": mountpoint, "status": s })),
-        Request::Sync => vfs.sync().await.map(|n| json!({ "synced": n })),
+        Request::Sync => match vfs.sync().await {
+            Ok(n) => vfs
+                .publish_namespace()
+                .await
+                .map(|seq| json!({ "synced": n, "namespace_published": seq })),
+            Err(e) => Err(e),
+        },
         Request::Versions { path } => {
             let path = drive_path(mountpoint, &path);
             vfs.versions(&path).map(|v| json!({ "path": path, "versions": v }))

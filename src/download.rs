@@ -359,6 +359,22 @@ async fn write_verified(
         source,
     };
     let mut file = std::fs::File::create(tmp).map_err(output_err)?;
+    each_verified_segment(reader, |segment| {
+        file.write_all(segment).map_err(output_err)?;
+        progress.advance(segment.len() as u64);
+        Ok(())
+    })
+    .await?;
+    file.sync_all().map_err(output_err)?;
+    Ok(())
+}
+
+/// Feeds every segment, in order, to `sink`; succeeds only if the whole
+/// matches the SHA-256 recorded at upload.
+async fn each_verified_segment(
+    reader: &VersionReader,
+    mut sink: impl FnMut(&[u8]) -> Result<(), DownloadError>,
+) -> Result<(), DownloadError> {
     let mut hasher = Sha256::new();
     let segments = reader.capability().layout.num_segments();
     let mut stream = futures::stream::iter(0..segments)
@@ -367,15 +383,25 @@ async fn write_verified(
     while let Some(segment) = stream.next().await {
         let segment = segment?;
         hasher.update(&segment);
-        file.write_all(&segment).map_err(output_err)?;
-        progress.advance(segment.len() as u64);
+        sink(&segment)?;
     }
     let actual: Hash = hasher.finalize().into();
     if actual != reader.plaintext_sha256() {
         return Err(DownloadError::PlaintextMismatch);
     }
-    file.sync_all().map_err(output_err)?;
     Ok(())
+}
+
+/// A whole small version in memory, verified (the namespace snapshot).
+pub async fn download_to_vec(grid: Arc<Grid>, cap: Capability) -> Result<Vec<u8>, DownloadError> {
+    let reader = VersionReader::open(grid, cap).await?;
+    let mut out = Vec::with_capacity(reader.capability().layout.size as usize);
+    each_verified_segment(&reader, |segment| {
+        out.extend_from_slice(segment);
+        Ok(())
+    })
+    .await?;
+    Ok(out)
 }
 
 /// Reads every share of a version in full and verifies every block.

@@ -133,8 +133,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until every closed file is committed on the grid.
+    /// Wait until every closed file is committed on the grid, then publish
+    /// the namespace (without a mount: publish it from the catalog).
     Sync {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the root capability: with the server list, it rebuilds the drive.
+    RootCap,
+    /// Rebuild the namespace on a new machine from the root capability.
+    Recover {
+        #[arg(long)]
+        root_cap: String,
+        /// The grid's config.toml (copied into CAIRN_HOME).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the shares of versions no longer retained ([retention] in config.toml).
+    Gc {
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -305,7 +326,14 @@ fn run(command: Command) -> Result<ExitCode> {
             },
         ),
         Command::Status { json } => mount::status(&home.dir, json),
-        Command::Sync { json } => mount::sync(&home.dir, json),
+        Command::Sync { json } => match cairn::control::request(&home.dir, &cairn::control::Request::Status) {
+            Ok(_) => mount::sync(&home.dir, json),
+            // No daemon: nothing is waiting to upload; publish the catalog.
+            Err(_) => publish_offline(&home, json),
+        },
+        Command::RootCap => root_cap(&home),
+        Command::Recover { root_cap, config, json } => recover(&home, &root_cap, &config, json),
+        Command::Gc { dry_run, json } => gc(&home, dry_run, json),
         Command::Versions { path, json } => mount::versions(&home.dir, &path, json),
         Command::Restore { path, version, json } => mount::restore(&home.dir, &path, version, json),
         Command::Bench { mib, runs, json } => {
@@ -405,7 +433,126 @@ fn init(
         config.grid.total,
         config.grid.happy
     );
+    print_root_cap(&cairn::namespace::root_cap(&home.catalog()?)?);
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_root_cap(root: &cairn::namespace::RootCap) {
+    println!("root capability: {root}");
+    eprintln!(
+        "cairn: keep the root capability safe and secret. With it and the server list anyone can read \
+         every file; without it, a lost machine's files cannot be recovered (`cairn root-cap` prints it again)."
+    );
+}
+
+fn root_cap(home: &Home) -> Result<ExitCode> {
+    home.config()?;
+    print_root_cap(&cairn::namespace::root_cap(&home.catalog()?)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
+    let config = home.config()?;
+    let grid = home.grid()?;
+    let catalog = home.catalog()?;
+    let published = match cairn::namespace::prepare(&catalog)? {
+        None => None,
+        Some(pending) => {
+            let p = runtime()?.block_on(cairn::namespace::upload(
+                &grid,
+                config.params(),
+                config.grid.happy,
+                pending,
+            ))?;
+            cairn::namespace::record(&catalog, &p)?;
+            Some(p)
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ok": true, "synced": 0, "namespace_published": published.as_ref().map(|p| p.namespace.seq)
+            }))?
+        );
+    } else {
+        match published {
+            Some(p) => println!("namespace {} published ({} bytes)", p.namespace.seq, p.bytes),
+            None => println!("the namespace on the grid is up to date"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recover(home: &Home, root: &str, config_file: &std::path::Path, json: bool) -> Result<ExitCode> {
+    let root: cairn::namespace::RootCap = root.parse()?;
+    let config = Config::load(config_file)?;
+    let db = home.dir.join("catalog.db");
+    if db.exists() && home.catalog()?.count_nodes()? > 1 {
+        bail!(
+            "{} already holds a namespace; recover into an empty CAIRN_HOME",
+            home.dir.display()
+        );
+    }
+    let target = home.config_path();
+    std::fs::create_dir_all(&home.dir)?;
+    if std::fs::canonicalize(config_file).ok() != std::fs::canonicalize(&target).ok() {
+        let _ = std::fs::remove_file(&target);
+        config.write_new(&home.dir)?;
+    }
+    let grid = Arc::new(home.grid()?);
+    let mut catalog = home.catalog()?;
+    let latest = runtime()?.block_on(cairn::namespace::recover(grid, &root, &mut catalog))?;
+    let nodes = catalog.count_nodes()?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": true, "namespace": latest, "nodes": nodes}))?
+        );
+    } else {
+        println!(
+            "recovered namespace {} ({} names) into {}",
+            latest.seq,
+            nodes,
+            home.dir.display()
+        );
+        for (server, said) in &latest.servers {
+            println!("  {server}: {said}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gc(home: &Home, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let config = home.config()?;
+    let grid = home.grid()?;
+    let catalog = home.catalog()?;
+    let report = runtime()?.block_on(cairn::gc::collect(&grid, &catalog, &config.retention, dry_run))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        println!(
+            "{verb} {} versions and {} namespace snapshots: {} capabilities, {} bytes of file data{}",
+            report.plan.versions.len(),
+            report.plan.namespaces.len(),
+            report.plan.caps.len(),
+            report.plan.bytes,
+            if dry_run {
+                String::new()
+            } else {
+                format!(", {} shares", report.shares_deleted)
+            }
+        );
+        for (server, why) in &report.failures {
+            println!("  {server}: {why} (its versions stay; run gc again)");
+        }
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode> {

@@ -95,6 +95,18 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
             }
         });
     }
+    if !read_only {
+        let vfs = vfs.clone();
+        let every = Duration::from_secs(config.namespace.interval_secs.max(1));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = vfs.publish_namespace().await {
+                    tracing::warn!(error = %e, "publishing the namespace; trying again later");
+                }
+            }
+        });
+    }
     let socket = control::socket_path(home);
     runtime.spawn({
         let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());

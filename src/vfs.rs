@@ -189,6 +189,8 @@ pub struct Vfs {
     /// Directories of `dir` servers, for statfs.
     server_dirs: Vec<PathBuf>,
     runtime: tokio::runtime::Handle,
+    /// One namespace publication at a time.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -260,6 +262,7 @@ impl Vfs {
             upload_wake: Notify::new(),
             queue_changed: Notify::new(),
             readers: Mutex::new(HashMap::new()),
+            publishing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -1560,6 +1563,26 @@ impl Vfs {
 
     /// Repairs committed versions that were uploaded without every server,
     /// once those servers answer again. Returns how many became healthy.
+    /// Publishes the namespace to the grid if it changed since the last
+    /// publication; returns its sequence number if it did.
+    pub async fn publish_namespace(&self) -> VfsResult<Option<u64>> {
+        let _one = self.publishing.lock().await;
+        let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.to_string());
+        let Some(pending) = crate::namespace::prepare(&self.lock().catalog).map_err(grid_err)? else {
+            return Ok(None);
+        };
+        let published = crate::namespace::upload(&self.grid, self.params, self.happy, pending)
+            .await
+            .map_err(grid_err)?;
+        crate::namespace::record(&self.lock().catalog, &published).map_err(grid_err)?;
+        tracing::info!(
+            seq = published.namespace.seq,
+            bytes = published.bytes,
+            "published the namespace"
+        );
+        Ok(Some(published.namespace.seq))
+    }
+
     pub async fn repair_degraded(&self) -> VfsResult<usize> {
         let degraded = self.lock().catalog.degraded_versions()?;
         let mut healed = 0;

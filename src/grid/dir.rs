@@ -160,6 +160,40 @@ impl Server for DirServer {
         .await
     }
 
+    /// `records/<name>`, replaced by writing a temporary file, fsync and
+    /// rename.
+    async fn put_record(&self, name: &str, data: Vec<u8>) -> Result<(), ServerError> {
+        self.check_root()?;
+        let dir = self.root.join("records");
+        let path = dir.join(name);
+        let tmp = dir.join(format!(
+            ".{name}.{}.{:016x}.tmp",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            fsync_dir(&dir)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError> {
+        self.check_root()?;
+        let path = self.root.join("records").join(name);
+        blocking(move || match std::fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+
     async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError> {
         self.check_root()?;
         let path = self.share_path(si, share);

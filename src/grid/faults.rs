@@ -129,6 +129,16 @@ impl Server for FaultyServer {
         self.faults.before().await?;
         self.inner.clean_abandoned().await
     }
+
+    async fn put_record(&self, name: &str, data: Vec<u8>) -> Result<(), ServerError> {
+        self.faults.before().await?;
+        self.inner.put_record(name, data).await
+    }
+
+    async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError> {
+        self.faults.before().await?;
+        self.inner.get_record(name).await
+    }
 }
 
 struct FaultySink {

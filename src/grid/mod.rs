@@ -53,6 +53,11 @@ pub trait Server: Send + Sync {
     /// Removes what uploads of crashed processes left half-written;
     /// returns how many objects went.
     async fn clean_abandoned(&self) -> Result<usize, ServerError>;
+    /// Replaces the small mutable record `name` at once: a reader sees the
+    /// old bytes or the new, never a mixture.
+    async fn put_record(&self, name: &str, data: Vec<u8>) -> Result<(), ServerError>;
+    /// The record `name`, or `None` if there is none.
+    async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError>;
 }
 
 /// Bytes on their way into a share, with the memory budget they hold (if

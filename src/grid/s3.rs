@@ -200,6 +200,22 @@ impl Server for S3Server {
         Ok(self.store.delete(&self.share_path(si, share)).await?)
     }
 
+    /// `<prefix>records/<name>`: an S3 PUT replaces an object atomically.
+    async fn put_record(&self, name: &str, data: Vec<u8>) -> Result<(), ServerError> {
+        let path = ObjectPath::from(format!("{}records/{name}", self.prefix));
+        self.store.put(&path, PutPayload::from(data)).await?;
+        Ok(())
+    }
+
+    async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError> {
+        let path = ObjectPath::from(format!("{}records/{name}", self.prefix));
+        match self.store.get(&path).await {
+            Ok(got) => Ok(Some(got.bytes().await?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Aborts the multipart uploads journaled by processes that are gone.
     async fn clean_abandoned(&self) -> Result<usize, ServerError> {
         let Ok(entries) = std::fs::read_dir(&self.journal) else {

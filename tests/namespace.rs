@@ -1,0 +1,269 @@
+//! The grid alone restores everything: namespace snapshots on the grid,
+//! recovery from the root capability, rollback resistance, and gc.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{bytes, stderr, Home};
+
+fn root_cap(home: &Home) -> String {
+    let out = home.ok(&["root-cap"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("root capability: "))
+        .expect("root-cap prints it")
+        .to_string()
+}
+
+/// A new, empty CAIRN_HOME recovered from `root` and `config`.
+fn recover_into_new_home(root: &str, config: &Path) -> (Home, String) {
+    let home = Home::empty();
+    let out = home.cairn(&["recover", "--root-cap", root, "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "recover failed: {}", stderr(&out));
+    (home, String::from_utf8(out.stdout).unwrap())
+}
+
+/// Every name under `/` of a home's catalog, with sizes and version counts.
+fn listing(home: &Home) -> String {
+    fn walk(home: &Home, path: &str, out: &mut String) {
+        let entries: serde_json::Value = serde_json::from_str(&home.ok(&["ls", "--json", path])).unwrap();
+        for e in entries.as_array().unwrap() {
+            let name = e["name"].as_str().unwrap();
+            let child = format!("{}/{name}", path.trim_end_matches('/'));
+            out.push_str(&format!("{child} {} {} {}\n", e["kind"], e["size"], e["versions"]));
+            if e["kind"] == "dir" {
+                walk(home, &child, out);
+            }
+        }
+    }
+    let mut out = String::new();
+    walk(home, "/", &mut out);
+    out
+}
+
+#[test]
+fn a_new_machine_recovers_every_file_from_the_root_capability() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    let tree = mnt.file("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    let mut files = Vec::new();
+    for i in 0..30 {
+        let p = tree.join(if i % 3 == 0 { "a/b" } else { "a" }).join(format!("f{i}"));
+        let data = bytes(i * 7919 % 300_000, i as u64);
+        std::fs::write(&p, &data).unwrap();
+        files.push((p.strip_prefix(mnt.path()).unwrap().to_owned(), data));
+    }
+    std::fs::write(mnt.file("notes.txt"), b"first").unwrap();
+    home.ok(&["sync"]);
+    std::fs::write(mnt.file("notes.txt"), b"second version").unwrap();
+    std::os::unix::fs::symlink("a/f1", tree.join("link")).unwrap();
+    xattr_set(&mnt.file("notes.txt"), "user.colour", b"blue");
+    let out = home.ok(&["sync", "--json"]);
+    assert!(out.contains("\"namespace_published\": "), "{out}");
+    let root = root_cap(&home);
+    let before = listing(&home);
+    assert!(mnt.unmount().success());
+
+    // The laptop dies: keep only config.toml and the (local) servers.
+    for entry in std::fs::read_dir(home.path()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name != "config.toml" && name != "servers" {
+            let p = entry.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    let out = home.ok(&[
+        "recover",
+        "--root-cap",
+        &root,
+        "--config",
+        home.file("config.toml").to_str().unwrap(),
+    ]);
+    assert!(out.contains("recovered namespace"), "{out}");
+    assert_eq!(listing(&home), before, "the namespace comes back whole");
+    assert_eq!(root_cap(&home), root);
+
+    let mnt = home.mount(&[]);
+    for (path, data) in &files {
+        assert!(std::fs::read(mnt.path().join(path)).unwrap() == *data, "{path:?}");
+    }
+    assert_eq!(std::fs::read(mnt.file("notes.txt")).unwrap(), b"second version");
+    assert_eq!(
+        std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
+        Some("a/f1")
+    );
+    assert_eq!(xattr_get(&mnt.file("notes.txt"), "user.colour"), b"blue");
+    let versions = home.versions("/notes.txt");
+    assert_eq!(versions.len(), 2, "both versions, each readable");
+    assert!(mnt.unmount().success());
+}
+
+fn xattr_set(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn xattr_get(path: &Path, name: &str) -> Vec<u8> {
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: as above.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "getxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf
+}
+
+fn put(home: &Home, path: &str, data: &[u8]) {
+    let src = home.file("src.bin");
+    std::fs::write(&src, data).unwrap();
+    home.ok(&["put", src.to_str().unwrap(), path]);
+}
+
+#[test]
+fn kill_9_during_a_namespace_upload_leaves_a_whole_namespace() {
+    let home = Home::init(&[]);
+    put(&home, "/one", b"one");
+    home.ok(&["sync"]);
+    let root = root_cap(&home);
+    let first = listing(&home);
+    put(&home, "/two", b"two");
+    let second = listing(&home);
+    // Slow servers, so the kill lands inside the upload or the pointer writes.
+    home.slow_servers(150);
+    let mut outcomes = Vec::new();
+    for kill_after_ms in [200, 700, 1300] {
+        let mut child = home
+            .command(&["sync"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let mut config = home.config();
+        for s in &mut config.servers {
+            s.faults = None;
+        }
+        let plain = home.file("plain.toml");
+        std::fs::write(&plain, config.to_toml()).unwrap();
+        let (recovered, _) = recover_into_new_home(&root, &plain);
+        let got = listing(&recovered);
+        assert!(
+            got == first || got == second,
+            "recovered a namespace that never was:\n{got}"
+        );
+        outcomes.push(if got == first { "previous" } else { "new" });
+    }
+    eprintln!("kill -9 at 200/700/1300 ms recovered: {outcomes:?}");
+    assert_eq!(outcomes[0], "previous", "killed before any pointer was written");
+}
+
+#[test]
+fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
+    let home = Home::init(&[]);
+    put(&home, "/a", b"a");
+    home.ok(&["sync"]);
+    let root = root_cap(&home);
+    let records = |s: &str| home.server_dir(s).join("records");
+    let old = home.file("old-records");
+    for s in ["s1", "s2", "s3", "s4"] {
+        copy_dir(&records(s), &old.join(s));
+    }
+    put(&home, "/b", b"b");
+    home.ok(&["sync"]);
+    let newest = listing(&home);
+    // Four servers roll back to the old (validly signed) pointer, and one
+    // of them instead serves a forged one; only s5 is honest.
+    for s in ["s1", "s2", "s3", "s4"] {
+        std::fs::remove_dir_all(records(s)).unwrap();
+        copy_dir(&old.join(s), &records(s));
+    }
+    for entry in std::fs::read_dir(records("s4")).unwrap() {
+        let p = entry.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[15] ^= 0x40; // a higher sequence number
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let (recovered, out) = recover_into_new_home(&root, &home.file("config.toml"));
+    assert_eq!(listing(&recovered), newest, "{out}");
+    assert!(out.contains("s4: invalid pointer: authentication failed"), "{out}");
+    // And a wrong root capability finds nothing it can open.
+    let other = Home::init(&[]);
+    let wrong = root_cap(&other);
+    let probe = Home::empty();
+    let out = probe.cairn(&[
+        "recover",
+        "--root-cap",
+        &wrong,
+        "--config",
+        home.file("config.toml").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no server holds a valid namespace pointer"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn gc_deletes_only_what_retention_lets_go() {
+    let home = Home::init(&[]);
+    home.edit_config(|c| {
+        c.retention.keep_versions = 2;
+        c.retention.keep_days = 0;
+    });
+    for i in 1..=5u64 {
+        put(&home, "/f", &bytes(50_000, i));
+        home.ok(&["sync"]);
+    }
+    let shares_before = home.share_files().len();
+    let dry = home.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.starts_with("would delete 3 versions and 2 namespace snapshots"),
+        "{dry}"
+    );
+    assert_eq!(home.share_files().len(), shares_before, "a dry run deletes nothing");
+    let out = home.ok(&["gc"]);
+    assert!(out.contains("deleted 3 versions and 2 namespace snapshots"), "{out}");
+    assert_eq!(
+        home.share_files().len(),
+        shares_before - 5 * 5,
+        "5 shares for each of 5 capabilities"
+    );
+    // What is retained still reads back; what went is refused clearly.
+    for (num, seed) in [(5, 5), (4, 4)] {
+        let got = home.file("got.bin");
+        home.ok(&["get", "/f", got.to_str().unwrap(), "--version", &num.to_string()]);
+        assert_eq!(std::fs::read(&got).unwrap(), bytes(50_000, seed));
+    }
+    let got = home.file("gone.bin");
+    let out = home.cairn(&["get", "/f", got.to_str().unwrap(), "--version", "1"]);
+    assert!(!out.status.success());
+    assert!(!got.exists());
+    // The newest namespace still recovers everything retained.
+    let (recovered, _) = recover_into_new_home(&root_cap(&home), &home.file("config.toml"));
+    assert!(listing(&recovered).contains("/f "));
+    assert!(home
+        .ok(&["gc"])
+        .starts_with("deleted 0 versions and 0 namespace snapshots"));
+}
