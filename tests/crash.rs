@@ -116,7 +116,7 @@ fn an_upload_killed_midway_resumes_and_leaves_no_partial_shares() {
             .count();
         assert_eq!(left, 0, "s{i}: partial shares left after the resumed upload");
     }
-    let shares = home.share_files().len();
+    let shares = home.shares_of("/big").len();
     assert_eq!(
         shares, 5,
         "the resumed upload reused its names: one share per server, no orphans"

@@ -459,13 +459,14 @@ fn a_rename_never_uploads_again() {
     std::fs::create_dir(mnt.file("dir")).unwrap();
     std::fs::write(mnt.file("dir/a"), bytes(1 << 20, 1)).unwrap();
     home.ok(&["sync"]);
-    let shares_before = home.share_files().len();
+    let shares_before = home.shares_of("/dir/a");
+    assert_eq!(shares_before.len(), 5);
     std::fs::rename(mnt.file("dir/a"), mnt.file("dir/b")).unwrap();
     std::fs::rename(mnt.file("dir"), mnt.file("moved")).unwrap();
     home.ok(&["sync"]);
     let all = home.versions("/moved/b");
     assert_eq!(all.len(), 1, "the rename made no version");
-    assert_eq!(home.share_files().len(), shares_before, "the rename wrote no share");
+    assert_eq!(home.shares_of("/moved/b"), shares_before, "the rename wrote no share");
     assert!(mnt.unmount().success());
 }
 

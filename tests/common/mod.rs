@@ -64,6 +64,30 @@ impl Home {
         out
     }
 
+    /// Published share files of the versions of one drive path (not those
+    /// of namespace snapshots, which `cairn sync` also uploads).
+    pub fn shares_of(&self, path: &str) -> Vec<PathBuf> {
+        let catalog = cairn::catalog::Catalog::open(&self.file("catalog.db")).unwrap();
+        let ino = catalog.resolve(path).unwrap().ino;
+        let dirs: Vec<String> = catalog
+            .versions(ino)
+            .unwrap()
+            .into_iter()
+            .filter_map(|v| v.cap)
+            .map(|c| {
+                c.parse::<cairn::codec::Capability>()
+                    .unwrap()
+                    .storage_index()
+                    .to_string()
+            })
+            .collect();
+        self.share_files()
+            .into_iter()
+            .map(|(_, p)| p)
+            .filter(|p| dirs.iter().any(|d| p.to_string_lossy().contains(d.as_str())))
+            .collect()
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.path().join(name)
     }
