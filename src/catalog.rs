@@ -171,6 +171,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     target TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes (parent, name) WHERE parent != 0;
+-- The unique index above is partial, so SQLite cannot use it for
+-- `parent = ?` (it cannot prove the parameter is not 0): without this one
+-- every lookup and readdir scanned the whole table.
+CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes (parent, name);
 CREATE TABLE IF NOT EXISTS versions (
     ino INTEGER NOT NULL,
     num INTEGER NOT NULL,
