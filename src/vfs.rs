@@ -191,6 +191,9 @@ pub struct Vfs {
     runtime: tokio::runtime::Handle,
     /// One namespace publication at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// Chunks (ino, version, index) being read ahead: every read asks for
+    /// the next few, and must not fetch again what is already on its way.
+    reading_ahead: Arc<Mutex<std::collections::HashSet<(i64, i64, u64)>>>,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -263,6 +266,7 @@ impl Vfs {
             queue_changed: Notify::new(),
             readers: Mutex::new(HashMap::new()),
             publishing: tokio::sync::Mutex::new(()),
+            reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }))
     }
 
@@ -849,25 +853,39 @@ impl Vfs {
     fn read_ahead(&self, v: &Version, from: u64) {
         let chunks = v.size.div_ceil(self.chunk_size());
         let dir = version_dir(&self.cache, v.ino, v.num);
-        let wanted: Vec<u64> = (from..(from + READ_AHEAD_SEGMENTS).min(chunks))
-            .filter(|i| !dir.join(i.to_string()).exists())
-            .collect();
+        let wanted: Vec<u64> = {
+            let mut inflight = self.reading_ahead.lock().expect("read-ahead set");
+            (from..(from + READ_AHEAD_SEGMENTS).min(chunks))
+                .filter(|&i| !dir.join(i.to_string()).exists() && inflight.insert((v.ino, v.num, i)))
+                .collect()
+        };
         if wanted.is_empty() {
             return;
         }
-        let Ok(reader) = self.version_reader(v) else { return };
+        let inflight = self.reading_ahead.clone();
+        let done = move |index: u64, v: &Version| {
+            inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
+        };
+        let Ok(reader) = self.version_reader(v) else {
+            wanted.iter().for_each(|&i| done(i, v));
+            return;
+        };
         let (cache, v) = (self.cache.clone(), v.clone());
         self.runtime.spawn(async move {
+            let mut failed = false;
             for index in wanted {
-                match reader.read_segment(index).await {
-                    Ok(segment) => {
-                        let _ = store_chunk(&cache, &v, index, &segment);
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "read-ahead failed");
-                        return;
+                if !failed {
+                    match reader.read_segment(index).await {
+                        Ok(segment) => {
+                            let _ = store_chunk(&cache, &v, index, &segment);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "read-ahead failed");
+                            failed = true;
+                        }
                     }
                 }
+                done(index, &v);
             }
         });
     }

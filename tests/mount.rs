@@ -276,6 +276,20 @@ fn an_uncached_file_streams_and_the_cache_keeps_its_bound() {
     let mut rest = Vec::new();
     f.read_to_end(&mut rest).unwrap();
     assert!(rest == data[4096..]);
+    // Streaming from the grid keeps the daemon small: each chunk is read
+    // ahead once, not once per read that wants it (which held 1.5 GB for a
+    // 1 GiB file before that was fixed).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", mnt.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 64 << 10,
+        "daemon peak RSS {} MiB reading a 64 MiB file",
+        hwm_kib >> 10
+    );
     // The eviction pass (every 2 s) brings clean data under 16 MiB.
     let deadline = Instant::now() + Duration::from_secs(10);
     while cached_bytes(&home) > 16 << 20 && Instant::now() < deadline {
