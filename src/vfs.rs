@@ -8,6 +8,7 @@
 //! sealed as the next immutable version and queued for upload after the
 //! write-back delay. Uploads only ever read sealed versions.
 
+use crate::stage::fs_space;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1130,17 +1131,6 @@ pub struct StatFs {
     pub total_bytes: u64,
     pub free_bytes: u64,
     pub files: u64,
-}
-
-fn fs_space(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs fills the struct we own from a valid C string.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize))
 }
 
 /// Removes every cached version of a deleted file.

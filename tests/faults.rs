@@ -36,15 +36,11 @@ fn placed_servers(report: &serde_json::Value) -> Vec<String> {
 }
 
 fn get_bytes(home: &Home, path: &str) -> Result<Vec<u8>, String> {
-    let out_path = home.file("got.bin");
-    let _ = std::fs::remove_file(&out_path);
-    let out = home.cairn(&["get", path, out_path.to_str().unwrap()]);
-    if out.status.success() {
-        Ok(std::fs::read(&out_path).unwrap())
-    } else {
-        assert!(!out_path.exists(), "a failed get left an output file");
-        Err(stderr(&out))
+    let got = home.get_bytes(path);
+    if got.is_err() {
+        assert!(!home.file("got.bin").exists(), "a failed get left an output file");
     }
+    got
 }
 
 fn check_healthy(home: &Home, path: &str) -> bool {
@@ -58,10 +54,8 @@ fn timeout(home: &Home, secs: u64) {
     home.edit_config(|c| c.grid.timeout_secs = secs);
 }
 
-#[test]
-fn a_stalled_server_is_dropped_after_the_time_out_and_repaired_when_it_answers() {
-    let home = Home::init(&[]);
-    timeout(&home, 2);
+/// Makes s2 hang on every request until the returned flag file is removed.
+fn stall_s2(home: &Home) -> std::path::PathBuf {
     let flag = home.file("s2-stalled");
     std::fs::write(&flag, "").unwrap();
     home.set_faults(
@@ -71,6 +65,14 @@ fn a_stalled_server_is_dropped_after_the_time_out_and_repaired_when_it_answers()
             ..Default::default()
         },
     );
+    flag
+}
+
+#[test]
+fn a_stalled_server_is_dropped_after_the_time_out_and_repaired_when_it_answers() {
+    let home = Home::init(&[]);
+    timeout(&home, 2);
+    let flag = stall_s2(&home);
     let data = bytes(3 << 20, 1);
     let report = put_json(&home, "a.bin", &data);
     assert_eq!(placed_servers(&report), ["s1", "s3", "s4", "s5"]);
@@ -302,15 +304,7 @@ fn a_bad_fault_config_names_the_field() {
 fn the_mount_commits_and_reads_back_through_a_stalled_and_a_lying_server() {
     let home = Home::init(&[]);
     timeout(&home, 2);
-    let flag = home.file("s2-stalled");
-    std::fs::write(&flag, "").unwrap();
-    home.set_faults(
-        "s2",
-        FaultConfig {
-            stall_flag: Some(flag.clone()),
-            ..Default::default()
-        },
-    );
+    let flag = stall_s2(&home);
     home.set_faults(
         "s4",
         FaultConfig {

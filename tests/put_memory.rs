@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 
-use common::{bytes, Home};
+use common::{bytes, sparse_file, Home};
 
 fn peak_child_rss_kib() -> i64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -19,15 +19,10 @@ fn peak_child_rss_kib() -> i64 {
 fn put_of_4_gib_stays_under_100_mib_rss() {
     let home = Home::init(&[]);
     let src = home.file("big.bin");
-    let f = std::fs::File::create(&src).unwrap();
     let size: u64 = 4 << 30;
-    f.set_len(size).unwrap();
     // Real data at the start, middle and end; the rest reads as zeros.
     let chunk = bytes(8 << 20, 5);
-    for off in [0, size / 2, size - chunk.len() as u64] {
-        f.write_all_at(&chunk, off).unwrap();
-    }
-    drop(f);
+    sparse_file(&src, size, &chunk, &[0, size / 2, size - chunk.len() as u64]);
     let out = home.ok(&["put", src.to_str().unwrap(), "/big.bin"]);
     assert!(out.contains(&format!(":3:5:{size}:")), "{out}");
     let rss_mib = peak_child_rss_kib() / 1024;

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::s3::S3Servers;
-use common::{bytes, stderr, Home};
+use common::{bytes, Home};
 
 fn s3_home(servers: &S3Servers) -> Home {
     let args = servers.init_args();
@@ -19,17 +19,6 @@ fn put(home: &Home, name: &str, data: &[u8]) -> serde_json::Value {
     let out = home.ok(&["put", "--json", src.to_str().unwrap(), &format!("/{name}")]);
     std::fs::remove_file(&src).unwrap();
     serde_json::from_str(&out).unwrap()
-}
-
-fn get(home: &Home, path: &str) -> Result<Vec<u8>, String> {
-    let out_path = home.file("got.bin");
-    let _ = std::fs::remove_file(&out_path);
-    let out = home.cairn(&["get", path, out_path.to_str().unwrap()]);
-    if out.status.success() {
-        Ok(std::fs::read(&out_path).unwrap())
-    } else {
-        Err(stderr(&out))
-    }
 }
 
 fn healthy(home: &Home, path: &str) -> bool {
@@ -47,14 +36,14 @@ fn put_get_check_on_an_s3_grid_and_a_killed_server() {
     let report = put(&home, "big.bin", &big);
     assert_eq!(report["placed"].as_array().unwrap().len(), 5, "{report}");
     put(&home, "small.bin", &small);
-    assert_eq!(get(&home, "/big.bin").unwrap(), big);
-    assert_eq!(get(&home, "/small.bin").unwrap(), small);
+    assert_eq!(home.get_bytes("/big.bin").unwrap(), big);
+    assert_eq!(home.get_bytes("/small.bin").unwrap(), small);
     assert!(healthy(&home, "/big.bin"));
 
     // A killed server: still readable, and check names it.
     servers.kill(2);
-    assert_eq!(get(&home, "/big.bin").unwrap(), big);
-    assert_eq!(get(&home, "/small.bin").unwrap(), small);
+    assert_eq!(home.get_bytes("/big.bin").unwrap(), big);
+    assert_eq!(home.get_bytes("/small.bin").unwrap(), small);
     let out = home.cairn(&["check", "/big.bin"]);
     assert!(!out.status.success());
     assert!(
@@ -131,7 +120,7 @@ fn a_sigstopped_server_is_dropped_memory_stays_bounded_and_it_is_repaired_after_
     assert_eq!(report["failures"][0]["server"], "s2", "{report}");
     let budget_mib = home.config().grid.memory_budget_mib as i64;
     assert!(peak_kib / 1024 < budget_mib + 32, "peak RSS {} MiB", peak_kib / 1024);
-    assert_eq!(common::sha256_hex(&get(&home, "/stop.bin").unwrap()), sha);
+    assert_eq!(common::sha256_hex(&home.get_bytes("/stop.bin").unwrap()), sha);
     assert!(!healthy(&home, "/stop.bin"));
     assert!(home.ok(&["repair", "--all"]).contains("healthy now"));
     assert!(healthy(&home, "/stop.bin"));
@@ -166,7 +155,7 @@ fn a_put_killed_mid_upload_leaves_only_incomplete_multipart_uploads_which_repair
         n
     };
     assert_eq!(objects(), 0, "no share is visible after the kill");
-    assert!(get(&home, "/big.bin").is_err());
+    assert!(home.get_bytes("/big.bin").is_err());
 
     home.edit_config(|c| {
         for s in &mut c.servers {
@@ -213,6 +202,6 @@ fn one_grid_mixes_dir_and_s3_servers() {
     let report = put(&home, "mixed.bin", &data);
     assert_eq!(report["placed"].as_array().unwrap().len(), 5, "{report}");
     assert_eq!(common::walk_count(dirs.path()), 2, "one share in each directory server");
-    assert_eq!(get(&home, "/mixed.bin").unwrap(), data);
+    assert_eq!(home.get_bytes("/mixed.bin").unwrap(), data);
     assert!(healthy(&home, "/mixed.bin"));
 }

@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::FileExt;
 
 use cairn::config::FaultConfig;
-use common::{bytes, run_measured, Home};
+use common::{bytes, run_measured, sparse_file, Home};
 
 #[test]
 fn a_2_gib_upload_with_a_stalled_server_stays_within_the_memory_budget() {
@@ -23,14 +23,9 @@ fn a_2_gib_upload_with_a_stalled_server_stays_within_the_memory_budget() {
     );
     let budget_mib = home.config().grid.memory_budget_mib as i64;
     let src = home.file("big.bin");
-    let f = std::fs::File::create(&src).unwrap();
     let size: u64 = 2 << 30;
-    f.set_len(size).unwrap();
     let chunk = bytes(8 << 20, 9);
-    for off in [0, size / 3, size - chunk.len() as u64] {
-        f.write_all_at(&chunk, off).unwrap();
-    }
-    drop(f);
+    sparse_file(&src, size, &chunk, &[0, size / 3, size - chunk.len() as u64]);
 
     let mut cmd = home.command(&["put", "--json", src.to_str().unwrap(), "/big.bin"]);
     cmd.env("CAIRN_LOG", "cairn=info");

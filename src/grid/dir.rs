@@ -148,9 +148,7 @@ impl Server for DirServer {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let pid = name.split('.').nth(2).and_then(|p| p.parse::<i32>().ok());
-                // SAFETY: kill with signal 0 only checks whether the process exists.
-                let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
-                if name.ends_with(".part") && !alive {
+                if name.ends_with(".part") && !super::process_alive(pid) {
                     std::fs::remove_file(entry.path())?;
                     removed += 1;
                 }

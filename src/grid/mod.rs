@@ -179,6 +179,12 @@ impl Grid {
     }
 }
 
+/// Whether the process named in an abandoned-upload marker still runs.
+fn process_alive(pid: Option<i32>) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0)
+}
+
 pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {
     tokio::time::timeout(limit, fut)
         .await

@@ -226,8 +226,7 @@ impl Server for S3Server {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.split('.').next().and_then(|p| p.parse::<i32>().ok());
-            // SAFETY: kill with signal 0 only checks whether the process exists.
-            if pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0) {
+            if super::process_alive(pid) {
                 continue;
             }
             if let Ok(open) = serde_json::from_slice::<OpenUpload>(&std::fs::read(entry.path())?) {

@@ -88,15 +88,7 @@ impl Budget {
 /// ancestor); zero if it cannot be asked.
 fn free_space(dir: &std::path::Path) -> u64 {
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
-    let Ok(path) = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()) else {
-        return 0;
-    };
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: path is NUL-terminated and st is ours to fill.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return 0;
-    }
-    st.f_bavail as u64 * st.f_frsize as u64
+    crate::stage::fs_space(existing).map_or(0, |(_, free)| free)
 }
 
 /// One server's queue of spilled blocks, written and read in order.

@@ -64,6 +64,18 @@ impl Home {
         out
     }
 
+    /// `cairn get PATH` into a scratch file: its bytes, or the error output.
+    pub fn get_bytes(&self, path: &str) -> Result<Vec<u8>, String> {
+        let out_path = self.file("got.bin");
+        let _ = std::fs::remove_file(&out_path);
+        let out = self.cairn(&["get", path, out_path.to_str().unwrap()]);
+        if out.status.success() {
+            Ok(std::fs::read(&out_path).unwrap())
+        } else {
+            Err(stderr(&out))
+        }
+    }
+
     /// Published share files of the versions of one drive path (not those
     /// of namespace snapshots, which `cairn sync` also uploads).
     pub fn shares_of(&self, path: &str) -> Vec<PathBuf> {
@@ -168,6 +180,17 @@ pub fn run_measured(mut cmd: std::process::Command, dir: &std::path::Path) -> (b
     };
     let read = |p| std::fs::read_to_string(p).unwrap();
     (status.success(), read(&out), read(&err), peak_kib)
+}
+
+/// A sparse file of `size` bytes holding `chunk` at each of `offsets`; the
+/// rest reads as zeros.
+pub fn sparse_file(path: &Path, size: u64, chunk: &[u8], offsets: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for &off in offsets {
+        f.write_all_at(chunk, off).unwrap();
+    }
 }
 
 /// Files under `dir`, recursively; 0 if it does not exist.
