@@ -302,7 +302,7 @@ impl Catalog {
         let now = now_ns();
         db.execute(
             &format!("INSERT OR IGNORE INTO nodes ({NODE_COLUMNS}) VALUES (?1, ?1, '', 'dir', 493, ?2, ?3, ?4, ?4, ?4, NULL)"),
-            params![ROOT_INO, unsafe { libc::getuid() }, unsafe { libc::getgid() }, now],
+            params![ROOT_INO, crate::sys::current_owner().0, crate::sys::current_owner().1, now],
         )?;
         Ok(Catalog { db })
     }
@@ -519,8 +519,8 @@ impl Catalog {
         let owner = NewNode {
             kind: Kind::Dir,
             mode: 0o755,
-            uid: unsafe { libc::getuid() },
-            gid: unsafe { libc::getgid() },
+            uid: crate::sys::current_owner().0,
+            gid: crate::sys::current_owner().1,
             target: None,
         };
         for name in dirs {

@@ -380,12 +380,7 @@ impl Config {
         }
         // Owner-only: S3 entries may hold secret keys.
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
+        crate::sys::create_private(&path)
             .and_then(|mut f| f.write_all(self.to_toml().as_bytes()))
             .with_context(|| path.display().to_string())?;
         Ok(())

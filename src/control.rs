@@ -1,6 +1,7 @@
 //! The control socket: `cairn status`, `sync`, `versions` and `restore`
-//! talk to the running daemon through `$CAIRN_HOME/control.sock`, one JSON
-//! request and one JSON reply per connection.
+//! talk to the running daemon through `$CAIRN_HOME/control.sock` (a Unix
+//! socket; on Windows a named pipe named after that path), one JSON request
+//! and one JSON reply per connection.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::vfs::Vfs;
 
@@ -65,32 +66,71 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
     }
 }
 
+/// One connection: a request line in, a reply line out.
+async fn converse(stream: impl AsyncRead + AsyncWrite + Unpin, vfs: Arc<Vfs>, mountpoint: PathBuf) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut line = String::new();
+    if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => answer(&vfs, &mountpoint, req).await,
+        Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+    };
+    let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+}
+
 /// Serves the socket until the process ends.
+#[cfg(unix)]
 pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let (vfs, mountpoint) = (vfs.clone(), mountpoint.clone());
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
-                return;
-            }
-            let reply = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => answer(&vfs, &mountpoint, req).await,
-                Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
-            };
-            let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
-        });
+        tokio::spawn(converse(stream, vfs.clone(), mountpoint.clone()));
     }
+}
+
+/// Serves the named pipe until the process ends: one pipe instance waits
+/// for the next client while the last one is answered.
+#[cfg(windows)]
+pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::io::Result<()> {
+    use tokio::net::windows::named_pipe::ServerOptions;
+    let name = pipe_name(&socket);
+    let mut server = ServerOptions::new().first_pipe_instance(true).create(&name)?;
+    loop {
+        server.connect().await?;
+        let connected = std::mem::replace(&mut server, ServerOptions::new().create(&name)?);
+        tokio::spawn(converse(connected, vfs.clone(), mountpoint.clone()));
+    }
+}
+
+/// The pipe for a CAIRN_HOME: pipe names are global, so it is derived from
+/// the socket path, one per home.
+#[cfg(windows)]
+fn pipe_name(socket: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(socket.to_string_lossy().as_bytes());
+    format!(r"\\.\pipe\cairn-{}", data_encoding::HEXLOWER.encode(&digest[..8]))
+}
+
+#[cfg(unix)]
+fn connect(socket: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    std::os::unix::net::UnixStream::connect(socket)
+}
+
+#[cfg(windows)]
+fn connect(socket: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pipe_name(socket))
 }
 
 /// Sends one request to the daemon of `home` and returns its reply.
 pub fn request(home: &Path, req: &Request) -> anyhow::Result<Value> {
     let socket = socket_path(home);
-    let mut stream = std::os::unix::net::UnixStream::connect(&socket).map_err(|e| {
+    let mut stream = connect(&socket).map_err(|e| {
         anyhow::anyhow!(
             "no cairn daemon answers at {} ({e}); is `cairn mount` running with this CAIRN_HOME?",
             socket.display()

@@ -7,11 +7,14 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod download;
+#[cfg(unix)]
 pub mod fuse;
 pub mod gc;
 pub mod grid;
 pub mod namespace;
 pub mod repair;
 pub mod stage;
+pub mod sys;
 pub mod upload;
 pub mod vfs;
+pub mod winfsp;

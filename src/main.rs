@@ -110,12 +110,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mount the drive at DIR (foreground; initialises the embedded default if needed).
+    /// Mount the drive at DIR, or at a drive letter such as X: on Windows
+    /// (foreground; initialises the embedded default if needed).
     Mount {
         dir: PathBuf,
         /// Let other users reach the mount (needs user_allow_other in /etc/fuse.conf unless root).
         #[arg(long)]
         allow_other: bool,
+        /// Windows: mount as a network drive (\\cairn\vol) instead of a local disk.
+        #[arg(long)]
+        network: bool,
         #[arg(long)]
         read_only: bool,
         /// Seconds a sealed version waits before upload, so a burst of saves uploads once.
@@ -310,6 +314,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Mount {
             dir,
             allow_other,
+            network,
             read_only,
             writeback_delay,
             cache_size,
@@ -319,6 +324,7 @@ fn run(command: Command) -> Result<ExitCode> {
             &dir,
             mount::MountArgs {
                 allow_other,
+                network,
                 read_only,
                 writeback_delay,
                 cache_size_mib: cache_size,

@@ -8,7 +8,7 @@
 //! sealed as the next immutable version and queued for upload after the
 //! write-back delay. Uploads only ever read sealed versions.
 
-use crate::stage::fs_space;
+use crate::sys::fs_space;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -755,7 +755,7 @@ impl Vfs {
         let (total, free) = fs_space(&self.cache)?;
         let reserve = (total / 50).clamp(4 << 20, 256 << 20);
         if free < reserve + bytes {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into());
+            return Err(crate::sys::disk_full().into());
         }
         Ok(())
     }
@@ -1099,10 +1099,9 @@ impl Vfs {
         // file byte. The first disk to fill bounds the grid.
         let mut disks: HashMap<u64, (u64, u64, u64)> = HashMap::new();
         for dir in self.server_dirs.iter().chain(std::iter::once(&self.cache)) {
-            use std::os::unix::fs::MetadataExt;
             if let (Ok(meta), Ok((total, free))) = (std::fs::metadata(dir), fs_space(dir)) {
                 let count = if dir == &self.cache { 0 } else { 1 };
-                disks.entry(meta.dev()).or_insert((total, free, 0)).2 += count;
+                disks.entry(crate::sys::device_of(&meta)).or_insert((total, free, 0)).2 += count;
             }
         }
         let k = self.params.needed as u64;
@@ -1249,7 +1248,6 @@ impl Vfs {
     /// touches staged versions or the base of an open working copy.
     /// Returns the bytes freed.
     pub fn evict(&self) -> VfsResult<u64> {
-        use std::os::unix::fs::MetadataExt;
         let (states, protected) = {
             let st = self.lock();
             let protected: std::collections::HashSet<PathBuf> = st
@@ -1274,13 +1272,12 @@ impl Vfs {
                 };
                 for chunk in chunks {
                     let chunk = chunk?;
-                    let meta = chunk.metadata()?;
-                    let bytes = meta.blocks() * 512;
-                    if seen.insert((meta.dev(), meta.ino())) {
-                        used += bytes;
+                    let facts = crate::sys::file_facts(&chunk.path(), &chunk.metadata()?);
+                    if seen.insert(facts.identity) {
+                        used += facts.disk_bytes;
                     }
                     if evictable {
-                        candidates.push((meta.mtime(), meta.nlink(), bytes, chunk.path()));
+                        candidates.push((facts.modified, facts.links, facts.disk_bytes, chunk.path()));
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! file system.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 
@@ -55,10 +55,6 @@ fn not_found_as(e: std::io::Error) -> ServerError {
     } else {
         ServerError::Io(e)
     }
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[async_trait]
@@ -147,7 +143,7 @@ impl Server for DirServer {
             for entry in entries {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let pid = name.split('.').nth(2).and_then(|p| p.parse::<i32>().ok());
+                let pid = name.split('.').nth(2).and_then(|p| p.parse::<u32>().ok());
                 if name.ends_with(".part") && !super::process_alive(pid) {
                     std::fs::remove_file(entry.path())?;
                     removed += 1;
@@ -175,7 +171,7 @@ impl Server for DirServer {
             f.write_all(&data)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            fsync_dir(&dir)?;
+            crate::sys::sync_dir(&dir)?;
             Ok(())
         })
         .await
@@ -252,7 +248,7 @@ impl ShareSink for DirSink {
             let dir = final_path.parent().expect("share path has a parent");
             std::fs::create_dir_all(dir)?;
             std::fs::rename(&staging, &final_path)?;
-            fsync_dir(dir)?;
+            crate::sys::sync_dir(dir)?;
             Ok(())
         })
         .await

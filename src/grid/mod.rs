@@ -180,9 +180,8 @@ impl Grid {
 }
 
 /// Whether the process named in an abandoned-upload marker still runs.
-fn process_alive(pid: Option<i32>) -> bool {
-    // SAFETY: kill with signal 0 only checks whether the process exists.
-    pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0)
+fn process_alive(pid: Option<u32>) -> bool {
+    pid.is_some_and(crate::sys::process_alive)
 }
 
 pub async fn timed<T>(limit: Duration, fut: impl Future<Output = Result<T, ServerError>>) -> Result<T, ServerError> {

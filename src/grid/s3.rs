@@ -225,7 +225,7 @@ impl Server for S3Server {
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('.').next().and_then(|p| p.parse::<i32>().ok());
+            let pid = name.split('.').next().and_then(|p| p.parse::<u32>().ok());
             if super::process_alive(pid) {
                 continue;
             }

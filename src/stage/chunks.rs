@@ -14,7 +14,8 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+
+use crate::sys::{sync_dir, sync_file, PositionalIo};
 use std::path::{Path, PathBuf};
 
 /// An immutable version in the staging cache.
@@ -314,10 +315,10 @@ impl WorkingCopy {
     /// Makes every written byte durable on the local disk.
     pub fn fsync(&self) -> io::Result<()> {
         for index in &self.own {
-            File::open(self.own_path(*index))?.sync_all()?;
+            sync_file(&self.own_path(*index))?;
         }
-        File::open(self.dir.join(STATE_FILE))?.sync_all()?;
-        File::open(&self.dir)?.sync_all()
+        sync_file(&self.dir.join(STATE_FILE))?;
+        sync_dir(&self.dir)
     }
 
     /// Builds the immutable version at `version_dir` (which must not exist)
@@ -353,7 +354,7 @@ impl WorkingCopy {
             }
             file.sync_all()?;
         }
-        File::open(&version_dir)?.sync_all()?;
+        sync_dir(&version_dir)?;
         Ok(SealedVersion {
             dir: version_dir,
             size: self.size,

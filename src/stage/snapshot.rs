@@ -5,7 +5,6 @@
 //! checks that the source did not change while it was taken, so what is
 //! uploaded is exactly one state the file had (Tahoe-LAFS ticket #427).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,7 +46,9 @@ struct FileState {
 }
 
 impl FileState {
+    #[cfg(unix)]
     fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
         FileState {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -56,14 +57,26 @@ impl FileState {
             ctime: (meta.ctime(), meta.ctime_nsec()),
         }
     }
-}
 
-/// The clock the kernel stamps files with (coarse real time).
-fn coarse_now() -> (i64, i64) {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-    (ts.tv_sec, ts.tv_nsec)
+    /// Windows has no inode or change time in stable std: size, write time
+    /// and creation time (a replaced file gets a new one) stand in.
+    #[cfg(windows)]
+    fn of(meta: &std::fs::Metadata) -> Self {
+        let stamp = |t: std::io::Result<std::time::SystemTime>| {
+            let d = t
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            (d.as_secs() as i64, d.subsec_nanos() as i64)
+        };
+        FileState {
+            dev: 0,
+            ino: 0,
+            size: meta.len(),
+            mtime: stamp(meta.modified()),
+            ctime: stamp(meta.created()),
+        }
+    }
 }
 
 /// Takes a stable snapshot of `src` into `stage_dir`.
@@ -82,7 +95,7 @@ pub fn snapshot(src: &Path, stage_dir: &Path) -> Result<Snapshot, SnapshotError>
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(20 << attempt.min(5)));
         }
-        let started = coarse_now();
+        let started = crate::sys::coarse_now();
         let mut source = std::fs::File::open(src).map_err(io_err(src))?;
         let before_meta = source.metadata().map_err(io_err(src))?;
         if !before_meta.is_file() {
@@ -98,7 +111,7 @@ pub fn snapshot(src: &Path, stage_dir: &Path) -> Result<Snapshot, SnapshotError>
         let snap = Snapshot {
             path: dest.clone(),
             size: before.size,
-            reflinked: reflink(&source, &out),
+            reflinked: crate::sys::reflink(&source, &out),
         };
         if !snap.reflinked {
             std::io::copy(&mut source, &mut out).map_err(io_err(src))?;
@@ -115,11 +128,4 @@ pub fn snapshot(src: &Path, stage_dir: &Path) -> Result<Snapshot, SnapshotError>
         path: src.to_owned(),
         attempts: ATTEMPTS,
     })
-}
-
-/// Shares the source's extents copy-on-write (btrfs, XFS, bcachefs...).
-fn reflink(source: &std::fs::File, dest: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: FICLONE takes two valid file descriptors we hold open.
-    unsafe { libc::ioctl(dest.as_raw_fd(), libc::FICLONE as _, source.as_raw_fd()) == 0 }
 }

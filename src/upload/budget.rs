@@ -5,13 +5,13 @@
 //! slow server costs disk space, not RAM, and never slows the others. When
 //! the spill space is used up, the server that needs more counts as failed.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::sys::PositionalIo;
 
 /// Share of the spill directory's free space used when no limit is set.
 const DEFAULT_SPILL_FRACTION: u64 = 10;
@@ -88,7 +88,7 @@ impl Budget {
 /// ancestor); zero if it cannot be asked.
 fn free_space(dir: &std::path::Path) -> u64 {
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
-    crate::stage::fs_space(existing).map_or(0, |(_, free)| free)
+    crate::sys::fs_space(existing).map_or(0, |(_, free)| free)
 }
 
 /// One server's queue of spilled blocks, written and read in order.
@@ -143,15 +143,7 @@ impl Drop for Spilled {
         // Give the disk space back as the queue drains, not only when the
         // upload ends; on a file system without hole punching it comes back
         // when the (unnamed) file is closed.
-        // SAFETY: fallocate on a descriptor we own, within its size.
-        unsafe {
-            libc::fallocate(
-                self.file.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                self.offset as libc::off_t,
-                self.len as libc::off_t,
-            );
-        }
+        crate::sys::punch_hole(&self.file.file, self.offset, self.len);
         self.file.used.fetch_sub(self.len, Ordering::SeqCst);
     }
 }

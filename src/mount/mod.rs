@@ -5,16 +5,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use cairn::config::Config;
 use cairn::control::{self, Request};
-use cairn::fuse::CairnFs;
 use cairn::vfs::{Status, Vfs, VfsOptions};
+
+#[cfg(unix)]
+#[path = "fuse_session.rs"]
+mod session;
+#[cfg(windows)]
+#[path = "winfsp_session.rs"]
+mod session;
 
 pub struct MountArgs {
     pub allow_other: bool,
+    pub network: bool,
     pub read_only: bool,
     pub writeback_delay: f64,
     pub cache_size_mib: u64,
@@ -24,11 +31,18 @@ pub struct MountArgs {
 pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
     let MountArgs {
         allow_other,
+        network,
         read_only,
         writeback_delay,
         cache_size_mib,
         repair_interval,
     } = args;
+    if !(0.0..=86400.0).contains(&writeback_delay) {
+        bail!("--writeback-delay must be between 0 and 86400 seconds");
+    }
+    // The platform's checks come first: a missing WinFsp or a busy mount
+    // point fails before anything is created.
+    let mountpoint = session::prepare(dir)?;
     let config_path = home.join("config.toml");
     if !config_path.exists() {
         Config::embedded_default(home).write_new(home)?;
@@ -38,20 +52,6 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
         );
     }
     let config = Config::load(&config_path)?;
-    recover_stale_mount(dir)?;
-    let mountpoint = std::fs::canonicalize(dir).with_context(|| format!("mount point {}", dir.display()))?;
-    if is_mounted(&mountpoint) {
-        bail!(
-            "{} is already a mount point (is cairn already mounted there?)",
-            mountpoint.display()
-        );
-    }
-    if !mountpoint.is_dir() {
-        bail!("mount point {} is not a directory", mountpoint.display());
-    }
-    if !(0.0..=86400.0).contains(&writeback_delay) {
-        bail!("--writeback-delay must be between 0 and 86400 seconds");
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -66,6 +66,59 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
         &config,
         runtime.handle().clone(),
     )?;
+    spawn_background(&runtime, &vfs, &config, repair_interval, read_only);
+    let socket = control::socket_path(home);
+    runtime.spawn({
+        let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());
+        async move {
+            if let Err(e) = control::serve(vfs, socket, mountpoint).await {
+                tracing::error!(error = %e, "control socket stopped");
+            }
+        }
+    });
+
+    let options = SessionOptions {
+        home: home.to_owned(),
+        allow_other,
+        read_only,
+        network,
+    };
+    session::serve(&runtime, vfs.clone(), &mountpoint, &options)?;
+
+    // Unmounted: everything written is sealed (the adapter did it; again in
+    // case the platform never told it), and the queue is in the catalog.
+    vfs.seal_all()?;
+    let pending = vfs.status()?.queue.len();
+    let _ = std::fs::remove_file(&socket);
+    if pending > 0 {
+        let versions = if pending == 1 { "version" } else { "versions" };
+        eprintln!("cairn: unmounted; {pending} {versions} not yet on the grid will upload at the next mount");
+    } else {
+        eprintln!("cairn: unmounted; everything is on the grid");
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the platform's session needs beyond the core.
+pub struct SessionOptions {
+    /// Windows: the staging disk's free space and the volume serial number.
+    #[cfg_attr(unix, allow(dead_code))]
+    pub home: std::path::PathBuf,
+    pub allow_other: bool,
+    pub read_only: bool,
+    /// Windows: a network drive instead of a local disk.
+    pub network: bool,
+}
+
+/// Uploads, cache eviction, automatic repair and namespace publication.
+fn spawn_background(
+    runtime: &tokio::runtime::Runtime,
+    vfs: &Arc<Vfs>,
+    config: &Config,
+    repair_interval: f64,
+    read_only: bool,
+) {
     runtime.spawn(vfs.clone().run_uploads());
     runtime.spawn({
         let vfs = vfs.clone();
@@ -83,181 +136,32 @@ pub fn run(home: &Path, dir: &Path, args: MountArgs) -> Result<ExitCode> {
     });
     if read_only {
         tracing::info!("read-only: no automatic repair");
-    } else {
+        return;
+    }
+    let every = Duration::from_secs_f64(repair_interval.max(0.1));
+    runtime.spawn({
         let vfs = vfs.clone();
-        let every = Duration::from_secs_f64(repair_interval.max(0.1));
-        runtime.spawn(async move {
+        async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = vfs.repair_degraded().await {
                     tracing::warn!(error = %e, "automatic repair");
                 }
             }
-        });
-    }
-    if !read_only {
+        }
+    });
+    let every = Duration::from_secs(config.namespace.interval_secs.max(1));
+    runtime.spawn({
         let vfs = vfs.clone();
-        let every = Duration::from_secs(config.namespace.interval_secs.max(1));
-        runtime.spawn(async move {
+        async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = vfs.publish_namespace().await {
                     tracing::warn!(error = %e, "publishing the namespace; trying again later");
                 }
             }
-        });
-    }
-    let socket = control::socket_path(home);
-    runtime.spawn({
-        let (vfs, socket, mountpoint) = (vfs.clone(), socket.clone(), mountpoint.clone());
-        async move {
-            if let Err(e) = control::serve(vfs, socket, mountpoint).await {
-                tracing::error!(error = %e, "control socket stopped");
-            }
         }
     });
-
-    let session = mount_session(vfs.clone(), &mountpoint, allow_other, read_only)?;
-    eprintln!(
-        "cairn: mounted at {} (Ctrl-C or fusermount3 -u to stop)",
-        mountpoint.display()
-    );
-    runtime.spawn({
-        let mountpoint = mountpoint.clone();
-        async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("signal received; unmounting");
-            unmount(&mountpoint);
-        }
-    });
-    session.run().context("FUSE session")?;
-    reap_unmount_helper();
-
-    // Unmounted: everything written is sealed (destroy did it; again in case
-    // the kernel never sent destroy), and the queue is in the catalog.
-    vfs.seal_all()?;
-    let pending = vfs.status()?.queue.len();
-    let _ = std::fs::remove_file(&socket);
-    if pending > 0 {
-        let versions = if pending == 1 { "version" } else { "versions" };
-        eprintln!("cairn: unmounted; {pending} {versions} not yet on the grid will upload at the next mount");
-    } else {
-        eprintln!("cairn: unmounted; everything is on the grid");
-    }
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    Ok(ExitCode::SUCCESS)
-}
-
-/// fuser's auto-unmount helper (a `fusermount3` child) outlives the
-/// session by a moment and then unmounts the mount point *path*. Waiting for
-/// it before exiting keeps it from unmounting a new mount made right after
-/// this daemon stops (seen when remounting at once).
-fn reap_unmount_helper() {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < deadline {
-        let mut status = 0;
-        // SAFETY: waitpid on our own children, non-blocking.
-        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
-            -1 => return, // no children left
-            0 => std::thread::sleep(Duration::from_millis(10)),
-            _ => {}
-        }
-    }
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let target = path.to_string_lossy();
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(&*target))
-}
-
-/// A daemon killed together with its auto-unmount helper leaves a dead FUSE
-/// mount: every access fails with ENOTCONN. Detach it (lazily) and say so.
-fn recover_stale_mount(dir: &Path) -> Result<()> {
-    match std::fs::metadata(dir) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let ok = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                bail!(
-                    "{} is a stale FUSE mount left by a crashed daemon, and `fusermount3 -u -z` failed; unmount it by hand",
-                    dir.display()
-                );
-            }
-            eprintln!(
-                "cairn: {} was a stale mount left by a crashed daemon; unmounted it (lazy unmount)",
-                dir.display()
-            );
-            Ok(())
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Unmounts our own mount point as `fusermount3 -u` would; if files are
-/// still open in it, detaches it lazily so the daemon stops once they close.
-/// (Closing fuser's auto-unmount socket does not unmount while this process
-/// still holds /dev/fuse.)
-fn unmount(mountpoint: &Path) {
-    let run = |lazy: bool| {
-        let mut cmd = std::process::Command::new("fusermount3");
-        cmd.arg("-u");
-        if lazy {
-            cmd.arg("-z");
-        }
-        cmd.arg(mountpoint)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !run(false) && !run(true) {
-        eprintln!("cairn: could not unmount {}; run fusermount3 -u", mountpoint.display());
-    }
-}
-
-fn mount_session(
-    vfs: Arc<Vfs>,
-    mountpoint: &Path,
-    allow_other: bool,
-    read_only: bool,
-) -> Result<fuser::Session<CairnFs>> {
-    use fuser::{MountOption, SessionACL};
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("cairn".into()),
-        MountOption::Subtype("cairn".into()),
-        MountOption::DefaultPermissions,
-        if read_only { MountOption::RO } else { MountOption::RW },
-    ];
-    config.n_threads = Some(4);
-    // Auto-unmount (the mount goes away if the daemon dies) needs
-    // allow_other or allow_root at the FUSE level.
-    config.mount_options.push(MountOption::AutoUnmount);
-    config.acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::RootAndOwner
-    };
-    match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
-        Ok(s) => Ok(s),
-        Err(e) if !allow_other => {
-            tracing::warn!(error = %e, "auto-unmount unavailable (allow user_allow_other in /etc/fuse.conf); mounting without it");
-            config.mount_options.retain(|o| *o != MountOption::AutoUnmount);
-            config.acl = SessionACL::Owner;
-            Ok(fuser::Session::new(CairnFs::new(vfs), mountpoint, &config)?)
-        }
-        Err(e) => Err(e).context(format!("mounting at {}", mountpoint.display())),
-    }
 }
 
 fn print_json(v: &Value) -> Result<ExitCode> {

@@ -1,0 +1,264 @@
+//! The few operating-system calls the core needs that std does not offer
+//! the same way on every platform. Each has a Unix and a Windows version;
+//! everything else in the core is portable std and tokio.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::time::SystemTime;
+
+/// Positional reads and writes that leave no shared file cursor behind.
+pub trait PositionalIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
+
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_at(buf, offset)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PositionalIo for File {
+    #[cfg(unix)]
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset)
+    }
+    #[cfg(unix)]
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::write_at(self, buf, offset)
+    }
+    // Windows moves the handle's cursor on a positional call; the core never
+    // relies on the cursor, so that is harmless.
+    #[cfg(windows)]
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::windows::fs::FileExt::seek_read(self, buf, offset)
+    }
+    #[cfg(windows)]
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        std::os::windows::fs::FileExt::seek_write(self, buf, offset)
+    }
+}
+
+/// Gives a range of a file's disk space back (Linux hole punching). Where
+/// the file system or platform cannot, the space returns when the file is
+/// closed.
+pub fn punch_hole(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a descriptor the caller owns.
+        unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
+/// (total, free to this user) bytes of the file system holding `path`.
+#[cfg(unix)]
+pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statvfs fills the struct we own from a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        s.f_blocks as u64 * s.f_frsize as u64,
+        s.f_bavail as u64 * s.f_frsize as u64,
+    ))
+}
+
+#[cfg(windows)]
+pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Storage::FileSystem::GetDiskFreeSpaceExW;
+    let wide: Vec<u16> = path.as_os_str().encode_wide().chain(Some(0)).collect();
+    let (mut free_to_caller, mut total, mut _free) = (0u64, 0u64, 0u64);
+    // SAFETY: a NUL-terminated path and three out-pointers we own.
+    if unsafe { GetDiskFreeSpaceExW(wide.as_ptr(), &mut free_to_caller, &mut total, &mut _free) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((total, free_to_caller))
+}
+
+/// Whether a process with this id still runs (abandoned-upload markers).
+#[cfg(unix)]
+pub fn process_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+#[cfg(windows)]
+pub fn process_alive(pid: u32) -> bool {
+    use windows_sys::Win32::Foundation::{CloseHandle, STILL_ACTIVE};
+    use windows_sys::Win32::System::Threading::{GetExitCodeProcess, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION};
+    // SAFETY: a handle we open, query and close.
+    unsafe {
+        let handle = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid);
+        if handle == 0 {
+            return false;
+        }
+        let mut code = 0u32;
+        let alive = GetExitCodeProcess(handle, &mut code) != 0 && code == STILL_ACTIVE as u32;
+        CloseHandle(handle);
+        alive
+    }
+}
+
+/// The clock file times are stamped with: the kernel's coarse clock on
+/// Linux, so a file written and checked in the same tick compares equal.
+pub fn coarse_now() -> (i64, i64) {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        (ts.tv_sec, ts.tv_nsec)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let d = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        (d.as_secs() as i64, d.subsec_nanos() as i64)
+    }
+}
+
+/// Shares `source`'s extents with `dest` copy-on-write where the file
+/// system can (btrfs, XFS, bcachefs); false where it cannot.
+pub fn reflink(source: &File, dest: &File) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: FICLONE takes two valid file descriptors we hold open.
+        unsafe { libc::ioctl(dest.as_raw_fd(), libc::FICLONE as _, source.as_raw_fd()) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (source, dest);
+        false
+    }
+}
+
+/// Makes a directory's entries durable. NTFS journals its metadata and
+/// Windows cannot open a directory as a file, so there it is a no-op.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    return File::open(dir)?.sync_all();
+    #[cfg(windows)]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Owner recorded on new nodes: the daemon's user. Windows has no numeric
+/// owner; its adapter shows a fixed security descriptor instead.
+pub fn current_owner() -> (u32, u32) {
+    #[cfg(unix)]
+    // SAFETY: getuid/getgid cannot fail.
+    return unsafe { (libc::getuid(), libc::getgid()) };
+    #[cfg(windows)]
+    (0, 0)
+}
+
+/// The error a write gets when the staging disk is full.
+pub fn disk_full() -> io::Error {
+    #[cfg(unix)]
+    return io::Error::from_raw_os_error(libc::ENOSPC);
+    #[cfg(windows)]
+    io::Error::from_raw_os_error(windows_sys::Win32::Foundation::ERROR_DISK_FULL as i32)
+}
+
+/// What the cache evictor needs to know of a chunk file.
+pub struct FileFacts {
+    /// (device, inode): the same data seen through several hard links.
+    pub identity: (u64, u64),
+    pub links: u64,
+    pub disk_bytes: u64,
+    pub modified: SystemTime,
+}
+
+#[cfg(unix)]
+pub fn file_facts(_path: &Path, meta: &std::fs::Metadata) -> FileFacts {
+    use std::os::unix::fs::MetadataExt;
+    FileFacts {
+        identity: (meta.dev(), meta.ino()),
+        links: meta.nlink(),
+        disk_bytes: meta.blocks() * 512,
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+/// Stable std on Windows gives no file index or link count: each path
+/// counts as its own file with one link, so the evictor may over-count what
+/// it frees from shared chunks and evict a little less than it could.
+#[cfg(windows)]
+pub fn file_facts(path: &Path, meta: &std::fs::Metadata) -> FileFacts {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    FileFacts {
+        identity: (0, h.finish()),
+        links: 1,
+        disk_bytes: meta.len(),
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+/// The device a path lives on, to count servers sharing one disk.
+#[cfg(unix)]
+pub fn device_of(meta: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::dev(meta)
+}
+
+/// Windows: treated as one disk, the cautious answer for free space.
+#[cfg(windows)]
+pub fn device_of(_meta: &std::fs::Metadata) -> u64 {
+    0
+}
+
+/// Creates a file only its owner can read (config.toml may hold S3 keys).
+/// On Windows the file inherits the user profile's owner-only ACL.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Makes a file's data durable. Opened for writing because Windows (and
+/// wine) refuse to flush a read-only handle.
+pub fn sync_file(path: &Path) -> io::Result<()> {
+    std::fs::OpenOptions::new().write(true).open(path)?.sync_all()
+}
