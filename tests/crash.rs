@@ -2,6 +2,10 @@
 //! was closed is all there, a file open for writing keeps the bytes that
 //! reached the staging cache, uploads resume, and stale mounts are handled.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::io::Write;

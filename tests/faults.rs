@@ -5,6 +5,10 @@
 //! full, lying) come from the documented `[server.faults]` testing aid; a
 //! dead server is a real removed directory (tests/grid.rs).
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::time::{Duration, Instant};

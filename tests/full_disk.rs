@@ -2,6 +2,10 @@
 //! staged or committed is harmed, and work continues once space is freed.
 //! The staging cache sits on a real 64 MiB tmpfs (root is needed to mount it).
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::process::Command;

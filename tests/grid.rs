@@ -1,6 +1,10 @@
 //! The storage core through the real `cairn` binary on real directory
 //! servers: loss, corruption and missing servers.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use common::{bytes, stderr, Home};

@@ -1,5 +1,9 @@
 //! The mount through a real FUSE mount, driven by real tools and syscalls.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};

@@ -1,6 +1,10 @@
 //! The grid alone restores everything: namespace snapshots on the grid,
 //! recovery from the root capability, rollback resistance, and gc.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::path::Path;

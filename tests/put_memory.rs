@@ -2,6 +2,10 @@
 //! bounded by a few blocks per server, not by the file.
 //! Its own test binary, so RUSAGE_CHILDREN sees only this test's children.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::os::unix::fs::FileExt;

@@ -1,6 +1,10 @@
 //! Ticket #427: a source file rewritten while `cairn put` reads it. What is
 //! uploaded must be exactly one whole state of the file, byte for byte.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{Seek, SeekFrom, Write};

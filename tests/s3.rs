@@ -1,5 +1,9 @@
 //! S3 grids: five real s3s-fs servers on 127.0.0.1 as the grid.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,10 @@
 //! to disk instead of memory, so the uploader's peak RSS stays under the
 //! memory budget (default 64 MiB) + 32 MiB.
 
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::os::unix::fs::FileExt;

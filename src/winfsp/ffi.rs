@@ -434,7 +434,7 @@ impl FileSystemInterface for CairnWinFs {
                 (offset, &buffer[..buffer.len().min((size - offset) as usize)])
             }
         };
-        let n = self.vfs.write(fh, offset, data).map_err(st)?;
+        let n = Vfs::write(&self.vfs, fh, offset, data).map_err(st)?;
         self.nodes().wrote(h.ino);
         Ok((n, self.info_of(h.ino)?))
     }
