@@ -26,7 +26,8 @@ fn main() {
 
 /// mingw: build a delay-import library from the .def of WinFsp's exports
 /// and link it last (GNU ld resolves left to right); `__delayLoadHelper2`
-/// comes from libmingwex (Debian's libdelayimp.a is an empty stub).
+/// comes from libmingwex (Debian's libdelayimp.a is an empty stub), and
+/// needs kernel32 after it.
 fn gnu_delay_import() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let lib = out.join("libwinfsp-x64-delay.a");
@@ -47,7 +48,9 @@ fn gnu_delay_import() {
         "{dlltool} failed to build the WinFsp delay-import library"
     );
     println!("cargo:rustc-link-arg-bins={}", lib.display());
-    println!("cargo:rustc-link-arg-bins=-lmingwex");
-    println!("cargo:rustc-link-arg-tests={}", lib.display());
-    println!("cargo:rustc-link-arg-tests=-lmingwex");
+    // The delay-load helper itself calls kernel32 (LocalAlloc).
+    for arg in [lib.display().to_string(), "-lmingwex".into(), "-lkernel32".into()] {
+        println!("cargo:rustc-link-arg-bins={arg}");
+        println!("cargo:rustc-link-arg-tests={arg}");
+    }
 }

@@ -606,6 +606,27 @@ impl Catalog {
     }
 
     /// The number the next version of `ino` will get.
+    /// Carries `from`'s committed versions into `to`'s history, numbered
+    /// just below `to`'s oldest (so at or below 0), in their order: a file
+    /// replaced by a save-by-rename keeps its history under its name.
+    /// Returns how many were carried over.
+    pub fn adopt_history(&self, from: i64, to: i64) -> Result<usize, CatalogError> {
+        let carried = self.select_versions("WHERE ino = ?1 AND state = 'committed' ORDER BY num", [from])?;
+        let oldest: i64 =
+            self.db
+                .query_row("SELECT COALESCE(MIN(num), 1) FROM versions WHERE ino = ?1", [to], |r| {
+                    r.get(0)
+                })?;
+        let first = oldest - carried.len() as i64;
+        for (i, v) in carried.iter().enumerate() {
+            self.db.execute(
+                &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 'committed', ?5, ?6)"),
+                params![to, first + i as i64, v.size as i64, v.sha256, v.cap, v.created_ns],
+            )?;
+        }
+        Ok(carried.len())
+    }
+
     pub fn next_version_num(&self, ino: i64) -> Result<i64, CatalogError> {
         Ok(self.db.query_row(
             "SELECT COALESCE(MAX(num), 0) + 1 FROM versions WHERE ino = ?1",

@@ -172,7 +172,8 @@ enum Command {
     /// Make an old version's content the newest version.
     Restore {
         path: String,
-        #[arg(long)]
+        /// Versions carried over by a save-by-rename are numbered 0 and below.
+        #[arg(long, allow_negative_numbers = true)]
         version: i64,
         #[arg(long)]
         json: bool,

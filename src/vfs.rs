@@ -173,7 +173,14 @@ struct State {
     next_fh: u64,
     files: HashMap<i64, OpenFile>,
     queue: BTreeMap<(i64, i64), Pending>,
+    /// Names a file was renamed away from lately: (directory, name) to the
+    /// node and when. A file that takes such a name soon after continues
+    /// that node's history (how Word and vim save).
+    vacated: HashMap<(i64, String), (i64, Instant)>,
 }
+
+/// How long a vacated name remembers its file for a save-by-rename.
+const SAVE_CHAIN_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Vfs {
     state: Mutex<State>,
@@ -253,6 +260,7 @@ impl Vfs {
                 next_fh: 1,
                 files: HashMap::new(),
                 queue,
+                vacated: HashMap::new(),
             }),
             grid: Arc::new(
                 Grid::from_config(config, &options.home).map_err(|e| std::io::Error::other(format!("{e:#}")))?,
@@ -494,8 +502,22 @@ impl Vfs {
         file.work = Some(work);
         file.dirty = true;
         let fh = Self::add_handle(&mut st, node.ino, true);
+        Self::continue_history(&mut st, parent as i64, name, node.ino)?;
         let attr = self.attr_of(&st, &node)?;
         Ok((attr, fh))
+    }
+
+    /// A file takes the name (`dir`, `name`): if a file was renamed away
+    /// from it within [`SAVE_CHAIN_WINDOW`], this node continues its history.
+    fn continue_history(st: &mut State, dir: i64, name: &str, ino: i64) -> VfsResult<()> {
+        let Some((previous, when)) = st.vacated.remove(&(dir, name.to_owned())) else {
+            return Ok(());
+        };
+        if previous != ino && when.elapsed() < SAVE_CHAIN_WINDOW {
+            let carried = st.catalog.adopt_history(previous, ino)?;
+            tracing::debug!(ino, previous, carried, "history continues through a save by rename");
+        }
+        Ok(())
     }
 
     fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
@@ -602,6 +624,20 @@ impl Vfs {
             let open = st.files.get(&t.ino).is_some_and(|f| f.handles > 0);
             (t, open)
         });
+        if node.kind == Kind::File {
+            // Save by rename: the replaced file's history, or that of the
+            // file that left this name lately, continues in this one.
+            match &replaced {
+                Some((t, _)) if t.kind == Kind::File => {
+                    st.catalog.adopt_history(t.ino, node.ino)?;
+                }
+                Some(_) => {}
+                None => Self::continue_history(&mut st, new_parent as i64, new_name, node.ino)?,
+            }
+            st.vacated.retain(|_, (_, when)| when.elapsed() < SAVE_CHAIN_WINDOW);
+            st.vacated
+                .insert((parent as i64, name.to_owned()), (node.ino, Instant::now()));
+        }
         st.catalog.rename(
             &node,
             new_parent as i64,
@@ -1153,7 +1189,14 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
         .join("fetch")
         .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
     std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(index.to_string()))
+    let dest = dir.join(index.to_string());
+    match std::fs::rename(&tmp, &dest) {
+        // Another fetch stored the same verified chunk first, and a reader
+        // holds it open: Windows refuses to replace an open file. The bytes
+        // are identical (a version never changes), so keep the one there.
+        Err(_) if dest.exists() => std::fs::remove_file(&tmp),
+        other => other,
+    }
 }
 
 /// Seals a working copy as the file's next version and records it (state

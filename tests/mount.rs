@@ -488,6 +488,40 @@ fn a_rename_never_uploads_again() {
     assert!(mnt.unmount().success());
 }
 
+/// Editors save by writing a new file and renaming it over the old one
+/// (vim, gedit), Word by a chain of renames (temp written, original renamed
+/// away, temp renamed onto the name, old deleted). Either way `cairn
+/// versions` of the name must show the whole history, oldest first.
+#[test]
+fn a_save_by_rename_continues_the_files_history() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    std::fs::write(mnt.file("doc.txt"), b"one").unwrap();
+    home.ok(&["sync"]);
+    // Replace by rename.
+    std::fs::write(mnt.file(".doc.txt.swp"), b"two").unwrap();
+    std::fs::rename(mnt.file(".doc.txt.swp"), mnt.file("doc.txt")).unwrap();
+    home.ok(&["sync"]);
+    // Word's chain.
+    std::fs::write(mnt.file("~WRD0001.tmp"), b"three").unwrap();
+    std::fs::rename(mnt.file("doc.txt"), mnt.file("~WRL0001.tmp")).unwrap();
+    std::fs::rename(mnt.file("~WRD0001.tmp"), mnt.file("doc.txt")).unwrap();
+    std::fs::remove_file(mnt.file("~WRL0001.tmp")).unwrap();
+    home.ok(&["sync"]);
+    let versions = home.versions("/doc.txt");
+    let shas: Vec<&str> = versions.iter().map(|v| v["sha256"].as_str().unwrap()).collect();
+    let want: Vec<String> = [&b"one"[..], b"two", b"three"].iter().map(|c| sha256_hex(c)).collect();
+    assert_eq!(shas, want, "{versions:?}");
+    assert_eq!(std::fs::read(mnt.file("doc.txt")).unwrap(), b"three");
+    // The oldest, carried over twice, restores.
+    let oldest = versions[0]["num"].as_i64().unwrap().to_string();
+    home.ok(&["restore", "/doc.txt", "--version", &oldest]);
+    assert_eq!(std::fs::read(mnt.file("doc.txt")).unwrap(), b"one");
+    // An unrelated new file on a name left long ago inherits nothing: the
+    // deleted-file test below covers a name freed by unlink.
+    assert!(mnt.unmount().success());
+}
+
 #[test]
 fn a_new_file_never_inherits_a_deleted_files_versions() {
     let home = Home::empty();

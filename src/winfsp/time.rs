@@ -62,6 +62,9 @@ mod tests {
         let t = UNIX_EPOCH - Duration::from_secs(86_400);
         assert_eq!(to_filetime(t), 116_444_736_000_000_000 - 864_000_000_000);
         assert_eq!(from_filetime(to_filetime(t)), t);
+        // Only Unix can hold a time before 1601 (Windows' SystemTime cannot,
+        // as the run under wine showed).
+        #[cfg(unix)]
         assert_eq!(to_filetime(UNIX_EPOCH - Duration::from_secs(400 * 365 * 86_400)), 0);
     }
 
