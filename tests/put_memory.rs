@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-
 use common::{bytes, sparse_file, Home};
 
 fn peak_child_rss_kib() -> i64 {
@@ -35,11 +33,5 @@ fn put_of_4_gib_stays_under_100_mib_rss() {
     std::fs::remove_file(&src).unwrap();
 
     // And it is all there: spot-check by reading it back.
-    let copy = home.file("copy.bin");
-    home.ok(&["get", "/big.bin", copy.to_str().unwrap()]);
-    let back = std::fs::File::open(&copy).unwrap();
-    assert_eq!(back.metadata().unwrap().len(), size);
-    let mut buf = vec![0u8; chunk.len()];
-    back.read_exact_at(&mut buf, size / 2).unwrap();
-    assert_eq!(buf, chunk);
+    home.get_and_spot_check("/big.bin", size, size / 2, &chunk);
 }

@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-
 use cairn::config::FaultConfig;
 use common::{bytes, run_measured, sparse_file, Home};
 
@@ -44,11 +42,5 @@ fn a_2_gib_upload_with_a_stalled_server_stays_within_the_memory_budget() {
     assert!(peak_mib < budget_mib + 32, "peak RSS {peak_mib} MiB");
     std::fs::remove_file(&src).unwrap();
 
-    let copy = home.file("copy.bin");
-    home.ok(&["get", "/big.bin", copy.to_str().unwrap()]);
-    let back = std::fs::File::open(&copy).unwrap();
-    assert_eq!(back.metadata().unwrap().len(), size);
-    let mut buf = vec![0u8; chunk.len()];
-    back.read_exact_at(&mut buf, size / 3).unwrap();
-    assert_eq!(buf, chunk);
+    home.get_and_spot_check("/big.bin", size, size / 3, &chunk);
 }

@@ -120,45 +120,48 @@ fn spawn_background(
     read_only: bool,
 ) {
     runtime.spawn(vfs.clone().run_uploads());
-    runtime.spawn({
-        let vfs = vfs.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let vfs = vfs.clone();
-                match tokio::task::spawn_blocking(move || vfs.evict()).await {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cache eviction"),
-                    Err(e) => tracing::warn!(error = %e, "cache eviction task"),
-                    Ok(Ok(_)) => {}
-                }
+    every(
+        runtime,
+        vfs,
+        Duration::from_secs(2),
+        "cache eviction",
+        |vfs| async move {
+            match tokio::task::spawn_blocking(move || vfs.evict()).await {
+                Ok(freed) => freed.map(drop),
+                Err(e) => Err(std::io::Error::other(e).into()),
             }
-        }
-    });
+        },
+    );
     if read_only {
         tracing::info!("read-only: no automatic repair");
         return;
     }
-    let every = Duration::from_secs_f64(repair_interval.max(0.1));
-    runtime.spawn({
-        let vfs = vfs.clone();
-        async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = vfs.repair_degraded().await {
-                    tracing::warn!(error = %e, "automatic repair");
-                }
-            }
-        }
+    let repair = Duration::from_secs_f64(repair_interval.max(0.1));
+    every(runtime, vfs, repair, "automatic repair", |vfs| async move {
+        vfs.repair_degraded().await.map(drop)
     });
-    let every = Duration::from_secs(config.namespace.interval_secs.max(1));
-    runtime.spawn({
-        let vfs = vfs.clone();
-        async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = vfs.publish_namespace().await {
-                    tracing::warn!(error = %e, "publishing the namespace; trying again later");
-                }
+    let publish = Duration::from_secs(config.namespace.interval_secs.max(1));
+    every(
+        runtime,
+        vfs,
+        publish,
+        "publishing the namespace; trying again later",
+        |vfs| async move { vfs.publish_namespace().await.map(drop) },
+    );
+}
+
+/// Runs `job` every `period` for the life of the runtime, logging failures.
+fn every<F, Fut>(runtime: &tokio::runtime::Runtime, vfs: &Arc<Vfs>, period: Duration, what: &'static str, job: F)
+where
+    F: Fn(Arc<Vfs>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = cairn::vfs::VfsResult<()>> + Send,
+{
+    let vfs = vfs.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            if let Err(e) = job(vfs.clone()).await {
+                tracing::warn!(error = %e, "{what}");
             }
         }
     });

@@ -114,8 +114,11 @@ impl CairnWinFs {
 
     /// Resolves a WinFsp path to its node.
     fn resolve(&self, path: &U16CStr) -> Status<Attr> {
-        let path = path.to_string().map_err(|_| code::OBJECT_NAME_INVALID)?;
-        let mut parts = names::components(&path).peekable();
+        self.resolve_text(&text(path)?)
+    }
+
+    fn resolve_text(&self, path: &str) -> Status<Attr> {
+        let mut parts = names::components(path).peekable();
         let mut attr = self.vfs.getattr(ROOT_INO as u64).map_err(st)?;
         while let Some(part) = parts.next() {
             let missing = if parts.peek().is_some() {
@@ -134,20 +137,15 @@ impl CairnWinFs {
 
     /// The parent directory of a path and its last component, as shown.
     fn split(&self, path: &U16CStr) -> Status<(Attr, String)> {
-        let path = path.to_string().map_err(|_| code::OBJECT_NAME_INVALID)?;
+        let path = text(path)?;
         let (dir, last) = path.rsplit_once('\\').ok_or(code::OBJECT_NAME_INVALID)?;
-        let parent = self
-            .resolve(
-                &U16CString::from_str(if dir.is_empty() { "\\" } else { dir })
-                    .map_err(|_| code::OBJECT_NAME_INVALID)?,
-            )
-            .map_err(|e| {
-                if e == code::OBJECT_NAME_NOT_FOUND {
-                    code::OBJECT_PATH_NOT_FOUND
-                } else {
-                    e
-                }
-            })?;
+        let parent = self.resolve_text(dir).map_err(|e| {
+            if e == code::OBJECT_NAME_NOT_FOUND {
+                code::OBJECT_PATH_NOT_FOUND
+            } else {
+                e
+            }
+        })?;
         if parent.kind != Kind::Dir {
             return Err(code::OBJECT_PATH_NOT_FOUND);
         }
@@ -176,32 +174,30 @@ impl CairnWinFs {
         Ok(self.info(&self.vfs.getattr(ino).map_err(st)?))
     }
 
-    /// Opens a handle on a node: counts it and shares the node's core handle.
-    fn attach(&self, attr: &Attr, write: bool, fresh_fh: Option<u64>) -> Status<Ctx> {
+    /// Opens a handle on a node: counts it and shares the node's core
+    /// handle. `created` is the core handle `create` already holds.
+    fn attach(&self, attr: &Attr, write: bool, created: Option<u64>) -> Status<Ctx> {
         let is_dir = attr.kind == Kind::Dir;
         if !is_dir {
-            let need = self.nodes().open(attr.ino, write);
-            let fh = match (need, fresh_fh) {
-                (Need::Shared(fh), Some(extra)) => {
-                    // Created while another handle held the node: keep one.
+            match (self.nodes().open(attr.ino, write), created) {
+                (Need::Shared(_), None) => {}
+                // The node already has a core handle: one is enough.
+                (Need::Shared(_), Some(extra)) => {
                     let _ = self.vfs.release(extra);
-                    Some(fh)
                 }
-                (Need::Shared(fh), None) => Some(fh),
-                (Need::Open { .. }, Some(fh)) => Some(fh),
-                (Need::Open { write }, None) => match self.vfs.open(attr.ino, write, false) {
-                    Ok(fh) => Some(fh),
-                    Err(e) => {
-                        if let Some(fh) = self.nodes().abandon(attr.ino) {
-                            let _ = self.vfs.release(fh);
+                (Need::Open { write }, created) => {
+                    let fh = match created.map_or_else(|| self.vfs.open(attr.ino, write, false), Ok) {
+                        Ok(fh) => fh,
+                        Err(e) => {
+                            if let Some(fh) = self.nodes().abandon(attr.ino) {
+                                let _ = self.vfs.release(fh);
+                            }
+                            return Err(st(e));
                         }
-                        return Err(st(e));
+                    };
+                    if let Some(old) = self.nodes().attach(attr.ino, fh, write) {
+                        let _ = self.vfs.release(old);
                     }
-                },
-            };
-            if let (Need::Open { write }, Some(fh)) = (need, fh) {
-                if let Some(old) = self.nodes().attach(attr.ino, fh, write) {
-                    let _ = self.vfs.release(old);
                 }
             }
         }
@@ -587,7 +583,7 @@ impl FileSystemInterface for CairnWinFs {
 
     fn get_dir_info_by_name(&self, ctx: Ctx, file_name: &U16CStr) -> Status<FileInfo> {
         let h = ctx.get()?;
-        let shown = file_name.to_string().map_err(|_| code::OBJECT_NAME_INVALID)?;
+        let shown = text(file_name)?;
         let name = self.child_name(h.ino, &shown)?.ok_or(code::OBJECT_NAME_NOT_FOUND)?;
         Ok(self.info(&self.vfs.lookup(h.ino, &name).map_err(st)?))
     }
@@ -599,11 +595,11 @@ impl CairnWinFs {
             .getattr(ino)
             .is_ok_and(|a| a.kind != Kind::Dir && a.perm & 0o222 == 0)
     }
+}
 
-    /// Nodes still open (at unmount the core seals them).
-    pub fn open_nodes(&self) -> usize {
-        self.nodes().open_nodes().len()
-    }
+/// A WinFsp path or name as text.
+fn text(path: &U16CStr) -> Status<String> {
+    path.to_string().map_err(|_| code::OBJECT_NAME_INVALID)
 }
 
 /// The mounting user's SID as SDDL, so the drive's files belong to them;

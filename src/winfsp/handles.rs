@@ -112,8 +112,9 @@ impl OpenNodes {
         }
     }
 
-    /// Nodes with handles still open (at unmount: sealed by the core).
-    pub fn open_nodes(&self) -> Vec<u64> {
+    /// Nodes with handles still open.
+    #[cfg(test)]
+    fn open_nodes(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
     }
 }

@@ -65,11 +65,8 @@ pub fn ntstatus(e: &VfsError) -> NtStatus {
 
 fn io_status(io: &std::io::Error) -> NtStatus {
     use std::io::ErrorKind;
-    // ERROR_DISK_FULL / ERROR_HANDLE_DISK_FULL on Windows, ENOSPC elsewhere.
-    let disk_full_codes: &[i32] = if cfg!(windows) { &[112, 39] } else { &[28] };
-    if io.raw_os_error().is_some_and(|c| disk_full_codes.contains(&c)) {
-        return code::DISK_FULL;
-    }
+    // std decodes ENOSPC, ERROR_DISK_FULL and ERROR_HANDLE_DISK_FULL as
+    // StorageFull.
     match io.kind() {
         ErrorKind::NotFound => code::OBJECT_NAME_NOT_FOUND,
         ErrorKind::PermissionDenied => code::ACCESS_DENIED,

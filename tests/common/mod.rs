@@ -76,6 +76,19 @@ impl Home {
         }
     }
 
+    /// `cairn get PATH` of a file too large to hold in memory: checks its
+    /// size and that `expected` is at `offset`.
+    pub fn get_and_spot_check(&self, path: &str, size: u64, offset: u64, expected: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let copy = self.file("copy.bin");
+        self.ok(&["get", path, copy.to_str().unwrap()]);
+        let back = std::fs::File::open(&copy).unwrap();
+        assert_eq!(back.metadata().unwrap().len(), size);
+        let mut buf = vec![0u8; expected.len()];
+        back.read_exact_at(&mut buf, offset).unwrap();
+        assert_eq!(buf, expected);
+    }
+
     /// Published share files of the versions of one drive path (not those
     /// of namespace snapshots, which `cairn sync` also uploads).
     pub fn shares_of(&self, path: &str) -> Vec<PathBuf> {
