@@ -605,31 +605,45 @@ impl Catalog {
         Ok(())
     }
 
-    /// The number the next version of `ino` will get.
     /// Carries `from`'s committed versions into `to`'s history, numbered
     /// just below `to`'s oldest (so at or below 0), in their order: a file
     /// replaced by a save-by-rename keeps its history under its name.
+    /// Versions `to` already names (files renamed back and forth) are not
+    /// carried twice. One transaction: a crash carries all or nothing.
     /// Returns how many were carried over.
-    pub fn adopt_history(&self, from: i64, to: i64) -> Result<usize, CatalogError> {
-        let carried = self.select_versions("WHERE ino = ?1 AND state = 'committed' ORDER BY num", [from])?;
-        let oldest: i64 =
-            self.db
-                .query_row("SELECT COALESCE(MIN(num), 1) FROM versions WHERE ino = ?1", [to], |r| {
-                    r.get(0)
-                })?;
+    pub fn adopt_history(&mut self, from: i64, to: i64) -> Result<usize, CatalogError> {
+        let tx = self.db.transaction()?;
+        let carried: Vec<(i64, String, String, i64)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT size, sha256, cap, created_ns FROM versions
+                 WHERE ino = ?1 AND state = 'committed'
+                   AND cap NOT IN (SELECT cap FROM versions WHERE ino = ?2 AND cap IS NOT NULL)
+                 ORDER BY num",
+            )?;
+            let rows = stmt.query_map([from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let oldest: i64 = tx.query_row(
+            "SELECT MIN(COALESCE(MIN(num), 1), 1) FROM versions WHERE ino = ?1",
+            [to],
+            |r| r.get(0),
+        )?;
         let first = oldest - carried.len() as i64;
-        for (i, v) in carried.iter().enumerate() {
-            self.db.execute(
+        for (i, (size, sha256, cap, created_ns)) in carried.iter().enumerate() {
+            tx.execute(
                 &format!("INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 'committed', ?5, ?6)"),
-                params![to, first + i as i64, v.size as i64, v.sha256, v.cap, v.created_ns],
+                params![to, first + i as i64, size, sha256, cap, created_ns],
             )?;
         }
+        tx.commit()?;
         Ok(carried.len())
     }
 
+    /// The number the next version of `ino` will get: at least 1, since
+    /// carried-over history sits at 0 and below.
     pub fn next_version_num(&self, ino: i64) -> Result<i64, CatalogError> {
         Ok(self.db.query_row(
-            "SELECT COALESCE(MAX(num), 0) + 1 FROM versions WHERE ino = ?1",
+            "SELECT MAX(COALESCE(MAX(num), 0), 0) + 1 FROM versions WHERE ino = ?1",
             [ino],
             |r| r.get(0),
         )?)
@@ -940,4 +954,52 @@ fn delete_node(tx: &rusqlite::Transaction<'_>, ino: i64) -> Result<(), CatalogEr
         [ino],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with_versions(cat: &mut Catalog, name: &str, caps: &[&str]) -> i64 {
+        let new = NewNode {
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: None,
+        };
+        let ino = cat.create(ROOT_INO, name, &new).unwrap().ino;
+        for cap in caps {
+            let num = cat.add_version(ino, 1, "", VersionState::Staged, None, None).unwrap();
+            cat.commit_version(ino, num, cap, "00").unwrap();
+        }
+        ino
+    }
+
+    fn caps(cat: &Catalog, ino: i64) -> Vec<(i64, String)> {
+        cat.versions(ino)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.num, v.cap.unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn carried_history_sits_below_and_is_never_carried_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let a = file_with_versions(&mut cat, "a", &["a1", "a2"]);
+        let b = file_with_versions(&mut cat, "b", &["b1"]);
+        assert_eq!(cat.adopt_history(a, b).unwrap(), 2);
+        let want = vec![(-1, "a1".to_string()), (0, "a2".into()), (1, "b1".into())];
+        assert_eq!(caps(&cat, b), want);
+        // Renamed back and forth: nothing b already names is added again.
+        assert_eq!(cat.adopt_history(a, b).unwrap(), 0);
+        assert_eq!(caps(&cat, b), want);
+        // A file whose only versions are carried still numbers its own from 1.
+        let c = file_with_versions(&mut cat, "c", &[]);
+        cat.adopt_history(b, c).unwrap();
+        assert_eq!(cat.next_version_num(c).unwrap(), 1);
+        assert_eq!(caps(&cat, c).first().unwrap().0, -2);
+    }
 }

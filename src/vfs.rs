@@ -1168,6 +1168,14 @@ pub struct StatFs {
     pub files: u64,
 }
 
+/// A file's queued versions, oldest first (by version number, whatever
+/// its sign).
+fn queued(st: &State, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
+    st.queue
+        .range((ino, i64::MIN)..=(ino, i64::MAX))
+        .map(|((_, num), p)| (*num, p))
+}
+
 /// Removes every cached version of a deleted file.
 fn purge_versions(cache: &Path, ino: i64) {
     let prefix = format!("{ino}.");
@@ -1494,7 +1502,7 @@ impl Vfs {
     /// delays (so a file saved continuously still reaches the grid), and
     /// never while another version of it is uploading. `None`: not now.
     fn ino_ready_at(&self, st: &State, ino: i64, now: Instant) -> Option<Instant> {
-        let pending: Vec<&Pending> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|(_, p)| p).collect();
+        let pending: Vec<&Pending> = queued(st, ino).map(|(_, p)| p).collect();
         if pending.iter().any(|p| p.uploading) {
             return None;
         }
@@ -1515,7 +1523,7 @@ impl Vfs {
             if self.ino_ready_at(&st, ino, now).is_none_or(|t| t > now) {
                 continue;
             }
-            let nums: Vec<i64> = st.queue.range((ino, 0)..(ino + 1, 0)).map(|((_, n), _)| *n).collect();
+            let nums: Vec<i64> = queued(&st, ino).map(|(num, _)| num).collect();
             let (newest, older) = nums.split_last().expect("ready implies pending");
             for num in older {
                 // Superseded before its upload started: never uploaded.
