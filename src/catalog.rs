@@ -156,6 +156,15 @@ pub struct Catalog {
     db: Connection,
 }
 
+impl Drop for Catalog {
+    /// A catalog closed in an orderly way commits its last batch.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::error!(error = %e, "committing the catalog's last changes");
+        }
+    }
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS nodes (
     ino INTEGER PRIMARY KEY,
@@ -307,20 +316,61 @@ impl Catalog {
         Ok(Catalog { db })
     }
 
-    /// Makes every committed transaction durable on disk.
+    /// Opens the current batch of changes, if none is open: changes are
+    /// grouped into one transaction until [`Catalog::commit`] (group commit).
+    fn begin_batch(&self) -> Result<(), CatalogError> {
+        if self.db.is_autocommit() {
+            self.db.execute_batch("BEGIN IMMEDIATE")?;
+        }
+        Ok(())
+    }
+
+    /// Commits the batch of changes made since the last commit, if any:
+    /// from then on they survive a crash of the process. Returns whether
+    /// there was anything to commit.
+    pub fn commit(&self) -> Result<bool, CatalogError> {
+        if self.db.is_autocommit() {
+            return Ok(false);
+        }
+        self.db.execute_batch("COMMIT")?;
+        Ok(true)
+    }
+
+    /// Whether changes are waiting in an uncommitted batch.
+    pub fn uncommitted(&self) -> bool {
+        !self.db.is_autocommit()
+    }
+
+    /// A change, into the current batch.
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> Result<usize, CatalogError> {
+        self.begin_batch()?;
+        Ok(self.db.prepare_cached(sql)?.execute(params)?)
+    }
+
+    /// A one-row query, its statement prepared once per connection.
+    fn query_one<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.db.prepare_cached(sql)?.query_row(params, row)
+    }
+
+    /// Commits the batch and makes every commit durable on disk.
     pub fn sync_to_disk(&self) -> Result<(), CatalogError> {
+        self.commit()?;
         self.db.pragma_update(None, "synchronous", "FULL")?;
         let result = self.db.execute_batch("BEGIN IMMEDIATE; COMMIT;");
         self.db.pragma_update(None, "synchronous", "NORMAL")?;
         result?;
-        self.db.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
+        self.query_one("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))?;
         Ok(())
     }
 
     pub fn node(&self, ino: i64) -> Result<Option<Node>, CatalogError> {
         Ok(self
-            .db
-            .query_row(
+            .query_one(
                 &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE ino = ?1"),
                 [ino],
                 row_to_node,
@@ -330,8 +380,7 @@ impl Catalog {
 
     pub fn child(&self, parent: i64, name: &str) -> Result<Option<Node>, CatalogError> {
         Ok(self
-            .db
-            .query_row(
+            .query_one(
                 &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1"),
                 params![parent, name],
                 row_to_node,
@@ -350,7 +399,7 @@ impl Catalog {
 
     /// Subdirectories of a directory: its link count is 2 plus this.
     pub fn subdir_count(&self, parent: i64) -> Result<u32, CatalogError> {
-        Ok(self.db.query_row(
+        Ok(self.query_one(
             "SELECT COUNT(*) FROM nodes WHERE parent = ?1 AND ino != ?1 AND kind = 'dir'",
             [parent],
             |r| r.get(0),
@@ -359,8 +408,7 @@ impl Catalog {
 
     pub fn has_children(&self, parent: i64) -> Result<bool, CatalogError> {
         Ok(self
-            .db
-            .query_row(
+            .query_one(
                 "SELECT 1 FROM nodes WHERE parent = ?1 AND ino != ?1 LIMIT 1",
                 [parent],
                 |_| Ok(()),
@@ -373,7 +421,7 @@ impl Catalog {
         let now = now_ns();
         // Inode numbers are never reused: a deleted file's versions stay on
         // record under its number, and the kernel may still know it.
-        self.db.execute(
+        self.exec(
             "INSERT INTO nodes (ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
              VALUES ((SELECT MAX(m) + 1 FROM (SELECT MAX(ino) AS m FROM nodes UNION ALL SELECT MAX(ino) FROM versions)),
                      ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
@@ -394,7 +442,7 @@ impl Catalog {
     }
 
     fn touch_dir(&self, dir: i64, now: i64) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
             params![dir, now],
         )?;
@@ -403,7 +451,7 @@ impl Catalog {
 
     /// Writes back a node's attributes (mode, owner, times).
     pub fn update_attrs(&self, node: &Node) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE nodes SET mode = ?2, uid = ?3, gid = ?4, atime_ns = ?5, mtime_ns = ?6, ctime_ns = ?7 WHERE ino = ?1",
             params![node.ino, node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.ctime_ns],
         )?;
@@ -413,7 +461,8 @@ impl Catalog {
     /// Removes a name. The node itself goes too, unless `keep_orphan` (the
     /// file is still open): then it stays, nameless, until `forget_orphan`.
     pub fn unlink(&mut self, node: &Node, keep_orphan: bool) -> Result<(), CatalogError> {
-        let tx = self.db.transaction()?;
+        self.begin_batch()?;
+        let tx = self.db.savepoint()?;
         let now = now_ns();
         if keep_orphan {
             tx.execute(
@@ -432,7 +481,8 @@ impl Catalog {
     }
 
     pub fn forget_orphan(&mut self, ino: i64) -> Result<(), CatalogError> {
-        let tx = self.db.transaction()?;
+        self.begin_batch()?;
+        let tx = self.db.savepoint()?;
         delete_node(&tx, ino)?;
         tx.commit()?;
         Ok(())
@@ -453,7 +503,8 @@ impl Catalog {
         name: &str,
         replaced: Option<(&Node, bool)>,
     ) -> Result<(), CatalogError> {
-        let tx = self.db.transaction()?;
+        self.begin_batch()?;
+        let tx = self.db.savepoint()?;
         let now = now_ns();
         if let Some((old, keep_orphan)) = replaced {
             if keep_orphan {
@@ -559,29 +610,36 @@ impl Catalog {
         origin: Option<&str>,
     ) -> Result<i64, CatalogError> {
         let num = self.next_version_num(ino)?;
-        self.db.execute(
+        self.exec(
             &format!("INSERT INTO versions ({VERSION_COLUMNS}, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
             params![ino, num, size as i64, sha256, state.as_str(), cap, now_ns(), origin],
         )?;
         Ok(num)
     }
 
-    /// Whether a version was sealed from the working copy named `origin`.
-    pub fn sealed_from(&self, origin: &str) -> Result<bool, CatalogError> {
+    /// The version (ino, num) sealed from the working copy named `origin`.
+    pub fn sealed_from(&self, origin: &str) -> Result<Option<(i64, i64)>, CatalogError> {
         Ok(self
-            .db
-            .query_row("SELECT 1 FROM versions WHERE origin = ?1", [origin], |_| Ok(()))
-            .optional()?
-            .is_some())
+            .query_one("SELECT ino, num FROM versions WHERE origin = ?1", [origin], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// The numbers of a file's versions, whatever their state.
+    pub fn version_nums(&self, ino: i64) -> Result<Vec<i64>, CatalogError> {
+        let mut stmt = self.db.prepare_cached("SELECT num FROM versions WHERE ino = ?1")?;
+        let rows = stmt.query_map([ino], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The key to upload a version with: the one chosen at its first attempt.
     pub fn upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<String, CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE versions SET upload_key = ?3 WHERE ino = ?1 AND num = ?2 AND upload_key IS NULL",
             params![ino, num, fresh],
         )?;
-        Ok(self.db.query_row(
+        Ok(self.query_one(
             "SELECT upload_key FROM versions WHERE ino = ?1 AND num = ?2",
             params![ino, num],
             |r| r.get(0),
@@ -589,7 +647,7 @@ impl Catalog {
     }
 
     pub fn set_version_state(&self, ino: i64, num: i64, state: VersionState) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE versions SET state = ?3 WHERE ino = ?1 AND num = ?2",
             params![ino, num, state.as_str()],
         )?;
@@ -598,7 +656,7 @@ impl Catalog {
 
     /// Marks a version committed, with what its upload learnt.
     pub fn commit_version(&self, ino: i64, num: i64, cap: &str, sha256: &str) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE versions SET state = 'committed', cap = ?3, sha256 = ?4 WHERE ino = ?1 AND num = ?2",
             params![ino, num, cap, sha256],
         )?;
@@ -612,7 +670,8 @@ impl Catalog {
     /// carried twice. One transaction: a crash carries all or nothing.
     /// Returns how many were carried over.
     pub fn adopt_history(&mut self, from: i64, to: i64) -> Result<usize, CatalogError> {
-        let tx = self.db.transaction()?;
+        self.begin_batch()?;
+        let tx = self.db.savepoint()?;
         let carried: Vec<(i64, String, String, i64)> = {
             let mut stmt = tx.prepare_cached(
                 "SELECT size, sha256, cap, created_ns FROM versions
@@ -642,7 +701,7 @@ impl Catalog {
     /// The number the next version of `ino` will get: at least 1, since
     /// carried-over history sits at 0 and below.
     pub fn next_version_num(&self, ino: i64) -> Result<i64, CatalogError> {
-        Ok(self.db.query_row(
+        Ok(self.query_one(
             "SELECT MAX(COALESCE(MAX(num), 0), 0) + 1 FROM versions WHERE ino = ?1",
             [ino],
             |r| r.get(0),
@@ -664,8 +723,7 @@ impl Catalog {
     /// The newest version of a file, whatever its state.
     pub fn latest(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
         Ok(self
-            .db
-            .query_row(
+            .query_one(
                 &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num DESC LIMIT 1"),
                 [ino],
                 row_to_version,
@@ -675,9 +733,7 @@ impl Catalog {
 
     /// The newest version the grid holds.
     pub fn latest_committed(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
-        Ok(self
-            .db
-            .query_row(
+        Ok(self.query_one(
                 &format!(
                     "SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 AND state = 'committed' ORDER BY num DESC LIMIT 1"
                 ),
@@ -702,7 +758,7 @@ impl Catalog {
     }
 
     pub fn set_degraded(&self, ino: i64, num: i64, degraded: bool) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "UPDATE versions SET degraded = ?3 WHERE ino = ?1 AND num = ?2",
             params![ino, num, degraded],
         )?;
@@ -762,7 +818,8 @@ impl Catalog {
 
     /// Replaces the whole namespace with `snap` (recovery on a new machine).
     pub fn import(&mut self, snap: &Snapshot) -> Result<(), CatalogError> {
-        let tx = self.db.transaction()?;
+        self.begin_batch()?;
+        let tx = self.db.savepoint()?;
         tx.execute_batch("DELETE FROM nodes; DELETE FROM versions; DELETE FROM xattrs;")?;
         for n in &snap.nodes {
             tx.execute(
@@ -800,13 +857,12 @@ impl Catalog {
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, CatalogError> {
         Ok(self
-            .db
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_one("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
             params![key, value],
         )?;
@@ -814,7 +870,7 @@ impl Catalog {
     }
 
     pub fn add_namespace(&self, ns: &PublishedNamespace) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "INSERT OR REPLACE INTO namespaces (seq, cap, created_ns) VALUES (?1, ?2, ?3)",
             params![ns.seq as i64, ns.cap, ns.created_ns],
         )?;
@@ -837,8 +893,7 @@ impl Catalog {
     }
 
     pub fn collect_namespace(&self, seq: u64) -> Result<(), CatalogError> {
-        self.db
-            .execute("UPDATE namespaces SET collected = 1 WHERE seq = ?1", [seq as i64])?;
+        self.exec("UPDATE namespaces SET collected = 1 WHERE seq = ?1", [seq as i64])?;
         Ok(())
     }
 
@@ -856,9 +911,7 @@ impl Catalog {
     }
 
     pub fn count_nodes(&self) -> Result<u64, CatalogError> {
-        Ok(self
-            .db
-            .query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.query_one("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, CatalogError> {
@@ -887,8 +940,7 @@ impl Catalog {
 
     pub fn xattr(&self, ino: i64, name: &str) -> Result<Option<Vec<u8>>, CatalogError> {
         Ok(self
-            .db
-            .query_row(
+            .query_one(
                 "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
                 params![ino, name],
                 |r| r.get(0),
@@ -905,7 +957,7 @@ impl Catalog {
     }
 
     pub fn set_xattr(&self, ino: i64, name: &str, value: &[u8]) -> Result<(), CatalogError> {
-        self.db.execute(
+        self.exec(
             "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino, name, value],
         )?;
@@ -946,7 +998,7 @@ fn migrate(db: &Connection) -> Result<(), CatalogError> {
 
 /// Deletes a node and its attributes; its versions not yet uploaded are
 /// dropped (committed ones stay on record for retention and gc).
-fn delete_node(tx: &rusqlite::Transaction<'_>, ino: i64) -> Result<(), CatalogError> {
+fn delete_node(tx: &Connection, ino: i64) -> Result<(), CatalogError> {
     tx.execute("DELETE FROM nodes WHERE ino = ?1", [ino])?;
     tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
     tx.execute(

@@ -225,6 +225,79 @@ impl FromStr for Capability {
     }
 }
 
+/// What a file version's record names: a whole encoded version of its own,
+/// or a byte range of a pack (one encoded version holding many small file
+/// versions, so that a small file does not cost n share writes). A packed
+/// version's bytes are verified as the pack's blocks are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileCap {
+    Whole(Capability),
+    Packed { pack: Capability, offset: u64, len: u64 },
+}
+
+const PACK_PREFIX: &str = "cairn:pack1:";
+
+impl FileCap {
+    /// The encoded version on the grid that holds the bytes.
+    pub fn stored(&self) -> &Capability {
+        match self {
+            FileCap::Whole(cap) | FileCap::Packed { pack: cap, .. } => cap,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            FileCap::Whole(cap) => cap.layout.size,
+            FileCap::Packed { len, .. } => *len,
+        }
+    }
+
+    /// Where the file's bytes `[from, from + len)` lie in the stored
+    /// version's plaintext.
+    pub fn stored_range(&self, from: u64, len: u64) -> (u64, u64) {
+        let size = self.size();
+        let from = from.min(size);
+        let len = len.min(size - from);
+        match self {
+            FileCap::Whole(_) => (from, len),
+            FileCap::Packed { offset, .. } => (offset + from, len),
+        }
+    }
+}
+
+impl fmt::Display for FileCap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileCap::Whole(cap) => write!(f, "{cap}"),
+            FileCap::Packed { pack, offset, len } => write!(f, "{PACK_PREFIX}{offset}:{len}:{pack}"),
+        }
+    }
+}
+
+impl FromStr for FileCap {
+    type Err = CodecError;
+    fn from_str(s: &str) -> Result<Self, CodecError> {
+        let s = s.trim();
+        let Some(rest) = s.strip_prefix(PACK_PREFIX) else {
+            return Ok(FileCap::Whole(s.parse()?));
+        };
+        let bad = |what: &str| CodecError::Capability(format!("{what} (expected {PACK_PREFIX}OFFSET:LEN:PACK-CAP)"));
+        let mut parts = rest.splitn(3, ':');
+        let mut num = |what: &str| {
+            parts
+                .next()
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or_else(|| bad(what))
+        };
+        let (offset, len) = (num("bad offset")?, num("bad length")?);
+        let pack: Capability = parts.next().ok_or_else(|| bad("no pack capability"))?.parse()?;
+        if offset.checked_add(len).is_none_or(|end| end > pack.layout.size) {
+            return Err(bad("range outside the pack"));
+        }
+        Ok(FileCap::Packed { pack, offset, len })
+    }
+}
+
 /// Names a version's shares on servers. Derived from the key by a one-way
 /// hash, so it reveals neither the key nor the file name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::codec::{Capability, Hash, VersionDecoder, FOOTER_LEN};
+use crate::codec::{Capability, FileCap, Hash, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
 
 /// Segments fetched ahead of the one being written out.
@@ -320,11 +320,11 @@ async fn locate_on_server(grid: &Grid, cap: &Capability, idx: usize) -> (usize, 
 /// verified: bytes go to a hidden temporary beside it, renamed at the end.
 pub async fn download_to_file(
     grid: Arc<Grid>,
-    cap: Capability,
+    cap: FileCap,
     out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
-    let reader = VersionReader::open(grid, cap).await?;
+    let reader = VersionReader::open(grid, cap.stored().clone()).await?;
     let output_err = |source| DownloadError::Output {
         path: out.to_owned(),
         source,
@@ -338,15 +338,81 @@ pub async fn download_to_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.cairn-partial-{}", std::process::id()));
-    let result = write_verified(&reader, &tmp, progress).await;
+    let result = match &cap {
+        FileCap::Whole(_) => write_verified(&reader, &tmp, progress)
+            .await
+            .map(|()| reader.plaintext_sha256()),
+        FileCap::Packed { .. } => write_packed(&reader, &cap, &tmp, progress).await,
+    };
     let result = match result {
-        Ok(()) => std::fs::rename(&tmp, out).map_err(output_err),
+        Ok(sha) => std::fs::rename(&tmp, out).map(|()| sha).map_err(output_err),
         Err(e) => Err(e),
     };
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map(|()| reader.plaintext_sha256())
+    result
+}
+
+/// A packed version (small by construction) into `tmp`; returns its SHA-256.
+async fn write_packed(
+    reader: &VersionReader,
+    cap: &FileCap,
+    tmp: &Path,
+    progress: Arc<dyn crate::upload::Progress>,
+) -> Result<Hash, DownloadError> {
+    let (offset, len) = cap.stored_range(0, u64::MAX);
+    let bytes = read_range(reader, offset, len).await?;
+    let output_err = |source| DownloadError::Output {
+        path: tmp.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::create(tmp).map_err(output_err)?;
+    file.write_all(&bytes).map_err(output_err)?;
+    file.sync_all().map_err(output_err)?;
+    progress.advance(len);
+    Ok(Sha256::digest(&bytes).into())
+}
+
+/// Chunk `index` of a file version: its bytes from `index * chunk_size`,
+/// `chunk_size` of them (the last chunk shorter), verified. `reader` reads
+/// the version's stored capability.
+pub async fn read_chunk(
+    reader: &VersionReader,
+    cap: &FileCap,
+    index: u64,
+    chunk_size: u64,
+) -> Result<Vec<u8>, DownloadError> {
+    match cap {
+        FileCap::Whole(whole) if whole.layout.params.segment_size as u64 == chunk_size => {
+            reader.read_segment(index).await
+        }
+        _ => {
+            let (offset, len) = cap.stored_range(index * chunk_size, chunk_size);
+            read_range(reader, offset, len).await
+        }
+    }
+}
+
+/// The bytes `[offset, offset + len)` of a stored version, from the
+/// segments that hold them, each segment verified against the version's
+/// hashes: how a packed file version, or a chunk of one, is read.
+pub async fn read_range(reader: &VersionReader, offset: u64, len: u64) -> Result<Vec<u8>, DownloadError> {
+    let mut out = Vec::with_capacity(len as usize);
+    if len == 0 {
+        return Ok(out);
+    }
+    let layout = reader.capability().layout;
+    let segment_size = layout.params.segment_size as u64;
+    let end = offset + len;
+    for segment in offset / segment_size..end.div_ceil(segment_size) {
+        let bytes = reader.read_segment(segment).await?;
+        let start = layout.segment_offset(segment);
+        let from = offset.max(start) - start;
+        let to = (end.min(start + bytes.len() as u64) - start) as usize;
+        out.extend_from_slice(&bytes[from as usize..to]);
+    }
+    Ok(out)
 }
 
 async fn write_verified(

@@ -17,10 +17,12 @@ use fuser::{
 use crate::catalog::Kind;
 use crate::vfs::{Attr, Caller, SetAttr, Vfs, VfsError};
 
-/// How long the kernel may cache attributes and names. Every change goes
-/// through this daemon, so a short TTL only bounds staleness after
-/// `cairn restore`, which changes content behind the kernel's back.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes, names and the absence of
+/// names. Every change goes through the kernel, and sealing at close keeps
+/// the attributes the kernel saw; the one change behind its back,
+/// `cairn restore`, invalidates the file explicitly (docs/SEMANTICS.md,
+/// "Kernel caching").
+const TTL: Duration = Duration::from_secs(60);
 const BLOCK: u64 = 4096;
 
 pub struct CairnFs {
@@ -131,11 +133,48 @@ fn entry(reply: ReplyEntry, result: Result<Attr, VfsError>) {
     reply!(reply, result, |a| reply.entry(&TTL, &fuse_attr(&a), Generation(0)))
 }
 
+/// A name that does not exist, cached by the kernel as such (inode 0), so
+/// `tar x` and `git status` do not ask again for names they create.
+fn negative_entry(reply: ReplyEntry) {
+    let none = Attr {
+        ino: 0,
+        kind: Kind::File,
+        size: 0,
+        perm: 0,
+        uid: 0,
+        gid: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        nlink: 0,
+        rdev: 0,
+    };
+    reply.entry(&TTL, &fuse_attr(&none), Generation(0))
+}
+
 fn empty(reply: ReplyEmpty, result: Result<(), VfsError>) {
     reply!(reply, result, |_ok| reply.ok())
 }
 
 impl Filesystem for CairnFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags;
+        // Each where the kernel offers it: READDIRPLUS when a listing is
+        // followed by lookups (ls -l), dropping cached pages when a file's
+        // size or mtime changes, and caching symlink targets (a symlink
+        // never changes in place).
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if let Err(missing) = config.add_capabilities(flag) {
+                tracing::debug!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
     fn destroy(&mut self) {
         if let Err(e) = self.vfs.seal_all() {
             tracing::error!(error = %e, "sealing open files at unmount");
@@ -146,7 +185,10 @@ impl Filesystem for CairnFs {
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::from_i32(libc::ENOENT));
         };
-        entry(reply, self.vfs.lookup(parent.0, name));
+        match self.vfs.lookup(parent.0, name) {
+            Err(VfsError::NotFound) => negative_entry(reply),
+            result => entry(reply, result),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -270,7 +312,7 @@ impl Filesystem for CairnFs {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         reply!(reply, self.vfs.open(ino.0, write, truncate), |fh| reply
-            .opened(FileHandle(fh), FopenFlags::empty()))
+            .opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE))
     }
 
     fn create(
@@ -296,7 +338,7 @@ impl Filesystem for CairnFs {
                     &fuse_attr(&attr),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    FopenFlags::FOPEN_KEEP_CACHE,
                 )
             }
         )
@@ -369,6 +411,24 @@ impl Filesystem for CairnFs {
         reply!(reply, self.vfs.readdir(ino.0, offset), |entries| {
             for (child, off, kind, name) in entries {
                 if reply.add(INodeNo(child), off, file_type(kind), name) {
+                    break;
+                }
+            }
+            reply.ok()
+        })
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        reply!(reply, self.vfs.readdir_plus(ino.0, offset), |entries| {
+            for (off, name, attr) in entries {
+                if reply.add(INodeNo(attr.ino), off, name, &TTL, &fuse_attr(&attr), Generation(0)) {
                     break;
                 }
             }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::catalog::{Catalog, CatalogError, PublishedNamespace, Version};
+use crate::codec::FileCap;
 use crate::config::RetentionConfig;
 use crate::grid::{Grid, ServerError};
 
@@ -18,7 +19,8 @@ const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Plan {
-    /// (ino, version number, capability) of versions to collect.
+    /// (ino, version number, stored capability: its own or its pack's) of
+    /// versions to collect.
     pub versions: Vec<(i64, i64, String)>,
     /// (sequence number, capability) of namespace snapshots to collect.
     pub namespaces: Vec<(u64, String)>,
@@ -41,16 +43,16 @@ pub fn plan(
     for v in versions.iter().filter(|v| v.cap.is_some()) {
         by_file.entry(v.ino).or_default().push(v);
     }
-    let mut retained: HashSet<&str> = HashSet::new();
+    let mut retained: HashSet<String> = HashSet::new();
     let mut candidates = Vec::new();
     for (ino, mut vs) in by_file {
         vs.sort_by_key(|v| std::cmp::Reverse(v.num));
         let alive = live(ino);
         for (i, v) in vs.into_iter().enumerate() {
             let keep = young(v.created_ns) || (alive && (i == 0 || i < rules.keep_versions as usize));
-            let cap = v.cap.as_deref().expect("filtered");
+            let (stored, _) = stored_of(v.cap.as_deref().expect("filtered"));
             if keep {
-                retained.insert(cap);
+                retained.insert(stored);
             } else {
                 candidates.push(v);
             }
@@ -59,12 +61,13 @@ pub fn plan(
     let mut out = Plan::default();
     let mut caps: HashSet<String> = HashSet::new();
     for v in candidates {
-        let cap = v.cap.clone().expect("filtered");
-        if !retained.contains(cap.as_str()) {
-            if caps.insert(cap.clone()) {
-                out.bytes += v.size;
+        let (stored, size) = stored_of(v.cap.as_deref().expect("filtered"));
+        // A pack goes only when no retained version lies in it.
+        if !retained.contains(&stored) {
+            if caps.insert(stored.clone()) {
+                out.bytes += size.unwrap_or(v.size);
             }
-            out.versions.push((v.ino, v.num, cap));
+            out.versions.push((v.ino, v.num, stored));
         }
     }
     for (i, ns) in namespaces.iter().enumerate() {
@@ -77,6 +80,15 @@ pub fn plan(
     out.caps = caps.into_iter().collect();
     out.caps.sort();
     out
+}
+
+/// The capability of the encoded version holding a file version's bytes
+/// (itself, or its pack), with that version's size.
+fn stored_of(cap: &str) -> (String, Option<u64>) {
+    match cap.parse::<FileCap>() {
+        Ok(parsed) => (parsed.stored().to_string(), Some(parsed.stored().layout.size)),
+        Err(_) => (cap.to_owned(), None),
+    }
 }
 
 #[derive(Debug, Default, Serialize)]

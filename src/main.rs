@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use cairn::catalog::{Catalog, Kind, VersionState};
-use cairn::codec::Capability;
+use cairn::codec::{Capability, FileCap};
 use cairn::config::{self, Config};
 use cairn::grid::Grid;
 use cairn::upload::Progress;
@@ -614,7 +614,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The capability named by a path (newest committed, or `version`) or given outright.
-fn resolve_cap(home: &Home, path: Option<String>, cap: Option<String>, version: Option<i64>) -> Result<Capability> {
+fn resolve_cap(home: &Home, path: Option<String>, cap: Option<String>, version: Option<i64>) -> Result<FileCap> {
     if let Some(cap) = cap {
         return Ok(cap.parse()?);
     }
@@ -649,7 +649,7 @@ fn get(
 ) -> Result<ExitCode> {
     let cap = resolve_cap(home, path, cap, version)?;
     let grid = Arc::new(home.grid()?);
-    let bar = Bar::new(cap.layout.size, "downloading");
+    let bar = Bar::new(cap.size(), "downloading");
     runtime()?.block_on(download::download_to_file(grid, cap, &output, bar.clone()))?;
     bar.0.finish_and_clear();
     Ok(ExitCode::SUCCESS)
@@ -658,7 +658,8 @@ fn get(
 fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> Result<ExitCode> {
     let cap = resolve_cap(home, path, cap, None)?;
     let grid = Arc::new(home.grid()?);
-    let report = runtime()?.block_on(download::check(grid, cap));
+    // A packed file is as healthy as the pack that holds it.
+    let report = runtime()?.block_on(download::check(grid, cap.stored().clone()));
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -691,14 +692,17 @@ fn repair(home: &Home, path: Option<String>, cap: Option<String>, all: bool, jso
     let caps: Vec<Capability> = if all {
         let versions = home.catalog()?.committed_versions()?;
         let mut seen = std::collections::HashSet::new();
-        versions
+        let caps: Vec<FileCap> = versions
             .into_iter()
             .filter_map(|v| v.cap)
-            .filter(|c| seen.insert(c.clone()))
             .map(|c| c.parse())
-            .collect::<Result<_, _>>()?
+            .collect::<Result<_, _>>()?;
+        caps.into_iter()
+            .map(|c| c.stored().clone())
+            .filter(|c| seen.insert(c.to_string()))
+            .collect()
     } else {
-        vec![resolve_cap(home, path, cap, None)?]
+        vec![resolve_cap(home, path, cap, None)?.stored().clone()]
     };
     let grid = Arc::new(home.grid()?);
     let rt = runtime()?;

@@ -181,6 +181,27 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Writes every dirty page of the file system holding `path` to disk (one
+/// syncfs). Windows has no unprivileged equivalent: there staged data is as
+/// durable as the system's own lazy writer makes it.
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let dir = File::open(path)?;
+        // SAFETY: syncfs on a descriptor we own for the duration of the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(windows)]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 /// Owner recorded on new nodes: the daemon's user. Windows has no numeric
 /// owner; its adapter shows a fixed security descriptor instead.
 pub fn current_owner() -> (u32, u32) {

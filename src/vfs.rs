@@ -19,11 +19,11 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, Version, VersionState};
-use crate::codec::{Capability, Params};
-use crate::download::VersionReader;
+use crate::codec::{FileCap, Params, StorageIndex};
+use crate::download::{read_chunk, VersionReader};
 use crate::grid::Grid;
 use crate::stage::chunks::{SealedVersion, WorkingCopy};
-use crate::upload;
+use crate::upload::{self, pack};
 
 /// Longest name a directory entry may have, as on ext4.
 pub const NAME_MAX: usize = 255;
@@ -33,6 +33,11 @@ const UPLOAD_CONCURRENCY: usize = 2;
 const READ_AHEAD_SEGMENTS: u64 = 4;
 /// How long `cairn sync` waits for releases of files closed just before it.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Longest a metadata change waits in the catalog's batch before it is
+/// committed (survives a crash of the daemon).
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the staging disk is synced (survives a power loss).
+pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// The extended-attribute namespace cairn answers itself.
 pub const XATTR_PREFIX: &str = "user.cairn.";
 
@@ -133,9 +138,11 @@ struct OpenFile {
     work: Option<WorkingCopy>,
     /// Written or truncated since the working copy was made.
     dirty: bool,
-    /// Written since mtime was last set: sealing sets mtime to now. An
-    /// explicit utimens clears it, so `cp -a` and rsync keep their times.
-    touched: bool,
+    /// When the working copy was last written or truncated, unless an
+    /// explicit utimens came after (so `cp -a` and rsync keep their times):
+    /// the file's mtime while open, recorded at the seal. The kernel caches
+    /// attributes, so sealing must not change them behind its back.
+    modified_ns: Option<i64>,
 }
 
 /// A sealed version waiting for, or in, upload.
@@ -193,7 +200,7 @@ pub struct Vfs {
     upload_wake: Notify,
     /// Signalled whenever a version leaves the queue.
     queue_changed: Notify,
-    readers: Mutex<HashMap<(i64, i64), Arc<VersionReader>>>,
+    readers: Mutex<HashMap<StorageIndex, Arc<VersionReader>>>,
     /// Directories of `dir` servers, for statfs.
     server_dirs: Vec<PathBuf>,
     runtime: tokio::runtime::Handle,
@@ -202,6 +209,13 @@ pub struct Vfs {
     /// Chunks (ino, version, index) being read ahead: every read asks for
     /// the next few, and must not fetch again what is already on its way.
     reading_ahead: Arc<Mutex<std::collections::HashSet<(i64, i64, u64)>>>,
+    /// The cache's size at the last eviction pass, and the bytes sealed or
+    /// fetched since: while their sum is under the bound, a pass has
+    /// nothing to do and skips walking the cache.
+    cache_scanned: AtomicU64,
+    cache_growth: Arc<AtomicU64>,
+    /// Set by the platform adapter: see [`Vfs::on_content_changed`].
+    content_changed: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -240,7 +254,7 @@ impl Vfs {
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
         for ino in catalog.orphans()? {
             catalog.forget_orphan(ino)?;
-            purge_versions(&cache, ino);
+            purge_versions(&cache, &catalog, ino);
         }
         recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
         let mut queue = BTreeMap::new();
@@ -276,6 +290,9 @@ impl Vfs {
             readers: Mutex::new(HashMap::new()),
             publishing: tokio::sync::Mutex::new(()),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            cache_scanned: AtomicU64::new(u64::MAX),
+            cache_growth: Arc::new(AtomicU64::new(0)),
+            content_changed: std::sync::OnceLock::new(),
         }))
     }
 
@@ -319,7 +336,12 @@ impl Vfs {
             uid: node.uid,
             gid: node.gid,
             atime: to_time(node.atime_ns),
-            mtime: to_time(node.mtime_ns),
+            mtime: to_time(
+                st.files
+                    .get(&node.ino)
+                    .and_then(|f| f.modified_ns)
+                    .unwrap_or(node.mtime_ns),
+            ),
             ctime: to_time(node.ctime_ns),
             nlink: match node.kind {
                 Kind::Dir => 2 + st.catalog.subdir_count(node.ino)?,
@@ -386,7 +408,7 @@ impl Vfs {
         if let Some(t) = set.mtime {
             node.mtime_ns = to_ns(t);
             if let Some(file) = st.files.get_mut(&ino) {
-                file.touched = false;
+                file.modified_ns = None;
             }
         } else if resize.is_some() {
             node.mtime_ns = now;
@@ -565,7 +587,7 @@ impl Vfs {
     fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) {
         Self::drop_queued(st, ino);
         if !still_open {
-            purge_versions(&self.cache, ino);
+            purge_versions(&self.cache, &st.catalog, ino);
         }
     }
 
@@ -672,6 +694,22 @@ impl Vfs {
         Ok(out)
     }
 
+    /// [`Vfs::readdir`] with each entry's attributes (READDIRPLUS: `ls -l`
+    /// needs no lookup per entry).
+    pub fn readdir_plus(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
+        let entries = self.readdir(ino, offset)?;
+        let st = self.lock();
+        let mut out = Vec::with_capacity(entries.len());
+        for (child, off, _, name) in entries {
+            // Gone since the listing (the lock was let go in between).
+            let Some(node) = st.catalog.node(child as i64)? else {
+                continue;
+            };
+            out.push((off, name, self.attr_of(&st, &node)?));
+        }
+        Ok(out)
+    }
+
     // ----- open files -----
 
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> VfsResult<u64> {
@@ -758,7 +796,7 @@ impl Vfs {
         let file = st.files.get_mut(&ino).expect("ensured");
         change(file.work.as_mut().expect("ensured"))?;
         file.dirty = true;
-        file.touched = true;
+        file.modified_ns = Some(crate::catalog::now_ns());
         if file.writers == 0 {
             self.seal(&mut st, ino, "change without an open writer")?;
         }
@@ -779,8 +817,14 @@ impl Vfs {
         let mut st = self.lock();
         let file = st.files.get_mut(&ino).expect("open file");
         file.work.as_mut().expect("ensured").write_at(offset, data)?;
+        self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
         file.dirty = true;
-        file.touched = true;
+        file.modified_ns = Some(crate::catalog::now_ns());
+        // The bytes are in staging now and survive a crash of the daemon:
+        // so must the file's name.
+        if st.catalog.uncommitted() {
+            st.catalog.commit()?;
+        }
         Ok(data.len())
     }
 
@@ -853,37 +897,41 @@ impl Vfs {
         Ok(self.sealed(v).read_at(offset, buf)?)
     }
 
-    fn version_reader(&self, v: &Version) -> VfsResult<Arc<VersionReader>> {
-        if let Some(r) = self.readers.lock().expect("readers").get(&(v.ino, v.num)) {
-            return Ok(r.clone());
-        }
-        let cap: Capability = v
+    /// A reader of the encoded version holding `v`'s bytes (its own, or
+    /// its pack, shared by every file in the pack), with `v`'s capability.
+    fn version_reader(&self, v: &Version) -> VfsResult<(Arc<VersionReader>, FileCap)> {
+        let cap: FileCap = v
             .cap
             .as_deref()
             .ok_or_else(|| VfsError::Grid(format!("version {} is neither cached nor on the grid", v.num)))?
             .parse()
             .map_err(|e: crate::codec::CodecError| VfsError::Grid(e.to_string()))?;
+        let index = cap.stored().storage_index();
+        if let Some(r) = self.readers.lock().expect("readers").get(&index) {
+            return Ok((r.clone(), cap));
+        }
         let reader = self
             .runtime
-            .block_on(VersionReader::open(self.grid.clone(), cap))
+            .block_on(VersionReader::open(self.grid.clone(), cap.stored().clone()))
             .map_err(|e| VfsError::Grid(e.to_string()))?;
         let reader = Arc::new(reader);
         let mut readers = self.readers.lock().expect("readers");
         if readers.len() > 64 {
             readers.clear();
         }
-        readers.insert((v.ino, v.num), reader.clone());
-        Ok(reader)
+        readers.insert(index, reader.clone());
+        Ok((reader, cap))
     }
 
-    /// Downloads, verifies and caches one chunk (= one segment) of a version.
+    /// Downloads, verifies and caches one chunk of a version.
     fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
-        let reader = self.version_reader(v)?;
+        let (reader, cap) = self.version_reader(v)?;
         let segment = self
             .runtime
-            .block_on(reader.read_segment(index))
+            .block_on(read_chunk(&reader, &cap, index, self.chunk_size()))
             .map_err(|e| VfsError::Grid(e.to_string()))?;
         store_chunk(&self.cache, v, index, &segment)?;
+        self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -903,18 +951,21 @@ impl Vfs {
         let done = move |index: u64, v: &Version| {
             inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
         };
-        let Ok(reader) = self.version_reader(v) else {
+        let Ok((reader, cap)) = self.version_reader(v) else {
             wanted.iter().for_each(|&i| done(i, v));
             return;
         };
-        let (cache, v) = (self.cache.clone(), v.clone());
+        let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
+        let chunk_size = self.chunk_size();
         self.runtime.spawn(async move {
             let mut failed = false;
             for index in wanted {
                 if !failed {
-                    match reader.read_segment(index).await {
+                    match read_chunk(&reader, &cap, index, chunk_size).await {
                         Ok(segment) => {
-                            let _ = store_chunk(&cache, &v, index, &segment);
+                            if store_chunk(&cache, &v, index, &segment).is_ok() {
+                                growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
+                            }
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "read-ahead failed");
@@ -942,6 +993,8 @@ impl Vfs {
     /// fork+exec anywhere in a multithreaded writer closes inherited
     /// descriptors), so it says nothing about the writer being done. The
     /// handle is marked closing, so `cairn sync` can wait for its release.
+    /// It commits the catalog's batch: what a closed file needs to survive
+    /// a crash (its name, its attributes) is then on disk.
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
         let mut st = self.lock();
         if let Some(handle) = st.handles.get_mut(&fh) {
@@ -949,6 +1002,25 @@ impl Vfs {
                 handle.closing = true;
             }
         }
+        st.catalog.commit()?;
+        Ok(())
+    }
+
+    /// Commits the catalog's batch of metadata changes (group commit: run
+    /// every [`COMMIT_INTERVAL`] and forced by close, fsync, sealing and
+    /// the first write after a change).
+    pub fn commit_metadata(&self) -> VfsResult<()> {
+        self.lock().catalog.commit()?;
+        Ok(())
+    }
+
+    /// Makes everything staged so far survive a power loss: the batch is
+    /// committed, then the staging disk synced (one syncfs). Sealing does
+    /// not fsync; this runs every [`DISK_SYNC_INTERVAL`] instead, as a
+    /// local file system's journal commit does.
+    pub fn sync_staging_disk(&self) -> VfsResult<()> {
+        self.commit_metadata()?;
+        crate::sys::sync_filesystem(&self.options.home)?;
         Ok(())
     }
 
@@ -973,7 +1045,7 @@ impl Vfs {
                     work.discard()?;
                 }
                 st.catalog.forget_orphan(ino)?;
-                purge_versions(&self.cache, ino);
+                purge_versions(&self.cache, &st.catalog, ino);
             }
             return Ok(());
         }
@@ -994,33 +1066,34 @@ impl Vfs {
             return Ok(());
         };
         let Some(work) = file.work.take() else { return Ok(()) };
-        let touched = std::mem::take(&mut file.touched);
+        let modified_ns = file.modified_ns.take();
         if !std::mem::take(&mut file.dirty) {
             work.discard()?;
             return Ok(());
         }
-        let (num, sealed) = match record_sealed(&self.cache, &mut st.catalog, ino, &work) {
+        if let Some(t) = modified_ns {
+            // Recorded with the version, in one commit.
+            if let Some(mut node) = st.catalog.node(ino)? {
+                node.mtime_ns = t;
+                node.ctime_ns = node.ctime_ns.max(t);
+                st.catalog.update_attrs(&node)?;
+            }
+        }
+        let (num, sealed) = match record_sealed(&self.cache, &mut st.catalog, ino, work) {
             Ok(recorded) => recorded,
-            Err(e) => {
+            Err(failed) => {
+                let (work, e) = *failed;
                 // A full disk, say: keep the working copy as it was, so the
                 // file reads the same and a later close seals it.
                 let file = st.files.get_mut(&ino).expect("still open");
                 file.work = Some(work);
                 file.dirty = true;
-                file.touched |= touched;
+                file.modified_ns = file.modified_ns.or(modified_ns);
                 return Err(e);
             }
         };
-        work.discard()?;
-        if touched {
-            if let Some(mut node) = st.catalog.node(ino)? {
-                let now = crate::catalog::now_ns();
-                node.mtime_ns = now;
-                node.ctime_ns = now;
-                st.catalog.update_attrs(&node)?;
-            }
-        }
         st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
+        self.cache_growth.fetch_add(sealed.size, Ordering::Relaxed);
         tracing::debug!(ino, num, size = sealed.size, "sealed");
         self.upload_wake.notify_one();
         Ok(())
@@ -1176,15 +1249,22 @@ fn queued(st: &State, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
         .map(|((_, num), p)| (*num, p))
 }
 
-/// Removes every cached version of a deleted file.
-fn purge_versions(cache: &Path, ino: i64) {
-    let prefix = format!("{ino}.");
-    let Ok(entries) = std::fs::read_dir(cache.join("versions")) else {
-        return;
+/// Removes every cached version of a deleted file (the catalog keeps their
+/// rows, so it knows which).
+fn purge_versions(cache: &Path, catalog: &Catalog, ino: i64) {
+    let nums = match catalog.version_nums(ino) {
+        Ok(nums) => nums,
+        Err(e) => {
+            tracing::warn!(ino, error = %e, "listing versions to free");
+            return;
+        }
     };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_dir_all(entry.path());
+    for num in nums {
+        match std::fs::remove_dir_all(version_dir(cache, ino, num)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(ino, num, error = %e, "freeing a cached version");
+            }
+            _ => {}
         }
     }
 }
@@ -1208,22 +1288,28 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
 }
 
 /// Seals a working copy as the file's next version and records it (state
-/// staged). The catalog row is the commit point: the caller discards the
-/// working copy only afterwards, and a crash in between is resolved by
-/// `recover_staging`. On failure nothing is recorded and the half-built
-/// version directory is removed.
-fn record_sealed(cache: &Path, catalog: &mut Catalog, ino: i64, work: &WorkingCopy) -> VfsResult<(i64, SealedVersion)> {
-    let num = catalog.next_version_num(ino)?;
-    let dir = version_dir(cache, ino, num);
+/// staged). The committed catalog row is the commit point (see
+/// [`WorkingCopy::seal`]); a crash on either side of it is resolved by
+/// `recover_staging`. On failure the working copy comes back unchanged.
+fn record_sealed(
+    cache: &Path,
+    catalog: &mut Catalog,
+    ino: i64,
+    work: WorkingCopy,
+) -> Result<(i64, SealedVersion), Box<(WorkingCopy, VfsError)>> {
+    let num = match catalog.next_version_num(ino) {
+        Ok(num) => num,
+        Err(e) => return Err(Box::new((work, e.into()))),
+    };
     let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
-    let recorded = work.seal(dir.clone()).map_err(VfsError::from).and_then(|sealed| {
-        catalog.add_version(ino, sealed.size, "", VersionState::Staged, None, origin.as_deref())?;
-        Ok(sealed)
-    });
-    if recorded.is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok((num, recorded?))
+    let sealed = work
+        .seal(version_dir(cache, ino, num), |size| -> VfsResult<()> {
+            catalog.add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
+            catalog.commit()?;
+            Ok(())
+        })
+        .map_err(Box::new)?;
+    Ok((num, sealed))
 }
 
 /// (ino, version number) of a `cache/versions/INO.NUM` directory.
@@ -1262,25 +1348,26 @@ fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsR
                 .is_some_and(|n| n.parent != crate::catalog::ORPHAN_PARENT),
             None => false,
         };
-        if catalog.sealed_from(&name)? || !live {
+        if let Some((ino, num)) = catalog.sealed_from(&name)? {
+            // Sealed and recorded; if the crash came before the copy moved
+            // into place, it moves now.
+            let dir = version_dir(cache, ino, num);
+            if dir.exists() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                WorkingCopy::finish_seal(&path, &dir)?;
+            }
+            continue;
+        }
+        // A copy over a base killed before it was ready was never written.
+        if !live || name.ends_with(crate::stage::chunks::UNFINISHED_SUFFIX) {
             std::fs::remove_dir_all(&path)?;
             continue;
         }
         let ino = ino.expect("live implies a parsed inode");
-        let work = match WorkingCopy::recover(path.clone(), chunk_size) {
-            Ok(work) => work,
-            // Killed between creating the directory and writing its state:
-            // nothing was written to it yet.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::remove_dir_all(&path)?;
-                continue;
-            }
-            Err(e) => {
-                return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into());
-            }
-        };
-        let (num, sealed) = record_sealed(cache, catalog, ino, &work)?;
-        work.discard()?;
+        let work = WorkingCopy::recover(path.clone(), chunk_size)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())))?;
+        let (num, sealed) = record_sealed(cache, catalog, ino, work).map_err(|failed| failed.1)?;
         tracing::warn!(
             path = %catalog.path_of(ino)?,
             size = sealed.size,
@@ -1299,6 +1386,12 @@ impl Vfs {
     /// touches staged versions or the base of an open working copy.
     /// Returns the bytes freed.
     pub fn evict(&self) -> VfsResult<u64> {
+        let max = self.options.cache_max_bytes;
+        let growth = self.cache_growth.swap(0, Ordering::Relaxed);
+        if self.cache_scanned.load(Ordering::Relaxed).saturating_add(growth) <= max {
+            self.cache_growth.fetch_add(growth, Ordering::Relaxed);
+            return Ok(0);
+        }
         let (states, protected) = {
             let st = self.lock();
             let protected: std::collections::HashSet<PathBuf> = st
@@ -1333,7 +1426,6 @@ impl Vfs {
                 }
             }
         }
-        let max = self.options.cache_max_bytes;
         let mut freed = 0;
         candidates.sort();
         for (_, nlink, bytes, path) in candidates {
@@ -1349,6 +1441,7 @@ impl Vfs {
         if freed > 0 {
             tracing::info!(freed, used, max, "evicted clean chunks from the cache");
         }
+        self.cache_scanned.store(used.saturating_sub(freed), Ordering::Relaxed);
         Ok(freed)
     }
 }
@@ -1515,10 +1608,13 @@ impl Vfs {
         Some(newest.retry_at.map_or(at, |r| r.max(at)))
     }
 
+    /// The next upload: a version too big to pack, or a pack of ready
+    /// small versions (up to [`pack::TARGET_BYTES`] of them).
     fn next_upload(&self) -> VfsResult<Option<UploadJob>> {
         let mut st = self.lock();
         let now = Instant::now();
         let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
+        let (mut pack, mut pack_bytes) = (Vec::new(), 0);
         for ino in inos {
             if self.ino_ready_at(&st, ino, now).is_none_or(|t| t > now) {
                 continue;
@@ -1537,16 +1633,28 @@ impl Vfs {
             }
             let num = *newest;
             let p = st.queue.get_mut(&(ino, num)).expect("listed");
+            let small = p.size <= pack::MEMBER_MAX;
+            if !small && !pack.is_empty() {
+                continue; // next time, after this pack
+            }
             p.uploading = true;
             p.sent.store(0, Ordering::Relaxed);
-            return Ok(Some(UploadJob {
+            let queued = QueuedVersion {
                 ino,
                 num,
                 version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
                 sent: p.sent.clone(),
-            }));
+            };
+            if !small {
+                return Ok(Some(UploadJob::Whole(queued)));
+            }
+            pack_bytes += p.size;
+            pack.push(queued);
+            if pack_bytes >= pack::TARGET_BYTES || pack.len() >= pack::MAX_MEMBERS {
+                break;
+            }
         }
-        Ok(None)
+        Ok((!pack.is_empty()).then_some(UploadJob::Pack(pack)))
     }
 
     /// The key chosen at a version's first upload attempt, so a retry or a
@@ -1563,6 +1671,106 @@ impl Vfs {
     }
 
     async fn upload_one(&self, job: UploadJob) {
+        match job {
+            UploadJob::Whole(queued) => self.upload_whole(queued).await,
+            UploadJob::Pack(members) => self.upload_pack(members).await,
+        }
+        self.queue_changed.notify_waiters();
+    }
+
+    /// Uploads small versions as one pack: read whole (each at most
+    /// [`pack::MEMBER_MAX`]), encoded once, and each recorded with its range.
+    /// A failed pack puts every member back for a retry, in a new pack
+    /// under a new key (its partial shares are cleaned at the next mount).
+    async fn upload_pack(&self, members: Vec<QueuedVersion>) {
+        let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
+        let assembled =
+            tokio::task::spawn_blocking(move || pack::assemble(sources.iter().map(|v| (v.reader(), v.size))))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+        let result = match assembled {
+            Ok(packed) => {
+                let source = upload::Source {
+                    size: packed.bytes.len() as u64,
+                    reader: Box::new(std::io::Cursor::new(packed.bytes)),
+                };
+                upload::upload(
+                    &self.grid,
+                    self.params,
+                    self.happy,
+                    source,
+                    rand::random(),
+                    Arc::new(()),
+                )
+                .await
+                .map(|report| (report, packed.members))
+                .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("reading versions to pack: {e}")),
+        };
+        let mut st = self.lock();
+        let (report, placed) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                for m in &members {
+                    Self::upload_failed(&mut st, m, &e);
+                }
+                return;
+            }
+        };
+        let degraded = report.placed.len() < self.params.total as usize;
+        for (m, at) in members.iter().zip(placed) {
+            let cap = FileCap::Packed {
+                pack: report.cap.clone(),
+                offset: at.offset,
+                len: at.len,
+            };
+            Self::record_committed(&mut st, m, &cap, &at.sha256, degraded);
+        }
+        tracing::info!(files = members.len(), shares = report.placed.len(), "committed a pack");
+    }
+
+    /// A version is on the grid: recorded, and off the queue.
+    fn record_committed(
+        st: &mut State,
+        job: &QueuedVersion,
+        cap: &FileCap,
+        sha256: &crate::codec::Hash,
+        degraded: bool,
+    ) {
+        let sha = data_encoding::HEXLOWER.encode(sha256);
+        if let Err(e) = st.catalog.commit_version(job.ino, job.num, &cap.to_string(), &sha) {
+            tracing::error!(error = %e, "recording a committed version");
+        }
+        st.queue.remove(&(job.ino, job.num));
+        // Happiness held without every server: repaired later.
+        if degraded {
+            if let Err(e) = st.catalog.set_degraded(job.ino, job.num, true) {
+                tracing::error!(error = %e, "recording a degraded version");
+            }
+        }
+    }
+
+    /// An upload attempt failed: the version waits, backing off, to retry.
+    fn upload_failed(st: &mut State, job: &QueuedVersion, error: &str) {
+        if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
+            p.attempts += 1;
+            p.uploading = false;
+            let backoff = Duration::from_secs(1 << p.attempts.min(6));
+            p.retry_at = Some(Instant::now() + backoff);
+            p.last_error = Some(error.to_owned());
+            tracing::warn!(
+                ino = job.ino,
+                num = job.num,
+                error,
+                ?backoff,
+                "upload failed; will retry"
+            );
+        }
+    }
+
+    async fn upload_whole(&self, job: QueuedVersion) {
         let key = match self.upload_key(job.ino, job.num) {
             Ok(key) => key,
             Err(e) => {
@@ -1586,35 +1794,13 @@ impl Vfs {
         let mut st = self.lock();
         match result {
             Ok(report) => {
-                let sha = data_encoding::HEXLOWER.encode(&report.plaintext_sha256);
-                if let Err(e) = st
-                    .catalog
-                    .commit_version(job.ino, job.num, &report.cap.to_string(), &sha)
-                {
-                    tracing::error!(error = %e, "recording a committed version");
-                }
-                st.queue.remove(&(job.ino, job.num));
-                if report.placed.len() < self.params.total as usize {
-                    // Happiness held without every server: repaired later.
-                    if let Err(e) = st.catalog.set_degraded(job.ino, job.num, true) {
-                        tracing::error!(error = %e, "recording a degraded version");
-                    }
-                }
+                let degraded = report.placed.len() < self.params.total as usize;
+                let cap = FileCap::Whole(report.cap);
+                Self::record_committed(&mut st, &job, &cap, &report.plaintext_sha256, degraded);
                 tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
-            Err(e) => {
-                if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
-                    p.attempts += 1;
-                    p.uploading = false;
-                    let backoff = Duration::from_secs(1 << p.attempts.min(6));
-                    p.retry_at = Some(Instant::now() + backoff);
-                    p.last_error = Some(e.to_string());
-                    tracing::warn!(ino = job.ino, num = job.num, error = %e, ?backoff, "upload failed; will retry");
-                }
-            }
+            Err(e) => Self::upload_failed(&mut st, &job, &e.to_string()),
         }
-        drop(st);
-        self.queue_changed.notify_waiters();
     }
 
     /// Repairs committed versions that were uploaded without every server,
@@ -1642,11 +1828,23 @@ impl Vfs {
     pub async fn repair_degraded(&self) -> VfsResult<usize> {
         let degraded = self.lock().catalog.degraded_versions()?;
         let mut healed = 0;
+        // Files in one pack share its shares: repair it once.
+        let mut repaired: HashMap<StorageIndex, bool> = HashMap::new();
         for v in degraded {
-            let Some(cap) = v.cap.as_deref().and_then(|c| c.parse::<Capability>().ok()) else {
+            let Some(cap) = v.cap.as_deref().and_then(|c| c.parse::<FileCap>().ok()) else {
                 continue;
             };
-            match crate::repair::repair(self.grid.clone(), cap).await {
+            let stored = cap.stored().clone();
+            if let Some(&healthy) = repaired.get(&stored.storage_index()) {
+                if healthy {
+                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    healed += 1;
+                }
+                continue;
+            }
+            let result = crate::repair::repair(self.grid.clone(), stored.clone()).await;
+            repaired.insert(stored.storage_index(), matches!(&result, Ok(r) if r.healthy));
+            match result {
                 Ok(report) if report.healthy => {
                     self.lock().catalog.set_degraded(v.ino, v.num, false)?;
                     tracing::info!(ino = v.ino, num = v.num, placed = ?report.placed, "repaired");
@@ -1673,8 +1871,23 @@ impl Vfs {
     }
 
     /// Makes version `num`'s content the newest version. A committed old
-    /// version is reused by capability, so nothing is uploaded again.
+    /// version is reused by capability, so nothing is uploaded again. The
+    /// kernel is told to forget what it cached of the file.
     pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
+        let (ino, restored) = self.restore_version(path, num)?;
+        if let Some(invalidate) = self.content_changed.get() {
+            invalidate(ino as u64);
+        }
+        Ok(restored)
+    }
+
+    /// Registers what to call when a file's content changes other than by
+    /// a write through the mount (the adapter invalidates kernel caches).
+    pub fn on_content_changed(&self, invalidate: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.content_changed.set(Box::new(invalidate));
+    }
+
+    fn restore_version(&self, path: &str, num: i64) -> VfsResult<(i64, i64)> {
         self.writable()?;
         let mut st = self.lock();
         let node = st.catalog.resolve(path)?;
@@ -1708,7 +1921,7 @@ impl Vfs {
                     old.cap.as_deref(),
                     None,
                 )?;
-                Ok(n)
+                Ok((node.ino, n))
             }
             _ if self.missing_chunks(&old).is_empty() && old_dir.is_dir() => {
                 let n = st
@@ -1718,7 +1931,7 @@ impl Vfs {
                 p.flush = true;
                 st.queue.insert((node.ino, n), p);
                 self.upload_wake.notify_one();
-                Ok(n)
+                Ok((node.ino, n))
             }
             _ => Err(VfsError::Grid(format!(
                 "version {num} was never uploaded and is no longer in the cache"
@@ -1727,9 +1940,15 @@ impl Vfs {
     }
 }
 
-struct UploadJob {
+/// A sealed version taken off the queue for upload.
+struct QueuedVersion {
     ino: i64,
     num: i64,
     version: SealedVersion,
     sent: Arc<AtomicU64>,
+}
+
+enum UploadJob {
+    Whole(QueuedVersion),
+    Pack(Vec<QueuedVersion>),
 }

@@ -1,7 +1,7 @@
 //! Property tests of the share format: round trips, every k-subset, and
 //! detection of any flipped bit.
 
-use cairn::codec::{decode_all, encode_all, Capability, Params};
+use cairn::codec::{decode_all, encode_all, Capability, FileCap, Params};
 use proptest::prelude::*;
 
 const SEG: u32 = 4096;
@@ -103,8 +103,33 @@ proptest! {
     fn capability_round_trips(p in params(), len in interesting_sizes(), key: [u8; 16]) {
         let (cap, _) = encode_all(p, key, &data(len, 1));
         let text = cap.to_string();
-        prop_assert_eq!(text.parse::<Capability>().unwrap(), cap);
+        prop_assert_eq!(text.parse::<Capability>().unwrap(), cap.clone());
+        prop_assert_eq!(text.parse::<FileCap>().unwrap(), FileCap::Whole(cap));
     }
+
+    #[test]
+    fn packed_capability_round_trips(p in params(), len in 1usize..4 * SEG as usize, key: [u8; 16], a: prop::sample::Index, b: prop::sample::Index) {
+        let (pack, _) = encode_all(p, key, &data(len, 2));
+        let (x, y) = (a.index(len + 1) as u64, b.index(len + 1) as u64);
+        let (offset, end) = (x.min(y), x.max(y));
+        let member = FileCap::Packed { pack: pack.clone(), offset, len: end - offset };
+        let text = member.to_string();
+        prop_assert!(text.starts_with("cairn:pack1:"));
+        prop_assert_eq!(text.parse::<FileCap>().unwrap(), member.clone());
+        prop_assert_eq!(member.stored(), &pack);
+        prop_assert_eq!(member.stored_range(0, u64::MAX), (offset, end - offset));
+    }
+}
+
+#[test]
+fn a_packed_range_outside_its_pack_is_refused() {
+    let (pack, _) = encode_all(Params::new(3, 5, SEG).unwrap(), [1; 16], &data(1000, 3));
+    for (offset, len) in [(0, 1001), (1000, 1), (u64::MAX, 2)] {
+        let text = format!("cairn:pack1:{offset}:{len}:{pack}");
+        let err = text.parse::<FileCap>().unwrap_err().to_string();
+        assert!(err.contains("outside the pack"), "{err}");
+    }
+    assert!(format!("cairn:pack1:0:1000:{pack}").parse::<FileCap>().is_ok());
 }
 
 #[test]

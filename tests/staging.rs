@@ -3,6 +3,7 @@
 //! sealed versions never change, and sealing shares unchanged chunks instead
 //! of copying them.
 
+use cairn::codec::FileCap;
 use cairn::stage::chunks::{SealedVersion, WorkingCopy};
 use proptest::prelude::*;
 
@@ -43,6 +44,13 @@ fn read_all(read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<usize>, size: u6
     out
 }
 
+/// Seals with nothing to record.
+fn seal(work: WorkingCopy, dir: std::path::PathBuf) -> SealedVersion {
+    work.seal(dir, |_| Ok::<(), std::io::Error>(()))
+        .map_err(|(_, e)| e)
+        .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
@@ -67,10 +75,9 @@ proptest! {
                     model.resize(size as usize, 0);
                 }
                 Op::SealAndReopen => {
-                    let version = work.seal(fresh()).unwrap();
+                    let version = seal(work, fresh());
                     prop_assert_eq!(read_all(|o, b| version.read_at(o, b), version.size), model.clone());
-                    let next = WorkingCopy::create(fresh(), Some(version.clone()), CHUNK).unwrap();
-                    std::mem::replace(&mut work, next).discard().unwrap();
+                    work = WorkingCopy::create(fresh(), Some(version.clone()), CHUNK).unwrap();
                     sealed.push((version, model.clone()));
                 }
             }
@@ -96,12 +103,12 @@ fn a_small_edit_of_a_large_file_stores_one_chunk() {
     let mut work = WorkingCopy::create(dir.path().join("w1"), None, chunk).unwrap();
     let data: Vec<u8> = (0..64 * chunk).map(|i| (i % 251) as u8).collect();
     work.write_at(0, &data).unwrap();
-    let v1 = work.seal(dir.path().join("v1")).unwrap();
+    let v1 = seal(work, dir.path().join("v1"));
 
     // Reopen, write 4 KiB in the middle, seal again.
     let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1.clone()), chunk).unwrap();
     work.write_at(30 * chunk + 100, &[0xAA; 4096]).unwrap();
-    let v2 = work.seal(dir.path().join("v2")).unwrap();
+    let v2 = seal(work, dir.path().join("v2"));
 
     // Stable std on Windows has no file index to compare.
     #[cfg(unix)]
@@ -141,7 +148,7 @@ fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
     let mut work = WorkingCopy::create(home.path().join("w"), None, chunk).unwrap();
     let data: Vec<u8> = (0..3 * chunk + 777).map(|i| (i * 7 % 256) as u8).collect();
     work.write_at(0, &data).unwrap();
-    let version = work.seal(home.path().join("v")).unwrap();
+    let version = seal(work, home.path().join("v"));
 
     let grid = Arc::new(Grid::from_config(&config, home.path()).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -161,7 +168,67 @@ fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
         .unwrap();
     assert_eq!(report.placed.len(), 5);
     let out = home.path().join("out");
-    rt.block_on(download::download_to_file(grid, report.cap, &out, Arc::new(())))
-        .unwrap();
+    rt.block_on(download::download_to_file(
+        grid,
+        FileCap::Whole(report.cap),
+        &out,
+        Arc::new(()),
+    ))
+    .unwrap();
     assert!(std::fs::read(out).unwrap() == data);
+}
+
+#[test]
+fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
+    use cairn::{config::Config, download, grid::Grid, upload};
+    use std::sync::Arc;
+
+    let home = tempfile::tempdir().unwrap();
+    let config = Config::embedded_default(home.path());
+    for s in &config.servers {
+        std::fs::create_dir_all(s.path.as_ref().unwrap()).unwrap();
+    }
+    let chunk = config.grid.segment_size as u64;
+    // Sizes that straddle the pack's segment boundaries, and an empty file.
+    let sizes = [100, 0, chunk as usize - 50, 3000, 700_000];
+    let mut versions = Vec::new();
+    let mut contents = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let mut work = WorkingCopy::create(home.path().join(format!("w{i}")), None, chunk).unwrap();
+        let data: Vec<u8> = (0..*size).map(|j| (j * 13 + i) as u8).collect();
+        work.write_at(0, &data).unwrap();
+        versions.push(seal(work, home.path().join(format!("v{i}"))));
+        contents.push(data);
+    }
+    let packed = upload::pack::assemble(versions.iter().map(|v| (v.reader(), v.size))).unwrap();
+    let grid = Arc::new(Grid::from_config(&config, home.path()).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let source = upload::Source {
+        size: packed.bytes.len() as u64,
+        reader: Box::new(std::io::Cursor::new(packed.bytes)),
+    };
+    let report = rt
+        .block_on(upload::upload(
+            &grid,
+            config.params(),
+            config.grid.happy,
+            source,
+            [5; 16],
+            Arc::new(()),
+        ))
+        .unwrap();
+    for (member, data) in packed.members.iter().zip(&contents) {
+        let cap = FileCap::Packed {
+            pack: report.cap.clone(),
+            offset: member.offset,
+            len: member.len,
+        };
+        let cap: FileCap = cap.to_string().parse().unwrap();
+        let out = home.path().join(format!("out{}", member.offset));
+        let sha = rt
+            .block_on(download::download_to_file(grid.clone(), cap, &out, Arc::new(())))
+            .unwrap();
+        assert!(std::fs::read(&out).unwrap() == *data, "member at {}", member.offset);
+        assert_eq!(sha, member.sha256);
+    }
 }

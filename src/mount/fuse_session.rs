@@ -157,14 +157,21 @@ fn mount_session(
     } else {
         SessionACL::RootAndOwner
     };
-    match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
-        Ok(s) => Ok(s),
+    let session = match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
+        Ok(s) => s,
         Err(e) if !allow_other => {
             tracing::warn!(error = %e, "auto-unmount unavailable (allow user_allow_other in /etc/fuse.conf); mounting without it");
             config.mount_options.retain(|o| *o != MountOption::AutoUnmount);
             config.acl = SessionACL::Owner;
-            Ok(fuser::Session::new(CairnFs::new(vfs), mountpoint, &config)?)
+            fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config)?
         }
-        Err(e) => Err(e).context(format!("mounting at {}", mountpoint.display())),
-    }
+        Err(e) => return Err(e).context(format!("mounting at {}", mountpoint.display())),
+    };
+    let notifier = session.notifier();
+    vfs.on_content_changed(move |ino| {
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+            tracing::debug!(ino, error = %e, "invalidating the kernel's cache of a file");
+        }
+    });
+    Ok(session)
 }

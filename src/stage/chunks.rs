@@ -126,9 +126,10 @@ impl Read for VersionReader {
 
 /// What a working copy needs besides its chunk files to be rebuilt after a
 /// crash: where its base is and the size it was truncated to. Written at
-/// creation and at every truncation (the only size changes a chunk file's
-/// length does not record).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// the creation of a copy over a base and at every truncation (the only
+/// size changes a chunk file's length does not record). A new file's copy
+/// has none until truncated: its chunk files say it all.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PersistedState {
     base_dir: Option<PathBuf>,
     base_size: u64,
@@ -138,6 +139,9 @@ struct PersistedState {
 }
 
 const STATE_FILE: &str = "state";
+/// Suffix of a working copy over a base while its state is being written:
+/// such a directory was never used, and recovery removes it.
+pub const UNFINISHED_SUFFIX: &str = ".new";
 
 /// A file open for writing: its own chunks over an optional sealed base.
 #[derive(Debug)]
@@ -155,14 +159,12 @@ pub struct WorkingCopy {
 
 impl WorkingCopy {
     /// Starts a working copy in `dir` (which must not exist) over `base`.
-    /// Copies nothing: O(1) whatever the base's size.
+    /// Copies nothing: O(1) whatever the base's size. A copy over a base
+    /// appears with its state already written (built under a temporary
+    /// name), so recovery never mistakes it for an empty new file.
     pub fn create(dir: PathBuf, base: Option<SealedVersion>, chunk_size: u64) -> io::Result<Self> {
-        std::fs::create_dir(&dir)?;
         let size = base.as_ref().map_or(0, |b| b.size);
-        if let Some(b) = &base {
-            debug_assert_eq!(b.chunk_size, chunk_size);
-        }
-        let copy = WorkingCopy {
+        let mut copy = WorkingCopy {
             dir,
             base,
             base_valid: size,
@@ -170,15 +172,31 @@ impl WorkingCopy {
             chunk_size,
             own: BTreeSet::new(),
         };
-        copy.save_state()?;
+        match &copy.base {
+            None => std::fs::create_dir(&copy.dir)?,
+            Some(b) => {
+                debug_assert_eq!(b.chunk_size, chunk_size);
+                let final_dir = std::mem::replace(&mut copy.dir, PathBuf::new());
+                let mut unfinished = final_dir.clone().into_os_string();
+                unfinished.push(UNFINISHED_SUFFIX);
+                copy.dir = PathBuf::from(unfinished);
+                std::fs::create_dir(&copy.dir)?;
+                copy.save_state()?;
+                std::fs::rename(&copy.dir, &final_dir)?;
+                copy.dir = final_dir;
+            }
+        }
         Ok(copy)
     }
 
     /// Rebuilds a working copy left in `dir` by a crash: every byte that
     /// reached its chunk files is kept.
     pub fn recover(dir: PathBuf, chunk_size: u64) -> io::Result<Self> {
-        let state: PersistedState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE))?)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let state: PersistedState = match std::fs::read(dir.join(STATE_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => PersistedState::default(),
+            Err(e) => return Err(e),
+        };
         let mut own = BTreeSet::new();
         let mut size = state.size_floor;
         for entry in std::fs::read_dir(&dir)? {
@@ -265,16 +283,20 @@ impl WorkingCopy {
         if self.own.contains(&index) {
             return OpenOptions::new().write(true).open(path);
         }
-        // The copy is built under a temporary name and renamed into place,
-        // so a crash never leaves a half-copied chunk that recovery would
-        // take for this copy's own (and read zeros from).
-        let tmp = self.dir.join(format!("{index}.cow"));
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        if let Some((base_path, valid)) = self.base_chunk(index) {
-            let mut src = File::open(base_path)?.take(valid);
-            io::copy(&mut src, &mut &file)?;
-        }
-        std::fs::rename(&tmp, &path)?;
+        let file = match self.base_chunk(index) {
+            // The copy is built under a temporary name and renamed into
+            // place, so a crash never leaves a half-copied chunk that
+            // recovery would take for this copy's own (and read zeros from).
+            Some((base_path, valid)) => {
+                let tmp = self.dir.join(format!("{index}.cow"));
+                let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+                let mut src = File::open(base_path)?.take(valid);
+                io::copy(&mut src, &mut &file)?;
+                std::fs::rename(&tmp, &path)?;
+                file
+            }
+            None => OpenOptions::new().write(true).create(true).truncate(true).open(&path)?,
+        };
         self.own.insert(index);
         Ok(file)
     }
@@ -317,17 +339,99 @@ impl WorkingCopy {
         for index in &self.own {
             sync_file(&self.own_path(*index))?;
         }
-        sync_file(&self.dir.join(STATE_FILE))?;
-        sync_dir(&self.dir)
+        match sync_file(&self.dir.join(STATE_FILE)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+        sync_dir(&self.dir)?;
+        self.dir.parent().map_or(Ok(()), sync_dir)
     }
 
-    /// Builds the immutable version at `version_dir` (which must not exist)
-    /// from this working copy: own chunks and unchanged base chunks are
-    /// hard-linked, and every chunk brought to its exact length. The working
-    /// copy stays whole until the caller discards it, after recording the
-    /// version: a crash in between loses nothing.
-    pub fn seal(&self, version_dir: PathBuf) -> io::Result<SealedVersion> {
-        std::fs::create_dir(&version_dir)?;
+    /// Seals this working copy as the immutable version at `version_dir`
+    /// (which must not exist). `record` is called once the version's bytes
+    /// are final and must make the version known durably (the catalog row,
+    /// committed); a crash at any point loses nothing:
+    /// - a copy that takes nothing from its base (a new file, or one
+    ///   truncated to zero) is brought to exact chunk lengths in place,
+    ///   recorded, then renamed to `version_dir`: no byte is copied or
+    ///   linked. A crash between the record and the rename leaves a recorded
+    ///   copy that [`WorkingCopy::finish_seal`] moves into place;
+    /// - otherwise the version is built beside the copy (own chunks and
+    ///   unchanged base chunks hard-linked), recorded, and the copy removed.
+    ///   A crash before the record leaves an unrecorded version directory
+    ///   (removed at recovery) and the whole working copy.
+    ///
+    /// Nothing is fsynced: a sealed version survives the daemon's crash at
+    /// once, and a power loss once the staging disk is synced (fsync, or
+    /// the periodic sync). On failure the copy comes back unchanged.
+    pub fn seal<E: From<io::Error>>(
+        mut self,
+        version_dir: PathBuf,
+        record: impl FnOnce(u64) -> Result<(), E>,
+    ) -> Result<SealedVersion, (WorkingCopy, E)> {
+        let sealed = SealedVersion {
+            dir: version_dir.clone(),
+            size: self.size,
+            chunk_size: self.chunk_size,
+        };
+        if self.base_valid == 0 {
+            if let Err(e) = self.exact_chunks() {
+                return Err((self, e.into()));
+            }
+            if let Err(e) = record(self.size) {
+                return Err((self, e));
+            }
+            return match Self::finish_seal(&self.dir, &version_dir) {
+                Ok(()) => Ok(sealed),
+                Err(e) => Err((self, e.into())),
+            };
+        }
+        if let Err(e) = self.link_version(&version_dir) {
+            let _ = std::fs::remove_dir_all(&version_dir);
+            return Err((self, e.into()));
+        }
+        if let Err(e) = record(self.size) {
+            let _ = std::fs::remove_dir_all(&version_dir);
+            return Err((self, e));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a sealed working copy");
+        }
+        Ok(sealed)
+    }
+
+    /// Brings every chunk file of a copy that owns all its bytes to its
+    /// exact length (holes become zero-filled files) and drops the state
+    /// file: the directory is then exactly a sealed version.
+    fn exact_chunks(&mut self) -> io::Result<()> {
+        for index in 0..chunk_count(self.size, self.chunk_size) {
+            let want = (self.size - index * self.chunk_size).min(self.chunk_size);
+            let file = File::options()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.own_path(index))?;
+            if file.metadata()?.len() != want {
+                file.set_len(want)?;
+            }
+            self.own.insert(index);
+        }
+        match std::fs::remove_file(self.dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The last step of sealing a copy in place: a recorded copy becomes
+    /// its version directory. Also run by recovery after a crash.
+    pub fn finish_seal(copy_dir: &Path, version_dir: &Path) -> io::Result<()> {
+        std::fs::rename(copy_dir, version_dir)
+    }
+
+    /// Builds a version directory of hard links to own and base chunks,
+    /// each brought to its exact length.
+    fn link_version(&self, version_dir: &Path) -> io::Result<()> {
+        std::fs::create_dir(version_dir)?;
         let count = chunk_count(self.size, self.chunk_size);
         for index in 0..count {
             let dest = version_dir.join(index.to_string());
@@ -352,14 +456,8 @@ impl WorkingCopy {
             if file.metadata()?.len() != want {
                 file.set_len(want)?;
             }
-            file.sync_all()?;
         }
-        sync_dir(&version_dir)?;
-        Ok(SealedVersion {
-            dir: version_dir,
-            size: self.size,
-            chunk_size: self.chunk_size,
-        })
+        Ok(())
     }
 
     /// Drops the working copy and its own chunks.

@@ -9,6 +9,7 @@
 //! request times out, is dropped from the upload.
 
 mod budget;
+pub mod pack;
 
 pub use budget::{Budget, SpillError};
 
