@@ -23,6 +23,7 @@ use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, VersionReader};
 use crate::grid::Grid;
 use crate::stage::chunks::{SealedVersion, WorkingCopy};
+use crate::stage::spare::SpareDirs;
 use crate::upload::{self, pack};
 
 /// Longest name a directory entry may have, as on ext4.
@@ -36,6 +37,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Longest a metadata change waits in the catalog's batch before it is
 /// committed (survives a crash of the daemon).
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a pack that is not full waits for more small versions while
+/// more are on their way (a `tar x` seals hundreds a second).
+const PACK_LINGER: Duration = Duration::from_secs(1);
 /// How often the staging disk is synced (survives a power loss).
 pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// The extended-attribute namespace cairn answers itself.
@@ -214,6 +218,8 @@ pub struct Vfs {
     /// nothing to do and skips walking the cache.
     cache_scanned: AtomicU64,
     cache_growth: Arc<AtomicU64>,
+    /// Empty directories for new working copies.
+    spares: Arc<SpareDirs>,
     /// Set by the platform adapter: see [`Vfs::on_content_changed`].
     content_changed: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
@@ -267,6 +273,7 @@ impl Vfs {
         if !queue.is_empty() {
             tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
         }
+        let spares = Arc::new(SpareDirs::new(cache.join("work")));
         Ok(Arc::new(Vfs {
             state: Mutex::new(State {
                 catalog,
@@ -293,6 +300,7 @@ impl Vfs {
             cache_scanned: AtomicU64::new(u64::MAX),
             cache_growth: Arc::new(AtomicU64::new(0)),
             content_changed: std::sync::OnceLock::new(),
+            spares,
         }))
     }
 
@@ -566,7 +574,12 @@ impl Vfs {
             .cache
             .join("work")
             .join(format!("{ino}-{:016x}", rand::random::<u64>()));
-        Ok(WorkingCopy::create(dir, base, self.chunk_size())?)
+        let work = WorkingCopy::create_with(dir, base, self.chunk_size(), |d| self.spares.make(d))?;
+        if self.spares.claim_refill() {
+            let spares = self.spares.clone();
+            self.runtime.spawn_blocking(move || spares.refill());
+        }
+        Ok(work)
     }
 
     pub fn unlink(&self, parent: u64, name: &str) -> VfsResult<()> {
@@ -666,6 +679,9 @@ impl Vfs {
             new_name,
             replaced.as_ref().map(|(t, open)| (t, *open)),
         )?;
+        // A rename is how editors save: it is durable (against a crash of
+        // the daemon) when it returns, with everything batched before it.
+        st.catalog.commit()?;
         if let Some((t, open)) = replaced {
             self.forget_content(&mut st, t.ino, open);
         }
@@ -1095,7 +1111,11 @@ impl Vfs {
         st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
         self.cache_growth.fetch_add(sealed.size, Ordering::Relaxed);
         tracing::debug!(ino, num, size = sealed.size, "sealed");
-        self.upload_wake.notify_one();
+        // The scheduler sleeps until the first queued version is due, and
+        // this one is due after all of those: wake it only if it is idle.
+        if st.queue.len() == 1 {
+            self.upload_wake.notify_one();
+        }
         Ok(())
     }
 
@@ -1537,6 +1557,7 @@ impl Vfs {
                 }
                 let closing = Instant::now() < grace_until && st.handles.values().any(|h| h.closing);
                 if st.queue.is_empty() && !closing {
+                    st.catalog.commit()?;
                     return Ok(seen.len());
                 }
             }
@@ -1555,7 +1576,7 @@ impl Vfs {
             let wake = self.upload_wake.notified();
             let permit = slots.clone().acquire_owned().await.expect("semaphore");
             match self.next_upload() {
-                Ok(Some(job)) => {
+                Ok(Next::Job(job)) => {
                     let vfs = self.clone();
                     tokio::spawn(async move {
                         vfs.upload_one(job).await;
@@ -1563,9 +1584,8 @@ impl Vfs {
                         vfs.upload_wake.notify_one();
                     });
                 }
-                Ok(None) => {
+                Ok(Next::At(next)) => {
                     drop(permit);
-                    let next = self.next_ready_at();
                     let sleep = next.map_or(Duration::from_secs(3600), |t| {
                         t.saturating_duration_since(Instant::now())
                     });
@@ -1578,15 +1598,6 @@ impl Vfs {
                 }
             }
         }
-    }
-
-    fn next_ready_at(&self) -> Option<Instant> {
-        let st = self.lock();
-        let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
-        let now = Instant::now();
-        inos.into_iter()
-            .filter_map(|ino| self.ino_ready_at(&st, ino, now))
-            .min()
     }
 
     /// When the newest pending version of `ino` may start uploading: once
@@ -1609,16 +1620,24 @@ impl Vfs {
     }
 
     /// The next upload: a version too big to pack, or a pack of ready
-    /// small versions (up to [`pack::TARGET_BYTES`] of them).
-    fn next_upload(&self) -> VfsResult<Option<UploadJob>> {
+    /// small versions. A pack that is not full lingers up to
+    /// [`PACK_LINGER`] for more, while more versions are on their way and no
+    /// `cairn sync` waits. Otherwise: when to ask again (`None`: when woken).
+    fn next_upload(&self) -> VfsResult<Next> {
         let mut st = self.lock();
         let now = Instant::now();
         let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
         let (mut pack, mut pack_bytes) = (Vec::new(), 0);
+        let (mut next_ready, mut oldest_member, mut flush) = (None::<Instant>, now, false);
         for ino in inos {
-            if self.ino_ready_at(&st, ino, now).is_none_or(|t| t > now) {
-                continue;
-            }
+            let ready_since = match self.ino_ready_at(&st, ino, now) {
+                None => continue,
+                Some(t) if t > now => {
+                    next_ready = Some(next_ready.map_or(t, |n| n.min(t)));
+                    continue;
+                }
+                Some(t) => t,
+            };
             let nums: Vec<i64> = queued(&st, ino).map(|(num, _)| num).collect();
             let (newest, older) = nums.split_last().expect("ready implies pending");
             for num in older {
@@ -1632,13 +1651,11 @@ impl Vfs {
                 self.queue_changed.notify_waiters();
             }
             let num = *newest;
-            let p = st.queue.get_mut(&(ino, num)).expect("listed");
+            let p = &st.queue[&(ino, num)];
             let small = p.size <= pack::MEMBER_MAX;
             if !small && !pack.is_empty() {
                 continue; // next time, after this pack
             }
-            p.uploading = true;
-            p.sent.store(0, Ordering::Relaxed);
             let queued = QueuedVersion {
                 ino,
                 num,
@@ -1646,15 +1663,39 @@ impl Vfs {
                 sent: p.sent.clone(),
             };
             if !small {
-                return Ok(Some(UploadJob::Whole(queued)));
+                return Ok(Next::Job(Self::take(&mut st, UploadJob::Whole(queued))));
             }
             pack_bytes += p.size;
+            flush |= p.flush;
+            oldest_member = oldest_member.min(ready_since);
             pack.push(queued);
             if pack_bytes >= pack::TARGET_BYTES || pack.len() >= pack::MAX_MEMBERS {
+                flush = true; // full
                 break;
             }
         }
-        Ok((!pack.is_empty()).then_some(UploadJob::Pack(pack)))
+        if pack.is_empty() {
+            return Ok(Next::At(next_ready));
+        }
+        let linger_until = oldest_member + PACK_LINGER;
+        if flush || next_ready.is_none() || linger_until <= now {
+            return Ok(Next::Job(Self::take(&mut st, UploadJob::Pack(pack))));
+        }
+        Ok(Next::At(Some(next_ready.map_or(linger_until, |t| t.min(linger_until)))))
+    }
+
+    /// Marks a job's versions as uploading.
+    fn take(st: &mut State, job: UploadJob) -> UploadJob {
+        let members = match &job {
+            UploadJob::Whole(one) => std::slice::from_ref(one),
+            UploadJob::Pack(many) => many.as_slice(),
+        };
+        for m in members {
+            let p = st.queue.get_mut(&(m.ino, m.num)).expect("queued");
+            p.uploading = true;
+            p.sent.store(0, Ordering::Relaxed);
+        }
+        job
     }
 
     /// The key chosen at a version's first upload attempt, so a retry or a
@@ -1951,4 +1992,11 @@ struct QueuedVersion {
 enum UploadJob {
     Whole(QueuedVersion),
     Pack(Vec<QueuedVersion>),
+}
+
+/// What the upload scheduler does next.
+enum Next {
+    Job(UploadJob),
+    /// Nothing to start yet: ask again then (`None`: when woken).
+    At(Option<Instant>),
 }

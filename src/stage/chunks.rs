@@ -163,6 +163,16 @@ impl WorkingCopy {
     /// appears with its state already written (built under a temporary
     /// name), so recovery never mistakes it for an empty new file.
     pub fn create(dir: PathBuf, base: Option<SealedVersion>, chunk_size: u64) -> io::Result<Self> {
+        Self::create_with(dir, base, chunk_size, |d| std::fs::create_dir(d))
+    }
+
+    /// [`WorkingCopy::create`], with `make_dir` making its (empty) directory.
+    pub fn create_with(
+        dir: PathBuf,
+        base: Option<SealedVersion>,
+        chunk_size: u64,
+        make_dir: impl FnOnce(&Path) -> io::Result<()>,
+    ) -> io::Result<Self> {
         let size = base.as_ref().map_or(0, |b| b.size);
         let mut copy = WorkingCopy {
             dir,
@@ -173,14 +183,14 @@ impl WorkingCopy {
             own: BTreeSet::new(),
         };
         match &copy.base {
-            None => std::fs::create_dir(&copy.dir)?,
+            None => make_dir(&copy.dir)?,
             Some(b) => {
                 debug_assert_eq!(b.chunk_size, chunk_size);
                 let final_dir = std::mem::replace(&mut copy.dir, PathBuf::new());
                 let mut unfinished = final_dir.clone().into_os_string();
                 unfinished.push(UNFINISHED_SUFFIX);
                 copy.dir = PathBuf::from(unfinished);
-                std::fs::create_dir(&copy.dir)?;
+                make_dir(&copy.dir)?;
                 copy.save_state()?;
                 std::fs::rename(&copy.dir, &final_dir)?;
                 copy.dir = final_dir;

@@ -9,5 +9,6 @@
 
 pub mod chunks;
 pub mod snapshot;
+pub mod spare;
 
 pub use snapshot::{snapshot, Snapshot, SnapshotError};

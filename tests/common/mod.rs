@@ -100,8 +100,9 @@ impl Home {
             .into_iter()
             .filter_map(|v| v.cap)
             .map(|c| {
-                c.parse::<cairn::codec::Capability>()
+                c.parse::<cairn::codec::FileCap>()
                     .unwrap()
+                    .stored()
                     .storage_index()
                     .to_string()
             })
