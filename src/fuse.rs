@@ -167,6 +167,10 @@ impl Filesystem for CairnFs {
             InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // The daemon drops set-ID bits on write, chown and truncate
+            // (the kernel flags writes that must): the kernel then stops
+            // asking for security.capability before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             if let Err(missing) = config.add_capabilities(flag) {
                 tracing::debug!(?missing, "kernel lacks a FUSE capability");
@@ -197,7 +201,7 @@ impl Filesystem for CairnFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -220,6 +224,9 @@ impl Filesystem for CairnFs {
             size,
             atime: atime.map(time),
             mtime: mtime.map(time),
+            // The kernel's own test (CAP_FSETID) is not passed on; root
+            // stands for it.
+            resize_drops_setid: req.uid() != 0,
         };
         reply!(reply, self.vfs.setattr(ino.0, set), |a| reply
             .attr(&TTL, &fuse_attr(&a)))
@@ -308,9 +315,16 @@ impl Filesystem for CairnFs {
         reply.error(Errno::from_i32(libc::EPERM));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // Truncating drops set-ID bits as a write does (root stands for
+        // CAP_FSETID, which the kernel does not pass on).
+        if truncate && req.uid() != 0 {
+            if let Err(e) = self.vfs.drop_setid(ino.0) {
+                return reply.error(errno(&e));
+            }
+        }
         reply!(reply, self.vfs.open(ino.0, write, truncate), |fh| reply
             .opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE))
     }
@@ -361,15 +375,20 @@ impl Filesystem for CairnFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.vfs.drop_setid(ino.0) {
+                return reply.error(errno(&e));
+            }
+        }
         reply!(reply, self.vfs.write(fh.0, offset, data), |n| reply.written(n as u32))
     }
 

@@ -108,6 +108,21 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
+    /// The caller may not keep set-user/group-ID bits across a size change
+    /// (Linux: it lacks CAP_FSETID): a resize drops them, as a write does.
+    pub resize_drops_setid: bool,
+}
+
+/// The set-user-ID bit, and the set-group-ID bit if the group may execute
+/// (otherwise it marks mandatory locking and stays), removed: what Linux
+/// does to a file on chown, and on a write or truncate by an unprivileged
+/// caller.
+pub fn without_setid(mode: u32) -> u32 {
+    let mut mode = mode & !0o4000;
+    if mode & 0o010 != 0 {
+        mode &= !0o2000;
+    }
+    mode
 }
 
 /// Who asks: owner of what gets created.
@@ -403,6 +418,10 @@ impl Vfs {
         let now = crate::catalog::now_ns();
         if let Some(mode) = set.mode {
             node.mode = mode & 0o7777;
+        } else if node.kind != Kind::Dir
+            && (set.uid.is_some() || set.gid.is_some() || (resize.is_some() && set.resize_drops_setid))
+        {
+            node.mode = without_setid(node.mode);
         }
         if let Some(uid) = set.uid {
             node.uid = uid;
@@ -815,6 +834,20 @@ impl Vfs {
         file.modified_ns = Some(crate::catalog::now_ns());
         if file.writers == 0 {
             self.seal(&mut st, ino, "change without an open writer")?;
+        }
+        Ok(())
+    }
+
+    /// Drops a file's set-user/group-ID bits before a write that must not
+    /// keep them (the kernel says so when the writer lacks CAP_FSETID).
+    pub fn drop_setid(&self, ino: u64) -> VfsResult<()> {
+        let st = self.lock();
+        let mut node = Self::node(&st, ino as i64)?;
+        let mode = without_setid(node.mode);
+        if mode != node.mode {
+            node.mode = mode;
+            node.ctime_ns = crate::catalog::now_ns();
+            st.catalog.update_attrs(&node)?;
         }
         Ok(())
     }
