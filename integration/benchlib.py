@@ -251,7 +251,7 @@ def print_table(rows, systems, base="disk"):
             v = row.get(s)
             if v is None:
                 return ""
-            return f"{v:.0f}" if row.get("unit") else f"{v:.2f} s"
+            return {"MiB": f"{v:.0f}", "per file": f"{v:.3f}"}.get(row.get("unit"), f"{v:.2f} s")
 
         def ratio(a, b):
             x, y = row.get(a), row.get(b)

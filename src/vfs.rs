@@ -1180,6 +1180,13 @@ impl Vfs {
             };
             return value.map(String::into_bytes).ok_or(VfsError::NoAttr);
         }
+        // Only user.* is stored (setxattr refuses the rest). Saying so,
+        // rather than "no such attribute", lets `ls -l` stop asking for
+        // security.selinux and ACLs of every file: it remembers an
+        // unsupported answer per file system.
+        if !name.starts_with("user.") {
+            return Err(VfsError::NotSupported);
+        }
         st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
     }
 
