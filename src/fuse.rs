@@ -27,11 +27,18 @@ const BLOCK: u64 = 4096;
 
 pub struct CairnFs {
     vfs: Arc<Vfs>,
+    /// The kernel opens directories without asking (no OPENDIR and
+    /// RELEASEDIR per directory listed): cairn keeps no state per open
+    /// directory.
+    zero_message_opendir: bool,
 }
 
 impl CairnFs {
     pub fn new(vfs: Arc<Vfs>) -> Self {
-        CairnFs { vfs }
+        CairnFs {
+            vfs,
+            zero_message_opendir: false,
+        }
     }
 }
 
@@ -176,7 +183,17 @@ impl Filesystem for CairnFs {
                 tracing::debug!(?missing, "kernel lacks a FUSE capability");
             }
         }
+        self.zero_message_opendir = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok();
         Ok(())
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.zero_message_opendir {
+            // Tells a kernel that offered it to stop sending OPENDIR.
+            reply.error(Errno::from_i32(libc::ENOSYS));
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
     }
 
     fn destroy(&mut self) {

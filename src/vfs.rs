@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, Version, VersionState};
+use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Version, VersionState};
 use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, VersionReader};
 use crate::grid::Grid;
@@ -338,12 +338,18 @@ impl Vfs {
     // ----- attributes -----
 
     fn attr_of(&self, st: &State, node: &Node) -> VfsResult<Attr> {
+        Ok(Self::attr_with(st, node, &st.catalog.facts(node)?))
+    }
+
+    /// A node's attributes from the node, its catalog facts, and its open
+    /// working copy if any.
+    fn attr_with(st: &State, node: &Node, facts: &NodeFacts) -> Attr {
         let size = match node.kind {
             Kind::Dir => 4096,
             Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
             Kind::File => match st.files.get(&node.ino).and_then(|f| f.work.as_ref()) {
                 Some(work) => work.size(),
-                None => st.catalog.latest(node.ino)?.map_or(0, |v| v.size),
+                None => facts.latest_size.unwrap_or(0),
             },
             Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,
         };
@@ -351,7 +357,7 @@ impl Vfs {
             Kind::CharDevice | Kind::BlockDevice => node.target.as_ref().and_then(|t| t.parse().ok()).unwrap_or(0),
             _ => 0,
         };
-        Ok(Attr {
+        Attr {
             ino: node.ino as u64,
             kind: node.kind,
             size,
@@ -367,13 +373,13 @@ impl Vfs {
             ),
             ctime: to_time(node.ctime_ns),
             nlink: match node.kind {
-                Kind::Dir => 2 + st.catalog.subdir_count(node.ino)?,
+                Kind::Dir => 2 + facts.subdirs,
                 // Unlinked while open: alive only through its handles.
                 _ if node.parent == crate::catalog::ORPHAN_PARENT => 0,
                 _ => 1,
             },
             rdev,
-        })
+        }
     }
 
     fn node(st: &State, ino: i64) -> VfsResult<Node> {
@@ -732,15 +738,21 @@ impl Vfs {
     /// [`Vfs::readdir`] with each entry's attributes (READDIRPLUS: `ls -l`
     /// needs no lookup per entry).
     pub fn readdir_plus(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
-        let entries = self.readdir(ino, offset)?;
         let st = self.lock();
-        let mut out = Vec::with_capacity(entries.len());
-        for (child, off, _, name) in entries {
-            // Gone since the listing (the lock was let go in between).
-            let Some(node) = st.catalog.node(child as i64)? else {
-                continue;
-            };
-            out.push((off, name, self.attr_of(&st, &node)?));
+        let dir = Self::dir(&st, ino as i64)?;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((1, ".".to_string(), self.attr_of(&st, &dir)?));
+        }
+        if offset < 2 {
+            let parent = Self::node(&st, dir.parent)?;
+            out.push((2, "..".to_string(), self.attr_of(&st, &parent)?));
+        }
+        // Offsets as in `readdir`; the children's attributes in one query.
+        let after = offset.saturating_sub(2) as i64;
+        for (child, facts) in st.catalog.children_with_facts(dir.ino, after)? {
+            let attr = Self::attr_with(&st, &child, &facts);
+            out.push((child.ino as u64 + 2, child.name, attr));
         }
         Ok(out)
     }
