@@ -481,6 +481,9 @@ impl Vfs {
             return Err(VfsError::Exists);
         }
         let node = st.catalog.create(parent as i64, name, &new)?;
+        // A name that appeared survives a crash of the daemon once the call
+        // returns (attribute changes are what the batch groups).
+        st.catalog.commit()?;
         Ok((st, node))
     }
 
@@ -616,6 +619,7 @@ impl Vfs {
         }
         let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
         st.catalog.unlink(&node, open)?;
+        st.catalog.commit()?;
         self.forget_content(&mut st, node.ino, open);
         Ok(())
     }
@@ -653,6 +657,7 @@ impl Vfs {
             return Err(VfsError::NotEmpty);
         }
         st.catalog.unlink(&node, false)?;
+        st.catalog.commit()?;
         Ok(())
     }
 
@@ -1067,9 +1072,9 @@ impl Vfs {
         Ok(())
     }
 
-    /// Commits the catalog's batch of metadata changes (group commit: run
-    /// every [`COMMIT_INTERVAL`] and forced by close, fsync, sealing and
-    /// the first write after a change).
+    /// Commits the catalog's batch of attribute changes (group commit: run
+    /// every [`COMMIT_INTERVAL`], and forced by every change of names,
+    /// close, fsync, sealing and the first write after a change).
     pub fn commit_metadata(&self) -> VfsResult<()> {
         self.lock().catalog.commit()?;
         Ok(())
