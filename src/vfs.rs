@@ -1379,13 +1379,11 @@ fn record_sealed(
         Err(e) => return Err(Box::new((work, e.into()))),
     };
     let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
-    let sealed = work
-        .seal(version_dir(cache, ino, num), |size| -> VfsResult<()> {
-            catalog.add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
-            catalog.commit()?;
-            Ok(())
-        })
-        .map_err(Box::new)?;
+    let sealed = work.seal(version_dir(cache, ino, num), |size| -> VfsResult<()> {
+        catalog.add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
+        catalog.commit()?;
+        Ok(())
+    })?;
     Ok((num, sealed))
 }
 

@@ -47,7 +47,7 @@ fn read_all(read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<usize>, size: u6
 /// Seals with nothing to record.
 fn seal(work: WorkingCopy, dir: std::path::PathBuf) -> SealedVersion {
     work.seal(dir, |_| Ok::<(), std::io::Error>(()))
-        .map_err(|(_, e)| e)
+        .map_err(|failed| failed.1)
         .unwrap()
 }
 

@@ -373,12 +373,13 @@ impl WorkingCopy {
     ///
     /// Nothing is fsynced: a sealed version survives the daemon's crash at
     /// once, and a power loss once the staging disk is synced (fsync, or
-    /// the periodic sync). On failure the copy comes back unchanged.
+    /// the periodic sync). On failure the copy comes back unchanged, with
+    /// the error.
     pub fn seal<E: From<io::Error>>(
         mut self,
         version_dir: PathBuf,
         record: impl FnOnce(u64) -> Result<(), E>,
-    ) -> Result<SealedVersion, (WorkingCopy, E)> {
+    ) -> Result<SealedVersion, Box<(WorkingCopy, E)>> {
         let sealed = SealedVersion {
             dir: version_dir.clone(),
             size: self.size,
@@ -386,23 +387,23 @@ impl WorkingCopy {
         };
         if self.base_valid == 0 {
             if let Err(e) = self.exact_chunks() {
-                return Err((self, e.into()));
+                return Err(Box::new((self, e.into())));
             }
             if let Err(e) = record(self.size) {
-                return Err((self, e));
+                return Err(Box::new((self, e)));
             }
             return match Self::finish_seal(&self.dir, &version_dir) {
                 Ok(()) => Ok(sealed),
-                Err(e) => Err((self, e.into())),
+                Err(e) => Err(Box::new((self, e.into()))),
             };
         }
         if let Err(e) = self.link_version(&version_dir) {
             let _ = std::fs::remove_dir_all(&version_dir);
-            return Err((self, e.into()));
+            return Err(Box::new((self, e.into())));
         }
         if let Err(e) = record(self.size) {
             let _ = std::fs::remove_dir_all(&version_dir);
-            return Err((self, e));
+            return Err(Box::new((self, e)));
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "removing a sealed working copy");
