@@ -44,6 +44,16 @@ fn read_all(read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<usize>, size: u6
     out
 }
 
+/// A home with the embedded default grid's server directories made.
+fn embedded_grid() -> (tempfile::TempDir, cairn::config::Config) {
+    let home = tempfile::tempdir().unwrap();
+    let config = cairn::config::Config::embedded_default(home.path());
+    for s in &config.servers {
+        std::fs::create_dir_all(s.path.as_ref().unwrap()).unwrap();
+    }
+    (home, config)
+}
+
 /// Seals with nothing to record.
 fn seal(work: WorkingCopy, dir: std::path::PathBuf) -> SealedVersion {
     work.seal(dir, |_| Ok::<(), std::io::Error>(()))
@@ -136,14 +146,10 @@ fn a_small_edit_of_a_large_file_stores_one_chunk() {
 
 #[test]
 fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
-    use cairn::{config::Config, download, grid::Grid, upload};
+    use cairn::{download, grid::Grid, upload};
     use std::sync::Arc;
 
-    let home = tempfile::tempdir().unwrap();
-    let config = Config::embedded_default(home.path());
-    for s in &config.servers {
-        std::fs::create_dir_all(s.path.as_ref().unwrap()).unwrap();
-    }
+    let (home, config) = embedded_grid();
     let chunk = config.grid.segment_size as u64;
     let mut work = WorkingCopy::create(home.path().join("w"), None, chunk).unwrap();
     let data: Vec<u8> = (0..3 * chunk + 777).map(|i| (i * 7 % 256) as u8).collect();
@@ -180,14 +186,10 @@ fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
 
 #[test]
 fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
-    use cairn::{config::Config, download, grid::Grid, upload};
+    use cairn::{download, grid::Grid, upload};
     use std::sync::Arc;
 
-    let home = tempfile::tempdir().unwrap();
-    let config = Config::embedded_default(home.path());
-    for s in &config.servers {
-        std::fs::create_dir_all(s.path.as_ref().unwrap()).unwrap();
-    }
+    let (home, config) = embedded_grid();
     let chunk = config.grid.segment_size as u64;
     // Sizes that straddle the pack's segment boundaries, and an empty file.
     let sizes = [100, 0, chunk as usize - 50, 3000, 700_000];
