@@ -24,6 +24,10 @@ use crate::vfs::{Attr, Caller, SetAttr, Vfs, VfsError};
 /// "Kernel caching").
 const TTL: Duration = Duration::from_secs(60);
 const BLOCK: u64 = 4096;
+/// The I/O size reported as st_blksize. Tools size their buffers by it (cp
+/// uses the larger of 128 KiB and st_blksize), and every FUSE write is a
+/// round trip: 1 MiB, one staging chunk, is eight times fewer than 128 KiB.
+const PREFERRED_IO: u32 = 1 << 20;
 
 pub struct CairnFs {
     vfs: Arc<Vfs>,
@@ -104,7 +108,7 @@ fn fuse_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
-        blksize: BLOCK as u32,
+        blksize: PREFERRED_IO,
         flags: 0,
     }
 }
