@@ -39,6 +39,14 @@ def hwm_mib(pid):
     return 0
 
 
+def du_bytes(path):
+    """Bytes allocated under `path` (0 if it does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    out = subprocess.run(["du", "-s", "--block-size=1", path], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -89,6 +97,10 @@ class Disk:
     def cold(self):
         drop_caches()
 
+    def staging_bytes(self):
+        """Local space a system keeps besides the files themselves."""
+        return 0
+
     def stop(self):
         pass
 
@@ -129,6 +141,9 @@ class Cairn(Mount):
         subprocess.run([BIN, "sync"], env=self.env, check=True, stdout=subprocess.DEVNULL)
         return time.perf_counter() - t
 
+    def staging_bytes(self):
+        return du_bytes(os.path.join(self.home, "cache"))
+
     def cold(self):
         # Everything committed, the staging cache gone: reads come from the grid.
         self.durable()
@@ -162,6 +177,9 @@ class Rclone(Mount):
             while not (os.path.exists(target) and os.path.getsize(target) == size):
                 time.sleep(0.02)
         return time.perf_counter() - t
+
+    def staging_bytes(self):
+        return du_bytes(self.cache)
 
     def cold(self):
         drop_caches()
@@ -251,7 +269,8 @@ def print_table(rows, systems, base="disk"):
             v = row.get(s)
             if v is None:
                 return ""
-            return {"MiB": f"{v:.0f}", "per file": f"{v:.3f}"}.get(row.get("unit"), f"{v:.2f} s")
+            seconds = f"{v:.2f} s" if v >= 0.1 else f"{v * 1000:.2f} ms"
+            return {"MiB": f"{v:.1f}", "per file": f"{v:.3f}"}.get(row.get("unit"), seconds)
 
         def ratio(a, b):
             x, y = row.get(a), row.get(b)
