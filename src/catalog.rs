@@ -192,6 +192,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS nodes_by_name ON nodes (parent, name) WHERE pa
 -- `parent = ?` (it cannot prove the parameter is not 0): without this one
 -- every lookup and readdir scanned the whole table.
 CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes (parent, name);
+-- A directory's link count is 2 + its subdirectories, asked at every
+-- getattr of it: counted from this (small) index, not by reading every
+-- child's row (a create in a directory of 10,000 files cost 10,000 reads).
+CREATE INDEX IF NOT EXISTS dirs_by_parent ON nodes (parent) WHERE kind = 'dir';
 CREATE TABLE IF NOT EXISTS versions (
     ino INTEGER NOT NULL,
     num INTEGER NOT NULL,
