@@ -1045,9 +1045,9 @@ impl Vfs {
     }
 
     pub fn fsync(&self, fh: u64) -> VfsResult<()> {
-        let st = self.lock();
+        let mut st = self.lock();
         let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
-        if let Some(work) = st.files.get(&ino).and_then(|f| f.work.as_ref()) {
+        if let Some(work) = st.files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
             work.fsync()?;
         }
         st.catalog.sync_to_disk()?;

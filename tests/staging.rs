@@ -17,6 +17,9 @@ enum Op {
         byte: u8,
     },
     Truncate(u64),
+    /// fsync: syncs what was written since the last one, whatever was
+    /// truncated away in between.
+    Fsync,
     /// Seal the working copy as a version and open a new one over it.
     SealAndReopen,
 }
@@ -25,6 +28,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u64..6 * CHUNK, 1usize..3 * CHUNK as usize, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
         1 => (0u64..6 * CHUNK).prop_map(Op::Truncate),
+        1 => Just(Op::Fsync),
         1 => Just(Op::SealAndReopen),
     ]
 }
@@ -84,6 +88,7 @@ proptest! {
                     work.truncate(size).unwrap();
                     model.resize(size as usize, 0);
                 }
+                Op::Fsync => work.fsync().unwrap(),
                 Op::SealAndReopen => {
                     let version = seal(work, fresh());
                     prop_assert_eq!(read_all(|o, b| version.read_at(o, b), version.size), model.clone());

@@ -142,6 +142,10 @@ const STATE_FILE: &str = "state";
 /// Suffix of a working copy over a base while its state is being written:
 /// such a directory was never used, and recovery removes it.
 pub const UNFINISHED_SUFFIX: &str = ".new";
+/// Past this many chunks written since the last fsync, an fsync syncs the
+/// staging file system once (syncfs: one device flush) rather than each
+/// chunk (a flush each: 2,048 for a 2 GiB file, about a second here).
+const SYNC_FILESYSTEM_ABOVE: usize = 64;
 
 /// A file open for writing: its own chunks over an optional sealed base.
 #[derive(Debug)]
@@ -155,6 +159,8 @@ pub struct WorkingCopy {
     size: u64,
     chunk_size: u64,
     own: BTreeSet<u64>,
+    /// Own chunks written since the last fsync.
+    unsynced: BTreeSet<u64>,
 }
 
 impl WorkingCopy {
@@ -181,6 +187,7 @@ impl WorkingCopy {
             size,
             chunk_size,
             own: BTreeSet::new(),
+            unsynced: BTreeSet::new(),
         };
         match &copy.base {
             None => make_dir(&copy.dir)?,
@@ -225,6 +232,8 @@ impl WorkingCopy {
             base_valid: state.base_valid,
             size,
             chunk_size,
+            // Written before the crash, maybe never synced.
+            unsynced: own.clone(),
             own,
         })
     }
@@ -318,6 +327,7 @@ impl WorkingCopy {
             let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
             let take = ((self.chunk_size - within) as usize).min(data.len() - done);
             self.own_chunk(index)?.write_all_at(&data[done..done + take], within)?;
+            self.unsynced.insert(index);
             done += take;
         }
         self.size = self.size.max(offset + data.len() as u64);
@@ -331,6 +341,7 @@ impl WorkingCopy {
             for index in self.own.split_off(&keep) {
                 std::fs::remove_file(self.own_path(index))?;
             }
+            self.unsynced.retain(|index| *index < keep);
             // The chunk cut in the middle must read zeros past the cut if
             // the file grows again.
             if size % self.chunk_size != 0 && self.own.contains(&(keep - 1)) {
@@ -338,6 +349,7 @@ impl WorkingCopy {
                     .write(true)
                     .open(self.own_path(keep - 1))?
                     .set_len(size % self.chunk_size)?;
+                self.unsynced.insert(keep - 1);
             }
         }
         self.size = size;
@@ -345,16 +357,23 @@ impl WorkingCopy {
     }
 
     /// Makes every written byte durable on the local disk.
-    pub fn fsync(&self) -> io::Result<()> {
-        for index in &self.own {
-            sync_file(&self.own_path(*index))?;
+    pub fn fsync(&mut self) -> io::Result<()> {
+        // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
+        if cfg!(unix) && self.unsynced.len() > SYNC_FILESYSTEM_ABOVE {
+            crate::sys::sync_filesystem(&self.dir)?;
+        } else {
+            for index in &self.unsynced {
+                sync_file(&self.own_path(*index))?;
+            }
+            match sync_file(&self.dir.join(STATE_FILE)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+            sync_dir(&self.dir)?;
+            self.dir.parent().map_or(Ok(()), sync_dir)?;
         }
-        match sync_file(&self.dir.join(STATE_FILE)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            other => other?,
-        }
-        sync_dir(&self.dir)?;
-        self.dir.parent().map_or(Ok(()), sync_dir)
+        self.unsynced.clear();
+        Ok(())
     }
 
     /// Seals this working copy as the immutable version at `version_dir`
