@@ -2,7 +2,7 @@
 //! against the capability, decode, and fall over to other shares on any
 //! missing, unreachable or corrupt one. Unverified bytes never leave here.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::codec::{Capability, FileCap, Hash, VersionDecoder, FOOTER_LEN};
+use crate::codec::{Capability, FileCap, Hash, StorageIndex, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
 
 /// Segments fetched ahead of the one being written out.
@@ -362,7 +362,7 @@ async fn write_packed(
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
     let (offset, len) = cap.stored_range(0, u64::MAX);
-    let bytes = read_range(reader, offset, len).await?;
+    let bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
     let output_err = |source| DownloadError::Output {
         path: tmp.to_owned(),
         source,
@@ -382,6 +382,7 @@ pub async fn read_chunk(
     cap: &FileCap,
     index: u64,
     chunk_size: u64,
+    recent: &RecentSegments,
 ) -> Result<Vec<u8>, DownloadError> {
     match cap {
         FileCap::Whole(whole) if whole.layout.params.segment_size as u64 == chunk_size => {
@@ -389,15 +390,61 @@ pub async fn read_chunk(
         }
         _ => {
             let (offset, len) = cap.stored_range(index * chunk_size, chunk_size);
-            read_range(reader, offset, len).await
+            read_range(reader, offset, len, recent).await
         }
+    }
+}
+
+/// The last few segments [`read_range`] decoded, of any version. The small
+/// files of a pack lie side by side in its segments: reading them one after
+/// another (`cp -r`, `diff -r`, a build) then fetches and decodes each
+/// segment once, not once per file. Holds at most `capacity` segments.
+pub struct RecentSegments {
+    capacity: usize,
+    recent: Mutex<VecDeque<((StorageIndex, u64), Arc<Vec<u8>>)>>,
+}
+
+impl RecentSegments {
+    pub fn new(capacity: usize) -> RecentSegments {
+        RecentSegments {
+            capacity: capacity.max(1),
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    async fn read(&self, reader: &VersionReader, segment: u64) -> Result<Arc<Vec<u8>>, DownloadError> {
+        let key = (reader.capability().storage_index(), segment);
+        let hit = self
+            .lock()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, bytes)| bytes.clone());
+        if let Some(bytes) = hit {
+            return Ok(bytes);
+        }
+        let bytes = Arc::new(reader.read_segment(segment).await?);
+        let mut recent = self.lock();
+        if recent.len() == self.capacity {
+            recent.pop_front();
+        }
+        recent.push_back((key, bytes.clone()));
+        Ok(bytes)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<((StorageIndex, u64), Arc<Vec<u8>>)>> {
+        self.recent.lock().expect("recent segments")
     }
 }
 
 /// The bytes `[offset, offset + len)` of a stored version, from the
 /// segments that hold them, each segment verified against the version's
 /// hashes: how a packed file version, or a chunk of one, is read.
-pub async fn read_range(reader: &VersionReader, offset: u64, len: u64) -> Result<Vec<u8>, DownloadError> {
+pub async fn read_range(
+    reader: &VersionReader,
+    offset: u64,
+    len: u64,
+    recent: &RecentSegments,
+) -> Result<Vec<u8>, DownloadError> {
     let mut out = Vec::with_capacity(len as usize);
     if len == 0 {
         return Ok(out);
@@ -406,7 +453,7 @@ pub async fn read_range(reader: &VersionReader, offset: u64, len: u64) -> Result
     let segment_size = layout.params.segment_size as u64;
     let end = offset + len;
     for segment in offset / segment_size..end.div_ceil(segment_size) {
-        let bytes = reader.read_segment(segment).await?;
+        let bytes = recent.read(reader, segment).await?;
         let start = layout.segment_offset(segment);
         let from = offset.max(start) - start;
         let to = (end.min(start + bytes.len() as u64) - start) as usize;

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Version, VersionState};
 use crate::codec::{FileCap, Params, StorageIndex};
-use crate::download::{read_chunk, VersionReader};
+use crate::download::{read_chunk, RecentSegments, VersionReader};
 use crate::grid::Grid;
 use crate::stage::chunks::{SealedVersion, WorkingCopy};
 use crate::stage::spare::SpareDirs;
@@ -220,6 +220,9 @@ pub struct Vfs {
     /// Signalled whenever a version leaves the queue.
     queue_changed: Notify,
     readers: Mutex<HashMap<StorageIndex, Arc<VersionReader>>>,
+    /// Segments of packs just read, so the next small file in the same
+    /// segment is not fetched again (8 segments: 8 MiB by default).
+    recent_segments: Arc<RecentSegments>,
     /// Directories of `dir` servers, for statfs.
     server_dirs: Vec<PathBuf>,
     runtime: tokio::runtime::Handle,
@@ -310,6 +313,7 @@ impl Vfs {
             upload_wake: Notify::new(),
             queue_changed: Notify::new(),
             readers: Mutex::new(HashMap::new()),
+            recent_segments: Arc::new(RecentSegments::new(8)),
             publishing: tokio::sync::Mutex::new(()),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
             cache_scanned: AtomicU64::new(u64::MAX),
@@ -994,7 +998,13 @@ impl Vfs {
         let (reader, cap) = self.version_reader(v)?;
         let segment = self
             .runtime
-            .block_on(read_chunk(&reader, &cap, index, self.chunk_size()))
+            .block_on(read_chunk(
+                &reader,
+                &cap,
+                index,
+                self.chunk_size(),
+                &self.recent_segments,
+            ))
             .map_err(|e| VfsError::Grid(e.to_string()))?;
         store_chunk(&self.cache, v, index, &segment)?;
         self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
@@ -1022,12 +1032,13 @@ impl Vfs {
             return;
         };
         let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
+        let recent = self.recent_segments.clone();
         let chunk_size = self.chunk_size();
         self.runtime.spawn(async move {
             let mut failed = false;
             for index in wanted {
                 if !failed {
-                    match read_chunk(&reader, &cap, index, chunk_size).await {
+                    match read_chunk(&reader, &cap, index, chunk_size, &recent).await {
                         Ok(segment) => {
                             if store_chunk(&cache, &v, index, &segment).is_ok() {
                                 growth.fetch_add(segment.len() as u64, Ordering::Relaxed);

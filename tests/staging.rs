@@ -189,15 +189,24 @@ fn a_sealed_version_uploads_and_reads_back_from_the_grid() {
     assert!(std::fs::read(out).unwrap() == data);
 }
 
-#[test]
-fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
-    use cairn::{download, grid::Grid, upload};
+/// Small sealed versions of `sizes`, packed and uploaded to an embedded
+/// grid: what the mount's pack upload does, without the mount.
+struct UploadedPack {
+    home: tempfile::TempDir,
+    config: cairn::config::Config,
+    grid: std::sync::Arc<cairn::grid::Grid>,
+    rt: tokio::runtime::Runtime,
+    pack: cairn::codec::Capability,
+    members: Vec<cairn::upload::pack::Member>,
+    contents: Vec<Vec<u8>>,
+}
+
+fn uploaded_pack(sizes: &[usize]) -> UploadedPack {
+    use cairn::{grid::Grid, upload};
     use std::sync::Arc;
 
     let (home, config) = embedded_grid();
     let chunk = config.grid.segment_size as u64;
-    // Sizes that straddle the pack's segment boundaries, and an empty file.
-    let sizes = [100, 0, chunk as usize - 50, 3000, 700_000];
     let mut versions = Vec::new();
     let mut contents = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
@@ -224,18 +233,81 @@ fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
             Arc::new(()),
         ))
         .unwrap();
-    for (member, data) in packed.members.iter().zip(&contents) {
-        let cap = FileCap::Packed {
-            pack: report.cap.clone(),
-            offset: member.offset,
-            len: member.len,
-        };
-        let cap: FileCap = cap.to_string().parse().unwrap();
-        let out = home.path().join(format!("out{}", member.offset));
-        let sha = rt
-            .block_on(download::download_to_file(grid.clone(), cap, &out, Arc::new(())))
+    UploadedPack {
+        home,
+        config,
+        grid,
+        rt,
+        pack: report.cap,
+        members: packed.members,
+        contents,
+    }
+}
+
+impl UploadedPack {
+    fn member_cap(&self, i: usize) -> FileCap {
+        FileCap::Packed {
+            pack: self.pack.clone(),
+            offset: self.members[i].offset,
+            len: self.members[i].len,
+        }
+    }
+}
+
+#[test]
+fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
+    use cairn::download;
+    use std::sync::Arc;
+
+    // Sizes that straddle the pack's segment boundaries, and an empty file.
+    let chunk = cairn::config::DEFAULT_SEGMENT_SIZE as usize;
+    let up = uploaded_pack(&[100, 0, chunk - 50, 3000, 700_000]);
+    for (i, (member, data)) in up.members.iter().zip(&up.contents).enumerate() {
+        let cap: FileCap = up.member_cap(i).to_string().parse().unwrap();
+        let out = up.home.path().join(format!("out{}", member.offset));
+        let sha = up
+            .rt
+            .block_on(download::download_to_file(up.grid.clone(), cap, &out, Arc::new(())))
             .unwrap();
         assert!(std::fs::read(&out).unwrap() == *data, "member at {}", member.offset);
         assert_eq!(sha, member.sha256);
     }
+}
+
+#[test]
+fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
+    use cairn::download::{read_chunk, RecentSegments, VersionReader};
+
+    let up = uploaded_pack(&[3000, 5000, 7000]);
+    let chunk = up.config.grid.segment_size as u64;
+    let reader = up
+        .rt
+        .block_on(VersionReader::open(up.grid.clone(), up.pack.clone()))
+        .unwrap();
+    let recent = RecentSegments::new(8);
+    let first = up
+        .rt
+        .block_on(read_chunk(&reader, &up.member_cap(0), 0, chunk, &recent));
+    assert_eq!(first.unwrap(), up.contents[0]);
+    // Every share gone from every server (real files removed): the other
+    // files of that segment can now come only from what was just decoded.
+    for server in &up.config.servers {
+        let dir = server.path.as_ref().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    for i in 1..3 {
+        let again = up
+            .rt
+            .block_on(read_chunk(&reader, &up.member_cap(i), 0, chunk, &recent));
+        assert_eq!(again.unwrap(), up.contents[i], "member {i}");
+    }
+    let uncached = up.rt.block_on(read_chunk(
+        &reader,
+        &up.member_cap(1),
+        0,
+        chunk,
+        &RecentSegments::new(1),
+    ));
+    assert!(uncached.is_err(), "the shares really are gone");
 }
