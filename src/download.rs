@@ -401,8 +401,11 @@ pub async fn read_chunk(
 /// segment once, not once per file. Holds at most `capacity` segments.
 pub struct RecentSegments {
     capacity: usize,
-    recent: Mutex<VecDeque<((StorageIndex, u64), Arc<Vec<u8>>)>>,
+    recent: Mutex<VecDeque<DecodedSegment>>,
 }
+
+/// A version's segment, by storage index and number, and its plaintext.
+type DecodedSegment = ((StorageIndex, u64), Arc<Vec<u8>>);
 
 impl RecentSegments {
     pub fn new(capacity: usize) -> RecentSegments {
@@ -431,7 +434,7 @@ impl RecentSegments {
         Ok(bytes)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<((StorageIndex, u64), Arc<Vec<u8>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<DecodedSegment>> {
         self.recent.lock().expect("recent segments")
     }
 }
