@@ -264,6 +264,11 @@ pub struct PublishedNamespace {
 }
 
 const NODE_COLUMNS: &str = "ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target";
+/// [`NodeFacts`] of the node `n`, after its columns: the newest version's
+/// size, and its subdirectories (counted from the `dirs_by_parent` index).
+const FACTS_COLUMNS: &str = "(SELECT size FROM versions v WHERE v.ino = n.ino ORDER BY num DESC LIMIT 1),
+    CASE WHEN n.kind = 'dir' THEN (SELECT COUNT(*) FROM nodes c
+        WHERE c.parent = n.ino AND c.ino != n.ino AND c.kind = 'dir') ELSE 0 END";
 const VERSION_COLUMNS: &str = "ino, num, size, sha256, state, cap, created_ns";
 
 pub fn now_ns() -> i64 {
@@ -280,6 +285,14 @@ pub fn split_path(path: &str) -> Result<Vec<&str>, CatalogError> {
         return Err(CatalogError::InvalidPath(path.to_string()));
     }
     Ok(names)
+}
+
+/// [`NodeFacts`] from the [`FACTS_COLUMNS`] starting at column `first`.
+fn row_to_facts(r: &rusqlite::Row, first: usize) -> rusqlite::Result<NodeFacts> {
+    Ok(NodeFacts {
+        latest_size: r.get::<_, Option<i64>>(first)?.map(|s| s as u64),
+        subdirs: r.get(first + 1)?,
+    })
 }
 
 fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
@@ -414,44 +427,19 @@ impl Catalog {
     /// query (READDIRPLUS of a large directory).
     pub fn children_with_facts(&self, parent: i64, after: i64) -> Result<Vec<(Node, NodeFacts)>, CatalogError> {
         let mut stmt = self.db.prepare_cached(&format!(
-            "SELECT {NODE_COLUMNS},
-                    (SELECT size FROM versions v WHERE v.ino = n.ino ORDER BY num DESC LIMIT 1),
-                    CASE WHEN n.kind = 'dir' THEN (SELECT COUNT(*) FROM nodes c
-                        WHERE c.parent = n.ino AND c.ino != n.ino AND c.kind = 'dir') ELSE 0 END
+            "SELECT {NODE_COLUMNS}, {FACTS_COLUMNS}
              FROM nodes n WHERE n.parent = ?1 AND n.ino != ?1 AND n.ino > ?2 ORDER BY n.ino"
         ))?;
-        let rows = stmt.query_map([parent, after], |r| {
-            Ok((
-                row_to_node(r)?,
-                NodeFacts {
-                    latest_size: r.get::<_, Option<i64>>(11)?.map(|s| s as u64),
-                    subdirs: r.get(12)?,
-                },
-            ))
-        })?;
+        let rows = stmt.query_map([parent, after], |r| Ok((row_to_node(r)?, row_to_facts(r, 11)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// What a node's attributes need besides the node itself.
     pub fn facts(&self, node: &Node) -> Result<NodeFacts, CatalogError> {
-        Ok(NodeFacts {
-            latest_size: match node.kind {
-                Kind::File => self.latest(node.ino)?.map(|v| v.size),
-                _ => None,
-            },
-            subdirs: match node.kind {
-                Kind::Dir => self.subdir_count(node.ino)?,
-                _ => 0,
-            },
-        })
-    }
-
-    /// Subdirectories of a directory: its link count is 2 plus this.
-    pub fn subdir_count(&self, parent: i64) -> Result<u32, CatalogError> {
         Ok(self.query_one(
-            "SELECT COUNT(*) FROM nodes WHERE parent = ?1 AND ino != ?1 AND kind = 'dir'",
-            [parent],
-            |r| r.get(0),
+            &format!("SELECT {FACTS_COLUMNS} FROM nodes n WHERE n.ino = ?1"),
+            [node.ino],
+            |r| row_to_facts(r, 0),
         )?)
     }
 
