@@ -63,7 +63,7 @@ impl Params {
                 "total (n = {total}) must be at most {MAX_SHARES}"
             )));
         }
-        if segment_size == 0 || segment_size % 16 != 0 {
+        if segment_size == 0 || !segment_size.is_multiple_of(16) {
             return Err(CodecError::Params(format!(
                 "segment size {segment_size} must be a positive multiple of 16"
             )));

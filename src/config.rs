@@ -274,7 +274,7 @@ impl Config {
                 ),
             ));
         }
-        if g.segment_size == 0 || g.segment_size % 16 != 0 {
+        if g.segment_size == 0 || !g.segment_size.is_multiple_of(16) {
             return Err(field(
                 "grid.segment_size",
                 format!("{} must be a positive multiple of 16 bytes", g.segment_size),

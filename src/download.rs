@@ -317,7 +317,9 @@ async fn locate_on_server(grid: &Grid, cap: &Capability, idx: usize) -> (usize, 
 }
 
 /// Downloads a version into `out`. The file appears only complete and
-/// verified: bytes go to a hidden temporary beside it, renamed at the end.
+/// verified: bytes go to a hidden temporary beside it (a fresh random name,
+/// created exclusively and owner-only, so nobody can aim it elsewhere by a
+/// symlink or read it half-written), renamed at the end.
 pub async fn download_to_file(
     grid: Arc<Grid>,
     cap: FileCap,
@@ -325,10 +327,7 @@ pub async fn download_to_file(
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
     let reader = VersionReader::open(grid, cap.stored().clone()).await?;
-    let output_err = |source| DownloadError::Output {
-        path: out.to_owned(),
-        source,
-    };
+    let output_err = output_error(out);
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -337,39 +336,45 @@ pub async fn download_to_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.cairn-partial-{}", std::process::id()));
-    let result = match &cap {
-        FileCap::Whole(_) => write_verified(&reader, &tmp, progress)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.cairn-partial-"))
+        .tempfile_in(&dir)
+        .map_err(&output_err)?;
+    let sha = match &cap {
+        FileCap::Whole(_) => write_verified(&reader, tmp.as_file_mut(), out, progress)
             .await
-            .map(|()| reader.plaintext_sha256()),
-        FileCap::Packed { .. } => write_packed(&reader, &cap, &tmp, progress).await,
+            .map(|()| reader.plaintext_sha256())?,
+        FileCap::Packed { .. } => write_packed(&reader, &cap, tmp.as_file_mut(), out, progress).await?,
     };
-    let result = match result {
-        Ok(sha) => std::fs::rename(&tmp, out).map(|()| sha).map_err(output_err),
-        Err(e) => Err(e),
-    };
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    tmp.as_file().sync_all().map_err(&output_err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(crate::home::user_file_mode());
+        tmp.as_file().set_permissions(mode).map_err(&output_err)?;
     }
-    result
+    tmp.persist(out).map_err(|e| output_err(e.error))?;
+    Ok(sha)
 }
 
-/// A packed version (small by construction) into `tmp`; returns its SHA-256.
+fn output_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + '_ {
+    move |source| DownloadError::Output {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A packed version (small by construction) into `file`; returns its SHA-256.
 async fn write_packed(
     reader: &VersionReader,
     cap: &FileCap,
-    tmp: &Path,
+    file: &mut std::fs::File,
+    out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
     let (offset, len) = cap.stored_range(0, u64::MAX);
     let bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
-    let output_err = |source| DownloadError::Output {
-        path: tmp.to_owned(),
-        source,
-    };
-    let mut file = std::fs::File::create(tmp).map_err(output_err)?;
-    file.write_all(&bytes).map_err(output_err)?;
-    file.sync_all().map_err(output_err)?;
+    file.write_all(&bytes).map_err(output_error(out))?;
     progress.advance(len);
     Ok(Sha256::digest(&bytes).into())
 }
@@ -467,22 +472,16 @@ pub async fn read_range(
 
 async fn write_verified(
     reader: &VersionReader,
-    tmp: &Path,
+    file: &mut std::fs::File,
+    out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<(), DownloadError> {
-    let output_err = |source| DownloadError::Output {
-        path: tmp.to_owned(),
-        source,
-    };
-    let mut file = std::fs::File::create(tmp).map_err(output_err)?;
     each_verified_segment(reader, |segment| {
-        file.write_all(segment).map_err(output_err)?;
+        file.write_all(segment).map_err(output_error(out))?;
         progress.advance(segment.len() as u64);
         Ok(())
     })
-    .await?;
-    file.sync_all().map_err(output_err)?;
-    Ok(())
+    .await
 }
 
 /// Feeds every segment, in order, to `sink`; succeeds only if the whole

@@ -11,6 +11,7 @@ pub mod download;
 pub mod fuse;
 pub mod gc;
 pub mod grid;
+pub mod home;
 pub mod namespace;
 pub mod repair;
 pub mod stage;

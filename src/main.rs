@@ -192,6 +192,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cairn::home::private_umask();
     bound_allocator_growth();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| "warn".into()))
@@ -278,8 +279,32 @@ impl Progress for Bar {
     }
 }
 
+/// How a command uses the home: whether it may create it, and the name it
+/// holds the home's lock under if it changes the home.
+fn home_use(command: &Command) -> Option<(bool, Option<&'static str>)> {
+    Some(match command {
+        Command::Bench { .. } => return None,
+        Command::Init { .. } => (true, Some("init")),
+        Command::Mount { .. } => (true, Some("mount")),
+        Command::Recover { .. } => (true, Some("recover")),
+        Command::Put { .. } => (false, Some("put")),
+        Command::Gc { .. } => (false, Some("gc")),
+        Command::Repair { .. } => (false, Some("repair")),
+        _ => (false, None),
+    })
+}
+
 fn run(command: Command) -> Result<ExitCode> {
     let home = Home::locate()?;
+    let mut _lock = None;
+    if let Some((create, lock)) = home_use(&command) {
+        cairn::home::secure(&home.dir, create)?;
+        if let Some(what) = lock.filter(|_| home.dir.is_dir()) {
+            let held = cairn::home::HomeLock::acquire(&home.dir, what)?;
+            cairn::home::clean_stage(&home.dir, &held);
+            _lock = Some(held);
+        }
+    }
     match command {
         Command::Init {
             servers,

@@ -344,7 +344,7 @@ impl WorkingCopy {
             self.unsynced.retain(|index| *index < keep);
             // The chunk cut in the middle must read zeros past the cut if
             // the file grows again.
-            if size % self.chunk_size != 0 && self.own.contains(&(keep - 1)) {
+            if !size.is_multiple_of(self.chunk_size) && self.own.contains(&(keep - 1)) {
                 File::options()
                     .write(true)
                     .open(self.own_path(keep - 1))?
