@@ -671,16 +671,19 @@ impl Catalog {
     }
 
     /// The key to upload a version with: the one chosen at its first attempt.
-    pub fn upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<String, CatalogError> {
-        self.exec(
-            "UPDATE versions SET upload_key = ?3 WHERE ino = ?1 AND num = ?2 AND upload_key IS NULL",
-            params![ino, num, fresh],
-        )?;
-        Ok(self.query_one(
+    /// Records the key of a version's new upload attempt; returns the key
+    /// of the attempt before it, if any.
+    pub fn new_upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<Option<String>, CatalogError> {
+        let previous = self.query_one(
             "SELECT upload_key FROM versions WHERE ino = ?1 AND num = ?2",
             params![ino, num],
             |r| r.get(0),
-        )?)
+        )?;
+        self.exec(
+            "UPDATE versions SET upload_key = ?3 WHERE ino = ?1 AND num = ?2",
+            params![ino, num, fresh],
+        )?;
+        Ok(previous)
     }
 
     pub fn set_version_state(&self, ino: i64, num: i64, state: VersionState) -> Result<(), CatalogError> {
@@ -896,6 +899,17 @@ impl Catalog {
         Ok(self
             .query_one("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
+    }
+
+    /// The value of `key`, set to `value` first if it has none: of two
+    /// processes racing to set it, both get the one that won.
+    pub fn meta_or_insert(&self, key: &str, value: &str) -> Result<String, CatalogError> {
+        self.exec(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            params![key, value],
+        )?;
+        self.commit()?;
+        Ok(self.meta(key)?.unwrap_or_else(|| value.to_string()))
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), CatalogError> {

@@ -20,6 +20,12 @@ pub const FOOTER_MAGIC: &[u8; 8] = b"CAIRNEND";
 pub const FOOTER_LEN: u64 = 24;
 /// Galois field GF(2^8) limits data + parity shards to 256.
 pub const MAX_SHARES: u16 = 256;
+/// Largest segment: a segment and its blocks are held in memory.
+pub const MAX_SEGMENT_SIZE: u32 = 64 << 20;
+/// Most segments a version may have: every share's trailer holds 32 bytes
+/// per segment and is read whole (128 MiB at most; with 1 MiB segments,
+/// versions of up to 4 TiB).
+pub const MAX_SEGMENTS: u64 = 1 << 22;
 
 pub type Hash = [u8; 32];
 pub type Key = [u8; 16];
@@ -63,9 +69,9 @@ impl Params {
                 "total (n = {total}) must be at most {MAX_SHARES}"
             )));
         }
-        if segment_size == 0 || !segment_size.is_multiple_of(16) {
+        if segment_size == 0 || !segment_size.is_multiple_of(16) || segment_size > MAX_SEGMENT_SIZE {
             return Err(CodecError::Params(format!(
-                "segment size {segment_size} must be a positive multiple of 16"
+                "segment size {segment_size} must be a positive multiple of 16, at most {MAX_SEGMENT_SIZE}"
             )));
         }
         Ok(Params {
@@ -84,6 +90,19 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// A version's layout, refused if it has more than [`MAX_SEGMENTS`]
+    /// segments: every offset and length below then fits with room to spare.
+    pub fn new(params: Params, size: u64) -> Result<Layout, CodecError> {
+        let layout = Layout { params, size };
+        if layout.num_segments() > MAX_SEGMENTS {
+            return Err(CodecError::Params(format!(
+                "{size} bytes in segments of {} is more than {MAX_SEGMENTS} segments",
+                params.segment_size
+            )));
+        }
+        Ok(layout)
+    }
+
     pub fn num_segments(&self) -> u64 {
         self.size.div_ceil(self.params.segment_size as u64)
     }
@@ -217,11 +236,8 @@ impl FromStr for Capability {
         let size = num(4, "bad size")?;
         let segment_size = u32::try_from(num(5, "bad segment size")?).map_err(|_| bad("bad segment size"))?;
         let params = Params::new(needed, total, segment_size).map_err(|e| CodecError::Capability(e.to_string()))?;
-        Ok(Capability {
-            key,
-            root,
-            layout: Layout { params, size },
-        })
+        let layout = Layout::new(params, size).map_err(|e| CodecError::Capability(e.to_string()))?;
+        Ok(Capability { key, root, layout })
     }
 }
 
@@ -229,13 +245,25 @@ impl FromStr for Capability {
 /// or a byte range of a pack (one encoded version holding many small file
 /// versions, so that a small file does not cost n share writes). A packed
 /// version's bytes are verified as the pack's blocks are.
+///
+/// Since `pack2`, each member's bytes in the pack are encrypted under the
+/// member's own key (`member_key`): the pack's key, which every member's
+/// capability carries, then opens only other members' ciphertexts. `pack1`
+/// members (`member_key: None`) lie in the pack as plaintext; they stay
+/// readable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileCap {
     Whole(Capability),
-    Packed { pack: Capability, offset: u64, len: u64 },
+    Packed {
+        pack: Capability,
+        offset: u64,
+        len: u64,
+        member_key: Option<Key>,
+    },
 }
 
-const PACK_PREFIX: &str = "cairn:pack1:";
+const PACK1_PREFIX: &str = "cairn:pack1:";
+const PACK2_PREFIX: &str = "cairn:pack2:";
 
 impl FileCap {
     /// The encoded version on the grid that holds the bytes.
@@ -263,13 +291,37 @@ impl FileCap {
             FileCap::Packed { offset, .. } => (offset + from, len),
         }
     }
+
+    /// Turns bytes read from the stored version's plaintext at
+    /// `stored_offset` (inside [`FileCap::stored_range`]) into the file's own.
+    pub fn open_stored(&self, stored_offset: u64, bytes: &mut [u8]) {
+        if let FileCap::Packed {
+            offset,
+            member_key: Some(key),
+            ..
+        } = self
+        {
+            apply_keystream(key, stored_offset - offset, bytes);
+        }
+    }
 }
 
 impl fmt::Display for FileCap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FileCap::Whole(cap) => write!(f, "{cap}"),
-            FileCap::Packed { pack, offset, len } => write!(f, "{PACK_PREFIX}{offset}:{len}:{pack}"),
+            FileCap::Packed {
+                pack,
+                offset,
+                len,
+                member_key: None,
+            } => write!(f, "{PACK1_PREFIX}{offset}:{len}:{pack}"),
+            FileCap::Packed {
+                pack,
+                offset,
+                len,
+                member_key: Some(key),
+            } => write!(f, "{PACK2_PREFIX}{offset}:{len}:{}:{pack}", b32(key)),
         }
     }
 }
@@ -278,11 +330,18 @@ impl FromStr for FileCap {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Self, CodecError> {
         let s = s.trim();
-        let Some(rest) = s.strip_prefix(PACK_PREFIX) else {
-            return Ok(FileCap::Whole(s.parse()?));
+        let (rest, version) = match (s.strip_prefix(PACK1_PREFIX), s.strip_prefix(PACK2_PREFIX)) {
+            (Some(rest), _) => (rest, 1),
+            (_, Some(rest)) => (rest, 2),
+            _ => return Ok(FileCap::Whole(s.parse()?)),
         };
-        let bad = |what: &str| CodecError::Capability(format!("{what} (expected {PACK_PREFIX}OFFSET:LEN:PACK-CAP)"));
-        let mut parts = rest.splitn(3, ':');
+        let bad = |what: &str| {
+            let key = if version == 2 { "MEMBER-KEY:" } else { "" };
+            CodecError::Capability(format!(
+                "{what} (expected cairn:pack{version}:OFFSET:LEN:{key}PACK-CAP)"
+            ))
+        };
+        let mut parts = rest.splitn(if version == 2 { 4 } else { 3 }, ':');
         let mut num = |what: &str| {
             parts
                 .next()
@@ -290,11 +349,26 @@ impl FromStr for FileCap {
                 .ok_or_else(|| bad(what))
         };
         let (offset, len) = (num("bad offset")?, num("bad length")?);
+        let member_key = match version {
+            2 => Some(
+                parts
+                    .next()
+                    .and_then(unb32)
+                    .and_then(|k| Key::try_from(k).ok())
+                    .ok_or_else(|| bad("bad member key"))?,
+            ),
+            _ => None,
+        };
         let pack: Capability = parts.next().ok_or_else(|| bad("no pack capability"))?.parse()?;
         if offset.checked_add(len).is_none_or(|end| end > pack.layout.size) {
             return Err(bad("range outside the pack"));
         }
-        Ok(FileCap::Packed { pack, offset, len })
+        Ok(FileCap::Packed {
+            pack,
+            offset,
+            len,
+            member_key,
+        })
     }
 }
 

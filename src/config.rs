@@ -274,10 +274,15 @@ impl Config {
                 ),
             ));
         }
-        if g.segment_size == 0 || !g.segment_size.is_multiple_of(16) {
+        if g.segment_size == 0 || !g.segment_size.is_multiple_of(16) || g.segment_size > crate::codec::MAX_SEGMENT_SIZE
+        {
             return Err(field(
                 "grid.segment_size",
-                format!("{} must be a positive multiple of 16 bytes", g.segment_size),
+                format!(
+                    "{} must be a positive multiple of 16 bytes, at most {} (64 MiB)",
+                    g.segment_size,
+                    crate::codec::MAX_SEGMENT_SIZE
+                ),
             ));
         }
         if g.happy < g.needed || g.happy > g.total {
@@ -289,11 +294,17 @@ impl Config {
                 ),
             ));
         }
-        if g.timeout_secs == 0 {
-            return Err(field("grid.timeout_secs", "must be at least 1".into()));
-        }
-        if g.memory_budget_mib == 0 {
-            return Err(field("grid.memory_budget_mib", "must be at least 1".into()));
+        // Upper bounds keep the byte counts derived from them far from
+        // overflow, and catch a mistyped unit.
+        for (name, value, max) in [
+            ("grid.timeout_secs", g.timeout_secs, 86_400),
+            ("grid.memory_budget_mib", g.memory_budget_mib, 1 << 20),
+            ("grid.hedge_after_ms", g.hedge_after_ms.max(1), 3_600_000),
+            ("grid.spill_limit_mib", g.spill_limit_mib.unwrap_or(1).max(1), 1 << 30),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(field(name, format!("{value} must be between 1 and {max}")));
+            }
         }
         if self.servers.len() < g.total as usize {
             return Err(field(
@@ -308,10 +319,21 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.servers.iter().enumerate() {
             let at = |f: &str| format!("server[{i}].{f}");
-            if s.name.is_empty() || s.name.contains(['/', '\\']) {
+            // Names become file names (the S3 journal's directory): no
+            // "..", no separators, nothing that starts with a dot.
+            let mut chars = s.name.chars();
+            let name_ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                && s.name.len() <= 64;
+            if !name_ok {
                 return Err(field(
                     &at("name"),
-                    format!("{:?} must be non-empty without slashes", s.name),
+                    format!(
+                        "{:?} must be 1 to 64 of A-Z a-z 0-9 _ - . and not start with a dot",
+                        s.name
+                    ),
                 ));
             }
             if !names.insert(&s.name) {

@@ -22,16 +22,18 @@ pub enum Request {
     Restore { path: String, version: i64 },
 }
 
+/// Longest request line the daemon reads.
+const MAX_REQUEST: u64 = 64 << 10;
+
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join("control.sock")
 }
 
 /// Turns a path the user typed (inside the mount, or a path of the drive
-/// such as "/notes.txt") into a path of the drive.
+/// such as "/notes.txt") into a path of the drive. The client made it
+/// absolute against its own working directory; the daemon's means nothing.
 fn drive_path(mountpoint: &Path, path: &str) -> String {
-    let p = Path::new(path);
-    let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    match absolute.strip_prefix(mountpoint) {
+    match Path::new(path).strip_prefix(mountpoint) {
         Ok(rest) => format!("/{}", rest.display()),
         Err(_) => path.to_string(),
     }
@@ -70,7 +72,9 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
 async fn converse(stream: impl AsyncRead + AsyncWrite + Unpin, vfs: Arc<Vfs>, mountpoint: PathBuf) {
     let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
-    if tokio::io::BufReader::new(read).read_line(&mut line).await.is_err() {
+    // A request is a path and a number: a client sending more is not ours.
+    let bounded = tokio::io::AsyncReadExt::take(read, MAX_REQUEST);
+    if tokio::io::BufReader::new(bounded).read_line(&mut line).await.is_err() {
         return;
     }
     let reply = match serde_json::from_str::<Request>(&line) {
@@ -85,8 +89,18 @@ async fn converse(stream: impl AsyncRead + AsyncWrite + Unpin, vfs: Arc<Vfs>, mo
 pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)?;
+    let me = crate::sys::current_owner().0;
     loop {
         let (stream, _) = listener.accept().await?;
+        // The socket is in the owner-only home; this holds even if that
+        // home is ever opened up: only its owner and root are answered.
+        match stream.peer_cred().map(|c| c.uid()) {
+            Ok(uid) if uid == me || uid == 0 => {}
+            other => {
+                tracing::warn!(peer = ?other, "refused a control connection from another user");
+                continue;
+            }
+        }
         tokio::spawn(converse(stream, vfs.clone(), mountpoint.clone()));
     }
 }

@@ -373,7 +373,8 @@ async fn write_packed(
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
     let (offset, len) = cap.stored_range(0, u64::MAX);
-    let bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
+    let mut bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
+    cap.open_stored(offset, &mut bytes);
     file.write_all(&bytes).map_err(output_error(out))?;
     progress.advance(len);
     Ok(Sha256::digest(&bytes).into())
@@ -395,7 +396,9 @@ pub async fn read_chunk(
         }
         _ => {
             let (offset, len) = cap.stored_range(index * chunk_size, chunk_size);
-            read_range(reader, offset, len, recent).await
+            let mut bytes = read_range(reader, offset, len, recent).await?;
+            cap.open_stored(offset, &mut bytes);
+            Ok(bytes)
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn errno(e: &VfsError) -> Errno {
         VfsError::NameTooLong => libc::ENAMETOOLONG,
         VfsError::ReadOnly => libc::EROFS,
         VfsError::NotPermitted => libc::EPERM,
+        VfsError::AccessDenied => libc::EACCES,
         VfsError::NoAttr => libc::ENODATA,
         VfsError::NotSupported => libc::EOPNOTSUPP,
         VfsError::Busy => libc::EBUSY,
@@ -524,17 +525,17 @@ impl Filesystem for CairnFs {
         empty(reply, self.vfs.setxattr(ino.0, name, value));
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
-        reply!(reply, self.vfs.getxattr(ino.0, name), |value| xattr_reply(
+        reply!(reply, self.vfs.getxattr(ino.0, name, req.uid()), |value| xattr_reply(
             reply, size, &value
         ))
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply!(reply, self.vfs.listxattr(ino.0), |names| {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply!(reply, self.vfs.listxattr(ino.0, req.uid()), |names| {
             let mut buf = Vec::new();
             for n in names {
                 buf.extend_from_slice(OsStr::new(&n).as_bytes());

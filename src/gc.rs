@@ -148,7 +148,7 @@ pub async fn collect(
 
 /// Deletes every share of `si` on every server; fails (having deleted what
 /// it could) if any server could not be asked.
-async fn delete_shares(grid: &Grid, si: crate::codec::StorageIndex) -> Result<usize, Vec<(String, String)>> {
+pub(crate) async fn delete_shares(grid: &Grid, si: crate::codec::StorageIndex) -> Result<usize, Vec<(String, String)>> {
     let mut deleted = 0;
     let mut failures = Vec::new();
     for s in &grid.servers {

@@ -45,11 +45,11 @@ enum Command {
         /// Region of the --s3 servers.
         #[arg(long, default_value = "us-east-1")]
         s3_region: String,
-        /// Access key written into each --s3 server entry.
-        #[arg(long, requires = "s3_secret_access_key")]
+        /// Access key written into each --s3 server entry, with its secret
+        /// from $CAIRN_S3_SECRET_ACCESS_KEY, else standard input (never a
+        /// flag: command lines are visible to every local user).
+        #[arg(long)]
         s3_access_key_id: Option<String>,
-        #[arg(long, requires = "s3_access_key_id")]
-        s3_secret_access_key: Option<String>,
         /// k: shares needed to rebuild a file.
         #[arg(long, default_value_t = 3)]
         needed: u16,
@@ -146,12 +146,23 @@ enum Command {
     /// Print the root capability: with the server list, it rebuilds the drive.
     RootCap,
     /// Rebuild the namespace on a new machine from the root capability.
+    /// The root capability comes from --root-cap-file, else $CAIRN_ROOT_CAP,
+    /// else standard input (never a flag: command lines are visible to every
+    /// local user).
     Recover {
-        #[arg(long)]
-        root_cap: String,
         /// The grid's config.toml (copied into CAIRN_HOME).
         #[arg(long)]
         config: PathBuf,
+        /// A file holding the root capability.
+        #[arg(long, value_name = "FILE")]
+        root_cap_file: Option<PathBuf>,
+        /// Take the newest namespace of whatever servers answer, even too
+        /// few to be sure it is the newest on the grid.
+        #[arg(long)]
+        accept_partial: bool,
+        /// Refuse a namespace older than this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        min_seq: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -312,16 +323,22 @@ fn run(command: Command) -> Result<ExitCode> {
             s3_urls,
             s3_region,
             s3_access_key_id,
-            s3_secret_access_key,
             needed,
             happy,
             total,
             segment_size,
         } => {
+            let keys = match s3_access_key_id {
+                Some(id) => Some((
+                    id,
+                    read_secret("the S3 secret access key", None, "CAIRN_S3_SECRET_ACCESS_KEY")?,
+                )),
+                None => None,
+            };
             let s3 = S3Flags {
                 urls: s3_urls,
                 region: s3_region,
-                keys: s3_access_key_id.zip(s3_secret_access_key),
+                keys,
             };
             init(&home, servers, server_dirs, s3, needed, happy, total, segment_size)
         }
@@ -364,7 +381,20 @@ fn run(command: Command) -> Result<ExitCode> {
             Err(_) => publish_offline(&home, json),
         },
         Command::RootCap => root_cap(&home),
-        Command::Recover { root_cap, config, json } => recover(&home, &root_cap, &config, json),
+        Command::Recover {
+            config,
+            root_cap_file,
+            accept_partial,
+            min_seq,
+            json,
+        } => {
+            let root = read_secret("the root capability", root_cap_file.as_deref(), "CAIRN_ROOT_CAP")?;
+            let rules = cairn::namespace::RecoverRules {
+                accept_partial,
+                min_seq,
+            };
+            recover(&home, &root, &config, rules, json)
+        }
         Command::Gc { dry_run, json } => gc(&home, dry_run, json),
         Command::Versions { path, json } => mount::versions(&home.dir, &path, json),
         Command::Restore { path, version, json } => mount::restore(&home.dir, &path, version, json),
@@ -465,7 +495,10 @@ fn init(
         config.grid.total,
         config.grid.happy
     );
-    print_root_cap(&cairn::namespace::root_cap(&home.catalog()?)?);
+    let catalog = home.catalog()?;
+    let root = cairn::namespace::root_cap(&catalog)?;
+    catalog.commit()?;
+    print_root_cap(&root);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -479,12 +512,16 @@ fn print_root_cap(root: &cairn::namespace::RootCap) {
 
 fn root_cap(home: &Home) -> Result<ExitCode> {
     home.config()?;
-    print_root_cap(&cairn::namespace::root_cap(&home.catalog()?)?);
+    let catalog = home.catalog()?;
+    let root = cairn::namespace::root_cap(&catalog)?;
+    catalog.commit()?;
+    print_root_cap(&root);
     Ok(ExitCode::SUCCESS)
 }
 
 fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
     let config = home.config()?;
+    let _lock = cairn::home::HomeLock::acquire(&home.dir, "sync")?;
     let grid = home.grid()?;
     let catalog = home.catalog()?;
     let published = match cairn::namespace::prepare(&catalog)? {
@@ -497,6 +534,7 @@ fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
                 pending,
             ))?;
             cairn::namespace::record(&catalog, &p)?;
+            catalog.commit()?;
             Some(p)
         }
     };
@@ -516,7 +554,36 @@ fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn recover(home: &Home, root: &str, config_file: &std::path::Path, json: bool) -> Result<ExitCode> {
+/// A secret from a file, else the environment variable `env`, else
+/// standard input (one line).
+fn read_secret(what: &str, file: Option<&std::path::Path>, env: &str) -> Result<String> {
+    let secret = if let Some(file) = file {
+        std::fs::read_to_string(file).with_context(|| format!("reading {what} from {}", file.display()))?
+    } else if let Some(v) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+        v.into_string().map_err(|_| anyhow!("${env} is not valid UTF-8"))?
+    } else {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            eprint!("cairn: {what} (or set ${env}): ");
+        }
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line
+    };
+    let secret = secret.trim().to_string();
+    if secret.is_empty() {
+        bail!("no {what} given: put it in ${env}, or give it on standard input");
+    }
+    Ok(secret)
+}
+
+fn recover(
+    home: &Home,
+    root: &str,
+    config_file: &std::path::Path,
+    rules: cairn::namespace::RecoverRules,
+    json: bool,
+) -> Result<ExitCode> {
     let root: cairn::namespace::RootCap = root.parse()?;
     let config = Config::load(config_file)?;
     let db = home.dir.join("catalog.db");
@@ -534,7 +601,9 @@ fn recover(home: &Home, root: &str, config_file: &std::path::Path, json: bool) -
     }
     let grid = Arc::new(home.grid()?);
     let mut catalog = home.catalog()?;
-    let latest = runtime()?.block_on(cairn::namespace::recover(grid, &root, &mut catalog))?;
+    let happy = home.config()?.grid.happy;
+    let latest = runtime()?.block_on(cairn::namespace::recover(grid, &root, happy, rules, &mut catalog))?;
+    catalog.commit()?;
     let nodes = catalog.count_nodes()?;
     if json {
         println!(
@@ -542,9 +611,15 @@ fn recover(home: &Home, root: &str, config_file: &std::path::Path, json: bool) -
             serde_json::to_string_pretty(&serde_json::json!({"ok": true, "namespace": latest, "nodes": nodes}))?
         );
     } else {
+        let when = match latest.time_ns {
+            Some(ns) => format!("published {} UTC", mount::format_time(ns)),
+            None => "publication time not recorded".into(),
+        };
         println!(
-            "recovered namespace {} ({} names) into {}",
+            "recovered namespace {} ({when}; {} of {} servers answered; {} names) into {}",
             latest.seq,
+            latest.answered,
+            latest.servers.len(),
             nodes,
             home.dir.display()
         );
@@ -560,6 +635,7 @@ fn gc(home: &Home, dry_run: bool, json: bool) -> Result<ExitCode> {
     let grid = home.grid()?;
     let catalog = home.catalog()?;
     let report = runtime()?.block_on(cairn::gc::collect(&grid, &catalog, &config.retention, dry_run))?;
+    catalog.commit()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -618,6 +694,11 @@ fn put(home: &Home, source: PathBuf, path: &str, json: bool) -> Result<ExitCode>
         // A mount's repair loop (or `cairn repair`) places the rest later.
         catalog.set_degraded(ino, num, true)?;
     }
+    // The version exists only once this returns: a failure (a full disk)
+    // fails the command.
+    catalog
+        .commit()
+        .context("recording the uploaded version in the catalog")?;
     for (server, why) in &report.failures {
         eprintln!("cairn: warning: server {server} failed during upload: {why}");
     }

@@ -21,7 +21,13 @@ use crate::codec::{apply_keystream, tagged_hash, Capability, Key};
 use crate::grid::Grid;
 
 const ROOT_PREFIX: &str = "cairn:root1:";
-const POINTER_MAGIC: &[u8; 8] = b"CAIRNPT1";
+/// Pointer records, version 1 (written before this version; still read)
+/// and 2 (a random nonce in each record keys its encryption, so a sequence
+/// number used twice after a failed publication never reuses a keystream;
+/// and the publication's time).
+const POINTER_MAGIC_V1: &[u8; 8] = b"CAIRNPT1";
+const POINTER_MAGIC: &[u8; 8] = b"CAIRNPT2";
+const NONCE_LEN: usize = 16;
 const MAC_LEN: usize = 32;
 /// Catalog meta keys.
 const META_ROOT: &str = "root_cap";
@@ -36,6 +42,13 @@ pub enum NamespaceError {
     NoPointer(String),
     #[error("the namespace pointer reached only {placed} servers, {needed} needed")]
     PointerNotHappy { placed: usize, needed: usize },
+    #[error(
+        "only {answered} servers answered; {needed} must, to be sure the newest namespace is among them \
+         (the newest found is {seq}). Bring servers back, or pass --accept-partial to take it anyway"
+    )]
+    TooFewAnswers { answered: usize, needed: usize, seq: u64 },
+    #[error("the newest namespace the servers hold is {seq}, older than --min-seq {min}")]
+    TooOld { seq: u64, min: u64 },
     #[error("the namespace snapshot does not parse: {0}")]
     BadSnapshot(String),
     #[error("uploading the namespace: {0}")]
@@ -68,29 +81,41 @@ impl RootCap {
         mac
     }
 
-    /// A key per sequence number, so the counter-mode stream never repeats.
-    fn cap_key(&self, seq: u64) -> Key {
+    /// The key of a version 1 record: one per sequence number.
+    fn cap_key_v1(&self, seq: u64) -> Key {
         let h = tagged_hash(b"cairn-v1-pointer-enc", &[&self.0, &seq.to_be_bytes()]);
         h[..16].try_into().expect("16 bytes")
     }
 
-    /// The pointer record: magic, sequence number, the snapshot's
-    /// capability encrypted, and a MAC over all of it.
-    pub fn seal_pointer(&self, seq: u64, cap: &Capability) -> Vec<u8> {
+    /// The key of a version 2 record: one per record, by its nonce.
+    fn cap_key(&self, seq: u64, nonce: &[u8]) -> Key {
+        let h = tagged_hash(b"cairn-v2-pointer-enc", &[&self.0, &seq.to_be_bytes(), nonce]);
+        h[..16].try_into().expect("16 bytes")
+    }
+
+    /// The pointer record: magic, sequence number, publication time, a
+    /// random nonce, the snapshot's capability encrypted, and a MAC over
+    /// all of it.
+    pub fn seal_pointer(&self, seq: u64, time_ns: i64, cap: &Capability) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
         let mut enc = cap.to_string().into_bytes();
-        apply_keystream(&self.cap_key(seq), 0, &mut enc);
+        apply_keystream(&self.cap_key(seq, &nonce), 0, &mut enc);
         let mut out = POINTER_MAGIC.to_vec();
         out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(&time_ns.to_be_bytes());
+        out.extend_from_slice(&nonce);
         out.extend_from_slice(&enc);
         let mac = self.mac(&out).finalize().into_bytes();
         out.extend_from_slice(&mac);
         out
     }
 
-    /// The sequence number and capability of a record, if it is one this
-    /// root capability made and nobody changed.
-    pub fn open_pointer(&self, record: &[u8]) -> Result<(u64, Capability), String> {
-        if record.len() < POINTER_MAGIC.len() + 8 + MAC_LEN || !record.starts_with(POINTER_MAGIC) {
+    /// What a record says, if it is one this root capability made and
+    /// nobody changed.
+    pub fn open_pointer(&self, record: &[u8]) -> Result<Pointer, String> {
+        let v2 = record.starts_with(POINTER_MAGIC);
+        let fixed = POINTER_MAGIC.len() + 8 + if v2 { 8 + NONCE_LEN } else { 0 };
+        if record.len() < fixed + MAC_LEN || !(v2 || record.starts_with(POINTER_MAGIC_V1)) {
             return Err("not a pointer record".into());
         }
         let (body, mac) = record.split_at(record.len() - MAC_LEN);
@@ -99,11 +124,27 @@ impl RootCap {
             return Err("authentication failed (forged or altered)".into());
         }
         let seq = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
-        let mut cap = body[16..].to_vec();
-        apply_keystream(&self.cap_key(seq), 0, &mut cap);
+        let mut cap = body[fixed..].to_vec();
+        let time_ns = if v2 {
+            apply_keystream(&self.cap_key(seq, &body[24..fixed]), 0, &mut cap);
+            Some(i64::from_be_bytes(body[16..24].try_into().expect("8 bytes")))
+        } else {
+            apply_keystream(&self.cap_key_v1(seq), 0, &mut cap);
+            None
+        };
         let cap = String::from_utf8(cap).map_err(|_| "bad capability".to_string())?;
-        Ok((seq, cap.parse().map_err(|e| format!("bad capability: {e}"))?))
+        let cap = cap.parse().map_err(|e| format!("bad capability: {e}"))?;
+        Ok(Pointer { seq, time_ns, cap })
     }
+}
+
+/// What a pointer record names: the snapshot, its sequence number and
+/// (version 2 records) when it was published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pointer {
+    pub seq: u64,
+    pub time_ns: Option<i64>,
+    pub cap: Capability,
 }
 
 impl fmt::Display for RootCap {
@@ -137,11 +178,9 @@ impl FromStr for RootCap {
 pub fn root_cap(catalog: &Catalog) -> Result<RootCap, NamespaceError> {
     match catalog.meta(META_ROOT)? {
         Some(s) => s.parse(),
-        None => {
-            let root = RootCap::generate();
-            catalog.set_meta(META_ROOT, &root.to_string())?;
-            Ok(root)
-        }
+        None => catalog
+            .meta_or_insert(META_ROOT, &RootCap::generate().to_string())?
+            .parse(),
     }
 }
 
@@ -194,7 +233,8 @@ pub async fn upload(
         size,
     };
     let report = crate::upload::upload(grid, params, happy, source, rand::random(), Arc::new(())).await?;
-    let record = p.root.seal_pointer(seq, &report.cap);
+    let created_ns = crate::catalog::now_ns();
+    let record = p.root.seal_pointer(seq, created_ns, &report.cap);
     let name = p.root.pointer_name();
     let writes = grid
         .servers
@@ -215,7 +255,7 @@ pub async fn upload(
         namespace: PublishedNamespace {
             seq,
             cap: report.cap.to_string(),
-            created_ns: crate::catalog::now_ns(),
+            created_ns,
         },
         bytes: size as usize,
         pointer_servers: placed,
@@ -235,9 +275,14 @@ pub fn record(catalog: &Catalog, published: &Published) -> Result<(), NamespaceE
 #[derive(Debug, Serialize)]
 pub struct Latest {
     pub seq: u64,
+    /// When it was published (records written before pointer version 2
+    /// do not say).
+    pub time_ns: Option<i64>,
     #[serde(serialize_with = "as_string")]
     pub cap: Capability,
     pub servers: Vec<(String, String)>,
+    /// Servers that answered at all (with a record or with none).
+    pub answered: usize,
 }
 
 fn as_string<S: serde::Serializer>(c: &Capability, s: S) -> Result<S::Ok, S::Error> {
@@ -247,18 +292,21 @@ fn as_string<S: serde::Serializer>(c: &Capability, s: S) -> Result<S::Ok, S::Err
 pub async fn latest(grid: &Grid, root: &RootCap) -> Result<Latest, NamespaceError> {
     let name = root.pointer_name();
     let reads = grid.servers.iter().map(|s| grid.timed(s.server.get_record(&name)));
-    let mut best: Option<(u64, Capability)> = None;
+    let mut best: Option<Pointer> = None;
     let mut servers = Vec::new();
+    let mut answered = 0;
     for (s, got) in grid.servers.iter().zip(futures::future::join_all(reads).await) {
+        answered += usize::from(got.is_ok());
         let said = match got {
             Err(e) => format!("unreachable: {e}"),
             Ok(None) => "no pointer".to_string(),
             Ok(Some(bytes)) => match root.open_pointer(&bytes) {
-                Ok((seq, cap)) => {
-                    if best.as_ref().is_none_or(|(b, _)| seq > *b) {
-                        best = Some((seq, cap));
+                Ok(p) => {
+                    let said = format!("pointer {}", p.seq);
+                    if best.as_ref().is_none_or(|b| p.seq > b.seq) {
+                        best = Some(p);
                     }
-                    format!("pointer {seq}")
+                    said
                 }
                 Err(why) => {
                     tracing::warn!(server = %s.name, %why, "ignoring an invalid namespace pointer");
@@ -269,7 +317,13 @@ pub async fn latest(grid: &Grid, root: &RootCap) -> Result<Latest, NamespaceErro
         servers.push((s.name.clone(), said));
     }
     match best {
-        Some((seq, cap)) => Ok(Latest { seq, cap, servers }),
+        Some(p) => Ok(Latest {
+            seq: p.seq,
+            time_ns: p.time_ns,
+            cap: p.cap,
+            servers,
+            answered,
+        }),
         None => Err(NamespaceError::NoPointer(
             servers
                 .iter()
@@ -278,6 +332,23 @@ pub async fn latest(grid: &Grid, root: &RootCap) -> Result<Latest, NamespaceErro
                 .join("; "),
         )),
     }
+}
+
+/// How sure `recover` must be that it found the newest namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecoverRules {
+    /// Recover from whatever servers answered, however few.
+    pub accept_partial: bool,
+    /// Refuse a namespace older than this sequence number.
+    pub min_seq: Option<u64>,
+}
+
+/// Whether the servers that answered must include one that holds the
+/// newest pointer: every publication reached at least `happy` of `total`
+/// servers, so more than `total - happy` answers always include one of
+/// them (unless those servers lie by serving an older record).
+pub fn enough_answers(answered: usize, total: usize, happy: usize) -> bool {
+    answered > total.saturating_sub(happy)
 }
 
 /// Reads and parses a snapshot.
@@ -291,8 +362,25 @@ pub async fn fetch(grid: Arc<Grid>, cap: Capability) -> Result<Snapshot, Namespa
 }
 
 /// Rebuilds `catalog` from the newest namespace on the grid.
-pub async fn recover(grid: Arc<Grid>, root: &RootCap, catalog: &mut Catalog) -> Result<Latest, NamespaceError> {
+pub async fn recover(
+    grid: Arc<Grid>,
+    root: &RootCap,
+    happy: u16,
+    rules: RecoverRules,
+    catalog: &mut Catalog,
+) -> Result<Latest, NamespaceError> {
     let latest = latest(&grid, root).await?;
+    let total = grid.servers.len();
+    if !rules.accept_partial && !enough_answers(latest.answered, total, happy as usize) {
+        return Err(NamespaceError::TooFewAnswers {
+            answered: latest.answered,
+            needed: total - happy as usize + 1,
+            seq: latest.seq,
+        });
+    }
+    if let Some(min) = rules.min_seq.filter(|min| latest.seq < *min) {
+        return Err(NamespaceError::TooOld { seq: latest.seq, min });
+    }
     let snap = fetch(grid, latest.cap.clone()).await?;
     catalog.import(&snap)?;
     catalog.set_meta(META_ROOT, &root.to_string())?;
@@ -316,8 +404,13 @@ mod tests {
     #[test]
     fn pointers_open_only_with_their_root_and_unaltered() {
         let root = RootCap::generate();
-        let record = root.seal_pointer(42, &cap());
-        assert_eq!(root.open_pointer(&record).unwrap(), (42, cap()));
+        let record = root.seal_pointer(42, 7, &cap());
+        let want = Pointer {
+            seq: 42,
+            time_ns: Some(7),
+            cap: cap(),
+        };
+        assert_eq!(root.open_pointer(&record).unwrap(), want);
         assert!(RootCap::generate().open_pointer(&record).is_err(), "another root");
         for i in 0..record.len() {
             let mut bad = record.clone();
@@ -325,6 +418,40 @@ mod tests {
             assert!(root.open_pointer(&bad).is_err(), "flipped byte {i} accepted");
         }
         assert!(root.open_pointer(&record[..record.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_sequence_number_used_twice_never_repeats_a_keystream() {
+        let root = RootCap::generate();
+        let (a, b) = (root.seal_pointer(5, 0, &cap()), root.seal_pointer(5, 0, &cap()));
+        assert_ne!(
+            a[40..a.len() - MAC_LEN],
+            b[40..b.len() - MAC_LEN],
+            "same ciphertext twice"
+        );
+    }
+
+    #[test]
+    fn version_1_pointers_still_open() {
+        let root = RootCap::generate();
+        let mut enc = cap().to_string().into_bytes();
+        apply_keystream(&root.cap_key_v1(9), 0, &mut enc);
+        let mut record = POINTER_MAGIC_V1.to_vec();
+        record.extend_from_slice(&9u64.to_be_bytes());
+        record.extend_from_slice(&enc);
+        let mac = root.mac(&record).finalize().into_bytes();
+        record.extend_from_slice(&mac);
+        let p = root.open_pointer(&record).unwrap();
+        assert_eq!((p.seq, p.time_ns, p.cap), (9, None, cap()));
+    }
+
+    #[test]
+    fn recovery_needs_more_answers_than_servers_a_publication_may_miss() {
+        // 5 servers, happy 4: a publication may miss 1, so 2 answers suffice.
+        assert!(!enough_answers(1, 5, 4));
+        assert!(enough_answers(2, 5, 4));
+        assert!(!enough_answers(2, 5, 3));
+        assert!(enough_answers(1, 3, 3));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub enum VfsError {
     ReadOnly,
     #[error("operation not permitted")]
     NotPermitted,
+    #[error("permission denied")]
+    AccessDenied,
     #[error("no such attribute")]
     NoAttr,
     #[error("attribute namespace not supported")]
@@ -176,6 +178,8 @@ struct Pending {
     sent: Arc<AtomicU64>,
     size: u64,
     last_error: Option<String>,
+    /// The last attempt could not read the staged bytes.
+    damaged: bool,
 }
 
 impl Pending {
@@ -189,6 +193,7 @@ impl Pending {
             sent: Arc::new(AtomicU64::new(0)),
             size,
             last_error: None,
+            damaged: false,
         }
     }
 }
@@ -637,12 +642,13 @@ impl Vfs {
         }
     }
 
-    /// Forgets queued uploads of a deleted file.
+    /// Forgets queued uploads of a deleted file, also those on their way:
+    /// an upload whose entry is gone is not recorded when it ends (and
+    /// fails sooner, once the version's chunks are freed).
     fn drop_queued(st: &mut State, ino: i64) {
         let gone: Vec<_> = st
             .queue
-            .iter()
-            .filter(|((i, _), p)| *i == ino && !p.uploading)
+            .range((ino, i64::MIN)..=(ino, i64::MAX))
             .map(|(k, _)| *k)
             .collect();
         for k in gone {
@@ -805,7 +811,7 @@ impl Vfs {
                 }
                 let latest = st.catalog.latest(ino)?;
                 let missing = match &latest {
-                    Some(v) => self.missing_chunks(v),
+                    Some(v) => self.chunks_to_fetch(v, 0..v.size.div_ceil(self.chunk_size()))?,
                     None => Vec::new(),
                 };
                 if missing.is_empty() {
@@ -826,11 +832,41 @@ impl Vfs {
         SealedVersion::open(version_dir(&self.cache, v.ino, v.num), v.size, self.chunk_size())
     }
 
-    fn missing_chunks(&self, v: &Version) -> Vec<u64> {
-        let dir = version_dir(&self.cache, v.ino, v.num);
-        (0..v.size.div_ceil(self.chunk_size()))
-            .filter(|i| !dir.join(i.to_string()).exists())
-            .collect()
+    /// The chunks of `v` among `range` to fetch from the grid before they
+    /// are read: absent ones (evicted), and damaged ones (of the wrong
+    /// length; removed first). A version not yet on the grid has nowhere to
+    /// fetch from, so a missing or damaged chunk of it is an error, never
+    /// zeros.
+    fn chunks_to_fetch(&self, v: &Version, range: std::ops::Range<u64>) -> VfsResult<Vec<u64>> {
+        let sealed = self.sealed(v);
+        let mut fetch = Vec::new();
+        for index in range {
+            let state = sealed.chunk_state(index);
+            if state == Some(true) {
+                continue;
+            }
+            if v.cap.is_none() {
+                let what = if state.is_none() { "missing" } else { "damaged" };
+                return Err(VfsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "version {} of file {}: staged chunk {index} is {what} and the version is not on the grid",
+                        v.num, v.ino
+                    ),
+                )));
+            }
+            if state == Some(false) {
+                tracing::warn!(
+                    ino = v.ino,
+                    num = v.num,
+                    index,
+                    "a cached chunk was damaged; fetching it again"
+                );
+                let _ = std::fs::remove_file(version_dir(&self.cache, v.ino, v.num).join(index.to_string()));
+            }
+            fetch.push(index);
+        }
+        Ok(fetch)
     }
 
     /// Applies a change to a file's working copy. With no writer holding
@@ -951,15 +987,8 @@ impl Vfs {
         }
         let cs = self.chunk_size();
         let end = (offset + buf.len() as u64).min(v.size);
-        let dir = version_dir(&self.cache, v.ino, v.num);
-        for index in offset / cs..end.div_ceil(cs) {
-            if !dir.join(index.to_string()).exists() {
-                if v.state == VersionState::Staged {
-                    // A staged version is complete in the cache by construction.
-                    return Err(std::io::Error::from(std::io::ErrorKind::NotFound).into());
-                }
-                self.fetch_chunk(v, index)?;
-            }
+        for index in self.chunks_to_fetch(v, offset / cs..end.div_ceil(cs))? {
+            self.fetch_chunk(v, index)?;
         }
         if v.cap.is_some() {
             self.read_ahead(v, end.div_ceil(cs));
@@ -1194,7 +1223,15 @@ impl Vfs {
 
     // ----- extended attributes -----
 
-    pub fn getxattr(&self, ino: u64, name: &str) -> VfsResult<Vec<u8>> {
+    /// A file's read capability reads that file wherever its shares are:
+    /// only its owner (and root) is given it, whoever else may read the
+    /// file through the mount.
+    fn may_see_cap(node: &Node, caller_uid: u32) -> bool {
+        caller_uid == 0 || caller_uid == node.uid
+    }
+
+    /// `caller_uid`: who asks (see [`Vfs::may_see_cap`]).
+    pub fn getxattr(&self, ino: u64, name: &str, caller_uid: u32) -> VfsResult<Vec<u8>> {
         let st = self.lock();
         let node = Self::node(&st, ino as i64)?;
         if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
@@ -1202,6 +1239,7 @@ impl Vfs {
             let value = match key {
                 "state" => Some(info.state.to_string()),
                 "version" => info.version.map(|v| v.to_string()),
+                "cap" if !Self::may_see_cap(&node, caller_uid) => return Err(VfsError::AccessDenied),
                 "cap" => info.cap,
                 "sha256" => info.sha256,
                 _ => None,
@@ -1218,7 +1256,7 @@ impl Vfs {
         st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
     }
 
-    pub fn listxattr(&self, ino: u64) -> VfsResult<Vec<String>> {
+    pub fn listxattr(&self, ino: u64, caller_uid: u32) -> VfsResult<Vec<String>> {
         let st = self.lock();
         let node = Self::node(&st, ino as i64)?;
         let mut names = st.catalog.xattr_names(node.ino)?;
@@ -1229,7 +1267,9 @@ impl Vfs {
                 names.push(format!("{XATTR_PREFIX}version"));
             }
             if info.cap.is_some() {
-                names.push(format!("{XATTR_PREFIX}cap"));
+                if Self::may_see_cap(&node, caller_uid) {
+                    names.push(format!("{XATTR_PREFIX}cap"));
+                }
                 names.push(format!("{XATTR_PREFIX}sha256"));
             }
         }
@@ -1622,6 +1662,16 @@ impl Vfs {
                     seen.insert(*key);
                 }
                 let closing = Instant::now() < grace_until && st.handles.values().any(|h| h.closing);
+                if let Some(((ino, num), p)) = st.queue.iter().find(|(_, p)| p.damaged) {
+                    let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
+                    return Err(VfsError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{path}: version {num} cannot be uploaded: {}",
+                            p.last_error.as_deref().unwrap_or("its staged bytes cannot be read")
+                        ),
+                    )));
+                }
                 if st.queue.is_empty() && !closing {
                     st.catalog.commit()?;
                     return Ok(seen.len());
@@ -1764,17 +1814,30 @@ impl Vfs {
         job
     }
 
-    /// The key chosen at a version's first upload attempt, so a retry or a
-    /// resumed upload writes the same shares under the same names, replacing
-    /// whatever an interrupted attempt left rather than orphaning it.
-    fn upload_key(&self, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
-        let fresh = data_encoding::HEXLOWER.encode(&rand::random::<crate::codec::Key>());
-        let stored = self.lock().catalog.upload_key(ino, num, &fresh)?;
-        data_encoding::HEXLOWER
-            .decode(stored.as_bytes())
-            .ok()
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(|| VfsError::Grid(format!("version {num}: stored upload key is malformed")))
+    /// A fresh key for every upload attempt of a version: a retry may read
+    /// other bytes than the attempt before it (a damaged cache), and a key
+    /// must never encrypt two plaintexts. The key is recorded (committed)
+    /// before any share is written under it, and the shares an earlier
+    /// attempt left under its own key are deleted first, so a retry does not
+    /// orphan them.
+    async fn upload_key(&self, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
+        let key: crate::codec::Key = rand::random();
+        let previous = {
+            let st = self.lock();
+            let previous = st
+                .catalog
+                .new_upload_key(ino, num, &data_encoding::HEXLOWER.encode(&key))?;
+            st.catalog.commit()?;
+            previous
+        };
+        let previous = previous.and_then(|k| data_encoding::HEXLOWER.decode(k.as_bytes()).ok());
+        if let Some(old) = previous.and_then(|k| crate::codec::Key::try_from(k).ok()) {
+            let si = crate::codec::storage_index_for(&old);
+            if let Err(failures) = crate::gc::delete_shares(&self.grid, si).await {
+                tracing::debug!(ino, num, ?failures, "an earlier attempt's shares stay on some servers");
+            }
+        }
+        Ok(key)
     }
 
     async fn upload_one(&self, job: UploadJob) {
@@ -1786,84 +1849,124 @@ impl Vfs {
     }
 
     /// Uploads small versions as one pack: read whole (each at most
-    /// [`pack::MEMBER_MAX`]), encoded once, and each recorded with its range.
-    /// A failed pack puts every member back for a retry, in a new pack
-    /// under a new key (its partial shares are cleaned at the next mount).
+    /// [`pack::MEMBER_MAX`]), each encrypted under its own key, encoded
+    /// once, and each recorded with its range and key. A version that cannot
+    /// be read is left out (and fails); a failed pack puts every member back
+    /// for a retry, in a new pack under new keys (its partial shares are
+    /// cleaned at the next mount).
     async fn upload_pack(&self, members: Vec<QueuedVersion>) {
         let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
-        let assembled =
-            tokio::task::spawn_blocking(move || pack::assemble(sources.iter().map(|v| (v.reader(), v.size))))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-        let result = match assembled {
-            Ok(packed) => {
-                let source = upload::Source {
-                    size: packed.bytes.len() as u64,
-                    reader: Box::new(std::io::Cursor::new(packed.bytes)),
-                };
-                upload::upload(
-                    &self.grid,
-                    self.params,
-                    self.happy,
-                    source,
-                    rand::random(),
-                    Arc::new(()),
-                )
-                .await
-                .map(|report| (report, packed.members))
-                .map_err(|e| e.to_string())
-            }
-            Err(e) => Err(format!("reading versions to pack: {e}")),
-        };
-        let mut st = self.lock();
-        let (report, placed) = match result {
-            Ok(done) => done,
+        let assembled = tokio::task::spawn_blocking(move || {
+            pack::assemble(sources.iter().map(|v| (v.reader(), v.size, rand::random())))
+        })
+        .await;
+        let packed = match assembled {
+            Ok(packed) => packed,
             Err(e) => {
+                let mut st = self.lock();
                 for m in &members {
-                    Self::upload_failed(&mut st, m, &e);
+                    Self::upload_failed(&mut st, m, &format!("reading versions to pack: {e}"), false);
+                }
+                return;
+            }
+        };
+        let mut going = Vec::new();
+        {
+            let mut st = self.lock();
+            for (m, at) in members.into_iter().zip(packed.members) {
+                match at {
+                    Ok(at) => going.push((m, at)),
+                    Err(e) => Self::upload_failed(&mut st, &m, &format!("reading the sealed version: {e}"), true),
+                }
+            }
+        }
+        if going.is_empty() {
+            return;
+        }
+        let source = upload::Source {
+            size: packed.bytes.len() as u64,
+            reader: Box::new(std::io::Cursor::new(packed.bytes)),
+        };
+        let result = upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            rand::random(),
+            Arc::new(()),
+        )
+        .await;
+        let mut st = self.lock();
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                for (m, _) in &going {
+                    Self::upload_failed(&mut st, m, &e.to_string(), false);
                 }
                 return;
             }
         };
         let degraded = report.placed.len() < self.params.total as usize;
-        for (m, at) in members.iter().zip(placed) {
-            let cap = FileCap::Packed {
-                pack: report.cap.clone(),
-                offset: at.offset,
-                len: at.len,
-            };
-            Self::record_committed(&mut st, m, &cap, &at.sha256, degraded);
-        }
-        tracing::info!(files = members.len(), shares = report.placed.len(), "committed a pack");
+        let done: Vec<_> = going
+            .iter()
+            .map(|(m, at)| {
+                let cap = FileCap::Packed {
+                    pack: report.cap.clone(),
+                    offset: at.offset,
+                    len: at.len,
+                    member_key: Some(at.key),
+                };
+                (m, cap, at.sha256)
+            })
+            .collect();
+        Self::record_committed(&mut st, &done, degraded);
+        tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
     }
 
-    /// A version is on the grid: recorded, and off the queue.
-    fn record_committed(
-        st: &mut State,
-        job: &QueuedVersion,
-        cap: &FileCap,
-        sha256: &crate::codec::Hash,
-        degraded: bool,
-    ) {
-        let sha = data_encoding::HEXLOWER.encode(sha256);
-        if let Err(e) = st.catalog.commit_version(job.ino, job.num, &cap.to_string(), &sha) {
-            tracing::error!(error = %e, "recording a committed version");
-        }
-        st.queue.remove(&(job.ino, job.num));
-        // Happiness held without every server: repaired later.
-        if degraded {
-            if let Err(e) = st.catalog.set_degraded(job.ino, job.num, true) {
-                tracing::error!(error = %e, "recording a degraded version");
+    /// Versions are on the grid: recorded (committed at once: nothing else
+    /// knows their keys), and off the queue. If the record cannot be written
+    /// (a full disk), they stay queued and are uploaded again later, under
+    /// new keys.
+    fn record_committed(st: &mut State, done: &[(&QueuedVersion, FileCap, crate::codec::Hash)], degraded: bool) {
+        // Versions of files deleted during their upload were dropped.
+        let done: Vec<_> = done
+            .iter()
+            .filter(|(job, _, _)| st.queue.contains_key(&(job.ino, job.num)))
+            .collect();
+        let record = || -> Result<(), CatalogError> {
+            for (job, cap, sha256) in &done {
+                let sha = data_encoding::HEXLOWER.encode(sha256);
+                st.catalog.commit_version(job.ino, job.num, &cap.to_string(), &sha)?;
+                // Happiness held without every server: repaired later.
+                if degraded {
+                    st.catalog.set_degraded(job.ino, job.num, true)?;
+                }
+            }
+            st.catalog.commit().map(drop)
+        };
+        match record() {
+            Ok(()) => {
+                for (job, _, _) in &done {
+                    st.queue.remove(&(job.ino, job.num));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recording committed versions");
+                for (job, _, _) in &done {
+                    Self::upload_failed(st, job, &format!("recording the committed version: {e}"), false);
+                }
             }
         }
     }
 
     /// An upload attempt failed: the version waits, backing off, to retry.
-    fn upload_failed(st: &mut State, job: &QueuedVersion, error: &str) {
+    /// `damaged`: its staged bytes cannot be read; `cairn sync` says so
+    /// rather than wait for it.
+    fn upload_failed(st: &mut State, job: &QueuedVersion, error: &str, damaged: bool) {
         if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
             p.attempts += 1;
             p.uploading = false;
+            p.damaged = damaged;
             let backoff = Duration::from_secs(1 << p.attempts.min(6));
             p.retry_at = Some(Instant::now() + backoff);
             p.last_error = Some(error.to_owned());
@@ -1878,11 +1981,11 @@ impl Vfs {
     }
 
     async fn upload_whole(&self, job: QueuedVersion) {
-        let key = match self.upload_key(job.ino, job.num) {
+        let key = match self.upload_key(job.ino, job.num).await {
             Ok(key) => key,
             Err(e) => {
-                tracing::error!(error = %e, "choosing an upload key");
-                rand::random()
+                let mut st = self.lock();
+                return Self::upload_failed(&mut st, &job, &format!("recording the upload key: {e}"), false);
             }
         };
         let source = upload::Source {
@@ -1903,10 +2006,14 @@ impl Vfs {
             Ok(report) => {
                 let degraded = report.placed.len() < self.params.total as usize;
                 let cap = FileCap::Whole(report.cap);
-                Self::record_committed(&mut st, &job, &cap, &report.plaintext_sha256, degraded);
+                Self::record_committed(&mut st, &[(&job, cap, report.plaintext_sha256)], degraded);
                 tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
-            Err(e) => Self::upload_failed(&mut st, &job, &e.to_string()),
+            Err(e) => {
+                let damaged = matches!(&e, upload::UploadError::Source(io)
+                    if matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData));
+                Self::upload_failed(&mut st, &job, &e.to_string(), damaged)
+            }
         }
     }
 
@@ -2030,7 +2137,11 @@ impl Vfs {
                 )?;
                 Ok((node.ino, n))
             }
-            _ if self.missing_chunks(&old).is_empty() && old_dir.is_dir() => {
+            _ if old_dir.is_dir()
+                && self
+                    .chunks_to_fetch(&old, 0..old.size.div_ceil(self.chunk_size()))
+                    .is_ok() =>
+            {
                 let n = st
                     .catalog
                     .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;

@@ -108,13 +108,14 @@ proptest! {
     }
 
     #[test]
-    fn packed_capability_round_trips(p in params(), len in 1usize..4 * SEG as usize, key: [u8; 16], a: prop::sample::Index, b: prop::sample::Index) {
+    fn packed_capability_round_trips(p in params(), len in 1usize..4 * SEG as usize, key: [u8; 16], a: prop::sample::Index, b: prop::sample::Index, member_key: Option<[u8; 16]>) {
         let (pack, _) = encode_all(p, key, &data(len, 2));
         let (x, y) = (a.index(len + 1) as u64, b.index(len + 1) as u64);
         let (offset, end) = (x.min(y), x.max(y));
-        let member = FileCap::Packed { pack: pack.clone(), offset, len: end - offset };
+        let member = FileCap::Packed { pack: pack.clone(), offset, len: end - offset, member_key };
         let text = member.to_string();
-        prop_assert!(text.starts_with("cairn:pack1:"));
+        let prefix = if member_key.is_some() { "cairn:pack2:" } else { "cairn:pack1:" };
+        prop_assert!(text.starts_with(prefix));
         prop_assert_eq!(text.parse::<FileCap>().unwrap(), member.clone());
         prop_assert_eq!(member.stored(), &pack);
         prop_assert_eq!(member.stored_range(0, u64::MAX), (offset, end - offset));
@@ -130,6 +131,24 @@ fn a_packed_range_outside_its_pack_is_refused() {
         assert!(err.contains("outside the pack"), "{err}");
     }
     assert!(format!("cairn:pack1:0:1000:{pack}").parse::<FileCap>().is_ok());
+    let key = "aeaqcaibaeaqcaibaeaqcaibae"; // 16 bytes of base32
+    for (offset, len) in [(0, 1001), (1000, 1)] {
+        let text = format!("cairn:pack2:{offset}:{len}:{key}:{pack}");
+        assert!(text
+            .parse::<FileCap>()
+            .unwrap_err()
+            .to_string()
+            .contains("outside the pack"));
+    }
+    assert!(format!("cairn:pack2:0:1000:{key}:{pack}").parse::<FileCap>().is_ok());
+    let err = format!("cairn:pack2:0:1000:{pack}")
+        .parse::<FileCap>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("member key"),
+        "a pack2 capability without its member key: {err}"
+    );
 }
 
 #[test]

@@ -123,7 +123,7 @@ fn an_upload_killed_midway_resumes_and_leaves_no_partial_shares() {
     let shares = home.shares_of("/big").len();
     assert_eq!(
         shares, 5,
-        "the resumed upload reused its names: one share per server, no orphans"
+        "the resumed upload removed the interrupted one's shares: one share per server, no orphans"
     );
 }
 

@@ -24,7 +24,7 @@ impl Drop for Tmpfs {
 fn enospc_then_recovery_once_space_is_freed() {
     let home = Home::empty();
     let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs"])
         .arg(home.path())
         .status()
         .unwrap()

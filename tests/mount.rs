@@ -162,7 +162,7 @@ fn restore_makes_an_old_version_the_newest_without_uploading() {
     let state = xattr(&path, "user.cairn.state");
     assert_eq!(state, "committed");
     // A small file is uploaded in a pack, and named by its range of it.
-    assert!(xattr(&path, "user.cairn.cap").starts_with("cairn:pack1:"));
+    assert!(xattr(&path, "user.cairn.cap").starts_with("cairn:pack2:"));
     assert!(mnt.unmount().success());
 }
 

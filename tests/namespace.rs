@@ -23,7 +23,11 @@ fn root_cap(home: &Home) -> String {
 /// A new, empty CAIRN_HOME recovered from `root` and `config`.
 fn recover_into_new_home(root: &str, config: &Path) -> (Home, String) {
     let home = Home::empty();
-    let out = home.cairn(&["recover", "--root-cap", root, "--config", config.to_str().unwrap()]);
+    let out = home
+        .command(&["recover", "--config", config.to_str().unwrap()])
+        .env("CAIRN_ROOT_CAP", root)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "recover failed: {}", stderr(&out));
     (home, String::from_utf8(out.stdout).unwrap())
 }
@@ -83,10 +87,13 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
             }
         }
     }
+    // From a file this time (the environment and standard input are the others).
+    let root_file = home.file("root.txt");
+    std::fs::write(&root_file, format!("{root}\n")).unwrap();
     let out = home.ok(&[
         "recover",
-        "--root-cap",
-        &root,
+        "--root-cap-file",
+        root_file.to_str().unwrap(),
         "--config",
         home.file("config.toml").to_str().unwrap(),
     ]);
@@ -206,13 +213,11 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
     let other = Home::init(&[]);
     let wrong = root_cap(&other);
     let probe = Home::empty();
-    let out = probe.cairn(&[
-        "recover",
-        "--root-cap",
-        &wrong,
-        "--config",
-        home.file("config.toml").to_str().unwrap(),
-    ]);
+    let out = probe
+        .command(&["recover", "--config", home.file("config.toml").to_str().unwrap()])
+        .env("CAIRN_ROOT_CAP", &wrong)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("no server holds a valid namespace pointer"),
@@ -270,4 +275,81 @@ fn gc_deletes_only_what_retention_lets_go() {
     assert!(home
         .ok(&["gc"])
         .starts_with("deleted 0 versions and 0 namespace snapshots"));
+}
+
+#[test]
+fn recovery_refuses_to_guess_from_too_few_servers_and_takes_a_floor() {
+    // 2-of-5, happy 3: a publication may miss 2 servers, so 3 must answer;
+    // 2 suffice to read the snapshot when the user accepts that.
+    let home = Home::init(&["--needed", "2", "--happy", "3"]);
+    put(&home, "/a", b"a");
+    home.ok(&["sync"]);
+    put(&home, "/b", b"b");
+    home.ok(&["sync"]);
+    let root = root_cap(&home);
+    // Three of five servers stall: the two that answer need not hold the
+    // newest pointer.
+    home.edit_config(|c| {
+        c.grid.timeout_secs = 1;
+        for s in &mut c.servers[2..] {
+            s.faults = Some(cairn::config::FaultConfig {
+                stall: true,
+                ..Default::default()
+            });
+        }
+    });
+    let config = home.file("config.toml");
+    let recover = |extra: &[&str]| {
+        let probe = Home::empty();
+        let out = probe
+            .command(&[&["recover", "--config", config.to_str().unwrap()], extra].concat())
+            .env("CAIRN_ROOT_CAP", &root)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr(&out),
+        )
+    };
+    let (ok, _, err) = recover(&[]);
+    assert!(!ok, "recovered from one server of five");
+    assert!(
+        err.contains("only 2 servers answered; 3 must") && err.contains("--accept-partial"),
+        "{err}"
+    );
+    let (ok, out, err) = recover(&["--accept-partial"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("recovered namespace 2 (published 20"),
+        "sequence and time: {out}"
+    );
+    assert!(out.contains("2 of 5 servers answered"), "{out}");
+    let (ok, _, err) = recover(&["--accept-partial", "--min-seq", "3"]);
+    assert!(!ok);
+    assert!(err.contains("older than --min-seq 3"), "{err}");
+}
+
+#[test]
+fn a_huge_pointer_record_is_refused_without_being_read() {
+    let home = Home::init(&[]);
+    put(&home, "/a", b"a");
+    home.ok(&["sync"]);
+    let root = root_cap(&home);
+    // A hostile server's 800 MiB record (sparse: costs the test no disk).
+    let records = home.server_dir("s1").join("records");
+    let name = std::fs::read_dir(&records).unwrap().next().unwrap().unwrap().path();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&name)
+        .unwrap()
+        .set_len(800 << 20)
+        .unwrap();
+    let probe = Home::empty();
+    let mut cmd = probe.command(&["recover", "--config", home.file("config.toml").to_str().unwrap()]);
+    cmd.env("CAIRN_ROOT_CAP", &root);
+    let (ok, out, err, peak_kib) = common::run_measured(cmd, probe.path());
+    assert!(ok, "the other servers' pointers still recover it: {err}");
+    assert!(out.contains("s1: unreachable: record of"), "{out}");
+    assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
 }

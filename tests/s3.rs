@@ -14,7 +14,7 @@ use common::{bytes, Home};
 fn s3_home(servers: &S3Servers) -> Home {
     let args = servers.init_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Home::init(&args)
+    Home::init_with_env(&args, &servers.secret_env())
 }
 
 fn put(home: &Home, name: &str, data: &[u8]) -> serde_json::Value {
@@ -209,7 +209,7 @@ fn one_grid_mixes_dir_and_s3_servers() {
     }
     args.extend(servers.init_args());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let home = Home::init(&args);
+    let home = Home::init_with_env(&args, &servers.secret_env());
     let kinds: Vec<String> = home.config().servers.iter().map(|s| s.backend.clone()).collect();
     assert_eq!(kinds, ["dir", "dir", "s3", "s3", "s3"]);
     let data = bytes(9 << 20, 7);

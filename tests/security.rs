@@ -3,6 +3,10 @@
 //! and a second cairn process on the same home. These run as root, as CI
 //! does; `setpriv` needs it to become another user.
 
+// These tests drive the `cairn` binary, a FUSE mount or other users; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -227,4 +231,285 @@ fn a_second_cairn_on_one_home_is_refused_and_the_first_ones_open_file_survives()
     home.ok(&["sync"]);
     assert!(mnt.unmount().success());
     assert_eq!(home.get_bytes("/open.txt").unwrap(), b"first half, second half");
+}
+
+fn xattr(path: &Path, name: &str) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| String::from_utf8(buf[..len as usize].to_vec()).unwrap())
+}
+
+/// The pack capability inside a packed file's capability.
+fn pack_of(member_cap: &str) -> &str {
+    &member_cap[member_cap.find("cairn:chk1:").expect("a packed capability")..]
+}
+
+#[test]
+fn a_packed_files_capability_opens_that_file_only_and_only_its_owner_gets_it() {
+    if !root() {
+        eprintln!("skipped: needs root to run a process as nobody");
+        return;
+    }
+    let home = Home::init(&[]);
+    let mnt = home.mount(&["--allow-other"]);
+    let public = mnt.file("public.txt");
+    let secret = mnt.file("salaries.csv");
+    std::fs::write(&public, b"hello world\n").unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&secret, b"name,salary\nalice,123456789\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    home.ok(&["sync"]);
+    let cap = xattr(&public, "user.cairn.cap").expect("the owner gets the capability");
+    let secret_cap = xattr(&secret, "user.cairn.cap").unwrap();
+    assert!(cap.starts_with("cairn:pack2:"), "{cap}");
+    assert_eq!(pack_of(&cap), pack_of(&secret_cap), "both files in one pack");
+
+    // Whoever holds the public file's capability holds the pack's key too:
+    // it opens nothing but ciphertexts of the other members.
+    let out = home.file("pack.bin");
+    home.ok(&["get", "--cap", pack_of(&cap), out.to_str().unwrap()]);
+    let pack = std::fs::read(&out).unwrap();
+    assert!(!pack.is_empty());
+    assert!(
+        !pack.windows(5).any(|w| w == b"alice") && !pack.windows(5).any(|w| w == b"hello"),
+        "the pack holds plaintext"
+    );
+    home.ok(&["get", "--cap", &cap, out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        b"hello world\n",
+        "a member's own capability reads it"
+    );
+
+    // Another user may read the public file, not learn its capability.
+    let public_s = public.to_str().unwrap();
+    assert_eq!(as_nobody(&["cat", public_s]), (true, "hello world\n".into()));
+    assert!(!as_nobody(&["cat", secret.to_str().unwrap()]).0);
+    let py = "import os, sys; print(os.getxattr(sys.argv[1], 'user.cairn.sha256').decode()); \
+              print('user.cairn.cap' in os.listxattr(sys.argv[1])); os.getxattr(sys.argv[1], 'user.cairn.cap')";
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            py,
+            public_s,
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&common::sha256_hex(b"hello world\n")),
+        "the hash is not secret: {said} {}",
+        stderr(&out)
+    );
+    assert!(said.contains("False"), "listxattr hides the capability: {said}");
+    assert!(!out.status.success(), "nobody got the capability");
+    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert!(mnt.unmount().success());
+}
+
+/// The upload keys the catalog records for `path`'s newest version.
+fn upload_key(home: &Home, path: &str) -> Option<String> {
+    let db = rusqlite::Connection::open_with_flags(home.file("catalog.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .ok()?;
+    let name = path.trim_start_matches('/');
+    db.query_row(
+        "SELECT v.upload_key FROM versions v JOIN nodes n ON n.ino = v.ino WHERE n.name = ?1 \
+         ORDER BY v.num DESC LIMIT 1",
+        [name],
+        |r| r.get(0),
+    )
+    .ok()
+    .flatten()
+}
+
+#[test]
+fn every_upload_attempt_of_a_version_has_its_own_key() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    // Two of five servers gone: happiness (4) cannot hold, attempts fail.
+    let aside = home.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for s in ["s1", "s2"] {
+        std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
+    }
+    let data = common::bytes(2 << 20, 78);
+    std::fs::write(mnt.file("f"), &data).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while keys.len() < 2 && Instant::now() < deadline {
+        keys.extend(upload_key(&home, "/f"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(keys.len() >= 2, "attempts under one key: {keys:?}");
+    for s in ["s1", "s2"] {
+        std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
+    }
+    home.ok(&["sync"]);
+    let last = upload_key(&home, "/f").unwrap();
+    let si = cairn::codec::storage_index_for(
+        &data_encoding::HEXLOWER
+            .decode(last.as_bytes())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    );
+    let shares = home.shares_of("/f");
+    assert!(!shares.is_empty() && shares.iter().all(|p| p.to_string_lossy().contains(&si.to_string())));
+    // The earlier attempts' shares were deleted, not orphaned.
+    for (_, p) in home.share_files() {
+        let name = p.to_string_lossy();
+        for k in &keys {
+            let old = cairn::codec::storage_index_for(
+                &data_encoding::HEXLOWER
+                    .decode(k.as_bytes())
+                    .unwrap()
+                    .try_into()
+                    .unwrap(),
+            );
+            assert!(
+                *k == last || !name.contains(&old.to_string()),
+                "an earlier attempt's share: {name}"
+            );
+        }
+    }
+    assert_eq!(home.get_bytes("/f").unwrap(), data);
+    assert!(mnt.unmount().success());
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+#[test]
+fn a_damaged_chunk_is_never_read_or_uploaded_as_zeros() {
+    if !root() {
+        eprintln!("skipped: needs root to drop the page cache");
+        return;
+    }
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "3600"]);
+    let chunk = 1 << 20;
+    let committed = common::bytes(2 * chunk, 1);
+    std::fs::write(mnt.file("committed.bin"), &committed).unwrap();
+    home.ok(&["sync"]);
+    let staged = common::bytes(2 * chunk, 2);
+    std::fs::write(mnt.file("staged.bin"), &staged).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // sealed at release
+    let versions = home.file("cache/versions");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&versions)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    // The committed file's cached chunk, cut short; the staged one's, removed.
+    let (committed_dir, staged_dir) = {
+        let first = std::fs::read(dirs[0].join("0")).unwrap();
+        if first == committed[..chunk] {
+            (dirs[0].clone(), dirs[1].clone())
+        } else {
+            (dirs[1].clone(), dirs[0].clone())
+        }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(committed_dir.join("0"))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    std::fs::remove_file(staged_dir.join("1")).unwrap();
+    drop_page_cache();
+
+    assert!(
+        std::fs::read(mnt.file("committed.bin")).unwrap() == committed,
+        "refetched from the grid"
+    );
+    let err = std::fs::read(mnt.file("staged.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let out = home.cairn(&["sync"]);
+    assert!(!out.status.success(), "sync reports the version it cannot upload");
+    assert!(stderr(&out).contains("/staged.bin"), "{}", stderr(&out));
+    let versions = home.versions("/staged.bin");
+    assert_eq!(versions.last().unwrap()["state"], "staged", "{versions:?}");
+    assert!(home.shares_of("/staged.bin").is_empty());
+    drop(mnt);
+}
+
+#[test]
+fn restore_resolves_a_relative_path_where_the_user_is() {
+    let home = Home::init(&[]);
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    std::fs::create_dir(mnt.file("sub")).unwrap();
+    for (path, first) in [("file.txt", "top v1"), ("sub/file.txt", "sub v1")] {
+        std::fs::write(mnt.file(path), first).unwrap();
+        home.ok(&["sync"]);
+        std::fs::write(mnt.file(path), format!("{first} then v2")).unwrap();
+        home.ok(&["sync"]);
+    }
+    let out = home
+        .command(&["restore", "file.txt", "--version", "1"])
+        .current_dir(mnt.file("sub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(mnt.file("sub/file.txt")).unwrap(), "sub v1");
+    assert_eq!(
+        std::fs::read_to_string(mnt.file("file.txt")).unwrap(),
+        "top v1 then v2",
+        "untouched"
+    );
+    assert!(mnt.unmount().success());
+}
+
+#[test]
+fn hostile_config_values_and_capabilities_get_a_clear_error_not_a_crash() {
+    let home = Home::init(&[]);
+    let config = home.file("config.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let cases = [
+        (
+            "memory_budget_mib = 64",
+            "memory_budget_mib = 4398046511104",
+            "grid.memory_budget_mib",
+        ),
+        (
+            "segment_size = 1048576",
+            "segment_size = 4294967280",
+            "grid.segment_size",
+        ),
+        ("name = \"s1\"", "name = \"..\"", "server[0].name"),
+    ];
+    for (from, to, field) in cases {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&config, original.replacen(from, to, 1)).unwrap();
+        for args in [&["gc", "--dry-run"][..], &["repair", "--all"]] {
+            let out = home.cairn(args);
+            assert_eq!(out.status.code(), Some(1), "{to}: {args:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains(field), "{to}: names {field}: {}", stderr(&out));
+        }
+        assert!(config.exists(), "{to}: config.toml is still there");
+    }
+    std::fs::write(&config, &original).unwrap();
+    // Capabilities whose sizes would overflow or allocate without bound.
+    let out = home.file("out.bin");
+    for cap in [
+        "cairn:chk1:aeaqcaibaeaqcaibaeaqcaibae:aeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaq:3:5:18446744073709551615:16",
+        "cairn:chk1:aeaqcaibaeaqcaibaeaqcaibae:aeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaqcaibaeaq:3:5:36028797018963968:1048576",
+    ] {
+        let got = home.cairn(&["get", "--cap", cap, out.to_str().unwrap()]);
+        assert_eq!(got.status.code(), Some(1), "{}", stderr(&got));
+        assert!(stderr(&got).contains("segments"), "{}", stderr(&got));
+        let packed = format!("cairn:pack2:0:1:aeaqcaibaeaqcaibaeaqcaibae:{cap}");
+        let got = home.cairn(&["get", "--cap", &packed, out.to_str().unwrap()]);
+        assert_eq!(got.status.code(), Some(1), "{}", stderr(&got));
+    }
 }

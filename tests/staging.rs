@@ -216,7 +216,8 @@ fn uploaded_pack(sizes: &[usize]) -> UploadedPack {
         versions.push(seal(work, home.path().join(format!("v{i}"))));
         contents.push(data);
     }
-    let packed = upload::pack::assemble(versions.iter().map(|v| (v.reader(), v.size))).unwrap();
+    let keys = (0..versions.len()).map(|i| [i as u8 + 1; 16]);
+    let packed = upload::pack::assemble(versions.iter().zip(keys).map(|(v, k)| (v.reader(), v.size, k)));
     let grid = Arc::new(Grid::from_config(&config, home.path()).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let source = upload::Source {
@@ -239,7 +240,7 @@ fn uploaded_pack(sizes: &[usize]) -> UploadedPack {
         grid,
         rt,
         pack: report.cap,
-        members: packed.members,
+        members: packed.members.into_iter().map(Result::unwrap).collect(),
         contents,
     }
 }
@@ -250,6 +251,7 @@ impl UploadedPack {
             pack: self.pack.clone(),
             offset: self.members[i].offset,
             len: self.members[i].len,
+            member_key: Some(self.members[i].key),
         }
     }
 }

@@ -180,10 +180,19 @@ impl Server for DirServer {
     async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError> {
         self.check_root()?;
         let path = self.root.join("records").join(name);
-        blocking(move || match std::fs::read(&path) {
-            Ok(data) => Ok(Some(data)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+        blocking(move || {
+            use std::io::Read;
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let mut data = Vec::new();
+            file.take(super::MAX_RECORD + 1).read_to_end(&mut data)?;
+            if data.len() as u64 > super::MAX_RECORD {
+                return Err(super::record_too_long(data.len() as u64));
+            }
+            Ok(Some(data))
         })
         .await
     }

@@ -38,6 +38,16 @@ pub enum ServerError {
     Other(String),
 }
 
+/// Longest mutable record a server may return (pointer records are about
+/// 200 bytes).
+pub const MAX_RECORD: u64 = 64 << 10;
+
+fn record_too_long(len: u64) -> ServerError {
+    ServerError::Other(format!(
+        "record of {len} bytes or more, longer than any cairn writes ({MAX_RECORD})"
+    ))
+}
+
 /// One storage server, whatever its back end.
 #[async_trait]
 pub trait Server: Send + Sync {
@@ -56,7 +66,8 @@ pub trait Server: Send + Sync {
     /// Replaces the small mutable record `name` at once: a reader sees the
     /// old bytes or the new, never a mixture.
     async fn put_record(&self, name: &str, data: Vec<u8>) -> Result<(), ServerError>;
-    /// The record `name`, or `None` if there is none.
+    /// The record `name`, or `None` if there is none. A record longer than
+    /// [`MAX_RECORD`] is an error, found before it is held in memory.
     async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError>;
 }
 

@@ -209,11 +209,22 @@ impl Server for S3Server {
 
     async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError> {
         let path = ObjectPath::from(format!("{}records/{name}", self.prefix));
-        match self.store.get(&path).await {
-            Ok(got) => Ok(Some(got.bytes().await?.to_vec())),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+        let got = match self.store.get(&path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // Streamed and bounded: a hostile server's huge record is refused
+        // after MAX_RECORD bytes, not buffered.
+        let mut body = got.into_stream();
+        let mut data = Vec::new();
+        while let Some(piece) = body.try_next().await? {
+            data.extend_from_slice(&piece);
+            if data.len() as u64 > super::MAX_RECORD {
+                return Err(super::record_too_long(data.len() as u64));
+            }
         }
+        Ok(Some(data))
     }
 
     /// Aborts the multipart uploads journaled by processes that are gone.
@@ -225,7 +236,14 @@ impl Server for S3Server {
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.split('.').next().and_then(|p| p.parse::<u32>().ok());
+            // Only entries this module wrote: PID.HEX.json.
+            let parts: Vec<&str> = name.split('.').collect();
+            let ours = matches!(parts.as_slice(), [pid, hex, "json"]
+                if pid.parse::<u32>().is_ok() && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ours {
+                continue;
+            }
+            let pid = parts[0].parse::<u32>().ok();
             if super::process_alive(pid) {
                 continue;
             }

@@ -251,7 +251,18 @@ pub fn sync(home: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A path as the user meant it: relative to the user's working directory
+/// (the daemon's is not theirs), so the daemon only ever gets absolute ones.
+fn client_path(path: &str) -> Result<String> {
+    let absolute = std::path::absolute(path)?;
+    absolute
+        .to_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{path}: not valid UTF-8"))
+}
+
 pub fn versions(home: &Path, path: &str, json: bool) -> Result<ExitCode> {
+    let path = &client_path(path)?;
     let reply = control::request(home, &Request::Versions { path: path.into() })?;
     if json {
         return print_json(&reply);
@@ -275,6 +286,7 @@ pub fn versions(home: &Path, path: &str, json: bool) -> Result<ExitCode> {
 }
 
 pub fn restore(home: &Path, path: &str, version: i64, json: bool) -> Result<ExitCode> {
+    let path = &client_path(path)?;
     let reply = control::request(
         home,
         &Request::Restore {
@@ -290,7 +302,7 @@ pub fn restore(home: &Path, path: &str, version: i64, json: bool) -> Result<Exit
 }
 
 /// Seconds since the epoch as "YYYY-MM-DD HH:MM:SS" (UTC), without a date crate.
-fn format_time(ns: i64) -> String {
+pub fn format_time(ns: i64) -> String {
     let secs = ns.div_euclid(1_000_000_000);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil-from-days (Howard Hinnant's algorithm).

@@ -67,10 +67,43 @@ impl SealedVersion {
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at EOF).
+    /// Every chunk file of a sealed version has its exact length: a missing
+    /// or short one is an error (kind `NotFound` or `InvalidData`, with no OS
+    /// code, so it reaches an application as EIO), never read as zeros.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         read_range(offset, buf, self.size, self.chunk_size, |index, within, out| {
-            read_chunk_at(&self.chunk_path(index), within, out)
+            let path = self.chunk_path(index);
+            let file = File::open(&path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("chunk {index} of the sealed version {} is missing", self.dir.display()),
+                ),
+                _ => e,
+            })?;
+            self.check_chunk(index, &file)?;
+            file.read_exact_at(out, within)
         })
+    }
+
+    /// Whether chunk `index` is in the cache with its exact length: `None`
+    /// when absent, `Some(false)` when present but damaged.
+    pub fn chunk_state(&self, index: u64) -> Option<bool> {
+        let meta = std::fs::metadata(self.chunk_path(index)).ok()?;
+        Some(meta.len() == self.chunk_len(index))
+    }
+
+    fn check_chunk(&self, index: u64, file: &File) -> io::Result<()> {
+        let (have, want) = (file.metadata()?.len(), self.chunk_len(index));
+        if have == want {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "chunk {index} of the sealed version {} holds {have} bytes, not {want}: the staging cache was damaged",
+                self.dir.display()
+            ),
+        ))
     }
 
     /// A sequential reader over the whole version, for the uploader.

@@ -98,6 +98,7 @@ pub async fn upload(
     progress: Arc<dyn Progress>,
 ) -> Result<UploadReport, UploadError> {
     let Source { reader, size } = source;
+    crate::codec::Layout::new(params, size)?;
     let encoder = VersionEncoder::new(params, key, size);
     let si = encoder.storage_index();
     let happy = happy as usize;

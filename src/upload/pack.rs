@@ -7,7 +7,7 @@ use std::io::{self, Read};
 
 use sha2::{Digest, Sha256};
 
-use crate::codec::Hash;
+use crate::codec::{apply_keystream, Hash, Key};
 
 /// Versions at most this big go into packs; bigger ones are uploaded whole.
 pub const MEMBER_MAX: u64 = 1 << 20;
@@ -16,44 +16,60 @@ pub const TARGET_BYTES: u64 = 8 << 20;
 /// ...or this many file versions.
 pub const MAX_MEMBERS: usize = 4096;
 
-/// Where one file version lies in its pack, and its content's SHA-256.
+/// Where one file version lies in its pack, the key its bytes there are
+/// encrypted under, and its content's SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub offset: u64,
     pub len: u64,
+    pub key: Key,
     pub sha256: Hash,
 }
 
 pub struct Pack {
     pub bytes: Vec<u8>,
-    pub members: Vec<Member>,
+    /// One per source, in order: where it lies, or why it could not be read.
+    pub members: Vec<io::Result<Member>>,
 }
 
-/// Reads each `(source, size)` whole, in order, into one pack. A source
-/// that is not exactly `size` bytes long is an error: a sealed version
-/// never changes, so its cache was damaged.
-pub fn assemble<R: Read>(sources: impl IntoIterator<Item = (R, u64)>) -> io::Result<Pack> {
+/// Reads each `(source, size, key)` whole, in order, into one pack, each
+/// encrypted under its own key (fresh for every pack: a key never meets a
+/// second plaintext). A source that cannot be read, or is not exactly
+/// `size` bytes long (a sealed version never changes, so its cache was
+/// damaged), is left out with its error; the others still go.
+pub fn assemble<R: Read>(sources: impl IntoIterator<Item = (R, u64, Key)>) -> Pack {
     let mut pack = Pack {
         bytes: Vec::new(),
         members: Vec::new(),
     };
-    for (source, size) in sources {
-        let offset = pack.bytes.len() as u64;
-        source.take(size + 1).read_to_end(&mut pack.bytes)?;
-        let content = &pack.bytes[offset as usize..];
-        if content.len() as u64 != size {
-            return Err(io::Error::new(
+    for (source, size, key) in sources {
+        let offset = pack.bytes.len();
+        let read = source.take(size + 1).read_to_end(&mut pack.bytes);
+        let got = (pack.bytes.len() - offset) as u64;
+        let member = match read {
+            Err(e) => Err(e),
+            Ok(_) if got != size => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("a sealed version of {size} bytes read as {}", content.len()),
-            ));
+                format!("a sealed version of {size} bytes read as {got}"),
+            )),
+            Ok(_) => {
+                let content = &mut pack.bytes[offset..];
+                let sha256 = Sha256::digest(&*content).into();
+                apply_keystream(&key, 0, content);
+                Ok(Member {
+                    offset: offset as u64,
+                    len: size,
+                    key,
+                    sha256,
+                })
+            }
+        };
+        if member.is_err() {
+            pack.bytes.truncate(offset);
         }
-        pack.members.push(Member {
-            offset,
-            len: size,
-            sha256: Sha256::digest(content).into(),
-        });
+        pack.members.push(member);
     }
-    Ok(pack)
+    pack
 }
 
 #[cfg(test)]
@@ -61,21 +77,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_lie_end_to_end_with_their_hashes() {
+    fn members_lie_end_to_end_each_under_its_own_key() {
         let files: [&[u8]; 3] = [b"first", b"", b"third file"];
-        let pack = assemble(files.iter().map(|f| (*f, f.len() as u64))).unwrap();
-        assert_eq!(pack.bytes, b"firstthird file");
-        let ranges: Vec<(u64, u64)> = pack.members.iter().map(|m| (m.offset, m.len)).collect();
+        let keys = [[1u8; 16], [2; 16], [3; 16]];
+        let pack = assemble(files.iter().zip(keys).map(|(f, k)| (*f, f.len() as u64, k)));
+        assert_eq!(pack.bytes.len(), 15);
+        let members: Vec<Member> = pack.members.into_iter().map(Result::unwrap).collect();
+        let ranges: Vec<(u64, u64)> = members.iter().map(|m| (m.offset, m.len)).collect();
         assert_eq!(ranges, [(0, 5), (5, 0), (5, 10)]);
-        for (m, f) in pack.members.iter().zip(files) {
+        for (m, f) in members.iter().zip(files) {
             assert_eq!(m.sha256, <[u8; 32]>::from(Sha256::digest(f)));
+            let mut stored = pack.bytes[m.offset as usize..(m.offset + m.len) as usize].to_vec();
+            if !f.is_empty() {
+                assert_ne!(stored, f, "the pack holds no member's plaintext");
+            }
+            apply_keystream(&m.key, 0, &mut stored);
+            assert_eq!(stored, f, "its own key opens it");
         }
     }
 
     #[test]
-    fn a_source_of_the_wrong_length_is_refused() {
-        let short: &[u8] = b"abc";
-        assert!(assemble([(short, 4)]).is_err());
-        assert!(assemble([(short, 2)]).is_err());
+    fn a_source_of_the_wrong_length_is_left_out_and_the_rest_go() {
+        let (short, good): (&[u8], &[u8]) = (b"abc", b"good");
+        let pack = assemble([(short, 4, [1; 16]), (good, 4, [2; 16]), (short, 2, [3; 16])]);
+        assert!(pack.members[0].is_err());
+        assert!(pack.members[2].is_err());
+        let m = pack.members[1].as_ref().unwrap();
+        assert_eq!((m.offset, m.len, pack.bytes.len()), (0, 4, 4));
     }
 }

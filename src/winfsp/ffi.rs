@@ -153,7 +153,12 @@ impl CairnWinFs {
     }
 
     fn stored(&self, ino: u64) -> Stored {
-        Stored::decode(self.vfs.getxattr(ino, attributes::XATTR).ok().as_deref())
+        Stored::decode(
+            self.vfs
+                .getxattr(ino, attributes::XATTR, crate::sys::current_owner().0)
+                .ok()
+                .as_deref(),
+        )
     }
 
     fn info(&self, attr: &Attr) -> FileInfo {

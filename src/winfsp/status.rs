@@ -47,7 +47,7 @@ pub fn ntstatus(e: &VfsError) -> NtStatus {
         VfsError::Invalid | VfsError::Catalog(CatalogError::InvalidPath(_)) => code::INVALID_PARAMETER,
         VfsError::NameTooLong => code::OBJECT_NAME_INVALID,
         VfsError::ReadOnly => code::MEDIA_WRITE_PROTECTED,
-        VfsError::NotPermitted => code::ACCESS_DENIED,
+        VfsError::NotPermitted | VfsError::AccessDenied => code::ACCESS_DENIED,
         VfsError::NoAttr | VfsError::NotSupported => code::NOT_SUPPORTED,
         VfsError::Busy => code::SHARING_VIOLATION,
         VfsError::BadHandle => code::INVALID_HANDLE,

@@ -13,10 +13,19 @@ pub struct Home {
 impl Home {
     /// A fresh home with the embedded default grid (or `init_args`).
     pub fn init(init_args: &[&str]) -> Home {
+        Home::init_with_env(init_args, &[])
+    }
+
+    /// `init` with variables in its environment (secrets, never arguments).
+    pub fn init_with_env(init_args: &[&str], env: &[(&str, &str)]) -> Home {
         let home = Home {
             dir: tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap(),
         };
-        let out = home.cairn(&[&["init"], init_args].concat());
+        let out = home
+            .command(&[&["init"], init_args].concat())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "init failed: {}", stderr(&out));
         home
     }

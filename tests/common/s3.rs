@@ -84,8 +84,15 @@ impl S3Servers {
             args.push("--s3".to_string());
             args.push(self.url(i));
         }
-        args.extend(["--s3-access-key-id", ACCESS_KEY, "--s3-secret-access-key", SECRET_KEY].map(String::from));
+        // The secret comes from the environment: see `secret_env`.
+        args.extend(["--s3-access-key-id", ACCESS_KEY].map(String::from));
         args
+    }
+
+    /// What `cairn init` with [`S3Servers::init_args`] needs in its
+    /// environment: the secret key, never a command-line argument.
+    pub fn secret_env(&self) -> [(&'static str, &'static str); 1] {
+        [("CAIRN_S3_SECRET_ACCESS_KEY", SECRET_KEY)]
     }
 
     pub fn pid(&self, i: usize) -> i32 {
