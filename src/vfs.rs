@@ -42,6 +42,8 @@ pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 const PACK_LINGER: Duration = Duration::from_secs(1);
 /// How often the staging disk is synced (survives a power loss).
 pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Catalog meta key: the segment size the staging cache was made with.
+const META_CACHE_SEGMENT_SIZE: &str = "cache_segment_size";
 /// The extended-attribute namespace cairn answers itself.
 pub const XATTR_PREFIX: &str = "user.cairn.";
 
@@ -281,6 +283,19 @@ impl Vfs {
             std::fs::create_dir_all(cache.join(d))?;
         }
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
+        // The cache's chunks are segments of this size: read with another,
+        // every staged and cached file would be cut wrong.
+        let segment = config.grid.segment_size.to_string();
+        let made_with = catalog.meta_or_insert(META_CACHE_SEGMENT_SIZE, &segment)?;
+        if made_with != segment {
+            return Err(VfsError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "grid.segment_size is {segment} in config.toml, but this home's staging cache was made with \
+                     {made_with}: put it back (a new segment size needs a new CAIRN_HOME)"
+                ),
+            )));
+        }
         for ino in catalog.orphans()? {
             catalog.forget_orphan(ino)?;
             purge_versions(&cache, &catalog, ino);
@@ -1491,8 +1506,24 @@ fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsR
             continue;
         }
         let ino = ino.expect("live implies a parsed inode");
-        let work = WorkingCopy::recover(path.clone(), chunk_size)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())))?;
+        let work = match WorkingCopy::recover(path.clone(), chunk_size) {
+            Ok(work) => work,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // An unreadable state file (cut short by a power loss before
+                // states were synced): keep the bytes aside and go on.
+                let aside = cache.join("quarantine").join(&name);
+                std::fs::create_dir_all(cache.join("quarantine"))?;
+                std::fs::rename(&path, &aside)?;
+                tracing::error!(
+                    path = %catalog.path_of(ino)?,
+                    kept = %aside.display(),
+                    error = %e,
+                    "a working copy's state is unreadable: its chunk files are kept aside, the file keeps its last sealed version"
+                );
+                continue;
+            }
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into()),
+        };
         let (num, sealed) = record_sealed(cache, catalog, ino, work).map_err(|failed| failed.1)?;
         tracing::warn!(
             path = %catalog.path_of(ino)?,

@@ -279,7 +279,11 @@ impl WorkingCopy {
             size_floor: self.size,
         };
         let tmp = self.dir.join("state.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&state).map_err(io::Error::other)?)?;
+        let mut file = File::create(&tmp)?;
+        io::Write::write_all(&mut file, &serde_json::to_vec(&state).map_err(io::Error::other)?)?;
+        // Synced before the rename: a power loss never leaves an empty state
+        // where a whole one stood.
+        file.sync_all()?;
         std::fs::rename(tmp, self.dir.join(STATE_FILE))
     }
 
