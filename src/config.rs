@@ -391,15 +391,24 @@ impl Config {
     /// Creates `home` with this config and the directories of its `dir`
     /// servers. Refuses to overwrite an existing config.
     pub fn write_new(&self, home: &Path) -> anyhow::Result<()> {
+        self.write_config(home)?;
+        for dir in self.servers.iter().filter_map(|s| s.path.as_ref()) {
+            use anyhow::Context;
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Writes this config as `home`'s, creating no server directory: for a
+    /// grid that exists already (`cairn recover`), where a missing one is a
+    /// server that is not mounted, not one to make afresh on the local disk.
+    pub fn write_config(&self, home: &Path) -> anyhow::Result<()> {
         use anyhow::Context;
         let path = home.join("config.toml");
         if path.exists() {
             anyhow::bail!("{} already exists; remove it to start a new grid", path.display());
         }
-        std::fs::create_dir_all(home).with_context(|| home.display().to_string())?;
-        for dir in self.servers.iter().filter_map(|s| s.path.as_ref()) {
-            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
-        }
+        crate::home::make_private_dir_all(home).with_context(|| home.display().to_string())?;
         // Owner-only: S3 entries may hold secret keys.
         use std::io::Write;
         crate::sys::create_private(&path)

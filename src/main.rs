@@ -597,7 +597,7 @@ fn recover(
     std::fs::create_dir_all(&home.dir)?;
     if std::fs::canonicalize(config_file).ok() != std::fs::canonicalize(&target).ok() {
         let _ = std::fs::remove_file(&target);
-        config.write_new(&home.dir)?;
+        config.write_config(&home.dir)?;
     }
     let grid = Arc::new(home.grid()?);
     let mut catalog = home.catalog()?;
@@ -855,7 +855,8 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(ExitCode::SUCCESS);
     }
-    for e in entries {
+    for mut e in entries {
+        e.name = printable(&e.name);
         match e.kind {
             Kind::Dir => println!("{:>14}  {:>4}  {}/", "-", "", e.name),
             Kind::Symlink => println!("{:>14}  {:>4}  {}@", "-", "", e.name),
@@ -873,8 +874,30 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A name as it may be printed to a terminal: control characters (which
+/// could move the cursor, retitle the window, or hide what follows) are
+/// shown escaped, `\u{1b}`, as are backslashes, so the text is unambiguous.
+fn printable(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_print_without_terminal_controls() {
+        assert_eq!(super::printable("plain name.txt"), "plain name.txt");
+        assert_eq!(super::printable("a\u{1b}]0;pwned\u{7}b"), "a\\u{1b}]0;pwned\\u{7}b");
+        assert_eq!(super::printable("new\nline\\"), "new\\nline\\\\");
+    }
+
     #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;

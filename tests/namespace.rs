@@ -353,3 +353,18 @@ fn a_huge_pointer_record_is_refused_without_being_read() {
     assert!(out.contains("s1: unreachable: record of"), "{out}");
     assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
 }
+
+#[test]
+fn recovery_never_makes_a_missing_server_directory_afresh() {
+    let home = Home::init(&[]);
+    put(&home, "/a", b"a");
+    home.ok(&["sync"]);
+    let root = root_cap(&home);
+    // s5 is a disk that is not mounted right now.
+    let s5 = home.server_dir("s5");
+    std::fs::rename(&s5, home.file("s5-unmounted")).unwrap();
+    let (recovered, out) = recover_into_new_home(&root, &home.file("config.toml"));
+    assert!(out.contains("s5: unreachable: server directory"), "{out}");
+    assert!(!s5.exists(), "recover made an empty local directory where a server should be");
+    assert!(listing(&recovered).contains("a"), "{out}");
+}

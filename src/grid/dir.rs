@@ -2,7 +2,7 @@
 //! file system.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -39,6 +39,24 @@ impl DirServer {
             )))
         }
     }
+}
+
+/// `create_dir_all` whose new directories survive a power loss: the entry
+/// of each one made is synced in its parent (a synced share in a directory
+/// whose own entry was lost is lost with it).
+fn create_dir_synced(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_synced(parent)?;
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        crate::sys::sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -166,7 +184,7 @@ impl Server for DirServer {
             rand::random::<u64>()
         ));
         blocking(move || {
-            std::fs::create_dir_all(&dir)?;
+            create_dir_synced(&dir)?;
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&data)?;
             f.sync_all()?;
@@ -255,7 +273,7 @@ impl ShareSink for DirSink {
         } = *self;
         blocking(move || {
             let dir = final_path.parent().expect("share path has a parent");
-            std::fs::create_dir_all(dir)?;
+            create_dir_synced(dir)?;
             std::fs::rename(&staging, &final_path)?;
             crate::sys::sync_dir(dir)?;
             Ok(())
