@@ -529,9 +529,13 @@ pub struct CheckReport {
     pub storage_index: String,
     pub needed: u16,
     pub total: u16,
+    /// Every share valid, on `total` distinct servers (shares piled on
+    /// one server fall with it).
     pub healthy: bool,
     pub recoverable: bool,
     pub missing_shares: Vec<u16>,
+    /// Distinct servers holding at least one valid share.
+    pub servers_with_valid_shares: usize,
     pub findings: Findings,
 }
 
@@ -540,6 +544,7 @@ pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
     let si = cap.storage_index();
     let mut findings = Findings::default();
     let mut good: HashSet<u16> = HashSet::new();
+    let mut holding = 0;
     // Servers are checked at once; each one's shares in turn.
     let per_server = futures::future::join_all(grid.servers.iter().enumerate().map(|(idx, server)| {
         let grid = &grid;
@@ -557,6 +562,7 @@ pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
     for (server, states) in grid.servers.iter().zip(per_server) {
         match states {
             Ok(states) => {
+                holding += usize::from(states.iter().any(|(_, s)| *s == ShareState::Ok));
                 for (share, state) in states {
                     if state == ShareState::Ok {
                         good.insert(share);
@@ -576,9 +582,10 @@ pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
         storage_index: si.to_string(),
         needed: layout.params.needed,
         total: layout.params.total,
-        healthy: missing_shares.is_empty(),
+        healthy: missing_shares.is_empty() && holding >= layout.params.total as usize,
         recoverable: good.len() >= layout.params.needed as usize,
         missing_shares,
+        servers_with_valid_shares: holding,
         findings,
     }
 }

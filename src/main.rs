@@ -777,9 +777,10 @@ fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> 
             "NOT RECOVERABLE"
         };
         println!(
-            "{verdict}: {} of {} shares valid (any {} rebuild the file)",
+            "{verdict}: {} of {} shares valid, on {} servers (any {} rebuild the file)",
             report.total as usize - report.missing_shares.len(),
             report.total,
+            report.servers_with_valid_shares,
             report.needed
         );
         println!("  {}", report.findings.to_string().replace("; ", "\n  "));

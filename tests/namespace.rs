@@ -365,6 +365,9 @@ fn recovery_never_makes_a_missing_server_directory_afresh() {
     std::fs::rename(&s5, home.file("s5-unmounted")).unwrap();
     let (recovered, out) = recover_into_new_home(&root, &home.file("config.toml"));
     assert!(out.contains("s5: unreachable: server directory"), "{out}");
-    assert!(!s5.exists(), "recover made an empty local directory where a server should be");
+    assert!(
+        !s5.exists(),
+        "recover made an empty local directory where a server should be"
+    );
     assert!(listing(&recovered).contains("a"), "{out}");
 }

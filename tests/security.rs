@@ -531,7 +531,11 @@ fn without_allow_other_no_other_user_reaches_the_mount_at_all() {
     // The kernel refuses these before asking the daemon. (A stat of a file
     // whose attributes the kernel holds is answered from its cache, for
     // another user too: docs/SECURITY.md, known gaps.)
-    for args in [&["ls", root_dir][..], &["stat", root_dir], &["cat", file.to_str().unwrap()]] {
+    for args in [
+        &["ls", root_dir][..],
+        &["stat", root_dir],
+        &["cat", file.to_str().unwrap()],
+    ] {
         assert!(!as_nobody(args).0, "nobody could {args:?}");
     }
     assert!(mnt.unmount().success());
@@ -582,7 +586,41 @@ fn an_unreadable_working_copy_state_is_set_aside_and_the_mount_starts() {
     drop(open);
     std::fs::write(&states[0], b"").unwrap(); // as a power loss could leave it
     let mnt = home.mount(&[]);
-    assert!(std::fs::read(mnt.file("f.bin")).unwrap() == data, "the last sealed version");
-    assert_eq!(common::walk_count(&home.file("cache/quarantine")), 2, "state and the edited chunk, kept");
+    assert!(
+        std::fs::read(mnt.file("f.bin")).unwrap() == data,
+        "the last sealed version"
+    );
+    assert_eq!(
+        common::walk_count(&home.file("cache/quarantine")),
+        2,
+        "state and the edited chunk, kept"
+    );
     assert!(mnt.unmount().success());
+}
+
+#[test]
+fn shares_piled_on_one_server_are_not_healthy() {
+    let home = Home::init(&[]);
+    let src = home.file("src.bin");
+    std::fs::write(&src, common::bytes(3 << 20, 12)).unwrap();
+    home.ok(&["put", src.to_str().unwrap(), "/f.bin"]);
+    home.ok(&["check", "/f.bin"]);
+    // A server that gathered every share (as a hostile one could claim to).
+    let s1 = home.server_dir("s1");
+    for path in home.shares_of("/f.bin") {
+        let server = path
+            .ancestors()
+            .find(|p| p.parent() == Some(&home.path().join("servers")))
+            .unwrap()
+            .to_owned();
+        if server != s1 {
+            let to = s1.join(path.strip_prefix(&server).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::rename(&path, &to).unwrap();
+        }
+    }
+    let out = home.cairn(&["check", "/f.bin"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("5 of 5 shares valid, on 1 servers"), "{said}");
 }
