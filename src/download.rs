@@ -2,13 +2,13 @@
 //! against the capability, decode, and fall over to other shares on any
 //! missing, unreachable or corrupt one. Unverified bytes never leave here.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -97,6 +97,9 @@ pub enum DownloadError {
 }
 
 /// An open version on the grid, ready to serve verified segments.
+/// How long a share whose server did not answer is left alone.
+const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+
 pub struct VersionReader {
     grid: Arc<Grid>,
     cap: Capability,
@@ -104,8 +107,10 @@ pub struct VersionReader {
     /// (share number, server index) of shares whose trailer verified, by
     /// share number so data shares come first and decoding is cheapest.
     sources: Vec<(u16, usize)>,
-    /// Shares that served a bad or no block; skipped from then on.
-    failed: Mutex<HashSet<u16>>,
+    /// Shares that served a bad block (skipped from then on: `None`) or no
+    /// block (skipped until the instant given: a server that was down for a
+    /// moment is asked again, not dropped for the reader's lifetime).
+    failed: Mutex<HashMap<u16, Option<Instant>>>,
     /// Shares that were slow to answer; asked last.
     laggards: Mutex<HashSet<u16>>,
     findings: Mutex<Findings>,
@@ -181,7 +186,7 @@ impl VersionReader {
             cap,
             decoder,
             sources,
-            failed: Mutex::new(HashSet::new()),
+            failed: Mutex::new(HashMap::new()),
             laggards: Mutex::new(HashSet::new()),
             findings: Mutex::new(findings),
         })
@@ -198,12 +203,14 @@ impl VersionReader {
 
     /// Shares to ask, best first: not failed, and laggards last.
     fn candidates(&self) -> Vec<(u16, usize)> {
-        let failed = self.failed.lock().expect("lock");
+        let mut failed = self.failed.lock().expect("lock");
+        let now = Instant::now();
+        failed.retain(|_, until| until.is_none_or(|t| t > now));
         let laggards = self.laggards.lock().expect("lock");
         let mut c: Vec<(u16, usize)> = self
             .sources
             .iter()
-            .filter(|(s, _)| !failed.contains(s))
+            .filter(|(s, _)| !failed.contains_key(s))
             .copied()
             .collect();
         c.sort_by_key(|(s, _)| laggards.contains(s));
@@ -288,7 +295,8 @@ impl VersionReader {
         };
         let server = self.grid.servers[idx].name.clone();
         tracing::warn!(%server, share, segment, ?state, "share failed; using another");
-        self.failed.lock().expect("lock").insert(share);
+        let until = matches!(state, ShareState::Unreachable(_)).then(|| Instant::now() + UNREACHABLE_RETRY);
+        self.failed.lock().expect("lock").insert(share, until);
         let mut findings = self.findings.lock().expect("lock");
         if let Some(f) = findings.shares.iter_mut().find(|f| f.share == share) {
             f.state = state;

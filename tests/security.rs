@@ -624,3 +624,35 @@ fn shares_piled_on_one_server_are_not_healthy() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("5 of 5 shares valid, on 1 servers"), "{said}");
 }
+
+#[test]
+fn a_server_down_for_a_moment_is_asked_again_by_a_reader_that_saw_it_fail() {
+    use std::os::unix::fs::FileExt;
+    let home = Home::init(&[]);
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    let data = common::bytes(12 << 20, 13);
+    std::fs::write(mnt.file("f.bin"), &data).unwrap();
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success());
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    let aside = home.file("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let away = |s: &str| std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
+    let back = |s: &str| std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
+    away("s1");
+    away("s2");
+    let mnt = home.mount(&[]);
+    let file = std::fs::File::open(mnt.file("f.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap(); // the reader: s3, s4, s5
+    assert!(buf == data[..4096]);
+    away("s3");
+    let at = 9 << 20;
+    assert!(file.read_exact_at(&mut buf, at).is_err(), "two shares of three needed");
+    back("s3");
+    std::thread::sleep(Duration::from_secs(6));
+    file.read_exact_at(&mut buf, at).expect("s3 is back and asked again");
+    assert!(buf == data[at as usize..at as usize + 4096]);
+    drop(file);
+    assert!(mnt.unmount().success());
+}
