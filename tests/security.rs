@@ -656,3 +656,55 @@ fn a_server_down_for_a_moment_is_asked_again_by_a_reader_that_saw_it_fail() {
     drop(file);
     assert!(mnt.unmount().success());
 }
+
+#[test]
+fn get_writes_through_a_private_unpredictable_temp_file_and_ends_with_the_users_mode() {
+    let home = Home::init(&[]);
+    let src = home.file("src.bin");
+    let data = common::bytes(3 << 20, 14);
+    std::fs::write(&src, &data).unwrap();
+    home.ok(&["put", src.to_str().unwrap(), "/f.bin"]);
+    home.slow_servers(150);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("out.bin");
+    let mut cmd = home.command(&["get", "/f.bin", out.to_str().unwrap()]);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        })
+    };
+    let mut child = cmd.stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let partial = loop {
+        let found = std::fs::read_dir(out_dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .next();
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no partial file appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let name = partial.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(".out.bin.cairn-partial-"), "{name}");
+    assert!(
+        !name.ends_with(&child.id().to_string()),
+        "named after the pid: predictable"
+    );
+    let mode = std::fs::metadata(&partial).map(|m| m.permissions().mode() & 0o777);
+    assert!(
+        mode.as_ref().map_or(true, |m| *m == 0o600),
+        "partial file mode {mode:?}"
+    );
+    assert!(child.wait().unwrap().success());
+    assert!(std::fs::read(&out).unwrap() == data);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o644,
+        "the umask's mode"
+    );
+}
