@@ -79,6 +79,9 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
         })
         .collect();
     let mut sinks: Vec<(u16, String, Box<dyn ShareSink>)> = Vec::new();
+    // One share per server: a server whose copies all read as invalid (a
+    // lying one) takes back at most one of them, the rest go elsewhere.
+    let mut used: HashSet<usize> = HashSet::new();
     for &share in &before.missing_shares {
         let invalid_on = before
             .findings
@@ -86,7 +89,7 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
             .iter()
             .find(|f| f.share == share && f.state != crate::download::ShareState::Ok)
             .and_then(|f| grid.servers.iter().position(|s| s.name == f.server));
-        let target = match invalid_on {
+        let target = match invalid_on.filter(|i| !used.contains(i)) {
             Some(i) => {
                 free.retain(|&f| f != i);
                 Some(i)
@@ -94,6 +97,7 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
             None if !free.is_empty() => Some(free.remove(0)),
             None => None,
         };
+        used.extend(target);
         let Some(idx) = target else {
             report
                 .failures

@@ -433,11 +433,7 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
     let home = Home::empty();
     let mnt = home.mount(&["--writeback-delay", "0"]);
     // Two of five servers gone: happiness (4) cannot hold.
-    let aside = home.path().join("aside");
-    std::fs::create_dir(&aside).unwrap();
-    for s in ["s1", "s2"] {
-        std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
-    }
+    home.servers_away(&["s1", "s2"]);
     let data = bytes(2 << 20, 77);
     std::fs::write(mnt.file("f"), &data).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -458,9 +454,7 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
         "not committed without happiness: {all:?}"
     );
     // The servers come back; the retry (with backoff) commits it.
-    for s in ["s1", "s2"] {
-        std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
-    }
+    home.servers_back(&["s1", "s2"]);
     home.ok(&["sync"]);
     let all = home.versions("/f");
     assert_eq!(all.len(), 1, "{all:?}");

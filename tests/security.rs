@@ -336,11 +336,7 @@ fn every_upload_attempt_of_a_version_has_its_own_key() {
     let home = Home::empty();
     let mnt = home.mount(&["--writeback-delay", "0"]);
     // Two of five servers gone: happiness (4) cannot hold, attempts fail.
-    let aside = home.path().join("aside");
-    std::fs::create_dir(&aside).unwrap();
-    for s in ["s1", "s2"] {
-        std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
-    }
+    home.servers_away(&["s1", "s2"]);
     let data = common::bytes(2 << 20, 78);
     std::fs::write(mnt.file("f"), &data).unwrap();
     let mut keys = std::collections::BTreeSet::new();
@@ -350,9 +346,7 @@ fn every_upload_attempt_of_a_version_has_its_own_key() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(keys.len() >= 2, "attempts under one key: {keys:?}");
-    for s in ["s1", "s2"] {
-        std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
-    }
+    home.servers_back(&["s1", "s2"]);
     home.ok(&["sync"]);
     let last = upload_key(&home, "/f").unwrap();
     let si = cairn::codec::storage_index_for(
@@ -635,21 +629,16 @@ fn a_server_down_for_a_moment_is_asked_again_by_a_reader_that_saw_it_fail() {
     home.ok(&["sync"]);
     assert!(mnt.unmount().success());
     std::fs::remove_dir_all(home.file("cache")).unwrap();
-    let aside = home.file("aside");
-    std::fs::create_dir(&aside).unwrap();
-    let away = |s: &str| std::fs::rename(home.server_dir(s), aside.join(s)).unwrap();
-    let back = |s: &str| std::fs::rename(aside.join(s), home.server_dir(s)).unwrap();
-    away("s1");
-    away("s2");
+    home.servers_away(&["s1", "s2"]);
     let mnt = home.mount(&[]);
     let file = std::fs::File::open(mnt.file("f.bin")).unwrap();
     let mut buf = vec![0u8; 4096];
     file.read_exact_at(&mut buf, 0).unwrap(); // the reader: s3, s4, s5
     assert!(buf == data[..4096]);
-    away("s3");
+    home.servers_away(&["s3"]);
     let at = 9 << 20;
     assert!(file.read_exact_at(&mut buf, at).is_err(), "two shares of three needed");
-    back("s3");
+    home.servers_back(&["s3"]);
     std::thread::sleep(Duration::from_secs(6));
     file.read_exact_at(&mut buf, at).expect("s3 is back and asked again");
     assert!(buf == data[at as usize..at as usize + 4096]);

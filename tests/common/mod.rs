@@ -55,6 +55,22 @@ impl Home {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Servers gone, as if their disks were: their directories moved aside.
+    pub fn servers_away(&self, names: &[&str]) {
+        let aside = self.path().join("aside");
+        std::fs::create_dir_all(&aside).unwrap();
+        for s in names {
+            std::fs::rename(self.server_dir(s), aside.join(s)).unwrap();
+        }
+    }
+
+    /// Servers [`Home::servers_away`] took away, back.
+    pub fn servers_back(&self, names: &[&str]) {
+        for s in names {
+            std::fs::rename(self.path().join("aside").join(s), self.server_dir(s)).unwrap();
+        }
+    }
+
     pub fn server_dir(&self, name: &str) -> PathBuf {
         self.path().join("servers").join(name)
     }
