@@ -200,6 +200,40 @@ fn a_put_ended_by_sigterm_leaves_its_snapshot_only_until_the_next_command() {
     assert_eq!(common::walk_count(&stage), 0, "cleaned by the next put");
 }
 
+/// `cairn mount DIR` that must fail at once: its output. One still running
+/// after 10 s was not refused: it is unmounted and the test fails.
+fn refused_mount(home: &Home, dir: &Path) -> std::process::Output {
+    let child = home
+        .command(&["mount", dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let watchdog = std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            // SAFETY: signal 0 only asks whether the child still exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    });
+    std::thread::scope(|s| {
+        let waited = s.spawn(|| child.wait_with_output().unwrap());
+        if watchdog.join().unwrap() {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(dir).status();
+            // SAFETY: kill on the PID of the child we spawned.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let _ = waited.join();
+            panic!("cairn mount {} was not refused", dir.display());
+        }
+        waited.join().unwrap()
+    })
+}
+
 #[test]
 fn a_second_cairn_on_one_home_is_refused_and_the_first_ones_open_file_survives() {
     let home = Home::init(&[]);
@@ -210,7 +244,7 @@ fn a_second_cairn_on_one_home_is_refused_and_the_first_ones_open_file_survives()
 
     let other = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let out = home.cairn(&["mount", other.path().to_str().unwrap()]);
+    let out = refused_mount(&home, other.path());
     assert!(!out.status.success(), "a second mount of one home is refused");
     assert!(started.elapsed() < Duration::from_secs(5), "at once");
     let why = stderr(&out);
@@ -544,7 +578,7 @@ fn a_changed_segment_size_is_refused_not_applied_to_the_cache() {
     assert!(mnt.unmount().success());
     home.edit_config(|c| c.grid.segment_size = 512 << 10);
     let dir = tempfile::tempdir().unwrap();
-    let out = home.cairn(&["mount", dir.path().to_str().unwrap()]);
+    let out = refused_mount(&home, dir.path());
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("grid.segment_size is 524288") && stderr(&out).contains("made with 1048576"),
