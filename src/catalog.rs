@@ -670,7 +670,6 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The key to upload a version with: the one chosen at its first attempt.
     /// Records the key of a version's new upload attempt; returns the key
     /// of the attempt before it, if any.
     pub fn new_upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<Option<String>, CatalogError> {

@@ -274,16 +274,10 @@ impl Config {
                 ),
             ));
         }
-        if g.segment_size == 0 || !g.segment_size.is_multiple_of(16) || g.segment_size > crate::codec::MAX_SEGMENT_SIZE
-        {
-            return Err(field(
-                "grid.segment_size",
-                format!(
-                    "{} must be a positive multiple of 16 bytes, at most {} (64 MiB)",
-                    g.segment_size,
-                    crate::codec::MAX_SEGMENT_SIZE
-                ),
-            ));
+        // needed and total are valid by now: what the codec refuses is the
+        // segment size.
+        if let Err(e) = Params::new(g.needed, g.total, g.segment_size) {
+            return Err(field("grid.segment_size", e.to_string()));
         }
         if g.happy < g.needed || g.happy > g.total {
             return Err(field(

@@ -96,10 +96,10 @@ pub enum DownloadError {
     Codec(#[from] crate::codec::CodecError),
 }
 
-/// An open version on the grid, ready to serve verified segments.
 /// How long a share whose server did not answer is left alone.
 const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
 
+/// An open version on the grid, ready to serve verified segments.
 pub struct VersionReader {
     grid: Arc<Grid>,
     cap: Capability,

@@ -529,13 +529,13 @@ impl Filesystem for CairnFs {
         let Ok(name) = name_str(name) else {
             return reply.error(Errno::from_i32(libc::ENODATA));
         };
-        reply!(reply, self.vfs.getxattr(ino.0, name, req.uid()), |value| xattr_reply(
+        reply!(reply, self.vfs.getxattr(ino.0, name, caller(req)), |value| xattr_reply(
             reply, size, &value
         ))
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply!(reply, self.vfs.listxattr(ino.0, req.uid()), |names| {
+        reply!(reply, self.vfs.listxattr(ino.0, caller(req)), |names| {
             let mut buf = Vec::new();
             for n in names {
                 buf.extend_from_slice(OsStr::new(&n).as_bytes());

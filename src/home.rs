@@ -63,7 +63,7 @@ pub fn user_file_mode() -> u32 {
 /// Checks (and, if `create`, makes) the home before anything reads or
 /// writes in it. A home is refused if another user owns it or anyone but
 /// its owner can write it; read and search bits for others (homes made by
-/// cairn before 0.1's owner-only rule) are taken away, so nothing below is
+/// a cairn before the owner-only rule) are taken away, so nothing below is
 /// reachable by them whatever its own mode.
 pub fn secure(dir: &Path, create: bool) -> Result<(), HomeError> {
     if create && !dir.exists() {
@@ -121,7 +121,7 @@ pub fn make_private_dir_all(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The home's exclusive lock, held for as long as a command changes the
-/// home (mount, put, gc, recover, repair). The lock file names its holder
+/// home (init, mount, put, gc, recover, repair, sync without a daemon). The lock file names its holder
 /// so a second command can say who it waits for.
 pub struct HomeLock {
     _file: File,

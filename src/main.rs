@@ -497,7 +497,6 @@ fn init(
     );
     let catalog = home.catalog()?;
     let root = cairn::namespace::root_cap(&catalog)?;
-    catalog.commit()?;
     print_root_cap(&root);
     Ok(ExitCode::SUCCESS)
 }
@@ -514,13 +513,13 @@ fn root_cap(home: &Home) -> Result<ExitCode> {
     home.config()?;
     let catalog = home.catalog()?;
     let root = cairn::namespace::root_cap(&catalog)?;
-    catalog.commit()?;
     print_root_cap(&root);
     Ok(ExitCode::SUCCESS)
 }
 
 fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
     let config = home.config()?;
+    // Locked here, not by `home_use`: `sync` with a daemon must not be.
     let _lock = cairn::home::HomeLock::acquire(&home.dir, "sync")?;
     let grid = home.grid()?;
     let catalog = home.catalog()?;
@@ -594,15 +593,19 @@ fn recover(
         );
     }
     let target = home.config_path();
-    std::fs::create_dir_all(&home.dir)?;
     if std::fs::canonicalize(config_file).ok() != std::fs::canonicalize(&target).ok() {
         let _ = std::fs::remove_file(&target);
         config.write_config(&home.dir)?;
     }
     let grid = Arc::new(home.grid()?);
     let mut catalog = home.catalog()?;
-    let happy = home.config()?.grid.happy;
-    let latest = runtime()?.block_on(cairn::namespace::recover(grid, &root, happy, rules, &mut catalog))?;
+    let latest = runtime()?.block_on(cairn::namespace::recover(
+        grid,
+        &root,
+        config.grid.happy,
+        rules,
+        &mut catalog,
+    ))?;
     catalog.commit()?;
     let nodes = catalog.count_nodes()?;
     if json {

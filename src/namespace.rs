@@ -343,12 +343,12 @@ pub struct RecoverRules {
     pub min_seq: Option<u64>,
 }
 
-/// Whether the servers that answered must include one that holds the
-/// newest pointer: every publication reached at least `happy` of `total`
-/// servers, so more than `total - happy` answers always include one of
-/// them (unless those servers lie by serving an older record).
-pub fn enough_answers(answered: usize, total: usize, happy: usize) -> bool {
-    answered > total.saturating_sub(happy)
+/// How many servers must answer for one of them to hold the newest
+/// pointer: every publication reached at least `happy` of `total` servers,
+/// so more than `total - happy` answers always include one of them (unless
+/// those servers lie by serving an older record).
+pub fn answers_needed(total: usize, happy: usize) -> usize {
+    total.saturating_sub(happy) + 1
 }
 
 /// Reads and parses a snapshot.
@@ -371,10 +371,11 @@ pub async fn recover(
 ) -> Result<Latest, NamespaceError> {
     let latest = latest(&grid, root).await?;
     let total = grid.servers.len();
-    if !rules.accept_partial && !enough_answers(latest.answered, total, happy as usize) {
+    let needed = answers_needed(total, happy as usize);
+    if !rules.accept_partial && latest.answered < needed {
         return Err(NamespaceError::TooFewAnswers {
             answered: latest.answered,
-            needed: total - happy as usize + 1,
+            needed,
             seq: latest.seq,
         });
     }
@@ -448,10 +449,9 @@ mod tests {
     #[test]
     fn recovery_needs_more_answers_than_servers_a_publication_may_miss() {
         // 5 servers, happy 4: a publication may miss 1, so 2 answers suffice.
-        assert!(!enough_answers(1, 5, 4));
-        assert!(enough_answers(2, 5, 4));
-        assert!(!enough_answers(2, 5, 3));
-        assert!(enough_answers(1, 3, 3));
+        assert_eq!(answers_needed(5, 4), 2);
+        assert_eq!(answers_needed(5, 3), 3);
+        assert_eq!(answers_needed(3, 3), 1);
     }
 
     #[test]

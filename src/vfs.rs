@@ -129,7 +129,8 @@ pub fn without_setid(mode: u32) -> u32 {
     mode
 }
 
-/// Who asks: owner of what gets created.
+/// Who asks: owner of what gets created, and whether they may see a
+/// file's capability.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub uid: u32,
@@ -661,14 +662,7 @@ impl Vfs {
     /// an upload whose entry is gone is not recorded when it ends (and
     /// fails sooner, once the version's chunks are freed).
     fn drop_queued(st: &mut State, ino: i64) {
-        let gone: Vec<_> = st
-            .queue
-            .range((ino, i64::MIN)..=(ino, i64::MAX))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in gone {
-            st.queue.remove(&k);
-        }
+        st.queue.retain(|(i, _), _| *i != ino);
     }
 
     pub fn rmdir(&self, parent: u64, name: &str) -> VfsResult<()> {
@@ -826,7 +820,7 @@ impl Vfs {
                 }
                 let latest = st.catalog.latest(ino)?;
                 let missing = match &latest {
-                    Some(v) => self.chunks_to_fetch(v, 0..v.size.div_ceil(self.chunk_size()))?,
+                    Some(v) => self.chunks_to_fetch(v, None)?,
                     None => Vec::new(),
                 };
                 if missing.is_empty() {
@@ -847,15 +841,15 @@ impl Vfs {
         SealedVersion::open(version_dir(&self.cache, v.ino, v.num), v.size, self.chunk_size())
     }
 
-    /// The chunks of `v` among `range` to fetch from the grid before they
-    /// are read: absent ones (evicted), and damaged ones (of the wrong
-    /// length; removed first). A version not yet on the grid has nowhere to
-    /// fetch from, so a missing or damaged chunk of it is an error, never
-    /// zeros.
-    fn chunks_to_fetch(&self, v: &Version, range: std::ops::Range<u64>) -> VfsResult<Vec<u64>> {
+    /// The chunks of `v` among `range` (all of them: `None`) to fetch from
+    /// the grid before they are read: absent ones (evicted), and damaged
+    /// ones (of the wrong length; removed first). A version not yet on the
+    /// grid has nowhere to fetch from, so a missing or damaged chunk of it
+    /// is an error, never zeros.
+    fn chunks_to_fetch(&self, v: &Version, range: Option<std::ops::Range<u64>>) -> VfsResult<Vec<u64>> {
         let sealed = self.sealed(v);
         let mut fetch = Vec::new();
-        for index in range {
+        for index in range.unwrap_or(0..v.size.div_ceil(self.chunk_size())) {
             let state = sealed.chunk_state(index);
             if state == Some(true) {
                 continue;
@@ -877,7 +871,7 @@ impl Vfs {
                     index,
                     "a cached chunk was damaged; fetching it again"
                 );
-                let _ = std::fs::remove_file(version_dir(&self.cache, v.ino, v.num).join(index.to_string()));
+                let _ = std::fs::remove_file(sealed.chunk_path(index));
             }
             fetch.push(index);
         }
@@ -1002,7 +996,7 @@ impl Vfs {
         }
         let cs = self.chunk_size();
         let end = (offset + buf.len() as u64).min(v.size);
-        for index in self.chunks_to_fetch(v, offset / cs..end.div_ceil(cs))? {
+        for index in self.chunks_to_fetch(v, Some(offset / cs..end.div_ceil(cs)))? {
             self.fetch_chunk(v, index)?;
         }
         if v.cap.is_some() {
@@ -1241,12 +1235,11 @@ impl Vfs {
     /// A file's read capability reads that file wherever its shares are:
     /// only its owner (and root) is given it, whoever else may read the
     /// file through the mount.
-    fn may_see_cap(node: &Node, caller_uid: u32) -> bool {
-        caller_uid == 0 || caller_uid == node.uid
+    fn may_see_cap(node: &Node, caller: Caller) -> bool {
+        caller.uid == 0 || caller.uid == node.uid
     }
 
-    /// `caller_uid`: who asks (see [`Vfs::may_see_cap`]).
-    pub fn getxattr(&self, ino: u64, name: &str, caller_uid: u32) -> VfsResult<Vec<u8>> {
+    pub fn getxattr(&self, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
         let st = self.lock();
         let node = Self::node(&st, ino as i64)?;
         if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
@@ -1254,7 +1247,7 @@ impl Vfs {
             let value = match key {
                 "state" => Some(info.state.to_string()),
                 "version" => info.version.map(|v| v.to_string()),
-                "cap" if !Self::may_see_cap(&node, caller_uid) => return Err(VfsError::AccessDenied),
+                "cap" if !Self::may_see_cap(&node, caller) => return Err(VfsError::AccessDenied),
                 "cap" => info.cap,
                 "sha256" => info.sha256,
                 _ => None,
@@ -1271,7 +1264,7 @@ impl Vfs {
         st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
     }
 
-    pub fn listxattr(&self, ino: u64, caller_uid: u32) -> VfsResult<Vec<String>> {
+    pub fn listxattr(&self, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
         let st = self.lock();
         let node = Self::node(&st, ino as i64)?;
         let mut names = st.catalog.xattr_names(node.ino)?;
@@ -1282,7 +1275,7 @@ impl Vfs {
                 names.push(format!("{XATTR_PREFIX}version"));
             }
             if info.cap.is_some() {
-                if Self::may_see_cap(&node, caller_uid) {
+                if Self::may_see_cap(&node, caller) {
                     names.push(format!("{XATTR_PREFIX}cap"));
                 }
                 names.push(format!("{XATTR_PREFIX}sha256"));
@@ -2168,11 +2161,7 @@ impl Vfs {
                 )?;
                 Ok((node.ino, n))
             }
-            _ if old_dir.is_dir()
-                && self
-                    .chunks_to_fetch(&old, 0..old.size.div_ceil(self.chunk_size()))
-                    .is_ok() =>
-            {
+            _ if old_dir.is_dir() && self.chunks_to_fetch(&old, None).is_ok() => {
                 let n = st
                     .catalog
                     .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;

@@ -90,16 +90,20 @@ fn check(vfs: &Vfs, model: &BTreeMap<String, Vec<u8>>) -> Result<(), TestCaseErr
     Ok(())
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Runs `ops` on a core and on the model, comparing after each; then
 /// reads everything back from the grid alone.
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let home = tempfile::tempdir().unwrap();
     Config::embedded_default(home.path()).write_new(home.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let vfs = open_vfs(home.path(), &rt);
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for op in ops {
@@ -163,11 +167,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
     // The grid alone: a new core over the same catalog, no cache.
     std::fs::remove_dir_all(home.path().join("cache")).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let vfs = open_vfs(home.path(), &rt);
     check(&vfs, &model)?;
     Ok(())

@@ -199,7 +199,6 @@ impl Server for DirServer {
         self.check_root()?;
         let path = self.root.join("records").join(name);
         blocking(move || {
-            use std::io::Read;
             let file = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -58,7 +58,7 @@ impl SealedVersion {
         SealedVersion { dir, size, chunk_size }
     }
 
-    fn chunk_path(&self, index: u64) -> PathBuf {
+    pub fn chunk_path(&self, index: u64) -> PathBuf {
         self.dir.join(index.to_string())
     }
 

@@ -153,12 +153,7 @@ impl CairnWinFs {
     }
 
     fn stored(&self, ino: u64) -> Stored {
-        Stored::decode(
-            self.vfs
-                .getxattr(ino, attributes::XATTR, crate::sys::current_owner().0)
-                .ok()
-                .as_deref(),
-        )
+        Stored::decode(self.vfs.getxattr(ino, attributes::XATTR, daemon_user()).ok().as_deref())
     }
 
     fn info(&self, attr: &Attr) -> FileInfo {
@@ -304,8 +299,7 @@ impl FileSystemInterface for CairnWinFs {
             return Err(code::OBJECT_NAME_COLLISION);
         }
         let name = names::from_windows(&shown).map_err(|_| code::OBJECT_NAME_INVALID)?;
-        let (uid, gid) = crate::sys::current_owner();
-        let caller = Caller { uid, gid };
+        let caller = daemon_user();
         let (attr, fh) = if info.create_options.is(CreateOptions::FILE_DIRECTORY_FILE) {
             (self.vfs.mkdir(parent.ino, &name, 0o755, caller).map_err(st)?, None)
         } else {
@@ -689,4 +683,10 @@ pub fn start(fs: CairnWinFs, params: Params, mountpoint: &str) -> Result<FileSys
     let mp = U16CString::from_str(mountpoint).map_err(|e| e.to_string())?;
     FileSystem::start(params, Some(&mp), fs)
         .map_err(|s| format!("WinFsp could not mount {mountpoint}: NTSTATUS {s:#010x}"))
+}
+
+/// Windows has no numeric owner: files belong to the daemon's user.
+fn daemon_user() -> Caller {
+    let (uid, gid) = crate::sys::current_owner();
+    Caller { uid, gid }
 }
