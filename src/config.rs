@@ -300,6 +300,15 @@ impl Config {
                 return Err(field(name, format!("{value} must be between 1 and {max}")));
             }
         }
+        // Days become nanoseconds in gc's plan: 100 years keeps far from i64's end.
+        for (name, value, max) in [
+            ("retention.keep_days", u64::from(self.retention.keep_days), 36_500),
+            ("namespace.interval_secs", self.namespace.interval_secs, 86_400 * 365),
+        ] {
+            if value > max {
+                return Err(field(name, format!("{value} must be at most {max}")));
+            }
+        }
         if self.servers.len() < g.total as usize {
             return Err(field(
                 "server",

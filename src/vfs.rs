@@ -855,9 +855,14 @@ impl Vfs {
                 continue;
             }
             if v.cap.is_none() {
-                let what = if state.is_none() { "missing" } else { "damaged" };
+                // NotFound for a missing chunk: `read` retries, since the
+                // version may have been superseded (and freed) meanwhile.
+                let (what, kind) = match state {
+                    None => ("missing", std::io::ErrorKind::NotFound),
+                    Some(_) => ("damaged", std::io::ErrorKind::InvalidData),
+                };
                 return Err(VfsError::Io(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
+                    kind,
                     format!(
                         "version {} of file {}: staged chunk {index} is {what} and the version is not on the grid",
                         v.num, v.ino
@@ -1375,6 +1380,13 @@ pub struct StatFs {
     pub total_bytes: u64,
     pub free_bytes: u64,
     pub files: u64,
+}
+
+/// Whether reading a sealed version failed because its staged bytes are
+/// gone or cut short (its upload can never succeed), rather than for a
+/// passing reason.
+fn is_damage(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData)
 }
 
 /// A file's queued versions, oldest first (by version number, whatever
@@ -1900,7 +1912,10 @@ impl Vfs {
             for (m, at) in members.into_iter().zip(packed.members) {
                 match at {
                     Ok(at) => going.push((m, at)),
-                    Err(e) => Self::upload_failed(&mut st, &m, &format!("reading the sealed version: {e}"), true),
+                    Err(e) => {
+                        let damaged = is_damage(&e);
+                        Self::upload_failed(&mut st, &m, &format!("reading the sealed version: {e}"), damaged)
+                    }
                 }
             }
         }
@@ -2005,6 +2020,20 @@ impl Vfs {
     }
 
     async fn upload_whole(&self, job: QueuedVersion) {
+        // A retry after recording failed: a later group commit may have
+        // recorded the earlier attempt after all, and its shares (which the
+        // new attempt would delete) are then the version's.
+        {
+            let mut st = self.lock();
+            let committed = st
+                .catalog
+                .versions(job.ino)
+                .map(|vs| vs.iter().any(|v| v.num == job.num && v.cap.is_some()));
+            if let Ok(true) = committed {
+                st.queue.remove(&(job.ino, job.num));
+                return;
+            }
+        }
         let key = match self.upload_key(job.ino, job.num).await {
             Ok(key) => key,
             Err(e) => {
@@ -2034,8 +2063,7 @@ impl Vfs {
                 tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
             Err(e) => {
-                let damaged = matches!(&e, upload::UploadError::Source(io)
-                    if matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData));
+                let damaged = matches!(&e, upload::UploadError::Source(io) if is_damage(io));
                 Self::upload_failed(&mut st, &job, &e.to_string(), damaged)
             }
         }
@@ -2161,7 +2189,7 @@ impl Vfs {
                 )?;
                 Ok((node.ino, n))
             }
-            _ if old_dir.is_dir() && self.chunks_to_fetch(&old, None).is_ok() => {
+            _ if old_dir.is_dir() && matches!(self.chunks_to_fetch(&old, None), Ok(fetch) if fetch.is_empty()) => {
                 let n = st
                     .catalog
                     .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;

@@ -515,6 +515,7 @@ fn hostile_config_values_and_capabilities_get_a_clear_error_not_a_crash() {
             "grid.segment_size",
         ),
         ("name = \"s1\"", "name = \"..\"", "server[0].name"),
+        ("keep_days = 30", "keep_days = 4000000000", "retention.keep_days"),
     ];
     for (from, to, field) in cases {
         assert!(original.contains(from), "{from}");
