@@ -106,16 +106,40 @@ pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::
 }
 
 /// Serves the named pipe until the process ends: one pipe instance waits
-/// for the next client while the last one is answered.
+/// for the next client while the last one is answered. The pipe is its
+/// owner's only (DACL); it must be the first of its name (a pipe another
+/// user made first is refused, not joined), and a client not running as
+/// the owner is turned away.
 #[cfg(windows)]
 pub async fn serve(vfs: Arc<Vfs>, socket: PathBuf, mountpoint: PathBuf) -> std::io::Result<()> {
-    use tokio::net::windows::named_pipe::ServerOptions;
+    use tokio::net::windows::named_pipe::{NamedPipeServer, ServerOptions};
     let name = pipe_name(&socket);
-    let mut server = ServerOptions::new().first_pipe_instance(true).create(&name)?;
+    let mut security = crate::winsec::PipeSecurity::new()?;
+    let mut create = |first: bool| -> std::io::Result<NamedPipeServer> {
+        // SAFETY: the attributes and their descriptor live in `security`,
+        // beyond this call.
+        unsafe {
+            ServerOptions::new()
+                .first_pipe_instance(first)
+                .reject_remote_clients(true)
+                .create_with_security_attributes_raw(&name, security.attributes())
+        }
+    };
+    let mut server = create(true).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("creating the control pipe {name} (does another process, maybe another user's, hold it?): {e}"),
+        )
+    })?;
     loop {
         server.connect().await?;
-        let connected = std::mem::replace(&mut server, ServerOptions::new().create(&name)?);
-        tokio::spawn(converse(connected, vfs.clone(), mountpoint.clone()));
+        let connected = std::mem::replace(&mut server, create(false)?);
+        match crate::winsec::peer_is_me(&connected, false) {
+            Ok(true) => {
+                tokio::spawn(converse(connected, vfs.clone(), mountpoint.clone()));
+            }
+            other => tracing::warn!(peer = ?other, "refused a control connection from another user"),
+        }
     }
 }
 
@@ -133,12 +157,22 @@ fn connect(socket: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     std::os::unix::net::UnixStream::connect(socket)
 }
 
+/// Opens the daemon's pipe, refusing one served by another user (who could
+/// have made a pipe of that name while no daemon ran, to read requests and
+/// forge replies).
 #[cfg(windows)]
 fn connect(socket: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    let pipe = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(pipe_name(socket))
+        .open(pipe_name(socket))?;
+    if !crate::winsec::peer_is_me(&pipe, true)? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the control pipe is served by another user's process",
+        ));
+    }
+    Ok(pipe)
 }
 
 /// Sends one request to the daemon of `home` and returns its reply.

@@ -15,7 +15,7 @@ pub enum HomeError {
         "{dir} is owned by user {owner}, not by you (user {me}): cairn keeps its secrets there and will not \
          use another user's directory; set CAIRN_HOME to a directory of your own"
     )]
-    NotOwned { dir: PathBuf, owner: u32, me: u32 },
+    NotOwned { dir: PathBuf, owner: String, me: String },
     #[error(
         "{dir} can be written by other users (mode {mode:o}), who could replace cairn's catalog or staged \
          files; fix it with `chmod 700 {dir}`"
@@ -82,8 +82,8 @@ pub fn secure(dir: &Path, create: bool) -> Result<(), HomeError> {
         if meta.uid() != me {
             return Err(HomeError::NotOwned {
                 dir: dir.to_owned(),
-                owner: meta.uid(),
-                me,
+                owner: meta.uid().to_string(),
+                me: me.to_string(),
             });
         }
         let mode = meta.mode() & 0o7777;
@@ -105,6 +105,24 @@ pub fn secure(dir: &Path, create: bool) -> Result<(), HomeError> {
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_at(&path))?;
                 }
             }
+        }
+    }
+    // Windows: an owner-only DACL on the home, inherited by all in it; a
+    // home whose DACL still inherits from its parent (new, or made by an
+    // older cairn) gets it, once.
+    #[cfg(windows)]
+    {
+        let security = crate::winsec::home_security(dir).map_err(io_at(dir))?;
+        if let Some(owner) = security.foreign_owner {
+            return Err(HomeError::NotOwned {
+                dir: dir.to_owned(),
+                owner,
+                me: "the current user".into(),
+            });
+        }
+        if !security.protected {
+            crate::winsec::make_owner_only(dir).map_err(io_at(dir))?;
+            tracing::info!(dir = %dir.display(), "made the home owner-only (its own user and SYSTEM)");
         }
     }
     Ok(())

@@ -19,3 +19,5 @@ pub mod sys;
 pub mod upload;
 pub mod vfs;
 pub mod winfsp;
+#[cfg(windows)]
+pub mod winsec;

@@ -189,6 +189,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Started by `cairn mount`: unmounts its mount if the daemon dies.
+    #[cfg(unix)]
+    #[command(hide = true)]
+    WatchMount {
+        #[arg(long)]
+        dev: String,
+        mountpoint: PathBuf,
+    },
     /// Measure codec throughput beside SHA-256, AES and Reed-Solomon alone.
     Bench {
         /// MiB of data per measurement.
@@ -295,6 +303,8 @@ impl Progress for Bar {
 fn home_use(command: &Command) -> Option<(bool, Option<&'static str>)> {
     Some(match command {
         Command::Bench { .. } => return None,
+        #[cfg(unix)]
+        Command::WatchMount { .. } => return None,
         Command::Init { .. } => (true, Some("init")),
         Command::Mount { .. } => (true, Some("mount")),
         Command::Recover { .. } => (true, Some("recover")),
@@ -398,6 +408,11 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Gc { dry_run, json } => gc(&home, dry_run, json),
         Command::Versions { path, json } => mount::versions(&home.dir, &path, json),
         Command::Restore { path, version, json } => mount::restore(&home.dir, &path, version, json),
+        #[cfg(unix)]
+        Command::WatchMount { dev, mountpoint } => {
+            mount::watch_mount(&dev, &mountpoint)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { mib, runs, json } => {
             let report = bench::codec(mib << 20, runs);
             if json {

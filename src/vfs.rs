@@ -22,7 +22,7 @@ use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Vers
 use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, RecentSegments, VersionReader};
 use crate::grid::Grid;
-use crate::stage::chunks::{SealedVersion, WorkingCopy};
+use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
 use crate::stage::spare::SpareDirs;
 use crate::upload::{self, pack};
 
@@ -849,17 +849,21 @@ impl Vfs {
     fn chunks_to_fetch(&self, v: &Version, range: Option<std::ops::Range<u64>>) -> VfsResult<Vec<u64>> {
         let sealed = self.sealed(v);
         let mut fetch = Vec::new();
+        // The chunks about to be read are checked against their sums too;
+        // a whole version (a base, a restore) by length only: reading every
+        // chunk of a big file to append to it would cost the whole file.
+        let deep = range.is_some();
         for index in range.unwrap_or(0..v.size.div_ceil(self.chunk_size())) {
-            let state = sealed.chunk_state(index);
-            if state == Some(true) {
+            let state = sealed.chunk_state(index, deep);
+            if state == ChunkState::Good {
                 continue;
             }
             if v.cap.is_none() {
                 // NotFound for a missing chunk: `read` retries, since the
                 // version may have been superseded (and freed) meanwhile.
                 let (what, kind) = match state {
-                    None => ("missing", std::io::ErrorKind::NotFound),
-                    Some(_) => ("damaged", std::io::ErrorKind::InvalidData),
+                    ChunkState::Absent => ("missing", std::io::ErrorKind::NotFound),
+                    _ => ("damaged", std::io::ErrorKind::InvalidData),
                 };
                 return Err(VfsError::Io(std::io::Error::new(
                     kind,
@@ -869,7 +873,7 @@ impl Vfs {
                     ),
                 )));
             }
-            if state == Some(false) {
+            if state == ChunkState::Damaged {
                 tracing::warn!(
                     ino = v.ino,
                     num = v.num,
@@ -1425,6 +1429,8 @@ fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::
         .join("fetch")
         .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
     std::fs::write(&tmp, bytes)?;
+    // The sum first: a chunk is never in the cache without it.
+    crate::stage::sums::record(&dir, index, &crate::stage::sums::sum_of(bytes))?;
     let dest = dir.join(index.to_string());
     match std::fs::rename(&tmp, &dest) {
         // Another fetch stored the same verified chunk first, and a reader
@@ -1578,11 +1584,13 @@ impl Vfs {
                 };
                 for chunk in chunks {
                     let chunk = chunk?;
+                    // Chunks only: a version's sums stay while it does.
+                    let is_chunk = chunk.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok());
                     let facts = crate::sys::file_facts(&chunk.path(), &chunk.metadata()?);
                     if seen.insert(facts.identity) {
                         used += facts.disk_bytes;
                     }
-                    if evictable {
+                    if evictable && is_chunk {
                         candidates.push((facts.modified, facts.links, facts.disk_bytes, chunk.path()));
                     }
                 }
@@ -2169,12 +2177,18 @@ impl Vfs {
         let new_num = st.catalog.next_version_num(node.ino)?;
         let old_dir = version_dir(&self.cache, node.ino, num);
         let new_dir = version_dir(&self.cache, node.ino, new_num);
-        // Share whatever chunks of the old version the cache holds.
+        // Share whatever chunks of the old version the cache holds; the
+        // sums are copied (a fetch into either version writes its own).
         if old_dir.is_dir() {
             std::fs::create_dir_all(&new_dir)?;
             for entry in std::fs::read_dir(&old_dir)? {
                 let entry = entry?;
-                std::fs::hard_link(entry.path(), new_dir.join(entry.file_name()))?;
+                let (from, to) = (entry.path(), new_dir.join(entry.file_name()));
+                if to.ends_with(crate::stage::sums::SUMS_FILE) {
+                    std::fs::copy(from, to)?;
+                } else {
+                    std::fs::hard_link(from, to)?;
+                }
             }
         }
         match old.state {

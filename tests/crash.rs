@@ -25,11 +25,14 @@ fn restart_and_verify(home: &Home, check: impl FnOnce(&common::Mounted)) {
     assert!(mnt.unmount().success());
 }
 
+/// The daemon's watcher (`cairn watch-mount`, or fusermount3's helper
+/// under --allow-other) unmounts a killed daemon's mount.
 fn wait_unmounted(path: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while is_mounted(path) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(!is_mounted(path), "the killed daemon's mount is still there after 5 s");
 }
 
 #[test]
@@ -133,12 +136,13 @@ fn a_stale_mount_is_recovered_and_reported() {
     let mnt = home.mount(&[]);
     std::fs::write(mnt.file("f"), b"kept").unwrap();
     let path = mnt.path().to_owned();
-    // Kill the auto-unmount helper first, then the daemon: the mount stays,
+    // Kill the unmount watcher first, then the daemon: the mount stays,
     // dead (ENOTCONN), as after a crash of both.
     let helper = std::process::Command::new("pgrep")
-        .args(["-P", &mnt.pid().to_string(), "fusermount3"])
+        .args(["-P", &mnt.pid().to_string(), "-f", "watch-mount"])
         .output()
         .unwrap();
+    assert!(!helper.stdout.is_empty(), "the daemon has an unmount watcher");
     for pid in String::from_utf8_lossy(&helper.stdout).split_whitespace() {
         // SAFETY: kill on the PID of the daemon's own helper.
         unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };

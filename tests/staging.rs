@@ -5,6 +5,7 @@
 
 use cairn::codec::FileCap;
 use cairn::stage::chunks::{SealedVersion, WorkingCopy};
+use cairn::stage::sums;
 use proptest::prelude::*;
 
 const CHUNK: u64 = 64;
@@ -92,6 +93,12 @@ proptest! {
                 Op::SealAndReopen => {
                     let version = seal(work, fresh());
                     prop_assert_eq!(read_all(|o, b| version.read_at(o, b), version.size), model.clone());
+                    // Each chunk's sum, kept up as it was written (or copied
+                    // from the base), is that of the chunk sealed.
+                    for index in 0..version.size.div_ceil(CHUNK) {
+                        let bytes = std::fs::read(version.chunk_path(index)).unwrap();
+                        prop_assert_eq!(sums::recorded(&version.dir, index).unwrap(), Some(sums::sum_of(&bytes)), "chunk {}", index);
+                    }
                     work = WorkingCopy::create(fresh(), Some(version.clone()), CHUNK).unwrap();
                     sealed.push((version, model.clone()));
                 }
@@ -109,6 +116,33 @@ proptest! {
             prop_assert_eq!(&bytes, content, "a sealed version changed");
         }
     }
+}
+
+#[test]
+fn a_chunk_altered_in_place_is_an_error_for_readers_and_the_uploader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w"), None, CHUNK).unwrap();
+    work.write_at(0, &[7; 3 * CHUNK as usize]).unwrap();
+    let v = seal(work, dir.path().join("v"));
+    // Same length, one byte changed: only the sum can tell.
+    let chunk = v.chunk_path(1);
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&chunk, &bytes).unwrap();
+    let err = v.read_at(CHUNK, &mut [0; 8]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    let err = std::io::Read::read_to_end(&mut v.reader(), &mut Vec::new()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    // A working copy over it does not carry the damage into the next version.
+    let mut next = WorkingCopy::create(dir.path().join("w2"), Some(v.clone()), CHUNK).unwrap();
+    assert!(
+        next.write_at(CHUNK + 1, b"x").is_err(),
+        "copy-on-write of a damaged chunk"
+    );
+    assert!(next.read_at(CHUNK, &mut [0; 8]).is_err());
+    // Chunks with no sum (from a cairn that kept none) are read as before.
+    std::fs::remove_file(v.dir.join(sums::SUMS_FILE)).unwrap();
+    assert_eq!(v.read_at(CHUNK + 10, &mut [0; 1]).unwrap(), 1);
 }
 
 #[test]

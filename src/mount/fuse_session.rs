@@ -40,6 +40,12 @@ pub fn serve(
         bail!("--network is for Windows (WinFsp) drives");
     }
     let session = mount_session(vfs, mountpoint, options.allow_other, options.read_only)?;
+    // Held until the session ends, or this process, however it ends.
+    let watcher = if options.allow_other {
+        None
+    } else {
+        watch_for_death(mountpoint)
+    };
     eprintln!(
         "cairn: mounted at {} (Ctrl-C or fusermount3 -u to stop)",
         mountpoint.display()
@@ -57,14 +63,16 @@ pub fn serve(
         }
     });
     session.run().context("FUSE session")?;
+    drop(watcher);
     reap_unmount_helper();
     Ok(())
 }
 
 /// fuser's auto-unmount helper (a `fusermount3` child) outlives the
 /// session by a moment and then unmounts the mount point *path*. Waiting for
-/// it before exiting keeps it from unmounting a new mount made right after
-/// this daemon stops (seen when remounting at once).
+/// it (and for our own watcher) before exiting keeps it from unmounting a
+/// new mount made right after this daemon stops (seen when remounting at
+/// once).
 fn reap_unmount_helper() {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < deadline {
@@ -78,15 +86,93 @@ fn reap_unmount_helper() {
     }
 }
 
+/// Starts `cairn watch-mount`, which unmounts our mount if this process
+/// dies without doing so (kill -9): it waits for the end of the pipe this
+/// process holds, then lazily unmounts the mount point if the mount there is
+/// still ours (same device), never one mounted there since.
+fn watch_for_death(mountpoint: &Path) -> Option<std::process::ChildStdin> {
+    use std::os::unix::process::CommandExt;
+    let dev = mount_device(mountpoint)?;
+    let spawned = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg("watch-mount")
+            .arg("--dev")
+            .arg(&dev)
+            .arg(mountpoint)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            // Its own process group: a Ctrl-C to the daemon's terminal
+            // leaves it to see the daemon end.
+            .process_group(0)
+            .spawn()
+    });
+    match spawned {
+        Ok(mut child) => child.stdin.take(),
+        Err(e) => {
+            tracing::warn!(error = %e, "no unmount watcher: a crash of this daemon leaves a stale mount, cleared by the next `cairn mount` there");
+            None
+        }
+    }
+}
+
+/// The device (`major:minor`, as /proc/self/mountinfo has it) of the mount
+/// at `path`: read from the mount table, since a stat of our own mount
+/// before the session runs would wait for ourselves.
+fn mount_device(path: &Path) -> Option<String> {
+    let target = in_mount_table(path);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last entry for a path is the one on top.
+    mounts.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        (fields.get(4) == Some(&&*target)).then(|| fields.get(2).map(|d| d.to_string()))?
+    })
+}
+
+/// `cairn watch-mount`: waits until stdin ends (the daemon that started it
+/// ended), then unmounts `mountpoint` if the mount on top there is still
+/// device `dev`.
+pub fn watch_mount(dev: &str, mountpoint: &Path) -> Result<()> {
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    if mount_device(mountpoint).as_deref() == Some(dev) {
+        tracing::info!(mountpoint = %mountpoint.display(), "the daemon ended without unmounting; unmounting");
+        std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(mountpoint)
+            .stderr(std::process::Stdio::null())
+            .status()?;
+    }
+    Ok(())
+}
+
 fn is_mounted(path: &Path) -> bool {
-    let target = path.to_string_lossy();
+    let target = in_mount_table(path);
     std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
         .lines()
         .any(|l| l.split(' ').nth(1) == Some(&*target))
 }
 
-/// A daemon killed together with its auto-unmount helper leaves a dead FUSE
+/// A path as the kernel's mount tables spell it (octal escapes for space,
+/// tab, newline and backslash).
+fn in_mount_table(path: &Path) -> String {
+    let mut out = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[test]
+fn paths_are_spelt_as_in_the_mount_table() {
+    assert_eq!(in_mount_table(Path::new("/mnt/a b\\c")), "/mnt/a\\040b\\134c");
+}
+
+/// A daemon killed together with its unmount watcher leaves a dead FUSE
 /// mount: every access fails with ENOTCONN. Detach it (lazily) and say so.
 fn recover_stale_mount(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
@@ -149,24 +235,19 @@ fn mount_session(
         if read_only { MountOption::RO } else { MountOption::RW },
     ];
     config.n_threads = Some(4);
-    // Auto-unmount (the mount goes away if the daemon dies) needs
-    // allow_other or allow_root at the FUSE level.
-    config.mount_options.push(MountOption::AutoUnmount);
-    config.acl = if allow_other {
-        SessionACL::All
+    // Without --allow-other the kernel itself keeps every other user (root
+    // too) out: fuser's auto-unmount would need allow_other at the kernel,
+    // with other users filtered in the daemon, and the kernel then answers
+    // their stat calls from its attribute cache without asking. The mount
+    // is unmounted after a crash by our own watcher instead.
+    if allow_other {
+        config.mount_options.push(MountOption::AutoUnmount);
+        config.acl = SessionACL::All;
     } else {
-        SessionACL::RootAndOwner
-    };
-    let session = match fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config) {
-        Ok(s) => s,
-        Err(e) if !allow_other => {
-            tracing::warn!(error = %e, "auto-unmount unavailable (allow user_allow_other in /etc/fuse.conf); mounting without it");
-            config.mount_options.retain(|o| *o != MountOption::AutoUnmount);
-            config.acl = SessionACL::Owner;
-            fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config)?
-        }
-        Err(e) => return Err(e).context(format!("mounting at {}", mountpoint.display())),
-    };
+        config.acl = SessionACL::Owner;
+    }
+    let session = fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config)
+        .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let notifier = session.notifier();
     vfs.on_content_changed(move |ino| {
         if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {

@@ -15,6 +15,8 @@ use cairn::vfs::{Status, Vfs, VfsOptions};
 #[cfg(unix)]
 #[path = "fuse_session.rs"]
 mod session;
+#[cfg(unix)]
+pub use session::watch_mount;
 #[cfg(windows)]
 #[path = "winfsp_session.rs"]
 mod session;

@@ -10,11 +10,18 @@
 //!
 //! The chunk size equals the codec's segment size, so the uploader reads a
 //! sealed version segment by segment, one chunk file each.
+//!
+//! Every chunk of a sealed version has its exact length and, in the file
+//! `sums` beside it, its SHA-256 ([`super::sums`]): a chunk that has lost
+//! either is an error wherever it is read, never zeros.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 
+use sha2::{Digest, Sha256};
+
+use super::sums::{self, Sum};
 use crate::sys::{sync_dir, sync_file, PositionalIo};
 use std::path::{Path, PathBuf};
 
@@ -67,33 +74,76 @@ impl SealedVersion {
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at EOF).
-    /// Every chunk file of a sealed version has its exact length: a missing
-    /// or short one is an error (kind `NotFound` or `InvalidData`, with no OS
-    /// code, so it reaches an application as EIO), never read as zeros.
+    /// Every chunk file of a sealed version has its exact length and sum: a
+    /// missing, short or altered one is an error (kind `NotFound` or
+    /// `InvalidData`, with no OS code, so it reaches an application as EIO),
+    /// never read as zeros.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         read_range(offset, buf, self.size, self.chunk_size, |index, within, out| {
-            let path = self.chunk_path(index);
-            let file = File::open(&path).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("chunk {index} of the sealed version {} is missing", self.dir.display()),
-                ),
-                _ => e,
-            })?;
-            self.check_chunk(index, &file)?;
-            file.read_exact_at(out, within)
+            self.read_in_chunk(index, within, out)
         })
     }
 
-    /// Whether chunk `index` is in the cache with its exact length: `None`
-    /// when absent, `Some(false)` when present but damaged.
-    pub fn chunk_state(&self, index: u64) -> Option<bool> {
-        let meta = std::fs::metadata(self.chunk_path(index)).ok()?;
-        Some(meta.len() == self.chunk_len(index))
+    fn read_in_chunk(&self, index: u64, within: u64, out: &mut [u8]) -> io::Result<()> {
+        self.open_checked(index)?.read_exact_at(out, within)
     }
 
-    fn check_chunk(&self, index: u64, file: &File) -> io::Result<()> {
-        let (have, want) = (file.metadata()?.len(), self.chunk_len(index));
+    /// Opens chunk `index` once its length and (on the first open by this
+    /// process) its sum are found right.
+    fn open_checked(&self, index: u64) -> io::Result<File> {
+        let (path, file) = self.open_chunk(index)?;
+        sums::check_file(&self.dir, index, &path, &file)?;
+        Ok(file)
+    }
+
+    /// Opens chunk `index` once its length is found right.
+    fn open_chunk(&self, index: u64) -> io::Result<(PathBuf, File)> {
+        let path = self.chunk_path(index);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("chunk {index} of the sealed version {} is missing", self.dir.display()),
+            ),
+            _ => e,
+        })?;
+        self.check_len(index, file.metadata()?.len())?;
+        Ok((path, file))
+    }
+
+    /// Reads chunk `index` whole, checked against its length and sum.
+    fn read_chunk(&self, index: u64) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0; self.chunk_len(index) as usize];
+        self.read_chunk_into(index, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Reads chunk `index` whole into `out` (exactly its length) and checks
+    /// the bytes read, not an earlier read of them, against its sum.
+    fn read_chunk_into(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
+        self.open_chunk(index)?.1.read_exact_at(out, 0)?;
+        sums::check_bytes(&self.dir, index, out)
+    }
+
+    /// What the cache holds of chunk `index`: checked by length only, or
+    /// with `deep` by its sum too (once per process).
+    pub fn chunk_state(&self, index: u64, deep: bool) -> ChunkState {
+        let path = self.chunk_path(index);
+        let Ok(file) = File::open(&path) else {
+            return ChunkState::Absent;
+        };
+        let good = match file.metadata() {
+            Ok(meta) => self.check_len(index, meta.len()).is_ok(),
+            Err(_) => false,
+        };
+        if good && (!deep || sums::check_file(&self.dir, index, &path, &file).is_ok()) {
+            ChunkState::Good
+        } else {
+            ChunkState::Damaged
+        }
+    }
+
+    fn check_len(&self, index: u64, have: u64) -> io::Result<()> {
+        let want = self.chunk_len(index);
         if have == want {
             return Ok(());
         }
@@ -119,6 +169,15 @@ impl SealedVersion {
     pub fn remove(self) -> io::Result<()> {
         std::fs::remove_dir_all(&self.dir)
     }
+}
+
+/// What the cache holds of one chunk of a sealed version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    Absent,
+    /// Present, but of the wrong length or not matching its sum.
+    Damaged,
+    Good,
 }
 
 /// Splits a read at `offset` over chunk boundaries, clamped to `size`.
@@ -150,8 +209,18 @@ pub struct VersionReader {
 }
 
 impl Read for VersionReader {
+    /// A read of a whole chunk (the uploader reads segment by segment) checks
+    /// the very bytes it returns against the chunk's sum.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.version.read_at(self.offset, buf)?;
+        let v = &self.version;
+        let (index, within) = (self.offset / v.chunk_size, self.offset % v.chunk_size);
+        let len = v.chunk_len(index) as usize;
+        let n = if within == 0 && len > 0 && buf.len() >= len {
+            v.read_chunk_into(index, &mut buf[..len])?;
+            len
+        } else {
+            v.read_at(self.offset, buf)?
+        };
         self.offset += n as u64;
         Ok(n)
     }
@@ -194,6 +263,19 @@ pub struct WorkingCopy {
     own: BTreeSet<u64>,
     /// Own chunks written since the last fsync.
     unsynced: BTreeSet<u64>,
+    /// The SHA-256 of own chunks written from their start in order, kept up
+    /// as they are written so that sealing reads none of them back. Own
+    /// chunks not here (written out of order, recovered) are read at seal.
+    hashes: HashMap<u64, ChunkHash>,
+}
+
+/// The hash of an own chunk's bytes so far.
+#[derive(Debug, Clone)]
+enum ChunkHash {
+    /// Of its first `len` bytes, which is its file's length.
+    Running(Sha256, u64),
+    /// Of the whole chunk, `chunk_size` bytes.
+    Done(Sum),
 }
 
 impl WorkingCopy {
@@ -221,6 +303,7 @@ impl WorkingCopy {
             chunk_size,
             own: BTreeSet::new(),
             unsynced: BTreeSet::new(),
+            hashes: HashMap::new(),
         };
         match &copy.base {
             None => make_dir(&copy.dir)?,
@@ -268,6 +351,7 @@ impl WorkingCopy {
             // Written before the crash, maybe never synced.
             unsynced: own.clone(),
             own,
+            hashes: HashMap::new(),
         })
     }
 
@@ -317,10 +401,10 @@ impl WorkingCopy {
             if self.own.contains(&index) {
                 return read_chunk_at(&self.own_path(index), within, out);
             }
-            match self.base_chunk(index) {
-                Some((path, valid)) if within < valid => {
+            match (self.base_chunk(index), &self.base) {
+                (Some((_, valid)), Some(base)) if within < valid => {
                     let from_base = ((valid - within) as usize).min(out.len());
-                    read_chunk_at(&path, within, &mut out[..from_base])?;
+                    base.read_in_chunk(index, within, &mut out[..from_base])?;
                     out[from_base..].fill(0);
                     Ok(())
                 }
@@ -339,22 +423,68 @@ impl WorkingCopy {
         if self.own.contains(&index) {
             return OpenOptions::new().write(true).open(path);
         }
-        let file = match self.base_chunk(index) {
+        let (file, hash) = match (self.base_chunk(index), &self.base) {
             // The copy is built under a temporary name and renamed into
             // place, so a crash never leaves a half-copied chunk that
             // recovery would take for this copy's own (and read zeros from).
-            Some((base_path, valid)) => {
+            // The base's chunk is read whole and checked against its sum:
+            // damage is not carried into the next version.
+            (Some((_, valid)), Some(base)) => {
+                let mut bytes = base.read_chunk(index)?;
+                bytes.truncate(valid as usize);
                 let tmp = self.dir.join(format!("{index}.cow"));
                 let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-                let mut src = File::open(base_path)?.take(valid);
-                io::copy(&mut src, &mut &file)?;
+                file.write_all_at(&bytes, 0)?;
                 std::fs::rename(&tmp, &path)?;
-                file
+                (file, ChunkHash::Running(Sha256::new_with_prefix(&bytes), valid))
             }
-            None => OpenOptions::new().write(true).create(true).truncate(true).open(&path)?,
+            _ => (
+                OpenOptions::new().write(true).create(true).truncate(true).open(&path)?,
+                ChunkHash::Running(Sha256::new(), 0),
+            ),
         };
         self.own.insert(index);
+        self.hashes.insert(index, hash);
         Ok(file)
+    }
+
+    /// Keeps the running hash of chunk `index` up after `data` was written
+    /// at `within`: a write at or past its end extends it (a hole between
+    /// reads as zeros); one that rewrites hashed bytes drops it.
+    fn hash_write(&mut self, index: u64, within: u64, data: &[u8]) {
+        let chunk_size = self.chunk_size;
+        let Some(ChunkHash::Running(hasher, len)) = self.hashes.get_mut(&index) else {
+            self.hashes.remove(&index);
+            return;
+        };
+        if within < *len {
+            self.hashes.remove(&index);
+            return;
+        }
+        sums::hash_zeros(hasher, within - *len);
+        hasher.update(data);
+        *len = within + data.len() as u64;
+        if *len == chunk_size {
+            let done = ChunkHash::Done(hasher.clone().finalize().into());
+            self.hashes.insert(index, done);
+        }
+    }
+
+    /// The SHA-256 of own chunk `index`, brought to its exact length `want`
+    /// already: from its running hash, or read back.
+    fn own_sum(&mut self, index: u64, want: u64) -> io::Result<Sum> {
+        match self.hashes.remove(&index) {
+            Some(ChunkHash::Done(sum)) if want == self.chunk_size => Ok(sum),
+            Some(ChunkHash::Running(mut hasher, len)) if len <= want => {
+                sums::hash_zeros(&mut hasher, want - len);
+                Ok(hasher.finalize().into())
+            }
+            _ => {
+                let mut hasher = Sha256::new();
+                io::copy(&mut File::open(self.own_path(index))?, &mut hasher)?;
+                Ok(hasher.finalize().into())
+            }
+        }
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -363,7 +493,12 @@ impl WorkingCopy {
             let pos = offset + done as u64;
             let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
             let take = ((self.chunk_size - within) as usize).min(data.len() - done);
-            self.own_chunk(index)?.write_all_at(&data[done..done + take], within)?;
+            let piece = &data[done..done + take];
+            if let Err(e) = self.own_chunk(index)?.write_all_at(piece, within) {
+                self.hashes.remove(&index);
+                return Err(e);
+            }
+            self.hash_write(index, within, piece);
             self.unsynced.insert(index);
             done += take;
         }
@@ -379,14 +514,21 @@ impl WorkingCopy {
                 std::fs::remove_file(self.own_path(index))?;
             }
             self.unsynced.retain(|index| *index < keep);
+            self.hashes.retain(|index, _| *index < keep);
             // The chunk cut in the middle must read zeros past the cut if
             // the file grows again.
             if !size.is_multiple_of(self.chunk_size) && self.own.contains(&(keep - 1)) {
+                let cut = size % self.chunk_size;
                 File::options()
                     .write(true)
                     .open(self.own_path(keep - 1))?
-                    .set_len(size % self.chunk_size)?;
+                    .set_len(cut)?;
                 self.unsynced.insert(keep - 1);
+                // A hash of bytes past the cut no longer holds; one of fewer
+                // does (the rest of the chunk reads zeros).
+                if !matches!(self.hashes.get(&(keep - 1)), Some(ChunkHash::Running(_, len)) if *len <= cut) {
+                    self.hashes.remove(&(keep - 1));
+                }
             }
         }
         self.size = size;
@@ -468,9 +610,10 @@ impl WorkingCopy {
     }
 
     /// Brings every chunk file of a copy that owns all its bytes to its
-    /// exact length (holes become zero-filled files) and drops the state
-    /// file: the directory is then exactly a sealed version.
+    /// exact length (holes become zero-filled files), writes their sums and
+    /// drops the state file: the directory is then exactly a sealed version.
     fn exact_chunks(&mut self) -> io::Result<()> {
+        let mut all = Vec::new();
         for index in 0..chunk_count(self.size, self.chunk_size) {
             let want = (self.size - index * self.chunk_size).min(self.chunk_size);
             let file = File::options()
@@ -482,7 +625,9 @@ impl WorkingCopy {
                 file.set_len(want)?;
             }
             self.own.insert(index);
+            all.push(Some(self.own_sum(index, want)?));
         }
+        sums::write_all(&self.dir, &all)?;
         match std::fs::remove_file(self.dir.join(STATE_FILE)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -496,35 +641,51 @@ impl WorkingCopy {
     }
 
     /// Builds a version directory of hard links to own and base chunks,
-    /// each brought to its exact length.
-    fn link_version(&self, version_dir: &Path) -> io::Result<()> {
+    /// each brought to its exact length, with their sums.
+    fn link_version(&mut self, version_dir: &Path) -> io::Result<()> {
         std::fs::create_dir(version_dir)?;
         let count = chunk_count(self.size, self.chunk_size);
+        let mut all = Vec::with_capacity(count as usize);
         for index in 0..count {
             let dest = version_dir.join(index.to_string());
             let want = (self.size - index * self.chunk_size).min(self.chunk_size);
+            let set_len = |dest: &Path| -> io::Result<()> {
+                let file = File::options().write(true).open(dest)?;
+                if file.metadata()?.len() != want {
+                    file.set_len(want)?;
+                }
+                Ok(())
+            };
             if self.own.contains(&index) {
                 std::fs::hard_link(self.own_path(index), &dest)?;
-            } else {
-                match (self.base_chunk(index), &self.base) {
-                    // Unchanged and of the same length: share it.
-                    (Some((path, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
-                        std::fs::hard_link(path, &dest)?;
-                        continue;
-                    }
-                    (Some((path, valid)), _) => {
-                        let mut src = File::open(path)?.take(valid);
-                        io::copy(&mut src, &mut File::create_new(&dest)?)?;
-                    }
-                    (None, _) => drop(File::create_new(&dest)?),
+                set_len(&dest)?;
+                all.push(Some(self.own_sum(index, want)?));
+                continue;
+            }
+            match (self.base_chunk(index), &self.base) {
+                // Unchanged and of the same length: share it, and its sum.
+                (Some((path, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
+                    std::fs::hard_link(path, &dest)?;
+                    all.push(sums::recorded(&base.dir, index)?);
+                }
+                // The valid part of a base chunk cut by a truncation.
+                (Some((_, valid)), Some(base)) => {
+                    let mut bytes = base.read_chunk(index)?;
+                    bytes.resize(valid as usize, 0);
+                    bytes.resize(want as usize, 0);
+                    std::fs::write(&dest, &bytes)?;
+                    all.push(Some(sums::sum_of(&bytes)));
+                }
+                _ => {
+                    drop(File::create_new(&dest)?);
+                    set_len(&dest)?;
+                    let mut hasher = Sha256::new();
+                    sums::hash_zeros(&mut hasher, want);
+                    all.push(Some(hasher.finalize().into()));
                 }
             }
-            let file = File::options().write(true).open(&dest)?;
-            if file.metadata()?.len() != want {
-                file.set_len(want)?;
-            }
         }
-        Ok(())
+        sums::write_all(version_dir, &all)
     }
 
     /// Drops the working copy and its own chunks.

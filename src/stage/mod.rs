@@ -6,9 +6,12 @@
 //!   chunk files; sealed versions are immutable and share unchanged chunks
 //!   with each other by hard link, so reopening a large file for a small
 //!   edit copies one chunk, not the file.
+//! - [`sums`]: the SHA-256 of every chunk of a sealed version, checked
+//!   before its bytes are served or uploaded.
 
 pub mod chunks;
 pub mod snapshot;
 pub mod spare;
+pub mod sums;
 
 pub use snapshot::{snapshot, Snapshot, SnapshotError};

@@ -1,0 +1,123 @@
+//! A SHA-256 per chunk of a sealed version, so that damage to the local
+//! cache which keeps a chunk's length (a flipped bit, a chunk overwritten
+//! in place) is found before its bytes are served or uploaded.
+//!
+//! The sums live beside the chunks, in the version directory's file `sums`:
+//! 32 bytes per chunk at `index × 32`, all zeros (or past the end) for a
+//! chunk with no sum. Sealing writes every chunk's sum (from the bytes as
+//! they were written, or the base's for a shared chunk); a fetched chunk's
+//! sum is written before the chunk itself, so a chunk is never on disk
+//! without its sum. A version staged or cached by a cairn that kept no sums
+//! has no `sums` file: its chunks are checked by length only.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::{LazyLock, Mutex};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::sys::PositionalIo;
+
+pub const SUMS_FILE: &str = "sums";
+pub type Sum = [u8; 32];
+const SUM_LEN: u64 = 32;
+
+pub fn sum_of(bytes: &[u8]) -> Sum {
+    Sha256::digest(bytes).into()
+}
+
+/// Feeds `n` zero bytes (a hole, or a chunk padded to its length).
+pub fn hash_zeros(hasher: &mut Sha256, mut n: u64) {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while n > 0 {
+        let take = n.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..take]);
+        n -= take as u64;
+    }
+}
+
+/// The sum recorded for chunk `index` of the version in `dir`, if any.
+pub fn recorded(dir: &Path, index: u64) -> io::Result<Option<Sum>> {
+    let file = match File::open(dir.join(SUMS_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut sum = [0u8; SUM_LEN as usize];
+    match file.read_exact_at(&mut sum, index * SUM_LEN) {
+        Ok(()) => Ok((sum != [0; 32]).then_some(sum)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records the sum of one chunk (a fetched one) in the version in `dir`.
+pub fn record(dir: &Path, index: u64, sum: &Sum) -> io::Result<()> {
+    let file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(SUMS_FILE))?;
+    file.write_all_at(sum, index * SUM_LEN)
+}
+
+/// Writes the sums of a whole version (a sealed one) in `dir`.
+pub fn write_all(dir: &Path, sums: &[Option<Sum>]) -> io::Result<()> {
+    let bytes: Vec<u8> = sums.iter().flat_map(|s| s.unwrap_or([0; 32])).collect();
+    std::fs::write(dir.join(SUMS_FILE), bytes)
+}
+
+/// The error for a chunk whose bytes do not match its sum.
+pub fn mismatch(dir: &Path, index: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "chunk {index} of the sealed version {} does not match its SHA-256: the staging cache was damaged",
+            dir.display()
+        ),
+    )
+}
+
+/// Checks `bytes`, read whole from chunk `index` of the version in `dir`,
+/// against its recorded sum.
+pub fn check_bytes(dir: &Path, index: u64, bytes: &[u8]) -> io::Result<()> {
+    match recorded(dir, index)? {
+        Some(sum) if sum != sum_of(bytes) => Err(mismatch(dir, index)),
+        _ => Ok(()),
+    }
+}
+
+/// Chunk files already checked by this process (identity, length, mtime):
+/// a chunk is hashed on its first read, not on every one. Bounded: emptied
+/// when full, which only costs a second check of each chunk.
+static CHECKED: LazyLock<Mutex<HashSet<CheckedFile>>> = LazyLock::new(Default::default);
+type CheckedFile = ((u64, u64), u64, SystemTime);
+const CHECKED_MAX: usize = 1 << 16;
+
+/// Checks the open chunk file `file` (chunk `index` of the version in
+/// `dir`, at `path`) against its sum, once per process and file.
+pub fn check_file(dir: &Path, index: u64, path: &Path, file: &File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    let facts = crate::sys::file_facts(path, &meta);
+    let key = (facts.identity, meta.len(), facts.modified);
+    if CHECKED.lock().expect("checked chunks").contains(&key) {
+        return Ok(());
+    }
+    let Some(sum) = recorded(dir, index)? else {
+        return Ok(());
+    };
+    let mut hasher = Sha256::new();
+    io::copy(&mut io::BufReader::with_capacity(256 << 10, file), &mut hasher)?;
+    if <Sum>::from(hasher.finalize()) != sum {
+        return Err(mismatch(dir, index));
+    }
+    let mut checked = CHECKED.lock().expect("checked chunks");
+    if checked.len() >= CHECKED_MAX {
+        checked.clear();
+    }
+    checked.insert(key);
+    Ok(())
+}
