@@ -234,3 +234,60 @@ pub fn peer_is_me(pipe: &impl AsRawHandle, server: bool) -> io::Result<bool> {
     unsafe { CloseHandle(process) };
     Ok(same_sid(&user?, &current_user()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn under_wine() -> bool {
+        use windows_sys::Win32::System::LibraryLoader::{GetModuleHandleA, GetProcAddress};
+        // SAFETY: ntdll is always loaded; a NUL-terminated name is looked up.
+        unsafe {
+            let ntdll = GetModuleHandleA(c"ntdll.dll".as_ptr().cast());
+            ntdll != 0 && GetProcAddress(ntdll, c"wine_get_version".as_ptr().cast()).is_some()
+        }
+    }
+
+    #[test]
+    fn a_new_home_is_owner_only_and_a_pipe_sees_its_own_user_at_both_ends() {
+        let parent = tempfile::tempdir().unwrap();
+        let home = parent.path().join("home");
+        crate::home::secure(&home, true).unwrap();
+        let security = home_security(&home).unwrap();
+        assert!(security.foreign_owner.is_none());
+        // Wine accepts a DACL but does not keep it on a Unix file system.
+        assert!(
+            security.protected || under_wine(),
+            "the home's DACL inherits from its parent"
+        );
+        // A second look changes nothing and is accepted.
+        crate::home::secure(&home, false).unwrap();
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            use tokio::net::windows::named_pipe::ServerOptions;
+            let name = format!(r"\\.\pipe\cairn-test-{}", std::process::id());
+            let mut security = PipeSecurity::new().unwrap();
+            // SAFETY: `security` outlives the call.
+            let server = unsafe {
+                ServerOptions::new()
+                    .first_pipe_instance(true)
+                    .create_with_security_attributes_raw(&name, security.attributes())
+            }
+            .unwrap();
+            // A second first instance of the name is refused (Windows does;
+            // Wine does not).
+            assert!(ServerOptions::new().first_pipe_instance(true).create(&name).is_err() || under_wine());
+            let client = std::fs::OpenOptions::new().read(true).write(true).open(&name).unwrap();
+            server.connect().await.unwrap();
+            assert!(peer_is_me(&client, true).unwrap(), "the client sees its own user serve");
+            assert!(
+                peer_is_me(&server, false).unwrap(),
+                "the server sees its own user connect"
+            );
+        });
+    }
+}
