@@ -758,3 +758,68 @@ fn get_writes_through_a_private_unpredictable_temp_file_and_ends_with_the_users_
         "the umask's mode"
     );
 }
+
+/// Sends `request` on the control socket at `socket` as `nobody` (or as
+/// this process) and returns what came back.
+fn control_exchange(socket: &Path, request: &[u8], nobody: bool) -> String {
+    let script = "import socket,sys\n\
+        s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+        data=sys.stdin.buffer.read()\n\
+        try:\n    s.sendall(data)\nexcept OSError: pass\n\
+        out=b''\n\
+        while True:\n    b=s.recv(65536)\n    if not b: break\n    out+=b\n\
+        sys.stdout.buffer.write(out)\n";
+    let mut cmd = if nobody {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+        ]);
+        c
+    } else {
+        Command::new("/usr/bin/python3")
+    };
+    let mut child = cmd
+        .args(["-c", script, socket.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), request).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_control_socket_answers_only_its_owner_and_reads_a_bounded_request() {
+    if !root() {
+        eprintln!("skipped: needs root to run a process as nobody");
+        return;
+    }
+    let home = Home::init(&[]);
+    let mnt = home.mount(&[]);
+    let socket = home.file("control.sock");
+    let status = br#"{"cmd":"status"}
+"#;
+    assert!(control_exchange(&socket, status, false).contains(r#""ok":true"#));
+    // Opened up to nobody (the 0700 home and 0600 socket normally keep them
+    // from connecting at all), the daemon's own peer check still refuses.
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(home.path(), 0o711);
+    mode(&socket, 0o666);
+    let reply = control_exchange(&socket, status, true);
+    mode(&socket, 0o600);
+    mode(home.path(), 0o700);
+    assert_eq!(reply, "", "nobody got an answer from the daemon");
+    // A 1 MiB line: the daemon stops reading at 64 KiB and answers no request.
+    let mut huge = vec![b' '; 1 << 20];
+    huge.extend_from_slice(status);
+    let reply = control_exchange(&socket, &huge, false);
+    assert!(!reply.contains(r#""ok":true"#), "{reply}");
+    // And goes on serving.
+    home.ok(&["status"]);
+    assert!(mnt.unmount().success());
+}
