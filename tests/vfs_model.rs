@@ -1,21 +1,29 @@
 //! The file system core without the kernel: random operation sequences
-//! against a reference model (a map of names to bytes), then the same
-//! content read back from the grid alone after the cache is deleted.
+//! against a reference model, then the same content read back from the grid
+//! alone after the cache is deleted. The model is names (in the root and in
+//! one subdirectory) bound to files, files to bytes, and up to three open
+//! handles that follow their file through renames and unlinks; operations
+//! include interleaved writes through several handles to one file and
+//! writers on several threads at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn::config::Config;
-use cairn::vfs::{Caller, SetAttr, Vfs, VfsOptions};
+use cairn::vfs::{Caller, SetAttr, Vfs, VfsError, VfsOptions};
 use proptest::prelude::*;
 
 const ROOT: u64 = 1;
-const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// The subdirectory the last two paths live in.
+const DIR: &str = "e";
+const PATHS: [&str; 6] = ["a", "b", "c", "d", "e/x", "e/y"];
+const SLOTS: usize = 3;
 const CALLER: Caller = Caller { uid: 0, gid: 0 };
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Open (or create), write, close.
     Write {
         name: usize,
         offset: u64,
@@ -33,18 +41,90 @@ enum Op {
     Unlink {
         name: usize,
     },
+    Mkdir,
+    Rmdir,
+    /// Open an existing file for writing into a handle slot.
+    Open {
+        slot: usize,
+        name: usize,
+    },
+    /// A write through an open handle, not closed after.
+    HandleWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        byte: u8,
+    },
+    HandleRead {
+        slot: usize,
+        offset: u64,
+        len: u32,
+    },
+    Close {
+        slot: usize,
+    },
+    /// Writes to distinct files, each on its own thread, at once.
+    Parallel(Vec<(usize, u64, usize, u8)>),
     Sync,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let name = 0..PATHS.len();
+    let slot = 0..SLOTS;
     prop_oneof![
-        5 => (0..NAMES.len(), 0u64..3_000_000, 1usize..1_500_000, any::<u8>())
+        5 => (name.clone(), 0u64..3_000_000, 1usize..1_500_000, any::<u8>())
             .prop_map(|(name, offset, len, byte)| Op::Write { name, offset, len, byte }),
-        1 => (0..NAMES.len(), 0u64..3_000_000).prop_map(|(name, size)| Op::Truncate { name, size }),
-        1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Rename { from, to }),
-        1 => (0..NAMES.len()).prop_map(|name| Op::Unlink { name }),
+        1 => (name.clone(), 0u64..3_000_000).prop_map(|(name, size)| Op::Truncate { name, size }),
+        1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => name.clone().prop_map(|name| Op::Unlink { name }),
+        1 => Just(Op::Mkdir),
+        1 => Just(Op::Rmdir),
+        2 => (slot.clone(), name.clone()).prop_map(|(slot, name)| Op::Open { slot, name }),
+        3 => (slot.clone(), 0u64..3_000_000, 1usize..600_000, any::<u8>())
+            .prop_map(|(slot, offset, len, byte)| Op::HandleWrite { slot, offset, len, byte }),
+        2 => (slot.clone(), 0u64..3_500_000, 1u32..1_500_000)
+            .prop_map(|(slot, offset, len)| Op::HandleRead { slot, offset, len }),
+        2 => slot.prop_map(|slot| Op::Close { slot }),
+        1 => prop::collection::vec((name, 0u64..2_000_000, 1usize..1_000_000, any::<u8>()), 2..4).prop_map(Op::Parallel),
         1 => Just(Op::Sync),
     ]
+}
+
+/// What the core must hold.
+#[derive(Default)]
+struct Model {
+    dir: bool,
+    names: BTreeMap<&'static str, usize>,
+    files: HashMap<usize, Vec<u8>>,
+    next_file: usize,
+    handles: [Option<(usize, u64)>; SLOTS],
+}
+
+impl Model {
+    /// Whether `path`'s parent directory exists.
+    fn reachable(&self, path: &str) -> bool {
+        self.dir || !path.starts_with(DIR)
+    }
+
+    fn write(&mut self, file: usize, offset: u64, len: usize, byte: u8) {
+        let data = self.files.get_mut(&file).unwrap();
+        let end = offset as usize + len;
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[offset as usize..end].fill(byte);
+    }
+
+    /// The file at `path`, made empty if new.
+    fn file_at(&mut self, path: &'static str) -> usize {
+        if let Some(f) = self.names.get(path) {
+            return *f;
+        }
+        self.next_file += 1;
+        self.files.insert(self.next_file, Vec::new());
+        self.names.insert(path, self.next_file);
+        self.next_file
+    }
 }
 
 fn open_vfs(home: &std::path::Path, rt: &tokio::runtime::Runtime) -> Arc<Vfs> {
@@ -64,9 +144,20 @@ fn open_vfs(home: &std::path::Path, rt: &tokio::runtime::Runtime) -> Arc<Vfs> {
     vfs
 }
 
-fn read_all(vfs: &Vfs, name: &str) -> Option<Vec<u8>> {
-    let attr = vfs.lookup(ROOT, name).ok()?;
-    let fh = vfs.open(attr.ino, false, false).unwrap();
+/// The parent inode and last name of `path`.
+fn parent_of(vfs: &Vfs, path: &str) -> Result<(u64, String), VfsError> {
+    match path.split_once('/') {
+        Some((dir, name)) => Ok((vfs.lookup(ROOT, dir)?.ino, name.to_string())),
+        None => Ok((ROOT, path.to_string())),
+    }
+}
+
+fn lookup(vfs: &Vfs, path: &str) -> Result<cairn::vfs::Attr, VfsError> {
+    let (parent, name) = parent_of(vfs, path)?;
+    vfs.lookup(parent, &name)
+}
+
+fn read_handle(vfs: &Vfs, fh: u64) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let chunk = vfs.read(fh, out.len() as u64, 1 << 20).unwrap();
@@ -75,18 +166,51 @@ fn read_all(vfs: &Vfs, name: &str) -> Option<Vec<u8>> {
         }
         out.extend_from_slice(&chunk);
     }
+    out
+}
+
+fn read_all(vfs: &Vfs, path: &str) -> Option<Vec<u8>> {
+    let attr = lookup(vfs, path).ok()?;
+    let fh = vfs.open(attr.ino, false, false).unwrap();
+    let out = read_handle(vfs, fh);
     vfs.release(fh).unwrap();
-    assert_eq!(out.len() as u64, attr.size, "{name}: size in attributes");
+    assert_eq!(out.len() as u64, attr.size, "{path}: size in attributes");
     Some(out)
 }
 
-fn check(vfs: &Vfs, model: &BTreeMap<String, Vec<u8>>) -> Result<(), TestCaseError> {
-    for name in NAMES {
-        let got = read_all(vfs, name);
-        prop_assert!(got.as_ref() == model.get(name), "{} differs from the model", name);
+/// Open (or create) `path`, write, close: what `Op::Write` does.
+fn write_file(vfs: &Vfs, path: &str, offset: u64, len: usize, byte: u8) {
+    let fh = match lookup(vfs, path) {
+        Ok(a) => vfs.open(a.ino, true, false).unwrap(),
+        Err(_) => {
+            let (parent, name) = parent_of(vfs, path).unwrap();
+            vfs.create(parent, &name, 0o644, CALLER).unwrap().1
+        }
+    };
+    vfs.write(fh, offset, &vec![byte; len]).unwrap();
+    vfs.flush(fh).unwrap();
+    vfs.release(fh).unwrap();
+}
+
+fn check(vfs: &Vfs, model: &Model) -> Result<(), TestCaseError> {
+    for path in PATHS {
+        let got = read_all(vfs, path);
+        let want = model.names.get(path).map(|f| &model.files[f]);
+        prop_assert!(got.as_ref() == want, "{} differs from the model", path);
     }
-    let listed: Vec<String> = vfs.readdir(ROOT, 2).unwrap().into_iter().map(|e| e.3).collect();
-    prop_assert_eq!(listed.len(), model.len());
+    for (file, fh) in model.handles.iter().flatten() {
+        prop_assert!(
+            read_handle(vfs, *fh) == model.files[file],
+            "an open handle reads other bytes"
+        );
+    }
+    let listed = |ino| vfs.readdir(ino, 2).unwrap().len();
+    let in_root = model.names.keys().filter(|p| !p.contains('/')).count() + model.dir as usize;
+    prop_assert_eq!(listed(ROOT), in_root);
+    if model.dir {
+        let in_dir = model.names.keys().filter(|p| p.contains('/')).count();
+        prop_assert_eq!(listed(vfs.lookup(ROOT, DIR).unwrap().ino), in_dir);
+    }
     Ok(())
 }
 
@@ -98,6 +222,116 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Applies one operation to the core and the model.
+fn apply(vfs: &Vfs, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op) -> Result<(), TestCaseError> {
+    match op {
+        Op::Write {
+            name,
+            offset,
+            len,
+            byte,
+        } => {
+            let path = PATHS[name];
+            if model.reachable(path) {
+                write_file(vfs, path, offset, len, byte);
+                let file = model.file_at(path);
+                model.write(file, offset, len, byte);
+            }
+        }
+        Op::Truncate { name, size } => {
+            let path = PATHS[name];
+            if let Some(&file) = model.names.get(path) {
+                let ino = lookup(vfs, path).unwrap().ino;
+                let set = SetAttr {
+                    size: Some(size),
+                    ..Default::default()
+                };
+                vfs.setattr(ino, set).unwrap();
+                model.files.get_mut(&file).unwrap().resize(size as usize, 0);
+            }
+        }
+        Op::Rename { from, to } => {
+            let (from, to) = (PATHS[from], PATHS[to]);
+            if model.names.contains_key(from) && model.reachable(to) {
+                let (p1, n1) = parent_of(vfs, from).unwrap();
+                let (p2, n2) = parent_of(vfs, to).unwrap();
+                vfs.rename(p1, &n1, p2, &n2, false).unwrap();
+                let file = model.names.remove(from).unwrap();
+                model.names.insert(to, file);
+            }
+        }
+        Op::Unlink { name } => {
+            let path = PATHS[name];
+            let done = parent_of(vfs, path).and_then(|(p, n)| vfs.unlink(p, &n)).is_ok();
+            prop_assert_eq!(done, model.names.remove(path).is_some());
+        }
+        Op::Mkdir => {
+            prop_assert_eq!(vfs.mkdir(ROOT, DIR, 0o755, CALLER).is_ok(), !model.dir);
+            model.dir = true;
+        }
+        Op::Rmdir => {
+            let empty = !model.names.keys().any(|p| p.contains('/'));
+            prop_assert_eq!(vfs.rmdir(ROOT, DIR).is_ok(), model.dir && empty, "rmdir");
+            model.dir &= !empty;
+        }
+        Op::Open { slot, name } => {
+            let path = PATHS[name];
+            if let (None, Some(&file)) = (model.handles[slot], model.names.get(path)) {
+                let fh = vfs.open(lookup(vfs, path).unwrap().ino, true, false).unwrap();
+                model.handles[slot] = Some((file, fh));
+            }
+        }
+        Op::HandleWrite {
+            slot,
+            offset,
+            len,
+            byte,
+        } => {
+            if let Some((file, fh)) = model.handles[slot] {
+                vfs.write(fh, offset, &vec![byte; len]).unwrap();
+                model.write(file, offset, len, byte);
+            }
+        }
+        Op::HandleRead { slot, offset, len } => {
+            if let Some((file, fh)) = model.handles[slot] {
+                let data = &model.files[&file];
+                let from = (offset as usize).min(data.len());
+                let to = (offset as usize + len as usize).min(data.len());
+                prop_assert!(
+                    vfs.read(fh, offset, len).unwrap() == data[from..to],
+                    "a read through a handle"
+                );
+            }
+        }
+        Op::Close { slot } => {
+            if let Some((_, fh)) = model.handles[slot].take() {
+                vfs.flush(fh).unwrap();
+                vfs.release(fh).unwrap();
+            }
+        }
+        Op::Parallel(writes) => {
+            let mut seen = std::collections::HashSet::new();
+            let writes: Vec<_> = writes
+                .into_iter()
+                .filter(|w| model.reachable(PATHS[w.0]) && seen.insert(w.0))
+                .collect();
+            std::thread::scope(|s| {
+                for &(name, offset, len, byte) in &writes {
+                    s.spawn(move || write_file(vfs, PATHS[name], offset, len, byte));
+                }
+            });
+            for (name, offset, len, byte) in writes {
+                let file = model.file_at(PATHS[name]);
+                model.write(file, offset, len, byte);
+            }
+        }
+        Op::Sync => {
+            rt.block_on(vfs.sync()).unwrap();
+        }
+    }
+    Ok(())
+}
+
 /// Runs `ops` on a core and on the model, comparing after each; then
 /// reads everything back from the grid alone.
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -105,61 +339,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     Config::embedded_default(home.path()).write_new(home.path()).unwrap();
     let rt = runtime();
     let vfs = open_vfs(home.path(), &rt);
-    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut model = Model::default();
     for op in ops {
-        match op {
-            Op::Write {
-                name,
-                offset,
-                len,
-                byte,
-            } => {
-                let name = NAMES[name];
-                let fh = match vfs.lookup(ROOT, name) {
-                    Ok(a) => vfs.open(a.ino, true, false).unwrap(),
-                    Err(_) => vfs.create(ROOT, name, 0o644, CALLER).unwrap().1,
-                };
-                vfs.write(fh, offset, &vec![byte; len]).unwrap();
-                vfs.flush(fh).unwrap();
-                vfs.release(fh).unwrap();
-                let data = model.entry(name.to_string()).or_default();
-                let end = offset as usize + len;
-                if data.len() < end {
-                    data.resize(end, 0);
-                }
-                data[offset as usize..end].fill(byte);
-            }
-            Op::Truncate { name, size } => {
-                let name = NAMES[name];
-                if let Ok(a) = vfs.lookup(ROOT, name) {
-                    vfs.setattr(
-                        a.ino,
-                        SetAttr {
-                            size: Some(size),
-                            ..Default::default()
-                        },
-                    )
-                    .unwrap();
-                    model.get_mut(name).unwrap().resize(size as usize, 0);
-                }
-            }
-            Op::Rename { from, to } => {
-                let (from, to) = (NAMES[from], NAMES[to]);
-                if model.contains_key(from) {
-                    vfs.rename(ROOT, from, ROOT, to, false).unwrap();
-                    let data = model.remove(from).unwrap();
-                    model.insert(to.to_string(), data);
-                }
-            }
-            Op::Unlink { name } => {
-                let name = NAMES[name];
-                prop_assert_eq!(vfs.unlink(ROOT, name).is_ok(), model.remove(name).is_some());
-            }
-            Op::Sync => {
-                rt.block_on(vfs.sync()).unwrap();
-            }
-        }
+        apply(&vfs, &rt, &mut model, op)?;
         check(&vfs, &model)?;
+    }
+    for slot in 0..SLOTS {
+        apply(&vfs, &rt, &mut model, Op::Close { slot })?;
     }
     rt.block_on(vfs.sync()).unwrap();
     drop(vfs);
@@ -174,10 +360,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
-    fn the_core_matches_a_model_and_the_grid_alone_restores_it(ops in prop::collection::vec(op(), 1..16)) {
+    fn the_core_matches_a_model_and_the_grid_alone_restores_it(ops in prop::collection::vec(op(), 1..24)) {
         run(ops)?;
     }
 }
