@@ -1,0 +1,62 @@
+//! Background duties run by the daemon besides uploads: namespace
+//! publication and repair of degraded versions.
+
+use super::*;
+
+impl Vfs {
+    /// Repairs committed versions that were uploaded without every server,
+    /// once those servers answer again. Returns how many became healthy.
+    /// Publishes the namespace to the grid if it changed since the last
+    /// publication; returns its sequence number if it did.
+    pub async fn publish_namespace(&self) -> VfsResult<Option<u64>> {
+        let _one = self.publishing.lock().await;
+        let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.to_string());
+        let Some(pending) = crate::namespace::prepare(&self.lock().catalog).map_err(grid_err)? else {
+            return Ok(None);
+        };
+        let published = crate::namespace::upload(&self.grid, self.params, self.happy, pending)
+            .await
+            .map_err(grid_err)?;
+        crate::namespace::record(&self.lock().catalog, &published).map_err(grid_err)?;
+        tracing::info!(
+            seq = published.namespace.seq,
+            bytes = published.bytes,
+            "published the namespace"
+        );
+        Ok(Some(published.namespace.seq))
+    }
+
+    pub async fn repair_degraded(&self) -> VfsResult<usize> {
+        let degraded = self.lock().catalog.degraded_versions()?;
+        let mut healed = 0;
+        // Files in one pack share its shares: repair it once.
+        let mut repaired: HashMap<StorageIndex, bool> = HashMap::new();
+        for v in degraded {
+            let Some(cap) = v.cap.as_deref().and_then(|c| c.parse::<FileCap>().ok()) else {
+                continue;
+            };
+            let stored = cap.stored().clone();
+            if let Some(&healthy) = repaired.get(&stored.storage_index()) {
+                if healthy {
+                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    healed += 1;
+                }
+                continue;
+            }
+            let result = crate::repair::repair(self.grid.clone(), stored.clone()).await;
+            repaired.insert(stored.storage_index(), matches!(&result, Ok(r) if r.healthy));
+            match result {
+                Ok(report) if report.healthy => {
+                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    tracing::info!(ino = v.ino, num = v.num, placed = ?report.placed, "repaired");
+                    healed += 1;
+                }
+                Ok(report) => tracing::debug!(ino = v.ino, num = v.num, failures = ?report.failures, "repair: not yet"),
+                Err(e) => tracing::warn!(ino = v.ino, num = v.num, error = %e, "repair failed"),
+            }
+        }
+        Ok(healed)
+    }
+
+    // ----- versions, for the control socket -----
+}

@@ -1,0 +1,443 @@
+//! The platform-neutral file system core: namespace, open files, staging,
+//! sealing, versions, and the upload queue. No FUSE here: the `fuse` adapter
+//! (and later a WinFsp one) translate kernel requests into these calls and
+//! map [`VfsError`] to their error codes in one place each.
+//!
+//! The rule everything follows: writes go to a working copy in the staging
+//! cache; when the last writer of a file releases it, the working copy is
+//! sealed as the next immutable version and queued for upload after the
+//! write-back delay. Uploads only ever read sealed versions.
+//!
+//! Rooms: `namespace` (names and attributes), `files` (open files, the
+//! write path, sealing), `read` (reads, fetches, read-ahead), `xattr`,
+//! `restore` (versions of a file), `uploads` (the write-back queue),
+//! `background` (publication, repair), `evict` and `recovery` (the
+//! staging cache). This module holds the types they share and the state.
+
+mod background;
+mod evict;
+mod files;
+mod namespace;
+mod read;
+mod recovery;
+mod restore;
+mod uploads;
+mod xattr;
+
+pub use namespace::StatFs;
+pub use uploads::{QueueEntry, Status};
+
+use files::record_sealed;
+use namespace::purge_versions;
+use recovery::recover_staging;
+
+use crate::sys::fs_space;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Version, VersionState};
+use crate::codec::{FileCap, Params, StorageIndex};
+use crate::download::{read_chunk, RecentSegments, VersionReader};
+use crate::grid::Grid;
+use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
+use crate::stage::spare::SpareDirs;
+use crate::upload::{self, pack};
+
+/// Longest name a directory entry may have, as on ext4.
+pub const NAME_MAX: usize = 255;
+/// Longest a metadata change waits in the catalog's batch before it is
+/// committed (survives a crash of the daemon).
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the staging disk is synced (survives a power loss).
+pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Catalog meta key: the segment size the staging cache was made with.
+const META_CACHE_SEGMENT_SIZE: &str = "cache_segment_size";
+/// The extended-attribute namespace cairn answers itself.
+pub const XATTR_PREFIX: &str = "user.cairn.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("permission denied")]
+    AccessDenied,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("attribute namespace not supported")]
+    NotSupported,
+    #[error("file is busy")]
+    Busy,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("grid: {0}")]
+    Grid(String),
+}
+
+pub type VfsResult<T> = Result<T, VfsError>;
+
+/// Attributes of a node, as every platform adapter needs them.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+/// A requested attribute change (setattr / truncate / chmod / utimens).
+#[derive(Debug, Default, Clone)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+    /// The caller may not keep set-user/group-ID bits across a size change
+    /// (Linux: it lacks CAP_FSETID): a resize drops them, as a write does.
+    pub resize_drops_setid: bool,
+}
+
+/// The set-user-ID bit, and the set-group-ID bit if the group may execute
+/// (otherwise it marks mandatory locking and stays), removed: what Linux
+/// does to a file on chown, and on a write or truncate by an unprivileged
+/// caller.
+pub fn without_setid(mode: u32) -> u32 {
+    let mut mode = mode & !0o4000;
+    if mode & 0o010 != 0 {
+        mode &= !0o2000;
+    }
+    mode
+}
+
+/// Who asks: owner of what gets created, and whether they may see a
+/// file's capability.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct VfsOptions {
+    pub home: PathBuf,
+    pub writeback_delay: Duration,
+    pub read_only: bool,
+    /// Bound on the cache's clean (committed) data; staged data is never
+    /// evicted and may exceed it.
+    pub cache_max_bytes: u64,
+}
+
+struct Handle {
+    ino: i64,
+    write: bool,
+    /// Flushed (closed once) but not yet released.
+    closing: bool,
+}
+
+/// A file with open handles, and its working copy once written.
+#[derive(Default)]
+struct OpenFile {
+    handles: usize,
+    writers: usize,
+    work: Option<WorkingCopy>,
+    /// Written or truncated since the working copy was made.
+    dirty: bool,
+    /// When the working copy was last written or truncated, unless an
+    /// explicit utimens came after (so `cp -a` and rsync keep their times):
+    /// the file's mtime while open, recorded at the seal. The kernel caches
+    /// attributes, so sealing must not change them behind its back.
+    modified_ns: Option<i64>,
+}
+
+/// A sealed version waiting for, or in, upload.
+struct Pending {
+    sealed_at: Instant,
+    /// After a failed attempt: not before this.
+    retry_at: Option<Instant>,
+    /// `cairn sync` asked for it: skip the write-back delay.
+    flush: bool,
+    attempts: u32,
+    uploading: bool,
+    sent: Arc<AtomicU64>,
+    size: u64,
+    last_error: Option<String>,
+    /// The last attempt could not read the staged bytes.
+    damaged: bool,
+}
+
+impl Pending {
+    fn new(size: u64, sealed_at: Instant) -> Pending {
+        Pending {
+            sealed_at,
+            retry_at: None,
+            flush: false,
+            attempts: 0,
+            uploading: false,
+            sent: Arc::new(AtomicU64::new(0)),
+            size,
+            last_error: None,
+            damaged: false,
+        }
+    }
+}
+
+struct State {
+    catalog: Catalog,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    files: HashMap<i64, OpenFile>,
+    queue: BTreeMap<(i64, i64), Pending>,
+    /// Names a file was renamed away from lately: (directory, name) to the
+    /// node and when. A file that takes such a name soon after continues
+    /// that node's history (how Word and vim save).
+    vacated: HashMap<(i64, String), (i64, Instant)>,
+}
+
+/// How long a vacated name remembers its file for a save-by-rename.
+const SAVE_CHAIN_WINDOW: Duration = Duration::from_secs(60);
+
+pub struct Vfs {
+    state: Mutex<State>,
+    grid: Arc<Grid>,
+    params: Params,
+    happy: u16,
+    cache: PathBuf,
+    options: VfsOptions,
+    /// Wakes the upload scheduler.
+    upload_wake: Notify,
+    /// Signalled whenever a version leaves the queue.
+    queue_changed: Notify,
+    readers: Mutex<HashMap<StorageIndex, Arc<VersionReader>>>,
+    /// Segments of packs just read, so the next small file in the same
+    /// segment is not fetched again (8 segments: 8 MiB by default).
+    recent_segments: Arc<RecentSegments>,
+    /// Directories of `dir` servers, for statfs.
+    server_dirs: Vec<PathBuf>,
+    runtime: tokio::runtime::Handle,
+    /// One namespace publication at a time.
+    publishing: tokio::sync::Mutex<()>,
+    /// Chunks (ino, version, index) being read ahead: every read asks for
+    /// the next few, and must not fetch again what is already on its way.
+    reading_ahead: Arc<Mutex<std::collections::HashSet<(i64, i64, u64)>>>,
+    /// The cache's size at the last eviction pass, and the bytes sealed or
+    /// fetched since: while their sum is under the bound, a pass has
+    /// nothing to do and skips walking the cache.
+    cache_scanned: AtomicU64,
+    cache_growth: Arc<AtomicU64>,
+    /// Empty directories for new working copies.
+    spares: Arc<SpareDirs>,
+    /// Set by the platform adapter: see [`Vfs::on_content_changed`].
+    content_changed: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
+}
+
+fn to_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn check_name(name: &str) -> VfsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(VfsError::NameTooLong);
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(VfsError::Invalid);
+    }
+    Ok(())
+}
+
+/// A version's directory in the staging cache.
+fn version_dir(cache: &Path, ino: i64, num: i64) -> PathBuf {
+    cache.join("versions").join(format!("{ino}.{num}"))
+}
+
+/// (ino, version number) of a `cache/versions/INO.NUM` directory.
+fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
+    let (ino, num) = path.file_name()?.to_str()?.split_once('.')?;
+    Some((ino.parse().ok()?, num.parse().ok()?))
+}
+
+// ----- crash recovery -----
+
+impl Vfs {
+    pub fn new(
+        options: VfsOptions,
+        config: &crate::config::Config,
+        runtime: tokio::runtime::Handle,
+    ) -> VfsResult<Arc<Vfs>> {
+        let cache = options.home.join("cache");
+        for d in ["work", "versions", "fetch"] {
+            std::fs::create_dir_all(cache.join(d))?;
+        }
+        let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
+        // The cache's chunks are segments of this size: read with another,
+        // every staged and cached file would be cut wrong.
+        let segment = config.grid.segment_size.to_string();
+        let made_with = catalog.meta_or_insert(META_CACHE_SEGMENT_SIZE, &segment)?;
+        if made_with != segment {
+            return Err(VfsError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "grid.segment_size is {segment} in config.toml, but this home's staging cache was made with \
+                     {made_with}: put it back (a new segment size needs a new CAIRN_HOME)"
+                ),
+            )));
+        }
+        for ino in catalog.orphans()? {
+            catalog.forget_orphan(ino)?;
+            purge_versions(&cache, &catalog, ino);
+        }
+        recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
+        let mut queue = BTreeMap::new();
+        for v in catalog.staged()? {
+            // Already waited out their delay before the last unmount.
+            let mut p = Pending::new(v.size, Instant::now());
+            p.flush = true;
+            queue.insert((v.ino, v.num), p);
+        }
+        if !queue.is_empty() {
+            tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
+        }
+        let spares = Arc::new(SpareDirs::new(cache.join("work")));
+        Ok(Arc::new(Vfs {
+            state: Mutex::new(State {
+                catalog,
+                handles: HashMap::new(),
+                next_fh: 1,
+                files: HashMap::new(),
+                queue,
+                vacated: HashMap::new(),
+            }),
+            grid: Arc::new(
+                Grid::from_config(config, &options.home).map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+            ),
+            params: config.params(),
+            happy: config.grid.happy,
+            cache,
+            server_dirs: config.servers.iter().filter_map(|s| s.path.clone()).collect(),
+            runtime,
+            options,
+            upload_wake: Notify::new(),
+            queue_changed: Notify::new(),
+            readers: Mutex::new(HashMap::new()),
+            recent_segments: Arc::new(RecentSegments::new(8)),
+            publishing: tokio::sync::Mutex::new(()),
+            reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            cache_scanned: AtomicU64::new(u64::MAX),
+            cache_growth: Arc::new(AtomicU64::new(0)),
+            content_changed: std::sync::OnceLock::new(),
+            spares,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("vfs state lock")
+    }
+
+    fn chunk_size(&self) -> u64 {
+        self.params.segment_size as u64
+    }
+
+    fn writable(&self) -> VfsResult<()> {
+        if self.options.read_only {
+            Err(VfsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ----- attributes -----
+
+    fn attr_of(&self, st: &State, node: &Node) -> VfsResult<Attr> {
+        Ok(Self::attr_with(st, node, &st.catalog.facts(node)?))
+    }
+
+    /// A node's attributes from the node, its catalog facts, and its open
+    /// working copy if any.
+    fn attr_with(st: &State, node: &Node, facts: &NodeFacts) -> Attr {
+        let size = match node.kind {
+            Kind::Dir => 4096,
+            Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
+            Kind::File => match st.files.get(&node.ino).and_then(|f| f.work.as_ref()) {
+                Some(work) => work.size(),
+                None => facts.latest_size.unwrap_or(0),
+            },
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,
+        };
+        let rdev = match node.kind {
+            Kind::CharDevice | Kind::BlockDevice => node.target.as_ref().and_then(|t| t.parse().ok()).unwrap_or(0),
+            _ => 0,
+        };
+        Attr {
+            ino: node.ino as u64,
+            kind: node.kind,
+            size,
+            perm: (node.mode & 0o7777) as u16,
+            uid: node.uid,
+            gid: node.gid,
+            atime: to_time(node.atime_ns),
+            mtime: to_time(
+                st.files
+                    .get(&node.ino)
+                    .and_then(|f| f.modified_ns)
+                    .unwrap_or(node.mtime_ns),
+            ),
+            ctime: to_time(node.ctime_ns),
+            nlink: match node.kind {
+                Kind::Dir => 2 + facts.subdirs,
+                // Unlinked while open: alive only through its handles.
+                _ if node.parent == crate::catalog::ORPHAN_PARENT => 0,
+                _ => 1,
+            },
+            rdev,
+        }
+    }
+
+    fn node(st: &State, ino: i64) -> VfsResult<Node> {
+        st.catalog.node(ino)?.ok_or(VfsError::NotFound)
+    }
+
+    fn dir(st: &State, ino: i64) -> VfsResult<Node> {
+        let node = Self::node(st, ino)?;
+        if node.kind != Kind::Dir {
+            return Err(VfsError::NotDir);
+        }
+        Ok(node)
+    }
+}

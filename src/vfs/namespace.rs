@@ -1,0 +1,397 @@
+//! The POSIX namespace: lookups, attributes, creating, linking and
+//! removing names, renames, directory listings, statfs.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+}
+
+/// Removes every cached version of a deleted file (the catalog keeps their
+/// rows, so it knows which).
+pub(super) fn purge_versions(cache: &Path, catalog: &Catalog, ino: i64) {
+    let nums = match catalog.version_nums(ino) {
+        Ok(nums) => nums,
+        Err(e) => {
+            tracing::warn!(ino, error = %e, "listing versions to free");
+            return;
+        }
+    };
+    for num in nums {
+        match std::fs::remove_dir_all(version_dir(cache, ino, num)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(ino, num, error = %e, "freeing a cached version");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Vfs {
+    pub fn lookup(&self, parent: u64, name: &str) -> VfsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(VfsError::NameTooLong);
+        }
+        let st = self.lock();
+        Self::dir(&st, parent as i64)?;
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn getattr(&self, ino: u64) -> VfsResult<Attr> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> VfsResult<Attr> {
+        self.writable()?;
+        // Truncation to the current size changes nothing (and must not
+        // count as a write: the kernel sends it after creating with O_TRUNC).
+        let resize = set.size.filter(|size| self.getattr(ino).is_ok_and(|a| a.size != *size));
+        let ino = ino as i64;
+        if let Some(size) = resize {
+            self.modify(ino, |work| work.truncate(size))?;
+        }
+        let mut st = self.lock();
+        let mut node = Self::node(&st, ino)?;
+        let now = crate::catalog::now_ns();
+        if let Some(mode) = set.mode {
+            node.mode = mode & 0o7777;
+        } else if node.kind != Kind::Dir
+            && (set.uid.is_some() || set.gid.is_some() || (resize.is_some() && set.resize_drops_setid))
+        {
+            node.mode = without_setid(node.mode);
+        }
+        if let Some(uid) = set.uid {
+            node.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            node.gid = gid;
+        }
+        if let Some(t) = set.atime {
+            node.atime_ns = to_ns(t);
+        }
+        if let Some(t) = set.mtime {
+            node.mtime_ns = to_ns(t);
+            if let Some(file) = st.files.get_mut(&ino) {
+                file.modified_ns = None;
+            }
+        } else if resize.is_some() {
+            node.mtime_ns = now;
+        }
+        node.ctime_ns = now;
+        st.catalog.update_attrs(&node)?;
+        self.attr_of(&st, &node)
+    }
+
+    /// posix_fallocate: makes the file at least `offset + len` long.
+    /// Other modes (punching holes, collapsing ranges) are not supported.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> VfsResult<()> {
+        if mode != 0 {
+            return Err(VfsError::NotSupported);
+        }
+        let end = offset.checked_add(len).ok_or(VfsError::Invalid)?;
+        if end > self.getattr(ino)?.size {
+            self.setattr(
+                ino,
+                SetAttr {
+                    size: Some(end),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    // ----- namespace -----
+
+    pub(super) fn create_node(
+        &self,
+        parent: u64,
+        name: &str,
+        new: NewNode<'_>,
+    ) -> VfsResult<(MutexGuard<'_, State>, Node)> {
+        self.writable()?;
+        check_name(name)?;
+        let st = self.lock();
+        Self::dir(&st, parent as i64)?;
+        if st.catalog.child(parent as i64, name)?.is_some() {
+            return Err(VfsError::Exists);
+        }
+        let node = st.catalog.create(parent as i64, name, &new)?;
+        // A name that appeared survives a crash of the daemon once the call
+        // returns (attribute changes are what the batch groups).
+        st.catalog.commit()?;
+        Ok((st, node))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<Attr> {
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Dir,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: None,
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    /// A fifo, socket or device node: a name with attributes, no content.
+    pub fn mknod(&self, parent: u64, name: &str, kind: Kind, mode: u32, rdev: u32, caller: Caller) -> VfsResult<Attr> {
+        let rdev = rdev.to_string();
+        let device = matches!(kind, Kind::CharDevice | Kind::BlockDevice);
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: device.then_some(rdev.as_str()),
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &str, target: &str, caller: Caller) -> VfsResult<Attr> {
+        let (st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::Symlink,
+                mode: 0o777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: Some(target),
+            },
+        )?;
+        self.attr_of(&st, &node)
+    }
+
+    pub fn readlink(&self, ino: u64) -> VfsResult<String> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        node.target.ok_or(VfsError::Invalid)
+    }
+
+    /// Creates and opens a regular file for writing. Its empty content
+    /// counts as written, so even an empty new file becomes a version.
+    pub fn create(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<(Attr, u64)> {
+        let (mut st, node) = self.create_node(
+            parent,
+            name,
+            NewNode {
+                kind: Kind::File,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid: caller.gid,
+                target: None,
+            },
+        )?;
+        let work = self.new_working_copy(node.ino, None)?;
+        let file = st.files.entry(node.ino).or_default();
+        file.work = Some(work);
+        file.dirty = true;
+        let fh = Self::add_handle(&mut st, node.ino, true);
+        Self::continue_history(&mut st, parent as i64, name, node.ino)?;
+        let attr = self.attr_of(&st, &node)?;
+        Ok((attr, fh))
+    }
+
+    /// A file takes the name (`dir`, `name`): if a file was renamed away
+    /// from it within [`SAVE_CHAIN_WINDOW`], this node continues its history.
+    pub(super) fn continue_history(st: &mut State, dir: i64, name: &str, ino: i64) -> VfsResult<()> {
+        let Some((previous, when)) = st.vacated.remove(&(dir, name.to_owned())) else {
+            return Ok(());
+        };
+        if previous != ino && when.elapsed() < SAVE_CHAIN_WINDOW {
+            let carried = st.catalog.adopt_history(previous, ino)?;
+            tracing::debug!(ino, previous, carried, "history continues through a save by rename");
+        }
+        Ok(())
+    }
+
+    pub fn unlink(&self, parent: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        if node.kind == Kind::Dir {
+            return Err(VfsError::IsDir);
+        }
+        let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
+        st.catalog.unlink(&node, open)?;
+        st.catalog.commit()?;
+        self.forget_content(&mut st, node.ino, open);
+        Ok(())
+    }
+
+    /// A deleted file: forget its queued uploads (the catalog marked them
+    /// dropped) and, unless it is still open, free its cached versions.
+    pub(super) fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) {
+        Self::drop_queued(st, ino);
+        if !still_open {
+            purge_versions(&self.cache, &st.catalog, ino);
+        }
+    }
+
+    /// Forgets queued uploads of a deleted file, also those on their way:
+    /// an upload whose entry is gone is not recorded when it ends (and
+    /// fails sooner, once the version's chunks are freed).
+    pub(super) fn drop_queued(st: &mut State, ino: i64) {
+        st.queue.retain(|(i, _), _| *i != ino);
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        if node.kind != Kind::Dir {
+            return Err(VfsError::NotDir);
+        }
+        if st.catalog.has_children(node.ino)? {
+            return Err(VfsError::NotEmpty);
+        }
+        st.catalog.unlink(&node, false)?;
+        st.catalog.commit()?;
+        Ok(())
+    }
+
+    /// Renames, replacing an existing target as rename(2) does. Only the
+    /// namespace changes: content and versions stay with the node, so a
+    /// rename never re-uploads.
+    pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool) -> VfsResult<()> {
+        self.writable()?;
+        check_name(new_name)?;
+        let mut st = self.lock();
+        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        Self::dir(&st, new_parent as i64)?;
+        let target = st.catalog.child(new_parent as i64, new_name)?;
+        if let Some(t) = &target {
+            if t.ino == node.ino {
+                return Ok(());
+            }
+            if no_replace {
+                return Err(VfsError::Exists);
+            }
+            match (node.kind == Kind::Dir, t.kind == Kind::Dir) {
+                (true, false) => return Err(VfsError::NotDir),
+                (false, true) => return Err(VfsError::IsDir),
+                (true, true) if st.catalog.has_children(t.ino)? => return Err(VfsError::NotEmpty),
+                _ => {}
+            }
+        }
+        let replaced = target.map(|t| {
+            let open = st.files.get(&t.ino).is_some_and(|f| f.handles > 0);
+            (t, open)
+        });
+        if node.kind == Kind::File {
+            // Save by rename: the replaced file's history, or that of the
+            // file that left this name lately, continues in this one.
+            match &replaced {
+                Some((t, _)) if t.kind == Kind::File => {
+                    st.catalog.adopt_history(t.ino, node.ino)?;
+                }
+                Some(_) => {}
+                None => Self::continue_history(&mut st, new_parent as i64, new_name, node.ino)?,
+            }
+            st.vacated.retain(|_, (_, when)| when.elapsed() < SAVE_CHAIN_WINDOW);
+            st.vacated
+                .insert((parent as i64, name.to_owned()), (node.ino, Instant::now()));
+        }
+        st.catalog.rename(
+            &node,
+            new_parent as i64,
+            new_name,
+            replaced.as_ref().map(|(t, open)| (t, *open)),
+        )?;
+        // A rename is how editors save: it is durable (against a crash of
+        // the daemon) when it returns, with everything batched before it.
+        st.catalog.commit()?;
+        if let Some((t, open)) = replaced {
+            self.forget_content(&mut st, t.ino, open);
+        }
+        Ok(())
+    }
+
+    /// Directory entries after `offset`, with the offset to resume after
+    /// each. Offsets are derived from inode numbers, so they stay valid while
+    /// entries are added or removed.
+    pub fn readdir(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
+        let st = self.lock();
+        let dir = Self::dir(&st, ino as i64)?;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((ino, 1, Kind::Dir, ".".to_string()));
+        }
+        if offset < 2 {
+            out.push((dir.parent as u64, 2, Kind::Dir, "..".to_string()));
+        }
+        for child in st.catalog.children(ino as i64)? {
+            let off = child.ino as u64 + 2;
+            if off > offset {
+                out.push((child.ino as u64, off, child.kind, child.name));
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Vfs::readdir`] with each entry's attributes (READDIRPLUS: `ls -l`
+    /// needs no lookup per entry).
+    pub fn readdir_plus(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
+        let st = self.lock();
+        let dir = Self::dir(&st, ino as i64)?;
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((1, ".".to_string(), self.attr_of(&st, &dir)?));
+        }
+        if offset < 2 {
+            let parent = Self::node(&st, dir.parent)?;
+            out.push((2, "..".to_string(), self.attr_of(&st, &parent)?));
+        }
+        // Offsets as in `readdir`; the children's attributes in one query.
+        let after = offset.saturating_sub(2) as i64;
+        for (child, facts) in st.catalog.children_with_facts(dir.ino, after)? {
+            let attr = Self::attr_with(&st, &child, &facts);
+            out.push((child.ino as u64 + 2, child.name, attr));
+        }
+        Ok(out)
+    }
+
+    // ----- open files -----
+
+    pub fn statfs(&self) -> VfsResult<StatFs> {
+        let st = self.lock();
+        let files = st.catalog.count_nodes()?;
+        drop(st);
+        // Capacity in file bytes: each version puts 1/k of its size on each
+        // of n servers, so a disk holding c servers fills at c/k bytes per
+        // file byte. The first disk to fill bounds the grid.
+        let mut disks: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+        for dir in self.server_dirs.iter().chain(std::iter::once(&self.cache)) {
+            if let (Ok(meta), Ok((total, free))) = (std::fs::metadata(dir), fs_space(dir)) {
+                let count = if dir == &self.cache { 0 } else { 1 };
+                disks.entry(crate::sys::device_of(&meta)).or_insert((total, free, 0)).2 += count;
+            }
+        }
+        let k = self.params.needed as u64;
+        let (total_bytes, free_bytes) = disks
+            .values()
+            .filter(|(_, _, count)| *count > 0)
+            .map(|(total, free, count)| (total * k / count, free * k / count))
+            .fold((u64::MAX, u64::MAX), |(t, f), (t2, f2)| (t.min(t2), f.min(f2)));
+        Ok(StatFs {
+            total_bytes: if total_bytes == u64::MAX { 0 } else { total_bytes },
+            free_bytes: if free_bytes == u64::MAX { 0 } else { free_bytes },
+            files,
+        })
+    }
+}

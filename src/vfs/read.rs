@@ -1,0 +1,216 @@
+//! Reads: from a file's working copy, or from its sealed version in the
+//! cache, fetching missing chunks from the grid, with read-ahead.
+
+use super::*;
+
+/// Segments fetched ahead of a sequential reader.
+pub(super) const READ_AHEAD_SEGMENTS: u64 = 4;
+/// Writes a verified chunk into a version's cache directory atomically.
+pub(super) fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = version_dir(cache, v.ino, v.num);
+    std::fs::create_dir_all(&dir)?;
+    let tmp = cache
+        .join("fetch")
+        .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
+    std::fs::write(&tmp, bytes)?;
+    // The sum first: a chunk is never in the cache without it.
+    crate::stage::sums::record(&dir, index, &crate::stage::sums::sum_of(bytes))?;
+    let dest = dir.join(index.to_string());
+    match std::fs::rename(&tmp, &dest) {
+        // Another fetch stored the same verified chunk first, and a reader
+        // holds it open: Windows refuses to replace an open file. The bytes
+        // are identical (a version never changes), so keep the one there.
+        Err(_) if dest.exists() => std::fs::remove_file(&tmp),
+        other => other,
+    }
+}
+
+impl Vfs {
+    pub(super) fn sealed(&self, v: &Version) -> SealedVersion {
+        SealedVersion::open(version_dir(&self.cache, v.ino, v.num), v.size, self.chunk_size())
+    }
+
+    /// The chunks of `v` among `range` (all of them: `None`) to fetch from
+    /// the grid before they are read: absent ones (evicted), and damaged
+    /// ones (of the wrong length; removed first). A version not yet on the
+    /// grid has nowhere to fetch from, so a missing or damaged chunk of it
+    /// is an error, never zeros.
+    pub(super) fn chunks_to_fetch(&self, v: &Version, range: Option<std::ops::Range<u64>>) -> VfsResult<Vec<u64>> {
+        let sealed = self.sealed(v);
+        let mut fetch = Vec::new();
+        // The chunks about to be read are checked against their sums too;
+        // a whole version (a base, a restore) by length only: reading every
+        // chunk of a big file to append to it would cost the whole file.
+        let deep = range.is_some();
+        for index in range.unwrap_or(0..v.size.div_ceil(self.chunk_size())) {
+            let state = sealed.chunk_state(index, deep);
+            if state == ChunkState::Good {
+                continue;
+            }
+            if v.cap.is_none() {
+                // NotFound for a missing chunk: `read` retries, since the
+                // version may have been superseded (and freed) meanwhile.
+                let (what, kind) = match state {
+                    ChunkState::Absent => ("missing", std::io::ErrorKind::NotFound),
+                    _ => ("damaged", std::io::ErrorKind::InvalidData),
+                };
+                return Err(VfsError::Io(std::io::Error::new(
+                    kind,
+                    format!(
+                        "version {} of file {}: staged chunk {index} is {what} and the version is not on the grid",
+                        v.num, v.ino
+                    ),
+                )));
+            }
+            if state == ChunkState::Damaged {
+                tracing::warn!(
+                    ino = v.ino,
+                    num = v.num,
+                    index,
+                    "a cached chunk was damaged; fetching it again"
+                );
+                let _ = std::fs::remove_file(sealed.chunk_path(index));
+            }
+            fetch.push(index);
+        }
+        Ok(fetch)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        let ino = {
+            let st = self.lock();
+            st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino
+        };
+        let mut buf = vec![0u8; size as usize];
+        // A version superseded while we read may vanish; one retry picks up
+        // the newer one.
+        for attempt in 0..2 {
+            let version = {
+                let st = self.lock();
+                if let Some(work) = st.files.get(&ino).and_then(|f| f.work.as_ref()) {
+                    let n = work.read_at(offset, &mut buf)?;
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                match st.catalog.latest(ino)? {
+                    Some(v) => v,
+                    None => return Ok(Vec::new()),
+                }
+            };
+            match self.read_version(&version, offset, &mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Err(VfsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(VfsError::NotFound)
+    }
+
+    /// Reads from a sealed version, fetching from the grid the chunks the
+    /// cache does not hold, and starting read-ahead of the next ones.
+    pub(super) fn read_version(&self, v: &Version, offset: u64, buf: &mut [u8]) -> VfsResult<usize> {
+        if offset >= v.size {
+            return Ok(0);
+        }
+        let cs = self.chunk_size();
+        let end = (offset + buf.len() as u64).min(v.size);
+        for index in self.chunks_to_fetch(v, Some(offset / cs..end.div_ceil(cs)))? {
+            self.fetch_chunk(v, index)?;
+        }
+        if v.cap.is_some() {
+            self.read_ahead(v, end.div_ceil(cs));
+        }
+        Ok(self.sealed(v).read_at(offset, buf)?)
+    }
+
+    /// A reader of the encoded version holding `v`'s bytes (its own, or
+    /// its pack, shared by every file in the pack), with `v`'s capability.
+    pub(super) fn version_reader(&self, v: &Version) -> VfsResult<(Arc<VersionReader>, FileCap)> {
+        let cap: FileCap = v
+            .cap
+            .as_deref()
+            .ok_or_else(|| VfsError::Grid(format!("version {} is neither cached nor on the grid", v.num)))?
+            .parse()
+            .map_err(|e: crate::codec::CodecError| VfsError::Grid(e.to_string()))?;
+        let index = cap.stored().storage_index();
+        if let Some(r) = self.readers.lock().expect("readers").get(&index) {
+            return Ok((r.clone(), cap));
+        }
+        let reader = self
+            .runtime
+            .block_on(VersionReader::open(self.grid.clone(), cap.stored().clone()))
+            .map_err(|e| VfsError::Grid(e.to_string()))?;
+        let reader = Arc::new(reader);
+        let mut readers = self.readers.lock().expect("readers");
+        if readers.len() > 64 {
+            readers.clear();
+        }
+        readers.insert(index, reader.clone());
+        Ok((reader, cap))
+    }
+
+    /// Downloads, verifies and caches one chunk of a version.
+    pub(super) fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
+        let (reader, cap) = self.version_reader(v)?;
+        let segment = self
+            .runtime
+            .block_on(read_chunk(
+                &reader,
+                &cap,
+                index,
+                self.chunk_size(),
+                &self.recent_segments,
+            ))
+            .map_err(|e| VfsError::Grid(e.to_string()))?;
+        store_chunk(&self.cache, v, index, &segment)?;
+        self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn read_ahead(&self, v: &Version, from: u64) {
+        let chunks = v.size.div_ceil(self.chunk_size());
+        let dir = version_dir(&self.cache, v.ino, v.num);
+        let wanted: Vec<u64> = {
+            let mut inflight = self.reading_ahead.lock().expect("read-ahead set");
+            (from..(from + READ_AHEAD_SEGMENTS).min(chunks))
+                .filter(|&i| !dir.join(i.to_string()).exists() && inflight.insert((v.ino, v.num, i)))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let inflight = self.reading_ahead.clone();
+        let done = move |index: u64, v: &Version| {
+            inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
+        };
+        let Ok((reader, cap)) = self.version_reader(v) else {
+            wanted.iter().for_each(|&i| done(i, v));
+            return;
+        };
+        let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
+        let recent = self.recent_segments.clone();
+        let chunk_size = self.chunk_size();
+        self.runtime.spawn(async move {
+            let mut failed = false;
+            for index in wanted {
+                if !failed {
+                    match read_chunk(&reader, &cap, index, chunk_size, &recent).await {
+                        Ok(segment) => {
+                            if store_chunk(&cache, &v, index, &segment).is_ok() {
+                                growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "read-ahead failed");
+                            failed = true;
+                        }
+                    }
+                }
+                done(index, &v);
+            }
+        });
+    }
+}

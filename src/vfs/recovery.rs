@@ -1,0 +1,79 @@
+//! Crash recovery of the staging cache at start.
+
+use super::*;
+
+/// Puts the staging cache back in order after a crash (kill -9, power loss):
+/// - a version directory without a catalog row was being sealed when the
+///   crash came: its working copy is still whole, so it goes;
+/// - a working copy whose version row exists was sealed already: it goes;
+/// - any other working copy belonged to a file open for writing: every byte
+///   that reached it is kept, and it is sealed as the file's next version.
+pub(super) fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsResult<()> {
+    let known = catalog.version_states()?;
+    for entry in std::fs::read_dir(cache.join("versions"))? {
+        let path = entry?.path();
+        if version_dir_key(&path).is_none_or(|k| !known.contains_key(&k)) {
+            tracing::info!(path = %path.display(), "removing a version left half-sealed by a crash");
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
+    for entry in std::fs::read_dir(cache.join("work"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ino = name.split_once('-').and_then(|(i, _)| i.parse::<i64>().ok());
+        let live = match ino {
+            Some(ino) => catalog
+                .node(ino)?
+                .is_some_and(|n| n.parent != crate::catalog::ORPHAN_PARENT),
+            None => false,
+        };
+        if let Some((ino, num)) = catalog.sealed_from(&name)? {
+            // Sealed and recorded; if the crash came before the copy moved
+            // into place, it moves now.
+            let dir = version_dir(cache, ino, num);
+            if dir.exists() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                WorkingCopy::finish_seal(&path, &dir)?;
+            }
+            continue;
+        }
+        // A copy over a base killed before it was ready was never written.
+        if !live || name.ends_with(crate::stage::chunks::UNFINISHED_SUFFIX) {
+            std::fs::remove_dir_all(&path)?;
+            continue;
+        }
+        let ino = ino.expect("live implies a parsed inode");
+        let work = match WorkingCopy::recover(path.clone(), chunk_size) {
+            Ok(work) => work,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // An unreadable state file (cut short by a power loss before
+                // states were synced): keep the bytes aside and go on.
+                let aside = cache.join("quarantine").join(&name);
+                std::fs::create_dir_all(cache.join("quarantine"))?;
+                std::fs::rename(&path, &aside)?;
+                tracing::error!(
+                    path = %catalog.path_of(ino)?,
+                    kept = %aside.display(),
+                    error = %e,
+                    "a working copy's state is unreadable: its chunk files are kept aside, the file keeps its last sealed version"
+                );
+                continue;
+            }
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into()),
+        };
+        let (num, sealed) = record_sealed(cache, catalog, ino, work).map_err(|failed| failed.1)?;
+        tracing::warn!(
+            path = %catalog.path_of(ino)?,
+            size = sealed.size,
+            version = num,
+            "a file open for writing at a crash was recovered as a new version"
+        );
+    }
+    Ok(())
+}
+
+// ----- cache eviction -----

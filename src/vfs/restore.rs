@@ -1,0 +1,91 @@
+//! Versions of a file and restoring an older one as the newest.
+
+use super::*;
+
+impl Vfs {
+    /// Resolves a path inside the drive ("/a/b") to its node.
+    pub fn resolve(&self, path: &str) -> VfsResult<Node> {
+        Ok(self.lock().catalog.resolve(path)?)
+    }
+
+    pub fn versions(&self, path: &str) -> VfsResult<Vec<Version>> {
+        let st = self.lock();
+        let node = st.catalog.resolve(path)?;
+        Ok(st.catalog.versions(node.ino)?)
+    }
+
+    /// Makes version `num`'s content the newest version. A committed old
+    /// version is reused by capability, so nothing is uploaded again. The
+    /// kernel is told to forget what it cached of the file.
+    pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
+        let (ino, restored) = self.restore_version(path, num)?;
+        if let Some(invalidate) = self.content_changed.get() {
+            invalidate(ino as u64);
+        }
+        Ok(restored)
+    }
+
+    /// Registers what to call when a file's content changes other than by
+    /// a write through the mount (the adapter invalidates kernel caches).
+    pub fn on_content_changed(&self, invalidate: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.content_changed.set(Box::new(invalidate));
+    }
+
+    pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(i64, i64)> {
+        self.writable()?;
+        let mut st = self.lock();
+        let node = st.catalog.resolve(path)?;
+        if st.files.get(&node.ino).is_some_and(|f| f.writers > 0) {
+            return Err(VfsError::Busy);
+        }
+        let old = st
+            .catalog
+            .versions(node.ino)?
+            .into_iter()
+            .find(|v| v.num == num)
+            .ok_or(VfsError::NotFound)?;
+        let new_num = st.catalog.next_version_num(node.ino)?;
+        let old_dir = version_dir(&self.cache, node.ino, num);
+        let new_dir = version_dir(&self.cache, node.ino, new_num);
+        // Share whatever chunks of the old version the cache holds; the
+        // sums are copied (a fetch into either version writes its own).
+        if old_dir.is_dir() {
+            std::fs::create_dir_all(&new_dir)?;
+            for entry in std::fs::read_dir(&old_dir)? {
+                let entry = entry?;
+                let (from, to) = (entry.path(), new_dir.join(entry.file_name()));
+                if to.ends_with(crate::stage::sums::SUMS_FILE) {
+                    std::fs::copy(from, to)?;
+                } else {
+                    std::fs::hard_link(from, to)?;
+                }
+            }
+        }
+        match old.state {
+            VersionState::Committed => {
+                let n = st.catalog.add_version(
+                    node.ino,
+                    old.size,
+                    &old.sha256,
+                    VersionState::Committed,
+                    old.cap.as_deref(),
+                    None,
+                )?;
+                Ok((node.ino, n))
+            }
+            _ if old_dir.is_dir() && matches!(self.chunks_to_fetch(&old, None), Ok(fetch) if fetch.is_empty()) => {
+                let n = st
+                    .catalog
+                    .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;
+                let mut p = Pending::new(old.size, Instant::now());
+                p.flush = true;
+                st.queue.insert((node.ino, n), p);
+                self.upload_wake.notify_one();
+                Ok((node.ino, n))
+            }
+            _ => Err(VfsError::Grid(format!(
+                "version {num} was never uploaded and is no longer in the cache"
+            ))),
+        }
+    }
+}

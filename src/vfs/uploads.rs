@@ -1,0 +1,510 @@
+//! The write-back upload queue: which sealed version goes next, whole or
+//! packed, retries, and recording what the grid holds.
+
+use super::*;
+
+/// Uploads running at once.
+pub(super) const UPLOAD_CONCURRENCY: usize = 2;
+/// How long `cairn sync` waits for releases of files closed just before it.
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a pack that is not full waits for more small versions while
+/// more are on their way (a `tar x` seals hundreds a second).
+pub(super) const PACK_LINGER: Duration = Duration::from_secs(1);
+/// Whether reading a sealed version failed because its staged bytes are
+/// gone or cut short (its upload can never succeed), rather than for a
+/// passing reason.
+pub(super) fn is_damage(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData)
+}
+
+/// A file's queued versions, oldest first (by version number, whatever
+/// its sign).
+pub(super) fn queued(st: &State, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
+    st.queue
+        .range((ino, i64::MIN)..=(ino, i64::MAX))
+        .map(|((_, num), p)| (*num, p))
+}
+
+/// One entry of `cairn status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct QueueEntry {
+    pub path: String,
+    pub version: i64,
+    pub size: u64,
+    pub state: String,
+    pub sent: u64,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub queue: Vec<QueueEntry>,
+    pub open_for_write: Vec<String>,
+    /// Share blocks held in memory by uploads now, and the budget.
+    pub upload_memory_bytes: u64,
+    pub upload_memory_limit: u64,
+    /// Share blocks spilled to disk for servers that fell behind.
+    pub spill_bytes: u64,
+}
+
+pub(super) struct ProgressCounter(Arc<AtomicU64>);
+
+impl upload::Progress for ProgressCounter {
+    fn advance(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A sealed version taken off the queue for upload.
+pub(super) struct QueuedVersion {
+    ino: i64,
+    num: i64,
+    version: SealedVersion,
+    sent: Arc<AtomicU64>,
+}
+
+pub(super) enum UploadJob {
+    Whole(QueuedVersion),
+    Pack(Vec<QueuedVersion>),
+}
+
+/// What the upload scheduler does next.
+pub(super) enum Next {
+    Job(UploadJob),
+    /// Nothing to start yet: ask again then (`None`: when woken).
+    At(Option<Instant>),
+}
+
+impl Vfs {
+    pub fn status(&self) -> VfsResult<Status> {
+        let st = self.lock();
+        let mut queue = Vec::new();
+        let now = Instant::now();
+        for ((ino, num), p) in &st.queue {
+            let state = if p.uploading {
+                "uploading"
+            } else if self.ino_ready_at(&st, *ino, now).is_none_or(|t| t > now) {
+                "waiting"
+            } else {
+                "queued"
+            };
+            queue.push(QueueEntry {
+                path: st.catalog.path_of(*ino)?,
+                version: *num,
+                size: p.size,
+                state: state.into(),
+                sent: p.sent.load(Ordering::Relaxed),
+                attempts: p.attempts,
+                last_error: p.last_error.clone(),
+            });
+        }
+        let mut open_for_write = Vec::new();
+        for (ino, f) in &st.files {
+            if f.writers > 0 {
+                open_for_write.push(st.catalog.path_of(*ino)?);
+            }
+        }
+        let budget = &self.grid.budget;
+        Ok(Status {
+            queue,
+            open_for_write,
+            upload_memory_bytes: budget.memory_in_use(),
+            upload_memory_limit: budget.memory_limit(),
+            spill_bytes: budget.spill_in_use(),
+        })
+    }
+
+    /// Skips the write-back delay for everything queued and waits until
+    /// every sealed version is committed (or superseded, or its file gone).
+    pub async fn sync(&self) -> VfsResult<usize> {
+        // The kernel releases a closed file (which seals it) asynchronously,
+        // so versions may still arrive while we wait: every round marks the
+        // whole queue, and waits for handles closed just before `sync`.
+        let grace_until = Instant::now() + CLOSE_GRACE;
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            let notified = self.queue_changed.notified();
+            {
+                let mut st = self.lock();
+                for (key, p) in st.queue.iter_mut() {
+                    p.flush = true;
+                    seen.insert(*key);
+                }
+                let closing = Instant::now() < grace_until && st.handles.values().any(|h| h.closing);
+                if let Some(((ino, num), p)) = st.queue.iter().find(|(_, p)| p.damaged) {
+                    let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
+                    return Err(VfsError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{path}: version {num} cannot be uploaded: {}",
+                            p.last_error.as_deref().unwrap_or("its staged bytes cannot be read")
+                        ),
+                    )));
+                }
+                if st.queue.is_empty() && !closing {
+                    st.catalog.commit()?;
+                    return Ok(seen.len());
+                }
+            }
+            self.upload_wake.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
+    /// Runs the upload scheduler forever: picks ready versions, skips the
+    /// superseded, uploads with bounded concurrency, retries with backoff.
+    /// First it clears what crashed uploads left on the servers.
+    pub async fn run_uploads(self: Arc<Self>) {
+        self.grid.clean_abandoned().await;
+        let slots = Arc::new(tokio::sync::Semaphore::new(UPLOAD_CONCURRENCY));
+        loop {
+            let wake = self.upload_wake.notified();
+            let permit = slots.clone().acquire_owned().await.expect("semaphore");
+            match self.next_upload() {
+                Ok(Next::Job(job)) => {
+                    let vfs = self.clone();
+                    tokio::spawn(async move {
+                        vfs.upload_one(job).await;
+                        drop(permit);
+                        vfs.upload_wake.notify_one();
+                    });
+                }
+                Ok(Next::At(next)) => {
+                    drop(permit);
+                    let sleep = next.map_or(Duration::from_secs(3600), |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
+                    let _ = tokio::time::timeout(sleep.max(Duration::from_millis(10)), wake).await;
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::error!(error = %e, "upload scheduler");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// When the newest pending version of `ino` may start uploading: once
+    /// the file has been quiet for the write-back delay (so a burst of saves
+    /// uploads once), or once its oldest pending version has waited five
+    /// delays (so a file saved continuously still reaches the grid), and
+    /// never while another version of it is uploading. `None`: not now.
+    pub(super) fn ino_ready_at(&self, st: &State, ino: i64, now: Instant) -> Option<Instant> {
+        let pending: Vec<&Pending> = queued(st, ino).map(|(_, p)| p).collect();
+        if pending.iter().any(|p| p.uploading) {
+            return None;
+        }
+        let (oldest, newest) = (pending.first()?, pending.last()?);
+        let delay = self.options.writeback_delay;
+        let mut at = (newest.sealed_at + delay).min(oldest.sealed_at + delay * 5);
+        if pending.iter().any(|p| p.flush) {
+            at = at.min(now);
+        }
+        Some(newest.retry_at.map_or(at, |r| r.max(at)))
+    }
+
+    /// The next upload: a version too big to pack, or a pack of ready
+    /// small versions. A pack that is not full lingers up to
+    /// [`PACK_LINGER`] for more, while more versions are on their way and no
+    /// `cairn sync` waits. Otherwise: when to ask again (`None`: when woken).
+    pub(super) fn next_upload(&self) -> VfsResult<Next> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
+        let (mut pack, mut pack_bytes) = (Vec::new(), 0);
+        let (mut next_ready, mut oldest_member, mut flush) = (None::<Instant>, now, false);
+        for ino in inos {
+            let ready_since = match self.ino_ready_at(&st, ino, now) {
+                None => continue,
+                Some(t) if t > now => {
+                    next_ready = Some(next_ready.map_or(t, |n| n.min(t)));
+                    continue;
+                }
+                Some(t) => t,
+            };
+            let nums: Vec<i64> = queued(&st, ino).map(|(num, _)| num).collect();
+            let (newest, older) = nums.split_last().expect("ready implies pending");
+            for num in older {
+                // Superseded before its upload started: never uploaded.
+                st.queue.remove(&(ino, *num));
+                st.catalog.set_version_state(ino, *num, VersionState::Superseded)?;
+                let _ = std::fs::remove_dir_all(version_dir(&self.cache, ino, *num));
+                tracing::debug!(ino, num, "superseded before upload");
+            }
+            if !older.is_empty() {
+                self.queue_changed.notify_waiters();
+            }
+            let num = *newest;
+            let p = &st.queue[&(ino, num)];
+            let small = p.size <= pack::MEMBER_MAX;
+            if !small && !pack.is_empty() {
+                continue; // next time, after this pack
+            }
+            let queued = QueuedVersion {
+                ino,
+                num,
+                version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
+                sent: p.sent.clone(),
+            };
+            if !small {
+                return Ok(Next::Job(Self::take(&mut st, UploadJob::Whole(queued))));
+            }
+            pack_bytes += p.size;
+            flush |= p.flush;
+            oldest_member = oldest_member.min(ready_since);
+            pack.push(queued);
+            if pack_bytes >= pack::TARGET_BYTES || pack.len() >= pack::MAX_MEMBERS {
+                flush = true; // full
+                break;
+            }
+        }
+        if pack.is_empty() {
+            return Ok(Next::At(next_ready));
+        }
+        let linger_until = oldest_member + PACK_LINGER;
+        if flush || next_ready.is_none() || linger_until <= now {
+            return Ok(Next::Job(Self::take(&mut st, UploadJob::Pack(pack))));
+        }
+        Ok(Next::At(Some(next_ready.map_or(linger_until, |t| t.min(linger_until)))))
+    }
+
+    /// Marks a job's versions as uploading.
+    pub(super) fn take(st: &mut State, job: UploadJob) -> UploadJob {
+        let members = match &job {
+            UploadJob::Whole(one) => std::slice::from_ref(one),
+            UploadJob::Pack(many) => many.as_slice(),
+        };
+        for m in members {
+            let p = st.queue.get_mut(&(m.ino, m.num)).expect("queued");
+            p.uploading = true;
+            p.sent.store(0, Ordering::Relaxed);
+        }
+        job
+    }
+
+    /// A fresh key for every upload attempt of a version: a retry may read
+    /// other bytes than the attempt before it (a damaged cache), and a key
+    /// must never encrypt two plaintexts. The key is recorded (committed)
+    /// before any share is written under it, and the shares an earlier
+    /// attempt left under its own key are deleted first, so a retry does not
+    /// orphan them.
+    pub(super) async fn upload_key(&self, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
+        let key: crate::codec::Key = rand::random();
+        let previous = {
+            let st = self.lock();
+            let previous = st
+                .catalog
+                .new_upload_key(ino, num, &data_encoding::HEXLOWER.encode(&key))?;
+            st.catalog.commit()?;
+            previous
+        };
+        let previous = previous.and_then(|k| data_encoding::HEXLOWER.decode(k.as_bytes()).ok());
+        if let Some(old) = previous.and_then(|k| crate::codec::Key::try_from(k).ok()) {
+            let si = crate::codec::storage_index_for(&old);
+            if let Err(failures) = crate::gc::delete_shares(&self.grid, si).await {
+                tracing::debug!(ino, num, ?failures, "an earlier attempt's shares stay on some servers");
+            }
+        }
+        Ok(key)
+    }
+
+    pub(super) async fn upload_one(&self, job: UploadJob) {
+        match job {
+            UploadJob::Whole(queued) => self.upload_whole(queued).await,
+            UploadJob::Pack(members) => self.upload_pack(members).await,
+        }
+        self.queue_changed.notify_waiters();
+    }
+
+    /// Uploads small versions as one pack: read whole (each at most
+    /// [`pack::MEMBER_MAX`]), each encrypted under its own key, encoded
+    /// once, and each recorded with its range and key. A version that cannot
+    /// be read is left out (and fails); a failed pack puts every member back
+    /// for a retry, in a new pack under new keys (its partial shares are
+    /// cleaned at the next mount).
+    pub(super) async fn upload_pack(&self, members: Vec<QueuedVersion>) {
+        let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
+        let assembled = tokio::task::spawn_blocking(move || {
+            pack::assemble(sources.iter().map(|v| (v.reader(), v.size, rand::random())))
+        })
+        .await;
+        let packed = match assembled {
+            Ok(packed) => packed,
+            Err(e) => {
+                let mut st = self.lock();
+                for m in &members {
+                    Self::upload_failed(&mut st, m, &format!("reading versions to pack: {e}"), false);
+                }
+                return;
+            }
+        };
+        let mut going = Vec::new();
+        {
+            let mut st = self.lock();
+            for (m, at) in members.into_iter().zip(packed.members) {
+                match at {
+                    Ok(at) => going.push((m, at)),
+                    Err(e) => {
+                        let damaged = is_damage(&e);
+                        Self::upload_failed(&mut st, &m, &format!("reading the sealed version: {e}"), damaged)
+                    }
+                }
+            }
+        }
+        if going.is_empty() {
+            return;
+        }
+        let source = upload::Source {
+            size: packed.bytes.len() as u64,
+            reader: Box::new(std::io::Cursor::new(packed.bytes)),
+        };
+        let result = upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            rand::random(),
+            Arc::new(()),
+        )
+        .await;
+        let mut st = self.lock();
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                for (m, _) in &going {
+                    Self::upload_failed(&mut st, m, &e.to_string(), false);
+                }
+                return;
+            }
+        };
+        let degraded = report.placed.len() < self.params.total as usize;
+        let done: Vec<_> = going
+            .iter()
+            .map(|(m, at)| {
+                let cap = FileCap::Packed {
+                    pack: report.cap.clone(),
+                    offset: at.offset,
+                    len: at.len,
+                    member_key: Some(at.key),
+                };
+                (m, cap, at.sha256)
+            })
+            .collect();
+        Self::record_committed(&mut st, &done, degraded);
+        tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
+    }
+
+    /// Versions are on the grid: recorded (committed at once: nothing else
+    /// knows their keys), and off the queue. If the record cannot be written
+    /// (a full disk), they stay queued and are uploaded again later, under
+    /// new keys.
+    pub(super) fn record_committed(
+        st: &mut State,
+        done: &[(&QueuedVersion, FileCap, crate::codec::Hash)],
+        degraded: bool,
+    ) {
+        // Versions of files deleted during their upload were dropped.
+        let done: Vec<_> = done
+            .iter()
+            .filter(|(job, _, _)| st.queue.contains_key(&(job.ino, job.num)))
+            .collect();
+        let record = || -> Result<(), CatalogError> {
+            for (job, cap, sha256) in &done {
+                let sha = data_encoding::HEXLOWER.encode(sha256);
+                st.catalog.commit_version(job.ino, job.num, &cap.to_string(), &sha)?;
+                // Happiness held without every server: repaired later.
+                if degraded {
+                    st.catalog.set_degraded(job.ino, job.num, true)?;
+                }
+            }
+            st.catalog.commit().map(drop)
+        };
+        match record() {
+            Ok(()) => {
+                for (job, _, _) in &done {
+                    st.queue.remove(&(job.ino, job.num));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recording committed versions");
+                for (job, _, _) in &done {
+                    Self::upload_failed(st, job, &format!("recording the committed version: {e}"), false);
+                }
+            }
+        }
+    }
+
+    /// An upload attempt failed: the version waits, backing off, to retry.
+    /// `damaged`: its staged bytes cannot be read; `cairn sync` says so
+    /// rather than wait for it.
+    pub(super) fn upload_failed(st: &mut State, job: &QueuedVersion, error: &str, damaged: bool) {
+        if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
+            p.attempts += 1;
+            p.uploading = false;
+            p.damaged = damaged;
+            let backoff = Duration::from_secs(1 << p.attempts.min(6));
+            p.retry_at = Some(Instant::now() + backoff);
+            p.last_error = Some(error.to_owned());
+            tracing::warn!(
+                ino = job.ino,
+                num = job.num,
+                error,
+                ?backoff,
+                "upload failed; will retry"
+            );
+        }
+    }
+
+    pub(super) async fn upload_whole(&self, job: QueuedVersion) {
+        // A retry after recording failed: a later group commit may have
+        // recorded the earlier attempt after all, and its shares (which the
+        // new attempt would delete) are then the version's.
+        {
+            let mut st = self.lock();
+            let committed = st
+                .catalog
+                .versions(job.ino)
+                .map(|vs| vs.iter().any(|v| v.num == job.num && v.cap.is_some()));
+            if let Ok(true) = committed {
+                st.queue.remove(&(job.ino, job.num));
+                return;
+            }
+        }
+        let key = match self.upload_key(job.ino, job.num).await {
+            Ok(key) => key,
+            Err(e) => {
+                let mut st = self.lock();
+                return Self::upload_failed(&mut st, &job, &format!("recording the upload key: {e}"), false);
+            }
+        };
+        let source = upload::Source {
+            reader: Box::new(job.version.reader()),
+            size: job.version.size,
+        };
+        let result = upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            key,
+            Arc::new(ProgressCounter(job.sent.clone())),
+        )
+        .await;
+        let mut st = self.lock();
+        match result {
+            Ok(report) => {
+                let degraded = report.placed.len() < self.params.total as usize;
+                let cap = FileCap::Whole(report.cap);
+                Self::record_committed(&mut st, &[(&job, cap, report.plaintext_sha256)], degraded);
+                tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
+            }
+            Err(e) => {
+                let damaged = matches!(&e, upload::UploadError::Source(io) if is_damage(io));
+                Self::upload_failed(&mut st, &job, &e.to_string(), damaged)
+            }
+        }
+    }
+}

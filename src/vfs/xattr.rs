@@ -1,0 +1,116 @@
+//! Extended attributes: the `user.cairn.*` facts of a file, and the
+//! user's own attributes.
+
+use super::*;
+
+pub(super) struct FileInfo {
+    state: &'static str,
+    version: Option<i64>,
+    cap: Option<String>,
+    sha256: Option<String>,
+}
+
+impl Vfs {
+    /// A file's read capability reads that file wherever its shares are:
+    /// only its owner (and root) is given it, whoever else may read the
+    /// file through the mount.
+    pub(super) fn may_see_cap(node: &Node, caller: Caller) -> bool {
+        caller.uid == 0 || caller.uid == node.uid
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
+            let info = self.file_info(&st, &node)?;
+            let value = match key {
+                "state" => Some(info.state.to_string()),
+                "version" => info.version.map(|v| v.to_string()),
+                "cap" if !Self::may_see_cap(&node, caller) => return Err(VfsError::AccessDenied),
+                "cap" => info.cap,
+                "sha256" => info.sha256,
+                _ => None,
+            };
+            return value.map(String::into_bytes).ok_or(VfsError::NoAttr);
+        }
+        // Only user.* is stored (setxattr refuses the rest). Saying so,
+        // rather than "no such attribute", lets `ls -l` stop asking for
+        // security.selinux and ACLs of every file: it remembers an
+        // unsupported answer per file system.
+        if !name.starts_with("user.") {
+            return Err(VfsError::NotSupported);
+        }
+        st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
+    }
+
+    pub fn listxattr(&self, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
+        let st = self.lock();
+        let node = Self::node(&st, ino as i64)?;
+        let mut names = st.catalog.xattr_names(node.ino)?;
+        if node.kind == Kind::File {
+            let info = self.file_info(&st, &node)?;
+            names.push(format!("{XATTR_PREFIX}state"));
+            if info.version.is_some() {
+                names.push(format!("{XATTR_PREFIX}version"));
+            }
+            if info.cap.is_some() {
+                if Self::may_see_cap(&node, caller) {
+                    names.push(format!("{XATTR_PREFIX}cap"));
+                }
+                names.push(format!("{XATTR_PREFIX}sha256"));
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &str, value: &[u8]) -> VfsResult<()> {
+        self.writable()?;
+        if name.starts_with(XATTR_PREFIX) {
+            return Err(VfsError::NotPermitted);
+        }
+        if !name.starts_with("user.") {
+            return Err(VfsError::NotSupported);
+        }
+        let st = self.lock();
+        Self::node(&st, ino as i64)?;
+        st.catalog.set_xattr(ino as i64, name, value)?;
+        Ok(())
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &str) -> VfsResult<()> {
+        self.writable()?;
+        if name.starts_with(XATTR_PREFIX) {
+            return Err(VfsError::NotPermitted);
+        }
+        let st = self.lock();
+        if st.catalog.remove_xattr(ino as i64, name)? {
+            Ok(())
+        } else {
+            Err(VfsError::NoAttr)
+        }
+    }
+
+    pub(super) fn file_info(&self, st: &State, node: &Node) -> VfsResult<FileInfo> {
+        let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.work.is_some() && f.dirty);
+        let latest = st.catalog.latest(node.ino)?;
+        let committed = st.catalog.latest_committed(node.ino)?;
+        let uploading = st.queue.iter().any(|((i, _), p)| *i == node.ino && p.uploading);
+        let state = if open_dirty {
+            "writing"
+        } else if uploading {
+            "uploading"
+        } else {
+            match &latest {
+                None => "empty",
+                Some(v) if v.state == VersionState::Committed => "committed",
+                Some(_) => "staged",
+            }
+        };
+        Ok(FileInfo {
+            state,
+            version: latest.map(|v| v.num),
+            cap: committed.as_ref().and_then(|v| v.cap.clone()),
+            sha256: committed.map(|v| v.sha256),
+        })
+    }
+}
