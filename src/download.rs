@@ -100,7 +100,7 @@ pub enum DownloadError {
 const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
 
 /// An open version on the grid, ready to serve verified segments.
-pub struct VersionReader {
+pub struct GridReader {
     grid: Arc<Grid>,
     cap: Capability,
     decoder: VersionDecoder,
@@ -116,7 +116,7 @@ pub struct VersionReader {
     findings: Mutex<Findings>,
 }
 
-impl VersionReader {
+impl GridReader {
     /// Asks every server which shares it holds and verifies their trailers.
     /// Once `needed` shares verified, servers that have not answered get
     /// the grid's hedge delay more, then the read goes on without them.
@@ -181,7 +181,7 @@ impl VersionReader {
                 findings,
             });
         }
-        Ok(VersionReader {
+        Ok(GridReader {
             grid,
             cap,
             decoder,
@@ -334,7 +334,7 @@ pub async fn download_to_file(
     out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
-    let reader = VersionReader::open(grid, cap.stored().clone()).await?;
+    let reader = GridReader::open(grid, cap.stored().clone()).await?;
     let output_err = output_error(out);
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -374,7 +374,7 @@ fn output_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + '_ {
 
 /// A packed version (small by construction) into `file`; returns its SHA-256.
 async fn write_packed(
-    reader: &VersionReader,
+    reader: &GridReader,
     cap: &FileCap,
     file: &mut std::fs::File,
     out: &Path,
@@ -392,7 +392,7 @@ async fn write_packed(
 /// `chunk_size` of them (the last chunk shorter), verified. `reader` reads
 /// the version's stored capability.
 pub async fn read_chunk(
-    reader: &VersionReader,
+    reader: &GridReader,
     cap: &FileCap,
     index: u64,
     chunk_size: u64,
@@ -431,7 +431,7 @@ impl RecentSegments {
         }
     }
 
-    async fn read(&self, reader: &VersionReader, segment: u64) -> Result<Arc<Vec<u8>>, DownloadError> {
+    async fn read(&self, reader: &GridReader, segment: u64) -> Result<Arc<Vec<u8>>, DownloadError> {
         let key = (reader.capability().storage_index(), segment);
         let hit = self
             .lock()
@@ -459,7 +459,7 @@ impl RecentSegments {
 /// segments that hold them, each segment verified against the version's
 /// hashes: how a packed file version, or a chunk of one, is read.
 pub async fn read_range(
-    reader: &VersionReader,
+    reader: &GridReader,
     offset: u64,
     len: u64,
     recent: &RecentSegments,
@@ -482,7 +482,7 @@ pub async fn read_range(
 }
 
 async fn write_verified(
-    reader: &VersionReader,
+    reader: &GridReader,
     file: &mut std::fs::File,
     out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
@@ -498,7 +498,7 @@ async fn write_verified(
 /// Feeds every segment, in order, to `sink`; succeeds only if the whole
 /// matches the SHA-256 recorded at upload.
 async fn each_verified_segment(
-    reader: &VersionReader,
+    reader: &GridReader,
     mut sink: impl FnMut(&[u8]) -> Result<(), DownloadError>,
 ) -> Result<(), DownloadError> {
     let mut hasher = Sha256::new();
@@ -520,7 +520,7 @@ async fn each_verified_segment(
 
 /// A whole small version in memory, verified (the namespace snapshot).
 pub async fn download_to_vec(grid: Arc<Grid>, cap: Capability) -> Result<Vec<u8>, DownloadError> {
-    let reader = VersionReader::open(grid, cap).await?;
+    let reader = GridReader::open(grid, cap).await?;
     let mut out = Vec::with_capacity(reader.capability().layout.size as usize);
     each_verified_segment(&reader, |segment| {
         out.extend_from_slice(segment);

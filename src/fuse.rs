@@ -48,33 +48,25 @@ impl CairnFs {
 
 /// The single mapping from core errors to errno.
 pub fn errno(e: &VfsError) -> Errno {
-    use crate::catalog::CatalogError;
-    let code = match e {
-        VfsError::NotFound => libc::ENOENT,
-        VfsError::Exists => libc::EEXIST,
-        VfsError::NotDir => libc::ENOTDIR,
-        VfsError::IsDir => libc::EISDIR,
-        VfsError::NotEmpty => libc::ENOTEMPTY,
-        VfsError::Invalid => libc::EINVAL,
-        VfsError::NameTooLong => libc::ENAMETOOLONG,
-        VfsError::ReadOnly => libc::EROFS,
-        VfsError::NotPermitted => libc::EPERM,
-        VfsError::AccessDenied => libc::EACCES,
-        VfsError::NoAttr => libc::ENODATA,
-        VfsError::NotSupported => libc::EOPNOTSUPP,
-        VfsError::Busy => libc::EBUSY,
-        VfsError::BadHandle => libc::EBADF,
-        VfsError::Io(io) => io.raw_os_error().unwrap_or(libc::EIO),
-        VfsError::Catalog(CatalogError::NotFound(_)) => libc::ENOENT,
-        VfsError::Catalog(CatalogError::NotADirectory(_)) => libc::ENOTDIR,
-        VfsError::Catalog(CatalogError::IsADirectory(_)) => libc::EISDIR,
-        VfsError::Catalog(CatalogError::InvalidPath(_)) => libc::EINVAL,
-        VfsError::Catalog(CatalogError::Db(rusqlite::Error::SqliteFailure(e, _)))
-            if e.code == rusqlite::ErrorCode::DiskFull =>
-        {
-            libc::ENOSPC
-        }
-        VfsError::Catalog(CatalogError::Db(_)) | VfsError::Grid(_) => libc::EIO,
+    use crate::vfs::ErrorKind as K;
+    let code = match e.kind() {
+        K::NotFound => libc::ENOENT,
+        K::Exists => libc::EEXIST,
+        K::NotDir => libc::ENOTDIR,
+        K::IsDir => libc::EISDIR,
+        K::NotEmpty => libc::ENOTEMPTY,
+        K::Invalid => libc::EINVAL,
+        K::NameTooLong => libc::ENAMETOOLONG,
+        K::ReadOnly => libc::EROFS,
+        K::NotPermitted => libc::EPERM,
+        K::AccessDenied => libc::EACCES,
+        K::NoAttr => libc::ENODATA,
+        K::NotSupported => libc::EOPNOTSUPP,
+        K::Busy => libc::EBUSY,
+        K::BadHandle => libc::EBADF,
+        K::DiskFull => libc::ENOSPC,
+        K::Os { code, .. } => code.unwrap_or(libc::EIO),
+        K::Catalog | K::Grid => libc::EIO,
     };
     if code == libc::EIO {
         tracing::warn!(error = %e, "returning EIO");

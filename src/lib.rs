@@ -2,6 +2,7 @@
 //! encrypted, erasure-coded shares. See docs/ARCHITECTURE.md.
 
 pub mod bench;
+pub mod budget;
 pub mod catalog;
 pub mod codec;
 pub mod config;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::codec::{Capability, VersionEncoder, SHARE_MAGIC};
-use crate::download::{check, VersionReader};
+use crate::download::{check, GridReader};
 use crate::grid::{Grid, ShareSink};
 
 #[derive(Debug, Serialize)]
@@ -114,7 +114,7 @@ pub async fn repair(grid: Arc<Grid>, cap: Capability) -> Result<RepairReport, Re
         return Ok(report);
     }
 
-    let reader = VersionReader::open(grid.clone(), cap.clone()).await?;
+    let reader = GridReader::open(grid.clone(), cap.clone()).await?;
     let mut encoder = VersionEncoder::new(layout.params, cap.key, layout.size);
     let mut failed: HashSet<u16> = HashSet::new();
     write_all(&grid, &mut sinks, &mut failed, &mut report, |_| SHARE_MAGIC.to_vec()).await;

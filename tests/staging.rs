@@ -312,13 +312,13 @@ fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
 
 #[test]
 fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
-    use cairn::download::{read_chunk, RecentSegments, VersionReader};
+    use cairn::download::{read_chunk, GridReader, RecentSegments};
 
     let up = uploaded_pack(&[3000, 5000, 7000]);
     let chunk = up.config.grid.segment_size as u64;
     let reader = up
         .rt
-        .block_on(VersionReader::open(up.grid.clone(), up.pack.clone()))
+        .block_on(GridReader::open(up.grid.clone(), up.pack.clone()))
         .unwrap();
     let recent = RecentSegments::new(8);
     let first = up

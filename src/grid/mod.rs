@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::budget::Budget;
 use crate::codec::{tagged_hash, StorageIndex};
 use crate::config::Config;
-use crate::upload::Budget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

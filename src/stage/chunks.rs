@@ -157,8 +157,8 @@ impl SealedVersion {
     }
 
     /// A sequential reader over the whole version, for the uploader.
-    pub fn reader(&self) -> VersionReader {
-        VersionReader {
+    pub fn reader(&self) -> SealedReader {
+        SealedReader {
             version: self.clone(),
             offset: 0,
         }
@@ -203,12 +203,12 @@ fn read_range(
     Ok(len)
 }
 
-pub struct VersionReader {
+pub struct SealedReader {
     version: SealedVersion,
     offset: u64,
 }
 
-impl Read for VersionReader {
+impl Read for SealedReader {
     /// A read of a whole chunk (the uploader reads segment by segment) checks
     /// the very bytes it returns against the chunk's sum.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

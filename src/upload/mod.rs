@@ -5,13 +5,10 @@
 //! each server has at most `QUEUE_BLOCKS` blocks in memory, all of them
 //! within the grid's shared [`Budget`]. The encoder keeps pace with the
 //! `happy`-th fastest server; blocks for servers behind that spill to disk
-//! ([`budget::SpillFile`]), and a server whose spill no longer fits, or whose
+//! ([`crate::budget::SpillFile`]), and a server whose spill no longer fits, or whose
 //! request times out, is dropped from the upload.
 
-mod budget;
 pub mod pack;
-
-pub use budget::{Budget, SpillError};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,9 +17,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
+use crate::budget::{Budget, SpillError, SpillFile, Spilled};
 use crate::codec::{Capability, Hash, Key, StorageIndex, VersionEncoder, SHARE_MAGIC};
 use crate::grid::{timed, Block, Grid, ShareSink};
-use budget::{SpillFile, Spilled};
 
 /// Blocks held in memory per server. Two keep a server busy while the next
 /// segment is encoded; more only add memory.

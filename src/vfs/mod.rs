@@ -15,6 +15,7 @@
 //! staging cache). This module holds the types they share and the state.
 
 mod background;
+mod error;
 mod evict;
 mod files;
 mod namespace;
@@ -24,6 +25,7 @@ mod restore;
 mod uploads;
 mod xattr;
 
+pub use error::{ErrorKind, VfsError, VfsResult};
 pub use namespace::StatFs;
 pub use uploads::{QueueEntry, Status};
 
@@ -43,7 +45,7 @@ use tokio::sync::Notify;
 
 use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Version, VersionState};
 use crate::codec::{FileCap, Params, StorageIndex};
-use crate::download::{read_chunk, RecentSegments, VersionReader};
+use crate::download::{read_chunk, GridReader, RecentSegments};
 use crate::grid::Grid;
 use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
 use crate::stage::spare::SpareDirs;
@@ -60,46 +62,6 @@ pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 const META_CACHE_SEGMENT_SIZE: &str = "cache_segment_size";
 /// The extended-attribute namespace cairn answers itself.
 pub const XATTR_PREFIX: &str = "user.cairn.";
-
-#[derive(Debug, thiserror::Error)]
-pub enum VfsError {
-    #[error("no such file or directory")]
-    NotFound,
-    #[error("file exists")]
-    Exists,
-    #[error("not a directory")]
-    NotDir,
-    #[error("is a directory")]
-    IsDir,
-    #[error("directory not empty")]
-    NotEmpty,
-    #[error("invalid argument")]
-    Invalid,
-    #[error("name too long")]
-    NameTooLong,
-    #[error("read-only file system")]
-    ReadOnly,
-    #[error("operation not permitted")]
-    NotPermitted,
-    #[error("permission denied")]
-    AccessDenied,
-    #[error("no such attribute")]
-    NoAttr,
-    #[error("attribute namespace not supported")]
-    NotSupported,
-    #[error("file is busy")]
-    Busy,
-    #[error("bad file handle")]
-    BadHandle,
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Catalog(#[from] CatalogError),
-    #[error("grid: {0}")]
-    Grid(String),
-}
-
-pub type VfsResult<T> = Result<T, VfsError>;
 
 /// Attributes of a node, as every platform adapter needs them.
 #[derive(Debug, Clone)]
@@ -241,7 +203,7 @@ pub struct Vfs {
     upload_wake: Notify,
     /// Signalled whenever a version leaves the queue.
     queue_changed: Notify,
-    readers: Mutex<HashMap<StorageIndex, Arc<VersionReader>>>,
+    readers: Mutex<HashMap<StorageIndex, Arc<GridReader>>>,
     /// Segments of packs just read, so the next small file in the same
     /// segment is not fetched again (8 segments: 8 MiB by default).
     recent_segments: Arc<RecentSegments>,

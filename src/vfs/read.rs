@@ -128,7 +128,7 @@ impl Vfs {
 
     /// A reader of the encoded version holding `v`'s bytes (its own, or
     /// its pack, shared by every file in the pack), with `v`'s capability.
-    pub(super) fn version_reader(&self, v: &Version) -> VfsResult<(Arc<VersionReader>, FileCap)> {
+    pub(super) fn grid_reader(&self, v: &Version) -> VfsResult<(Arc<GridReader>, FileCap)> {
         let cap: FileCap = v
             .cap
             .as_deref()
@@ -141,7 +141,7 @@ impl Vfs {
         }
         let reader = self
             .runtime
-            .block_on(VersionReader::open(self.grid.clone(), cap.stored().clone()))
+            .block_on(GridReader::open(self.grid.clone(), cap.stored().clone()))
             .map_err(|e| VfsError::Grid(e.to_string()))?;
         let reader = Arc::new(reader);
         let mut readers = self.readers.lock().expect("readers");
@@ -154,7 +154,7 @@ impl Vfs {
 
     /// Downloads, verifies and caches one chunk of a version.
     pub(super) fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
-        let (reader, cap) = self.version_reader(v)?;
+        let (reader, cap) = self.grid_reader(v)?;
         let segment = self
             .runtime
             .block_on(read_chunk(
@@ -186,7 +186,7 @@ impl Vfs {
         let done = move |index: u64, v: &Version| {
             inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
         };
-        let Ok((reader, cap)) = self.version_reader(v) else {
+        let Ok((reader, cap)) = self.grid_reader(v) else {
             wanted.iter().for_each(|&i| done(i, v));
             return;
         };

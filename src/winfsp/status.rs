@@ -37,41 +37,34 @@ pub mod code {
 
 /// The single mapping from core errors to NTSTATUS.
 pub fn ntstatus(e: &VfsError) -> NtStatus {
-    use crate::catalog::CatalogError;
-    match e {
-        VfsError::NotFound | VfsError::Catalog(CatalogError::NotFound(_)) => code::OBJECT_NAME_NOT_FOUND,
-        VfsError::Exists => code::OBJECT_NAME_COLLISION,
-        VfsError::NotDir | VfsError::Catalog(CatalogError::NotADirectory(_)) => code::NOT_A_DIRECTORY,
-        VfsError::IsDir | VfsError::Catalog(CatalogError::IsADirectory(_)) => code::FILE_IS_A_DIRECTORY,
-        VfsError::NotEmpty => code::DIRECTORY_NOT_EMPTY,
-        VfsError::Invalid | VfsError::Catalog(CatalogError::InvalidPath(_)) => code::INVALID_PARAMETER,
-        VfsError::NameTooLong => code::OBJECT_NAME_INVALID,
-        VfsError::ReadOnly => code::MEDIA_WRITE_PROTECTED,
-        VfsError::NotPermitted | VfsError::AccessDenied => code::ACCESS_DENIED,
-        VfsError::NoAttr | VfsError::NotSupported => code::NOT_SUPPORTED,
-        VfsError::Busy => code::SHARING_VIOLATION,
-        VfsError::BadHandle => code::INVALID_HANDLE,
-        VfsError::Io(io) => io_status(io),
-        VfsError::Catalog(CatalogError::Db(rusqlite::Error::SqliteFailure(e, _)))
-            if e.code == rusqlite::ErrorCode::DiskFull =>
-        {
-            code::DISK_FULL
-        }
-        VfsError::Catalog(_) => code::IO_DEVICE_ERROR,
+    use crate::vfs::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => code::OBJECT_NAME_NOT_FOUND,
+        K::Exists => code::OBJECT_NAME_COLLISION,
+        K::NotDir => code::NOT_A_DIRECTORY,
+        K::IsDir => code::FILE_IS_A_DIRECTORY,
+        K::NotEmpty => code::DIRECTORY_NOT_EMPTY,
+        K::Invalid => code::INVALID_PARAMETER,
+        K::NameTooLong => code::OBJECT_NAME_INVALID,
+        K::ReadOnly => code::MEDIA_WRITE_PROTECTED,
+        K::NotPermitted | K::AccessDenied => code::ACCESS_DENIED,
+        K::NoAttr | K::NotSupported => code::NOT_SUPPORTED,
+        K::Busy => code::SHARING_VIOLATION,
+        K::BadHandle => code::INVALID_HANDLE,
+        K::DiskFull => code::DISK_FULL,
+        K::Os { kind, .. } => io_status(kind),
+        K::Catalog => code::IO_DEVICE_ERROR,
         // The grid could not give verified data: never content, an error.
-        VfsError::Grid(_) => code::FILE_CORRUPT_ERROR,
+        K::Grid => code::FILE_CORRUPT_ERROR,
     }
 }
 
-fn io_status(io: &std::io::Error) -> NtStatus {
+fn io_status(kind: std::io::ErrorKind) -> NtStatus {
     use std::io::ErrorKind;
-    // std decodes ENOSPC, ERROR_DISK_FULL and ERROR_HANDLE_DISK_FULL as
-    // StorageFull.
-    match io.kind() {
+    match kind {
         ErrorKind::NotFound => code::OBJECT_NAME_NOT_FOUND,
         ErrorKind::PermissionDenied => code::ACCESS_DENIED,
         ErrorKind::AlreadyExists => code::OBJECT_NAME_COLLISION,
-        ErrorKind::StorageFull => code::DISK_FULL,
         ErrorKind::TimedOut => code::IO_TIMEOUT,
         ErrorKind::InvalidData => code::FILE_CORRUPT_ERROR,
         ErrorKind::OutOfMemory => code::INSUFFICIENT_RESOURCES,
