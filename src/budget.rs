@@ -73,7 +73,7 @@ impl Budget {
 
     /// A new, anonymous spill file: it has no name, so a crash leaves
     /// nothing behind.
-    pub fn spill_file(&self) -> Result<SpillFile, SpillError> {
+    pub(crate) fn spill_file(&self) -> Result<SpillFile, SpillError> {
         std::fs::create_dir_all(&self.spill_dir)?;
         Ok(SpillFile {
             file: tempfile::tempfile_in(&self.spill_dir)?,
@@ -92,7 +92,7 @@ fn free_space(dir: &std::path::Path) -> u64 {
 }
 
 /// One server's queue of spilled blocks, written and read in order.
-pub struct SpillFile {
+pub(crate) struct SpillFile {
     file: std::fs::File,
     end: AtomicU64,
     used: Arc<AtomicU64>,
@@ -120,7 +120,7 @@ impl SpillFile {
 }
 
 /// A block on disk. Dropping it frees its space and its charge.
-pub struct Spilled {
+pub(crate) struct Spilled {
     file: Arc<SpillFile>,
     offset: u64,
     len: u64,
