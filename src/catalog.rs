@@ -341,6 +341,15 @@ impl Catalog {
         Ok(Catalog { db })
     }
 
+    /// A second connection to the catalog at `path`, read-only: it sees what
+    /// the owner's connection committed, and reads without holding the
+    /// owner (a namespace publication reads the whole catalog this way).
+    pub fn open_reader(path: &Path) -> Result<Catalog, CatalogError> {
+        let db = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(Catalog { db })
+    }
+
     /// Opens the current batch of changes, if none is open: changes are
     /// grouped into one transaction until [`Catalog::commit`] (group commit).
     fn begin_batch(&self) -> Result<(), CatalogError> {
@@ -809,12 +818,15 @@ impl Catalog {
         self.select_versions("WHERE degraded != 0 AND state = 'committed' AND cap IS NOT NULL", [])
     }
 
-    /// Every committed version with its capability, newest first: what a
-    /// full repair pass walks.
     /// The namespace to publish: every node (but files without a committed
     /// version, and unlinked ones still open), all committed versions, and
-    /// the nodes' extended attributes.
+    /// the nodes' extended attributes. Read in one transaction: consistent
+    /// even while another connection commits.
     pub fn export(&self) -> Result<Snapshot, CatalogError> {
+        let _read = match self.db.is_autocommit() {
+            true => Some(self.db.unchecked_transaction()?),
+            false => None,
+        };
         let mut stmt = self.db.prepare(&format!(
             "SELECT {NODE_COLUMNS} FROM nodes WHERE parent != {ORPHAN_PARENT} AND NOT (kind = 'file' AND NOT EXISTS
                (SELECT 1 FROM versions v WHERE v.ino = nodes.ino AND v.state = 'committed')) ORDER BY ino"

@@ -194,16 +194,38 @@ pub struct Pending {
 
 /// The catalog's namespace, unless it is what was published last.
 pub fn prepare(catalog: &Catalog) -> Result<Option<Pending>, NamespaceError> {
-    let snapshot = serde_json::to_vec(&catalog.export()?).expect("serialises");
+    prepare_from(last_published(catalog)?, catalog)
+}
+
+/// What a publication needs from the owner's catalog besides the snapshot:
+/// a few short reads.
+pub struct LastPublished {
+    root: RootCap,
+    digest: Option<String>,
+    local_seq: u64,
+}
+
+pub fn last_published(catalog: &Catalog) -> Result<LastPublished, NamespaceError> {
+    Ok(LastPublished {
+        root: root_cap(catalog)?,
+        digest: catalog.meta(META_DIGEST)?,
+        local_seq: catalog.meta(META_SEQ)?.and_then(|s| s.parse().ok()).unwrap_or(0),
+    })
+}
+
+/// The snapshot to publish, read through `reader` (which may be a second
+/// connection to the catalog), unless it is the one last published.
+pub fn prepare_from(last: LastPublished, reader: &Catalog) -> Result<Option<Pending>, NamespaceError> {
+    let snapshot = serde_json::to_vec(&reader.export()?).expect("serialises");
     let digest = data_encoding::HEXLOWER.encode(&tagged_hash(b"cairn-v1-namespace-digest", &[&snapshot]));
-    if catalog.meta(META_DIGEST)?.as_deref() == Some(digest.as_str()) {
+    if last.digest.as_deref() == Some(digest.as_str()) {
         return Ok(None);
     }
     Ok(Some(Pending {
-        root: root_cap(catalog)?,
+        root: last.root,
         snapshot,
         digest,
-        local_seq: catalog.meta(META_SEQ)?.and_then(|s| s.parse().ok()).unwrap_or(0),
+        local_seq: last.local_seq,
     }))
 }
 

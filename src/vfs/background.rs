@@ -4,14 +4,27 @@
 use super::*;
 
 impl Vfs {
-    /// Repairs committed versions that were uploaded without every server,
-    /// once those servers answer again. Returns how many became healthy.
     /// Publishes the namespace to the grid if it changed since the last
     /// publication; returns its sequence number if it did.
     pub async fn publish_namespace(&self) -> VfsResult<Option<u64>> {
         let _one = self.publishing.lock().await;
         let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.to_string());
-        let Some(pending) = crate::namespace::prepare(&self.lock().catalog).map_err(grid_err)? else {
+        // Under the lock only the last batch's commit and a few reads; the
+        // whole catalog is read through a second connection, on a blocking
+        // thread, while the drive goes on.
+        let last = {
+            let st = self.lock();
+            st.catalog.commit()?;
+            crate::namespace::last_published(&st.catalog).map_err(grid_err)?
+        };
+        let path = self.options.home.join("catalog.db");
+        let prepared = tokio::task::spawn_blocking(move || {
+            let reader = Catalog::open_reader(&path)?;
+            crate::namespace::prepare_from(last, &reader).map_err(grid_err)
+        })
+        .await
+        .map_err(|e| VfsError::Io(std::io::Error::other(e)))?;
+        let Some(pending) = prepared? else {
             return Ok(None);
         };
         let published = crate::namespace::upload(&self.grid, self.params, self.happy, pending)
@@ -26,6 +39,8 @@ impl Vfs {
         Ok(Some(published.namespace.seq))
     }
 
+    /// Repairs committed versions that were uploaded without every server,
+    /// once those servers answer again. Returns how many became healthy.
     pub async fn repair_degraded(&self) -> VfsResult<usize> {
         let degraded = self.lock().catalog.degraded_versions()?;
         let mut healed = 0;
@@ -57,6 +72,4 @@ impl Vfs {
         }
         Ok(healed)
     }
-
-    // ----- versions, for the control socket -----
 }

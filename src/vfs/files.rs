@@ -330,6 +330,4 @@ impl Vfs {
         st.catalog.sync_to_disk()?;
         Ok(())
     }
-
-    // ----- extended attributes -----
 }

@@ -255,8 +255,6 @@ fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
     Some((ino.parse().ok()?, num.parse().ok()?))
 }
 
-// ----- crash recovery -----
-
 impl Vfs {
     pub fn new(
         options: VfsOptions,
@@ -343,8 +341,6 @@ impl Vfs {
             Ok(())
         }
     }
-
-    // ----- attributes -----
 
     fn attr_of(&self, st: &State, node: &Node) -> VfsResult<Attr> {
         Ok(Self::attr_with(st, node, &st.catalog.facts(node)?))

@@ -107,8 +107,6 @@ impl Vfs {
         Ok(())
     }
 
-    // ----- namespace -----
-
     pub(super) fn create_node(
         &self,
         parent: u64,
@@ -365,8 +363,6 @@ impl Vfs {
         }
         Ok(out)
     }
-
-    // ----- open files -----
 
     pub fn statfs(&self) -> VfsResult<StatFs> {
         let st = self.lock();

@@ -75,5 +75,3 @@ pub(super) fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u
     }
     Ok(())
 }
-
-// ----- cache eviction -----
