@@ -257,11 +257,14 @@ impl Vfs {
             .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
         if orphan {
             if handles == 0 {
-                if let Some(work) = st.files.remove(&ino).and_then(|f| f.work) {
-                    work.discard()?;
-                }
+                let work = st.files.remove(&ino).and_then(|f| f.work);
                 st.catalog.forget_orphan(ino)?;
-                purge_versions(&self.cache, &st.catalog, ino);
+                let mut freed = ToFree::versions(&self.cache, &st.catalog, ino);
+                if let Some(work) = work {
+                    freed = freed.and(work.dir().to_owned());
+                }
+                drop(st);
+                freed.free();
             }
             return Ok(());
         }

@@ -30,7 +30,7 @@ pub use namespace::StatFs;
 pub use uploads::{QueueEntry, Status};
 
 use files::record_sealed;
-use namespace::purge_versions;
+use namespace::ToFree;
 use recovery::recover_staging;
 
 use crate::sys::fs_space;
@@ -281,7 +281,7 @@ impl Vfs {
         }
         for ino in catalog.orphans()? {
             catalog.forget_orphan(ino)?;
-            purge_versions(&cache, &catalog, ino);
+            ToFree::versions(&cache, &catalog, ino).free();
         }
         recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
         let mut queue = BTreeMap::new();

@@ -10,22 +10,39 @@ pub struct StatFs {
     pub files: u64,
 }
 
-/// Removes every cached version of a deleted file (the catalog keeps their
-/// rows, so it knows which).
-pub(super) fn purge_versions(cache: &Path, catalog: &Catalog, ino: i64) {
-    let nums = match catalog.version_nums(ino) {
-        Ok(nums) => nums,
-        Err(e) => {
-            tracing::warn!(ino, error = %e, "listing versions to free");
-            return;
-        }
-    };
-    for num in nums {
-        match std::fs::remove_dir_all(version_dir(cache, ino, num)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(ino, num, error = %e, "freeing a cached version");
+/// Cache directories of a deleted file, listed under the core's lock and
+/// removed after it is dropped: removing a big file's chunks takes long,
+/// and nothing can reach them any more (inode numbers are never reused).
+#[must_use = "the directories are removed by `free`, once the lock is dropped"]
+#[derive(Default)]
+pub(super) struct ToFree(Vec<PathBuf>);
+
+impl ToFree {
+    /// Every cached version of the deleted file `ino` (the catalog keeps
+    /// their rows, so it knows which).
+    pub(super) fn versions(cache: &Path, catalog: &Catalog, ino: i64) -> ToFree {
+        match catalog.version_nums(ino) {
+            Ok(nums) => ToFree(nums.into_iter().map(|num| version_dir(cache, ino, num)).collect()),
+            Err(e) => {
+                tracing::warn!(ino, error = %e, "listing versions to free");
+                ToFree::default()
             }
-            _ => {}
+        }
+    }
+
+    pub(super) fn and(mut self, dir: PathBuf) -> ToFree {
+        self.0.push(dir);
+        self
+    }
+
+    pub(super) fn free(self) {
+        for dir in self.0 {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "freeing a deleted file's cache");
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -228,17 +245,20 @@ impl Vfs {
         let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
         st.catalog.unlink(&node, open)?;
         st.catalog.commit()?;
-        self.forget_content(&mut st, node.ino, open);
+        let freed = self.forget_content(&mut st, node.ino, open);
+        drop(st);
+        freed.free();
         Ok(())
     }
 
     /// A deleted file: forget its queued uploads (the catalog marked them
-    /// dropped) and, unless it is still open, free its cached versions.
-    pub(super) fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) {
+    /// dropped) and, unless it is still open, its cached versions, to free.
+    pub(super) fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) -> ToFree {
         Self::drop_queued(st, ino);
-        if !still_open {
-            purge_versions(&self.cache, &st.catalog, ino);
+        if still_open {
+            return ToFree::default();
         }
+        ToFree::versions(&self.cache, &st.catalog, ino)
     }
 
     /// Forgets queued uploads of a deleted file, also those on their way:
@@ -315,7 +335,9 @@ impl Vfs {
         // the daemon) when it returns, with everything batched before it.
         st.catalog.commit()?;
         if let Some((t, open)) = replaced {
-            self.forget_content(&mut st, t.ino, open);
+            let freed = self.forget_content(&mut st, t.ino, open);
+            drop(st);
+            freed.free();
         }
         Ok(())
     }
