@@ -77,6 +77,15 @@ pub enum ErrorKind {
     Grid,
 }
 
+impl From<crate::stage::recovery::StageError> for VfsError {
+    fn from(e: crate::stage::recovery::StageError) -> VfsError {
+        match e {
+            crate::stage::recovery::StageError::Io(e) => VfsError::Io(e),
+            crate::stage::recovery::StageError::Catalog(e) => VfsError::Catalog(e),
+        }
+    }
+}
+
 impl VfsError {
     pub fn kind(&self) -> ErrorKind {
         use ErrorKind as K;

@@ -3,29 +3,6 @@
 
 use super::*;
 
-/// Seals a working copy as the file's next version and records it (state
-/// staged). The committed catalog row is the commit point (see
-/// [`WorkingCopy::seal`]); a crash on either side of it is resolved by
-/// `recover_staging`. On failure the working copy comes back unchanged.
-pub(super) fn record_sealed(
-    cache: &Path,
-    catalog: &mut Catalog,
-    ino: i64,
-    work: WorkingCopy,
-) -> Result<(i64, SealedVersion), Box<(WorkingCopy, VfsError)>> {
-    let num = match catalog.next_version_num(ino) {
-        Ok(num) => num,
-        Err(e) => return Err(Box::new((work, e.into()))),
-    };
-    let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
-    let sealed = work.seal(version_dir(cache, ino, num), |size| -> VfsResult<()> {
-        catalog.add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
-        catalog.commit()?;
-        Ok(())
-    })?;
-    Ok((num, sealed))
-}
-
 impl Vfs {
     pub(super) fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
         let fh = st.next_fh;
@@ -308,7 +285,7 @@ impl Vfs {
                 file.work = Some(work);
                 file.dirty = true;
                 file.modified_ns = file.modified_ns.or(modified_ns);
-                return Err(e);
+                return Err(e.into());
             }
         };
         st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));

@@ -11,8 +11,8 @@
 //! Rooms: `namespace` (names and attributes), `files` (open files, the
 //! write path, sealing), `read` (reads, fetches, read-ahead), `xattr`,
 //! `restore` (versions of a file), `uploads` (the write-back queue),
-//! `background` (publication, repair), `evict` and `recovery` (the
-//! staging cache). This module holds the types they share and the state.
+//! `background` (publication, repair), `evict` (the
+//! staging cache's bound). This module holds the types they share and the state.
 
 mod background;
 mod error;
@@ -20,7 +20,6 @@ mod evict;
 mod files;
 mod namespace;
 mod read;
-mod recovery;
 mod restore;
 mod uploads;
 mod xattr;
@@ -29,9 +28,7 @@ pub use error::{ErrorKind, VfsError, VfsResult};
 pub use namespace::StatFs;
 pub use uploads::{QueueEntry, Status};
 
-use files::record_sealed;
 use namespace::ToFree;
-use recovery::recover_staging;
 
 use crate::sys::fs_space;
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +45,7 @@ use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, GridReader, RecentSegments};
 use crate::grid::Grid;
 use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
+use crate::stage::recovery::{record_sealed, version_dir, version_dir_key};
 use crate::stage::spare::SpareDirs;
 use crate::upload::{self, pack};
 
@@ -244,17 +242,6 @@ fn check_name(name: &str) -> VfsResult<()> {
     Ok(())
 }
 
-/// A version's directory in the staging cache.
-fn version_dir(cache: &Path, ino: i64, num: i64) -> PathBuf {
-    cache.join("versions").join(format!("{ino}.{num}"))
-}
-
-/// (ino, version number) of a `cache/versions/INO.NUM` directory.
-fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
-    let (ino, num) = path.file_name()?.to_str()?.split_once('.')?;
-    Some((ino.parse().ok()?, num.parse().ok()?))
-}
-
 impl Vfs {
     pub fn new(
         options: VfsOptions,
@@ -283,7 +270,7 @@ impl Vfs {
             catalog.forget_orphan(ino)?;
             ToFree::versions(&cache, &catalog, ino).free();
         }
-        recover_staging(&cache, &mut catalog, config.params().segment_size as u64)?;
+        crate::stage::recovery::recover(&cache, &mut catalog, config.params().segment_size as u64)?;
         let mut queue = BTreeMap::new();
         for v in catalog.staged()? {
             // Already waited out their delay before the last unmount.

@@ -1,6 +1,54 @@
-//! Crash recovery of the staging cache at start.
+//! The staging cache's layout on disk, sealing a working copy into it as a
+//! recorded version, and putting it back in order after a crash.
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use crate::catalog::{Catalog, CatalogError, VersionState};
+use crate::stage::chunks::{SealedVersion, WorkingCopy};
+
+/// What sealing or recovery can meet: the staging disk's errors and the
+/// catalog's.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+}
+
+/// `cache/versions/INO.NUM`: where a sealed version's chunks live.
+pub fn version_dir(cache: &Path, ino: i64, num: i64) -> PathBuf {
+    cache.join("versions").join(format!("{ino}.{num}"))
+}
+
+/// (ino, version number) of a `cache/versions/INO.NUM` directory.
+pub fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
+    let (ino, num) = path.file_name()?.to_str()?.split_once('.')?;
+    Some((ino.parse().ok()?, num.parse().ok()?))
+}
+
+/// Seals a working copy as the file's next version and records it (state
+/// staged). The committed catalog row is the commit point (see
+/// [`WorkingCopy::seal`]); a crash on either side of it is resolved by
+/// [`recover`]. On failure the working copy comes back unchanged.
+pub fn record_sealed(
+    cache: &Path,
+    catalog: &mut Catalog,
+    ino: i64,
+    work: WorkingCopy,
+) -> Result<(i64, SealedVersion), Box<(WorkingCopy, StageError)>> {
+    let num = match catalog.next_version_num(ino) {
+        Ok(num) => num,
+        Err(e) => return Err(Box::new((work, e.into()))),
+    };
+    let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
+    let sealed = work.seal(version_dir(cache, ino, num), |size| -> Result<(), StageError> {
+        catalog.add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
+        catalog.commit()?;
+        Ok(())
+    })?;
+    Ok((num, sealed))
+}
 
 /// Puts the staging cache back in order after a crash (kill -9, power loss):
 /// - a version directory without a catalog row was being sealed when the
@@ -8,7 +56,7 @@ use super::*;
 /// - a working copy whose version row exists was sealed already: it goes;
 /// - any other working copy belonged to a file open for writing: every byte
 ///   that reached it is kept, and it is sealed as the file's next version.
-pub(super) fn recover_staging(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> VfsResult<()> {
+pub fn recover(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> Result<(), StageError> {
     let known = catalog.version_states()?;
     for entry in std::fs::read_dir(cache.join("versions"))? {
         let path = entry?.path();
