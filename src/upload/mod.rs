@@ -9,6 +9,7 @@
 //! request times out, is dropped from the upload.
 
 pub mod pack;
+pub mod schedule;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

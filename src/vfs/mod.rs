@@ -160,6 +160,19 @@ struct Pending {
 }
 
 impl Pending {
+    /// This entry as the upload rules see it.
+    fn as_queued(&self, ino: i64, num: i64) -> crate::upload::schedule::Queued {
+        crate::upload::schedule::Queued {
+            ino,
+            num,
+            size: self.size,
+            sealed_at: self.sealed_at,
+            retry_at: self.retry_at,
+            flush: self.flush,
+            uploading: self.uploading,
+        }
+    }
+
     fn new(size: u64, sealed_at: Instant) -> Pending {
         Pending {
             sealed_at,

@@ -2,14 +2,12 @@
 //! packed, retries, and recording what the grid holds.
 
 use super::*;
+use crate::upload::schedule::Queued;
 
 /// Uploads running at once.
 pub(super) const UPLOAD_CONCURRENCY: usize = 2;
 /// How long `cairn sync` waits for releases of files closed just before it.
 pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// How long a pack that is not full waits for more small versions while
-/// more are on their way (a `tar x` seals hundreds a second).
-pub(super) const PACK_LINGER: Duration = Duration::from_secs(1);
 /// Whether reading a sealed version failed because its staged bytes are
 /// gone or cut short (its upload can never succeed), rather than for a
 /// passing reason.
@@ -187,88 +185,57 @@ impl Vfs {
         }
     }
 
-    /// When the newest pending version of `ino` may start uploading: once
-    /// the file has been quiet for the write-back delay (so a burst of saves
-    /// uploads once), or once its oldest pending version has waited five
-    /// delays (so a file saved continuously still reaches the grid), and
-    /// never while another version of it is uploading. `None`: not now.
+    /// When the newest queued version of `ino` may start uploading
+    /// (`upload::schedule::ready_at`). `None`: not now.
     pub(super) fn ino_ready_at(&self, st: &State, ino: i64, now: Instant) -> Option<Instant> {
-        let pending: Vec<&Pending> = queued(st, ino).map(|(_, p)| p).collect();
-        if pending.iter().any(|p| p.uploading) {
-            return None;
-        }
-        let (oldest, newest) = (pending.first()?, pending.last()?);
-        let delay = self.options.writeback_delay;
-        let mut at = (newest.sealed_at + delay).min(oldest.sealed_at + delay * 5);
-        if pending.iter().any(|p| p.flush) {
-            at = at.min(now);
-        }
-        Some(newest.retry_at.map_or(at, |r| r.max(at)))
+        let versions: Vec<Queued> = queued(st, ino).map(|(num, p)| p.as_queued(ino, num)).collect();
+        crate::upload::schedule::ready_at(&versions, self.options.writeback_delay, now)
     }
 
-    /// The next upload: a version too big to pack, or a pack of ready
-    /// small versions. A pack that is not full lingers up to
-    /// [`PACK_LINGER`] for more, while more versions are on their way and no
-    /// `cairn sync` waits. Otherwise: when to ask again (`None`: when woken).
+    /// The next upload, as `upload::schedule` decides from the queue.
+    /// Versions it finds superseded leave the queue (their cached chunks
+    /// are freed after the lock is dropped).
     pub(super) fn next_upload(&self) -> VfsResult<Next> {
+        use crate::upload::schedule::{self, Job};
         let mut st = self.lock();
-        let now = Instant::now();
-        let inos: std::collections::BTreeSet<i64> = st.queue.keys().map(|(ino, _)| *ino).collect();
-        let (mut pack, mut pack_bytes) = (Vec::new(), 0);
-        let (mut next_ready, mut oldest_member, mut flush) = (None::<Instant>, now, false);
-        for ino in inos {
-            let ready_since = match self.ino_ready_at(&st, ino, now) {
-                None => continue,
-                Some(t) if t > now => {
-                    next_ready = Some(next_ready.map_or(t, |n| n.min(t)));
-                    continue;
-                }
-                Some(t) => t,
-            };
-            let nums: Vec<i64> = queued(&st, ino).map(|(num, _)| num).collect();
-            let (newest, older) = nums.split_last().expect("ready implies pending");
-            for num in older {
-                // Superseded before its upload started: never uploaded.
-                st.queue.remove(&(ino, *num));
-                st.catalog.set_version_state(ino, *num, VersionState::Superseded)?;
-                let _ = std::fs::remove_dir_all(version_dir(&self.cache, ino, *num));
-                tracing::debug!(ino, num, "superseded before upload");
-            }
-            if !older.is_empty() {
-                self.queue_changed.notify_waiters();
-            }
-            let num = *newest;
+        let queue: Vec<Queued> = st.queue.iter().map(|(&(ino, num), p)| p.as_queued(ino, num)).collect();
+        let decision = schedule::next(&queue, self.options.writeback_delay, Instant::now());
+        let mut freed = Vec::new();
+        for &(ino, num) in &decision.superseded {
+            // Superseded before its upload started: never uploaded.
+            st.queue.remove(&(ino, num));
+            st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
+            freed.push(version_dir(&self.cache, ino, num));
+            tracing::debug!(ino, num, "superseded before upload");
+        }
+        if !decision.superseded.is_empty() {
+            self.queue_changed.notify_waiters();
+        }
+        let queued = |st: &State, (ino, num): (i64, i64)| {
             let p = &st.queue[&(ino, num)];
-            let small = p.size <= pack::MEMBER_MAX;
-            if !small && !pack.is_empty() {
-                continue; // next time, after this pack
-            }
-            let queued = QueuedVersion {
+            QueuedVersion {
                 ino,
                 num,
                 version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
                 sent: p.sent.clone(),
-            };
-            if !small {
-                return Ok(Next::Job(Self::take(&mut st, UploadJob::Whole(queued))));
             }
-            pack_bytes += p.size;
-            flush |= p.flush;
-            oldest_member = oldest_member.min(ready_since);
-            pack.push(queued);
-            if pack_bytes >= pack::TARGET_BYTES || pack.len() >= pack::MAX_MEMBERS {
-                flush = true; // full
-                break;
+        };
+        let next = match decision.job {
+            Some(Job::Whole(ino, num)) => {
+                let job = UploadJob::Whole(queued(&st, (ino, num)));
+                Next::Job(Self::take(&mut st, job))
             }
+            Some(Job::Pack(members)) => {
+                let job = UploadJob::Pack(members.into_iter().map(|m| queued(&st, m)).collect());
+                Next::Job(Self::take(&mut st, job))
+            }
+            None => Next::At(decision.ask_at),
+        };
+        drop(st);
+        for dir in freed {
+            let _ = std::fs::remove_dir_all(dir);
         }
-        if pack.is_empty() {
-            return Ok(Next::At(next_ready));
-        }
-        let linger_until = oldest_member + PACK_LINGER;
-        if flush || next_ready.is_none() || linger_until <= now {
-            return Ok(Next::Job(Self::take(&mut st, UploadJob::Pack(pack))));
-        }
-        Ok(Next::At(Some(next_ready.map_or(linger_until, |t| t.min(linger_until)))))
+        Ok(next)
     }
 
     /// Marks a job's versions as uploading.
