@@ -391,6 +391,14 @@ impl Catalog {
         self.db.prepare_cached(sql)?.query_row(params, row)
     }
 
+    /// The catalog's write-ahead log: syncing it makes every commit made so
+    /// far durable (they are in it, with checksums; SQLite replays it after
+    /// a power loss). A daemon syncs it without holding its connection.
+    pub fn wal_path(&self) -> Option<std::path::PathBuf> {
+        let db = self.db.path()?;
+        Some(std::path::PathBuf::from(format!("{db}-wal")))
+    }
+
     /// Commits the batch and makes every commit durable on disk.
     pub fn sync_to_disk(&self) -> Result<(), CatalogError> {
         self.commit()?;

@@ -249,6 +249,35 @@ pub const UNFINISHED_SUFFIX: &str = ".new";
 /// chunk (a flush each: 2,048 for a 2 GiB file, about a second here).
 const SYNC_FILESYSTEM_ABOVE: usize = 64;
 
+/// The chunks of a working copy written since its last fsync.
+#[derive(Debug, Clone)]
+pub struct PendingSync {
+    dir: PathBuf,
+    chunks: BTreeSet<u64>,
+}
+
+impl PendingSync {
+    /// Syncs them: each chunk file with the copy's state and directories,
+    /// or past [`SYNC_FILESYSTEM_ABOVE`] chunks the whole staging file
+    /// system. A chunk truncated away meanwhile needs no sync.
+    pub fn run(&self) -> io::Result<()> {
+        // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
+        if cfg!(unix) && self.chunks.len() > SYNC_FILESYSTEM_ABOVE {
+            return crate::sys::sync_filesystem(&self.dir);
+        }
+        let gone_is_fine = |r: io::Result<()>| match r {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        for index in &self.chunks {
+            gone_is_fine(sync_file(&self.dir.join(index.to_string())))?;
+        }
+        gone_is_fine(sync_file(&self.dir.join(STATE_FILE)))?;
+        gone_is_fine(sync_dir(&self.dir))?;
+        self.dir.parent().map_or(Ok(()), sync_dir)
+    }
+}
+
 /// A file open for writing: its own chunks over an optional sealed base.
 #[derive(Debug)]
 pub struct WorkingCopy {
@@ -537,22 +566,26 @@ impl WorkingCopy {
 
     /// Makes every written byte durable on the local disk.
     pub fn fsync(&mut self) -> io::Result<()> {
-        // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
-        if cfg!(unix) && self.unsynced.len() > SYNC_FILESYSTEM_ABOVE {
-            crate::sys::sync_filesystem(&self.dir)?;
-        } else {
-            for index in &self.unsynced {
-                sync_file(&self.own_path(*index))?;
-            }
-            match sync_file(&self.dir.join(STATE_FILE)) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                other => other?,
-            }
-            sync_dir(&self.dir)?;
-            self.dir.parent().map_or(Ok(()), sync_dir)?;
+        let pending = self.take_sync();
+        pending.run().inspect_err(|_| self.give_back(pending.clone()))
+    }
+
+    /// What an fsync must make durable, taken from the copy so that the
+    /// syncing runs without it (and without any lock over it): writes after
+    /// this go to the next fsync.
+    pub fn take_sync(&mut self) -> PendingSync {
+        PendingSync {
+            dir: self.dir.clone(),
+            chunks: std::mem::take(&mut self.unsynced),
         }
-        self.unsynced.clear();
-        Ok(())
+    }
+
+    /// Puts back what a failed fsync did not make durable.
+    pub fn give_back(&mut self, pending: PendingSync) {
+        if pending.dir == self.dir {
+            self.unsynced
+                .extend(pending.chunks.into_iter().filter(|i| self.own.contains(i)));
+        }
     }
 
     /// Seals this working copy as the immutable version at `version_dir`

@@ -171,14 +171,36 @@ impl Vfs {
         Ok(())
     }
 
+    /// fsync(2): the file's bytes written so far and every catalog commit
+    /// (names, attributes) become durable. Under the lock only the batch's
+    /// commit and the list of what to sync; the syncing runs after.
     pub fn fsync(&self, fh: u64) -> VfsResult<()> {
-        let mut st = self.lock();
-        let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
-        if let Some(work) = st.files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
-            work.fsync()?;
+        let (ino, pending, wal) = {
+            let mut st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
+            let pending = st
+                .files
+                .get_mut(&ino)
+                .and_then(|f| f.work.as_mut())
+                .map(|w| w.take_sync());
+            st.catalog.commit()?;
+            (ino, pending, st.catalog.wal_path())
+        };
+        if let Some(pending) = pending {
+            if let Err(e) = pending.run() {
+                if let Some(work) = self.lock().files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
+                    work.give_back(pending);
+                }
+                return Err(e.into());
+            }
         }
-        st.catalog.sync_to_disk()?;
-        Ok(())
+        match wal {
+            Some(wal) => match crate::sys::sync_file(&wal) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => Ok(other?),
+            },
+            None => Ok(self.lock().catalog.sync_to_disk()?),
+        }
     }
 
     /// A close(2) of a descriptor. This does not seal: a flush also comes
