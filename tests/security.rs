@@ -22,13 +22,16 @@ fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// `cmd` run as `nobody` (no groups): its status and stdout.
+/// `program` to run as `nobody` (no groups).
+fn nobody(program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", program]);
+    c
+}
+
+/// `cmd` run as `nobody`: its status and stdout.
 fn as_nobody(args: &[&str]) -> (bool, String) {
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .args(args)
-        .output()
-        .unwrap();
+    let out = nobody(args[0]).args(&args[1..]).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -761,7 +764,7 @@ fn get_writes_through_a_private_unpredictable_temp_file_and_ends_with_the_users_
 
 /// Sends `request` on the control socket at `socket` as `nobody` (or as
 /// this process) and returns what came back.
-fn control_exchange(socket: &Path, request: &[u8], nobody: bool) -> String {
+fn control_exchange(socket: &Path, request: &[u8], as_nobody: bool) -> String {
     let script = "import socket,sys\n\
         s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
         data=sys.stdin.buffer.read()\n\
@@ -769,16 +772,8 @@ fn control_exchange(socket: &Path, request: &[u8], nobody: bool) -> String {
         out=b''\n\
         while True:\n    b=s.recv(65536)\n    if not b: break\n    out+=b\n\
         sys.stdout.buffer.write(out)\n";
-    let mut cmd = if nobody {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--",
-            "/usr/bin/python3",
-        ]);
-        c
+    let mut cmd = if as_nobody {
+        nobody("/usr/bin/python3")
     } else {
         Command::new("/usr/bin/python3")
     };
