@@ -186,18 +186,28 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// durable as the system's own lazy writer makes it.
 pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     #[cfg(unix)]
+    return sync_filesystem_of(&File::open(path)?);
+    #[cfg(windows)]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+/// [`sync_filesystem`] of the file system an open file is on.
+pub fn sync_filesystem_of(file: &File) -> io::Result<()> {
+    #[cfg(unix)]
     {
         use std::os::fd::AsRawFd;
-        let dir = File::open(path)?;
-        // SAFETY: syncfs on a descriptor we own for the duration of the call.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        // SAFETY: syncfs on a descriptor borrowed for the duration of the call.
+        if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
     #[cfg(windows)]
     {
-        let _ = path;
+        let _ = file;
         Ok(())
     }
 }

@@ -53,10 +53,11 @@ fn process_user(process: HANDLE) -> io::Result<Vec<u8>> {
     let mut token: HANDLE = 0;
     // SAFETY: a query-only token handle of a process handle we hold.
     check(unsafe { OpenProcessToken(process, TOKEN_QUERY, &mut token) })?;
-    let mut buf = vec![0u8; 256];
+    // u64s: aligned for the TOKEN_USER it receives.
+    let mut buf = vec![0u64; 64];
     let mut len = 0u32;
-    // SAFETY: buf is writable for its length; the token handle is ours.
-    let ok = unsafe { GetTokenInformation(token, TokenUser, buf.as_mut_ptr().cast(), buf.len() as u32, &mut len) };
+    // SAFETY: buf is writable for its length in bytes; the token handle is ours.
+    let ok = unsafe { GetTokenInformation(token, TokenUser, buf.as_mut_ptr().cast(), 512, &mut len) };
     // SAFETY: closing the token handle opened above.
     unsafe { CloseHandle(token) };
     check(ok)?;
@@ -67,6 +68,9 @@ fn process_user(process: HANDLE) -> io::Result<Vec<u8>> {
 
 /// A SID's bytes (copied, so the memory it lives in may go).
 fn sid_bytes(sid: PSID) -> io::Result<Vec<u8>> {
+    if sid.is_null() {
+        return Err(io::Error::other("no owner SID"));
+    }
     // SAFETY: a valid SID: revision, sub-authority count at byte 1, then
     // 6 bytes of authority and 4 per sub-authority.
     unsafe {

@@ -347,3 +347,26 @@ fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
     ));
     assert!(uncached.is_err(), "the shares really are gone");
 }
+
+#[test]
+fn an_fsync_taken_before_a_seal_still_syncs_after_it() {
+    // The daemon takes what to sync under its lock and syncs after: a seal
+    // in between renames or links the copy's chunks away. Both ways (a few
+    // chunks: each file; many: the staging file system) must still work.
+    for chunks in [3u64, 100] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut work = WorkingCopy::create(dir.path().join("w"), None, CHUNK).unwrap();
+        work.write_at(0, &vec![5; (chunks * CHUNK) as usize]).unwrap();
+        let pending = work.take_sync().unwrap();
+        let v = seal(work, dir.path().join("v"));
+        assert!(
+            !dir.path().join("w").exists(),
+            "sealed in place: the copy's directory is gone"
+        );
+        pending.run().unwrap();
+        assert_eq!(
+            read_all(|o, b| v.read_at(o, b), v.size),
+            vec![5; (chunks * CHUNK) as usize]
+        );
+    }
+}

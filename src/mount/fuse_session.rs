@@ -92,7 +92,10 @@ fn reap_unmount_helper() {
 /// still ours (same device), never one mounted there since.
 fn watch_for_death(mountpoint: &Path) -> Option<std::process::ChildStdin> {
     use std::os::unix::process::CommandExt;
-    let dev = mount_device(mountpoint)?;
+    let Some(dev) = mount_device(mountpoint) else {
+        tracing::warn!(mountpoint = %mountpoint.display(), "not in the mount table: no unmount watcher");
+        return None;
+    };
     let spawned = std::env::current_exe().and_then(|exe| {
         std::process::Command::new(exe)
             .arg("watch-mount")
@@ -130,10 +133,12 @@ fn mount_device(path: &Path) -> Option<String> {
 
 /// `cairn watch-mount`: waits until stdin ends (the daemon that started it
 /// ended), then unmounts `mountpoint` if the mount on top there is still
-/// device `dev`.
+/// device `dev` and dead (ENOTCONN): a new mount made there meanwhile may
+/// have been given the same device number, but it answers.
 pub fn watch_mount(dev: &str, mountpoint: &Path) -> Result<()> {
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
-    if mount_device(mountpoint).as_deref() == Some(dev) {
+    let dead = matches!(std::fs::metadata(mountpoint), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    if dead && mount_device(mountpoint).as_deref() == Some(dev) {
         tracing::info!(mountpoint = %mountpoint.display(), "the daemon ended without unmounting; unmounting");
         std::process::Command::new("fusermount3")
             .arg("-u")

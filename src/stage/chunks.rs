@@ -22,7 +22,7 @@ use std::io::{self, Read};
 use sha2::{Digest, Sha256};
 
 use super::sums::{self, Sum};
-use crate::sys::{sync_dir, sync_file, PositionalIo};
+use crate::sys::PositionalIo;
 use std::path::{Path, PathBuf};
 
 /// An immutable version in the staging cache.
@@ -249,32 +249,55 @@ pub const UNFINISHED_SUFFIX: &str = ".new";
 /// chunk (a flush each: 2,048 for a 2 GiB file, about a second here).
 const SYNC_FILESYSTEM_ABOVE: usize = 64;
 
-/// The chunks of a working copy written since its last fsync.
-#[derive(Debug, Clone)]
+/// The chunks of a working copy written since its last fsync. They are opened when taken: the handles stay good whatever happens to
+/// the copy's paths meanwhile (a seal renames or links its chunks away).
+#[derive(Debug)]
 pub struct PendingSync {
     dir: PathBuf,
     chunks: BTreeSet<u64>,
+    /// The chunk files and the state file, then (on Unix) the copy's
+    /// directory and its parent; or, past [`SYNC_FILESYSTEM_ABOVE`]
+    /// chunks, one handle on the staging file system (`cache/work`, which
+    /// a seal never moves).
+    files: Vec<File>,
+    filesystem: Option<File>,
 }
 
 impl PendingSync {
-    /// Syncs them: each chunk file with the copy's state and directories,
-    /// or past [`SYNC_FILESYSTEM_ABOVE`] chunks the whole staging file
-    /// system. A chunk truncated away meanwhile needs no sync.
-    pub fn run(&self) -> io::Result<()> {
+    fn open(dir: &Path, chunks: &BTreeSet<u64>) -> io::Result<PendingSync> {
         // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
-        if cfg!(unix) && self.chunks.len() > SYNC_FILESYSTEM_ABOVE {
-            return crate::sys::sync_filesystem(&self.dir);
+        let whole = cfg!(unix) && chunks.len() > SYNC_FILESYSTEM_ABOVE;
+        let parent = dir.parent().unwrap_or(dir);
+        let mut files = Vec::new();
+        if !whole {
+            // Opened for writing: Windows refuses to flush a read-only handle.
+            let open = |p: &Path| OpenOptions::new().write(true).open(p);
+            for index in chunks {
+                files.push(open(&dir.join(index.to_string()))?);
+            }
+            match open(&dir.join(STATE_FILE)) {
+                Ok(f) => files.push(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            #[cfg(unix)]
+            files.extend([File::open(dir)?, File::open(parent)?]);
         }
-        let gone_is_fine = |r: io::Result<()>| match r {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        };
-        for index in &self.chunks {
-            gone_is_fine(sync_file(&self.dir.join(index.to_string())))?;
+        Ok(PendingSync {
+            dir: dir.to_owned(),
+            chunks: chunks.clone(),
+            files,
+            filesystem: if whole { Some(File::open(parent)?) } else { None },
+        })
+    }
+
+    /// Syncs them: each chunk file with the copy's state and directories,
+    /// or the whole staging file system.
+    pub fn run(&self) -> io::Result<()> {
+        if let Some(fs) = &self.filesystem {
+            return crate::sys::sync_filesystem_of(fs);
         }
-        gone_is_fine(sync_file(&self.dir.join(STATE_FILE)))?;
-        gone_is_fine(sync_dir(&self.dir))?;
-        self.dir.parent().map_or(Ok(()), sync_dir)
+        self.files.iter().try_for_each(File::sync_all)
     }
 }
 
@@ -566,18 +589,21 @@ impl WorkingCopy {
 
     /// Makes every written byte durable on the local disk.
     pub fn fsync(&mut self) -> io::Result<()> {
-        let pending = self.take_sync();
-        pending.run().inspect_err(|_| self.give_back(pending.clone()))
+        let pending = self.take_sync()?;
+        if let Err(e) = pending.run() {
+            self.give_back(pending);
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// What an fsync must make durable, taken from the copy so that the
-    /// syncing runs without it (and without any lock over it): writes after
-    /// this go to the next fsync.
-    pub fn take_sync(&mut self) -> PendingSync {
-        PendingSync {
-            dir: self.dir.clone(),
-            chunks: std::mem::take(&mut self.unsynced),
-        }
+    /// What an fsync must make durable, opened and taken from the copy so
+    /// that the syncing runs without it (and without any lock over it):
+    /// writes after this go to the next fsync.
+    pub fn take_sync(&mut self) -> io::Result<PendingSync> {
+        let pending = PendingSync::open(&self.dir, &self.unsynced)?;
+        self.unsynced.clear();
+        Ok(pending)
     }
 
     /// Puts back what a failed fsync did not make durable.

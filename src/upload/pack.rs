@@ -42,15 +42,24 @@ pub fn assemble<R: Read>(sources: impl IntoIterator<Item = (R, u64, Key)>) -> Pa
         bytes: Vec::new(),
         members: Vec::new(),
     };
-    for (source, size, key) in sources {
+    for (mut source, size, key) in sources {
         let offset = pack.bytes.len();
-        let read = source.take(size + 1).read_to_end(&mut pack.bytes);
-        let got = (pack.bytes.len() - offset) as u64;
+        // One read of the whole member (a sealed version's reader checks
+        // the very bytes of a whole chunk read at once against its sum),
+        // then nothing more may follow.
+        pack.bytes.resize(offset + size as usize, 0);
+        let read = match source.read_exact(&mut pack.bytes[offset..]) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a sealed version of {size} bytes ended early"),
+            )),
+            other => other.and_then(|()| source.read(&mut [0u8; 1])),
+        };
         let member = match read {
             Err(e) => Err(e),
-            Ok(_) if got != size => Err(io::Error::new(
+            Ok(extra) if extra != 0 => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("a sealed version of {size} bytes read as {got}"),
+                format!("a sealed version of {size} bytes holds more"),
             )),
             Ok(_) => {
                 let content = &mut pack.bytes[offset..];

@@ -175,15 +175,17 @@ impl Vfs {
     /// (names, attributes) become durable. Under the lock only the batch's
     /// commit and the list of what to sync; the syncing runs after.
     pub fn fsync(&self, fh: u64) -> VfsResult<()> {
+        // One fsync at a time: a second one must not return while the
+        // first still syncs what the second was also asked to.
+        let _one = self.syncing.lock().expect("fsync lock");
         let (ino, pending, wal) = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
-            let pending = st
-                .files
-                .get_mut(&ino)
-                .and_then(|f| f.work.as_mut())
-                .map(|w| w.take_sync());
             st.catalog.commit()?;
+            let pending = match st.files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
+                Some(work) => Some(work.take_sync()?),
+                None => None,
+            };
             (ino, pending, st.catalog.wal_path())
         };
         if let Some(pending) = pending {
@@ -194,13 +196,21 @@ impl Vfs {
                 return Err(e.into());
             }
         }
-        match wal {
-            Some(wal) => match crate::sys::sync_file(&wal) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => Ok(other?),
-            },
-            None => Ok(self.lock().catalog.sync_to_disk()?),
+        let Some(wal) = wal else {
+            return Ok(self.lock().catalog.sync_to_disk()?);
+        };
+        match crate::sys::sync_file(&wal) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other?,
         }
+        // The WAL's own name, once: SQLite syncs it only at a checkpoint.
+        if !self.wal_dir_synced.swap(true, Ordering::Relaxed) {
+            if let Err(e) = wal.parent().map_or(Ok(()), crate::sys::sync_dir) {
+                self.wal_dir_synced.store(false, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 
     /// A close(2) of a descriptor. This does not seal: a flush also comes

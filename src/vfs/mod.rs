@@ -223,6 +223,10 @@ pub struct Vfs {
     runtime: tokio::runtime::Handle,
     /// One namespace publication at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// One fsync at a time (taken before `state`).
+    syncing: Mutex<()>,
+    /// Whether the catalog's WAL's directory entry was synced.
+    wal_dir_synced: std::sync::atomic::AtomicBool,
     /// Chunks (ino, version, index) being read ahead: every read asks for
     /// the next few, and must not fetch again what is already on its way.
     reading_ahead: Arc<Mutex<std::collections::HashSet<(i64, i64, u64)>>>,
@@ -318,6 +322,8 @@ impl Vfs {
             readers: Mutex::new(HashMap::new()),
             recent_segments: Arc::new(RecentSegments::new(8)),
             publishing: tokio::sync::Mutex::new(()),
+            syncing: Mutex::new(()),
+            wal_dir_synced: Default::default(),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
             cache_scanned: AtomicU64::new(u64::MAX),
             cache_growth: Arc::new(AtomicU64::new(0)),

@@ -201,10 +201,19 @@ impl Vfs {
         let queue: Vec<Queued> = st.queue.iter().map(|(&(ino, num), p)| p.as_queued(ino, num)).collect();
         let decision = schedule::next(&queue, self.options.writeback_delay, Instant::now());
         let mut freed = Vec::new();
+        let free = |dirs: Vec<PathBuf>| {
+            for dir in dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        };
         for &(ino, num) in &decision.superseded {
             // Superseded before its upload started: never uploaded.
             st.queue.remove(&(ino, num));
-            st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
+            if let Err(e) = st.catalog.set_version_state(ino, num, VersionState::Superseded) {
+                drop(st);
+                free(freed);
+                return Err(e.into());
+            }
             freed.push(version_dir(&self.cache, ino, num));
             tracing::debug!(ino, num, "superseded before upload");
         }
@@ -232,9 +241,7 @@ impl Vfs {
             None => Next::At(decision.ask_at),
         };
         drop(st);
-        for dir in freed {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        free(freed);
         Ok(next)
     }
 
