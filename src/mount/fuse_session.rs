@@ -137,8 +137,7 @@ fn mount_device(path: &Path) -> Option<String> {
 /// have been given the same device number, but it answers.
 pub fn watch_mount(dev: &str, mountpoint: &Path) -> Result<()> {
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
-    let dead = matches!(std::fs::metadata(mountpoint), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
-    if dead && mount_device(mountpoint).as_deref() == Some(dev) {
+    if is_dead_fuse_mount(mountpoint) && mount_device(mountpoint).as_deref() == Some(dev) {
         tracing::info!(mountpoint = %mountpoint.display(), "the daemon ended without unmounting; unmounting");
         std::process::Command::new("fusermount3")
             .arg("-u")
@@ -148,6 +147,33 @@ pub fn watch_mount(dev: &str, mountpoint: &Path) -> Result<()> {
             .status()?;
     }
     Ok(())
+}
+
+/// Whether the FUSE mount at `path` has lost its daemon: a stat forced past
+/// the kernel's attribute cache (which would answer for a dead daemon too)
+/// fails with ENOTCONN once the connection is gone, or with ECONNABORTED
+/// if it was waiting while the dying daemon's connection was torn down.
+fn is_dead_fuse_mount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed statx buffer we own.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut buf,
+        )
+    };
+    r != 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        )
 }
 
 fn is_mounted(path: &Path) -> bool {
