@@ -139,12 +139,7 @@ pub fn watch_mount(dev: &str, mountpoint: &Path) -> Result<()> {
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
     if is_dead_fuse_mount(mountpoint) && mount_device(mountpoint).as_deref() == Some(dev) {
         tracing::info!(mountpoint = %mountpoint.display(), "the daemon ended without unmounting; unmounting");
-        std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(mountpoint)
-            .stderr(std::process::Stdio::null())
-            .status()?;
+        fusermount_u(mountpoint, true);
     }
     Ok(())
 }
@@ -206,28 +201,20 @@ fn paths_are_spelt_as_in_the_mount_table() {
 /// A daemon killed together with its unmount watcher leaves a dead FUSE
 /// mount: every access fails with ENOTCONN. Detach it (lazily) and say so.
 fn recover_stale_mount(dir: &Path) -> Result<()> {
-    match std::fs::metadata(dir) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let ok = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(dir)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                bail!(
-                    "{} is a stale FUSE mount left by a crashed daemon, and `fusermount3 -u -z` failed; unmount it by hand",
-                    dir.display()
-                );
-            }
-            eprintln!(
-                "cairn: {} was a stale mount left by a crashed daemon; unmounted it (lazy unmount)",
-                dir.display()
-            );
-            Ok(())
-        }
-        _ => Ok(()),
+    if !is_dead_fuse_mount(dir) {
+        return Ok(());
     }
+    if !fusermount_u(dir, true) {
+        bail!(
+            "{} is a stale FUSE mount left by a crashed daemon, and `fusermount3 -u -z` failed; unmount it by hand",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "cairn: {} was a stale mount left by a crashed daemon; unmounted it (lazy unmount)",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Unmounts our own mount point as `fusermount3 -u` would; if files are
@@ -235,20 +222,23 @@ fn recover_stale_mount(dir: &Path) -> Result<()> {
 /// (Closing fuser's auto-unmount socket does not unmount while this process
 /// still holds /dev/fuse.)
 fn unmount(mountpoint: &Path) {
-    let run = |lazy: bool| {
-        let mut cmd = std::process::Command::new("fusermount3");
-        cmd.arg("-u");
-        if lazy {
-            cmd.arg("-z");
-        }
-        cmd.arg(mountpoint)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !run(false) && !run(true) {
+    if !fusermount_u(mountpoint, false) && !fusermount_u(mountpoint, true) {
         eprintln!("cairn: could not unmount {}; run fusermount3 -u", mountpoint.display());
     }
+}
+
+/// `fusermount3 -u` (`-z`: lazily, detaching a busy or dead mount); whether
+/// it worked.
+fn fusermount_u(mountpoint: &Path, lazy: bool) -> bool {
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    cmd.arg(mountpoint)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn mount_session(

@@ -10,9 +10,10 @@ pub struct StatFs {
     pub files: u64,
 }
 
-/// Cache directories of a deleted file, listed under the core's lock and
-/// removed after it is dropped: removing a big file's chunks takes long,
-/// and nothing can reach them any more (inode numbers are never reused).
+/// Cache directories of a deleted file (or of superseded versions), listed
+/// under the core's lock and removed after it is dropped: removing a big
+/// file's chunks takes long, and nothing can reach them any more (inode and
+/// version numbers are never reused).
 #[must_use = "the directories are removed by `free`, once the lock is dropped"]
 #[derive(Default)]
 pub(super) struct ToFree(Vec<PathBuf>);
@@ -39,7 +40,7 @@ impl ToFree {
         for dir in self.0 {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "freeing a deleted file's cache");
+                    tracing::warn!(dir = %dir.display(), error = %e, "freeing cached chunks");
                 }
                 _ => {}
             }

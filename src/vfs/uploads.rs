@@ -200,21 +200,16 @@ impl Vfs {
         let mut st = self.lock();
         let queue: Vec<Queued> = st.queue.iter().map(|(&(ino, num), p)| p.as_queued(ino, num)).collect();
         let decision = schedule::next(&queue, self.options.writeback_delay, Instant::now());
-        let mut freed = Vec::new();
-        let free = |dirs: Vec<PathBuf>| {
-            for dir in dirs {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        };
+        let mut freed = ToFree::default();
         for &(ino, num) in &decision.superseded {
             // Superseded before its upload started: never uploaded.
             st.queue.remove(&(ino, num));
             if let Err(e) = st.catalog.set_version_state(ino, num, VersionState::Superseded) {
                 drop(st);
-                free(freed);
+                freed.free();
                 return Err(e.into());
             }
-            freed.push(version_dir(&self.cache, ino, num));
+            freed = freed.and(version_dir(&self.cache, ino, num));
             tracing::debug!(ino, num, "superseded before upload");
         }
         if !decision.superseded.is_empty() {
@@ -241,7 +236,7 @@ impl Vfs {
             None => Next::At(decision.ask_at),
         };
         drop(st);
-        free(freed);
+        freed.free();
         Ok(next)
     }
 
