@@ -21,7 +21,7 @@ impl Vfs {
             let protected: std::collections::HashSet<PathBuf> = st
                 .files
                 .values()
-                .filter_map(|f| f.work.as_ref()?.base_dir().map(Path::to_owned))
+                .filter_map(|f| f.working.as_ref()?.base.clone())
                 .collect();
             (st.catalog.version_states()?, protected)
         };

@@ -3,6 +3,23 @@
 
 use super::*;
 
+/// A seal between the release that decided it and its version's entry in
+/// the queue, counted in [`Vfs::sealing`] while it lives.
+struct Sealing<'a>(&'a AtomicUsize);
+
+impl<'a> Sealing<'a> {
+    fn start(count: &'a AtomicUsize) -> Sealing<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Sealing(count)
+    }
+}
+
+impl Drop for Sealing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Vfs {
     pub(super) fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
         let fh = st.next_fh;
@@ -36,58 +53,92 @@ impl Vfs {
         Ok(work)
     }
 
+    /// The working-copy lock of `ino`, to take after `state` is dropped.
+    /// Holding it keeps the file's entry in the table.
+    pub(super) fn copy_lock(st: &mut State, ino: i64) -> CopyLock {
+        st.files.entry(ino).or_default().copy.clone()
+    }
+
+    /// Drops the entry of a file nothing uses any more.
+    pub(super) fn forget_if_idle(st: &mut State, ino: i64) {
+        if st
+            .files
+            .get(&ino)
+            .is_some_and(|f| f.handles == 0 && f.working.is_none() && Arc::strong_count(&f.copy) == 1)
+        {
+            st.files.remove(&ino);
+        }
+    }
+
+    /// Records a change of the working copy (held in `work`, under its
+    /// lock): dirty, modified now, its size. Returns the file's writers.
+    fn changed(st: &mut State, ino: i64, work: &WorkingCopy) -> usize {
+        let file = st.files.get_mut(&ino).expect("held by its copy lock");
+        file.dirty = true;
+        file.modified_ns = Some(crate::catalog::now_ns());
+        if let Some(shown) = file.working.as_mut() {
+            shown.size = work.size();
+        }
+        file.writers
+    }
+
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> VfsResult<u64> {
         let ino = ino as i64;
         if write {
             self.writable()?;
         }
-        {
-            let st = self.lock();
+        let copy = {
+            let mut st = self.lock();
             let node = Self::node(&st, ino)?;
             if node.kind == Kind::Dir && write {
                 return Err(VfsError::IsDir);
             }
-        }
-        if truncate {
-            self.ensure_working(ino)?;
-        }
-        let mut st = self.lock();
-        if truncate {
-            let file = st.files.entry(ino).or_default();
-            if let Some(work) = file.work.as_mut() {
-                work.truncate(0)?;
-                file.dirty = true;
+            if !truncate {
+                return Ok(Self::add_handle(&mut st, ino, write));
             }
-        }
-        Ok(Self::add_handle(&mut st, ino, write))
+            Self::copy_lock(&mut st, ino)
+        };
+        let mut guard = write_copy(&copy);
+        let truncated = self.ensure_working(ino, &mut guard).and_then(|()| {
+            let work = guard.as_mut().expect("ensured");
+            work.truncate(0)?;
+            Ok(work)
+        });
+        let mut st = self.lock();
+        let result = truncated.map(|work| {
+            Self::changed(&mut st, ino, work);
+            // Counted before the copy's lock is let go: a release of the
+            // file's last other writer must not seal it truncated.
+            Self::add_handle(&mut st, ino, write)
+        });
+        Self::forget_if_idle(&mut st, ino);
+        result
     }
 
-    /// Makes sure `ino` has a working copy, over its newest version. A base
-    /// not fully in the cache is fetched first, outside the lock.
-    pub(super) fn ensure_working(&self, ino: i64) -> VfsResult<()> {
-        loop {
-            let (latest, missing) = {
-                let mut st = self.lock();
-                if st.files.get(&ino).is_some_and(|f| f.work.is_some()) {
-                    return Ok(());
-                }
-                let latest = st.catalog.latest(ino)?;
-                let missing = match &latest {
-                    Some(v) => self.chunks_to_fetch(v, None)?,
-                    None => Vec::new(),
-                };
-                if missing.is_empty() {
-                    let base = latest.map(|v| self.sealed(&v));
-                    let work = self.new_working_copy(ino, base)?;
-                    st.files.entry(ino).or_default().work = Some(work);
-                    return Ok(());
-                }
-                (latest.expect("missing chunks imply a version"), missing)
+    /// Makes sure `ino` has a working copy, over its newest version, in
+    /// `copy` (the held lock). A base not fully in the cache is fetched
+    /// first; `state` is taken only to read the catalog.
+    pub(super) fn ensure_working(&self, ino: i64, copy: &mut Option<WorkingCopy>) -> VfsResult<()> {
+        while copy.is_none() {
+            let latest = self.lock().catalog.latest(ino)?;
+            let missing = match &latest {
+                Some(v) => self.chunks_to_fetch(v, None)?,
+                None => Vec::new(),
             };
+            if missing.is_empty() {
+                let work = self.new_working_copy(ino, latest.map(|v| self.sealed(&v)))?;
+                if let Some(file) = self.lock().files.get_mut(&ino) {
+                    file.working = Some(Working::of(&work));
+                }
+                *copy = Some(work);
+                return Ok(());
+            }
+            let latest = latest.expect("missing chunks imply a version");
             for index in missing {
                 self.fetch_chunk(&latest, index)?;
             }
         }
+        Ok(())
     }
 
     /// Applies a change to a file's working copy. With no writer holding
@@ -97,8 +148,8 @@ impl Vfs {
         ino: i64,
         change: impl FnOnce(&mut WorkingCopy) -> std::io::Result<()>,
     ) -> VfsResult<()> {
-        {
-            let st = self.lock();
+        let copy = {
+            let mut st = self.lock();
             let node = Self::node(&st, ino)?;
             if node.kind != Kind::File {
                 return Err(if node.kind == Kind::Dir {
@@ -107,17 +158,21 @@ impl Vfs {
                     VfsError::Invalid
                 });
             }
-        }
-        self.ensure_working(ino)?;
-        let mut st = self.lock();
-        let file = st.files.get_mut(&ino).expect("ensured");
-        change(file.work.as_mut().expect("ensured"))?;
-        file.dirty = true;
-        file.modified_ns = Some(crate::catalog::now_ns());
-        if file.writers == 0 {
-            self.seal(&mut st, ino, "change without an open writer")?;
-        }
-        Ok(())
+            Self::copy_lock(&mut st, ino)
+        };
+        let mut guard = write_copy(&copy);
+        let result = self.ensure_working(ino, &mut guard).and_then(|()| {
+            let work = guard.as_mut().expect("ensured");
+            change(work)?;
+            if Self::changed(&mut self.lock(), ino, work) == 0 {
+                self.seal(ino, &mut guard, "change without an open writer", false)?;
+            }
+            Ok(())
+        });
+        drop(guard);
+        drop(copy);
+        Self::forget_if_idle(&mut self.lock(), ino);
+        result
     }
 
     /// Drops a file's set-user/group-ID bits before a write that must not
@@ -135,22 +190,23 @@ impl Vfs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<usize> {
-        let ino = {
-            let st = self.lock();
+        let (ino, copy) = {
+            let mut st = self.lock();
             let h = st.handles.get(&fh).ok_or(VfsError::BadHandle)?;
             if !h.write {
                 return Err(VfsError::BadHandle);
             }
-            h.ino
+            let ino = h.ino;
+            (ino, Self::copy_lock(&mut st, ino))
         };
         self.ensure_space(data.len() as u64)?;
-        self.ensure_working(ino)?;
-        let mut st = self.lock();
-        let file = st.files.get_mut(&ino).expect("open file");
-        file.work.as_mut().expect("ensured").write_at(offset, data)?;
+        let mut guard = write_copy(&copy);
+        self.ensure_working(ino, &mut guard)?;
+        let work = guard.as_mut().expect("ensured");
+        work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
-        file.dirty = true;
-        file.modified_ns = Some(crate::catalog::now_ns());
+        let mut st = self.lock();
+        Self::changed(&mut st, ino, work);
         // The bytes are in staging now and survive a crash of the daemon:
         // so must the file's name.
         if st.catalog.uncommitted() {
@@ -178,19 +234,18 @@ impl Vfs {
         // One fsync at a time: a second one must not return while the
         // first still syncs what the second was also asked to.
         let _one = self.syncing.lock().expect("fsync lock");
-        let (ino, pending, wal) = {
+        let (copy, wal) = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
             st.catalog.commit()?;
-            let pending = match st.files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
-                Some(work) => Some(work.take_sync()?),
-                None => None,
-            };
-            (ino, pending, st.catalog.wal_path())
+            (Self::copy_lock(&mut st, ino), st.catalog.wal_path())
         };
+        // The files to sync are opened under the copy's lock; the syncing
+        // runs after it is let go, so writes go on meanwhile.
+        let pending = write_copy(&copy).as_mut().map(|work| work.take_sync()).transpose()?;
         if let Some(pending) = pending {
             if let Err(e) = pending.run() {
-                if let Some(work) = self.lock().files.get_mut(&ino).and_then(|f| f.work.as_mut()) {
+                if let Some(work) = write_copy(&copy).as_mut() {
                     work.give_back(pending);
                 }
                 return Err(e.into());
@@ -251,95 +306,152 @@ impl Vfs {
 
     /// Closes a handle. The last writer's release seals the file.
     pub fn release(&self, fh: u64) -> VfsResult<()> {
-        let mut st = self.lock();
-        let handle = st.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
-        let ino = handle.ino;
-        let file = st.files.get_mut(&ino).expect("open file");
-        file.handles -= 1;
-        if handle.write {
-            file.writers -= 1;
-        }
-        let (writers, handles) = (file.writers, file.handles);
-        let orphan = st
-            .catalog
-            .node(ino)?
-            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
-        if orphan {
-            if handles == 0 {
-                let work = st.files.remove(&ino).and_then(|f| f.work);
+        let (ino, copy, counted) = {
+            let mut st = self.lock();
+            let handle = st.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
+            let ino = handle.ino;
+            let file = st.files.get_mut(&ino).expect("open file");
+            file.handles -= 1;
+            if handle.write {
+                file.writers -= 1;
+            }
+            let (writers, handles) = (file.writers, file.handles);
+            let orphan = st
+                .catalog
+                .node(ino)?
+                .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
+            if orphan {
+                if handles > 0 {
+                    return Ok(());
+                }
+                let copy = st.files.remove(&ino).map(|f| f.copy);
                 st.catalog.forget_orphan(ino)?;
                 let mut freed = ToFree::versions(&self.cache, &st.catalog, ino);
-                if let Some(work) = work {
+                drop(st);
+                if let Some(work) = copy.and_then(|c| write_copy(&c).take()) {
                     freed = freed.and(work.dir().to_owned());
                 }
-                drop(st);
                 freed.free();
+                return Ok(());
             }
-            return Ok(());
-        }
-        if writers == 0 {
-            self.seal(&mut st, ino, "last release")?;
-        }
-        if handles == 0 && st.files.get(&ino).is_some_and(|f| f.work.is_none()) {
-            st.files.remove(&ino);
-        }
-        Ok(())
+            if writers > 0 {
+                return Ok(());
+            }
+            // Counted under the lock that removed the handle, so `cairn
+            // sync` never sees neither the handle nor the version.
+            (ino, Self::copy_lock(&mut st, ino), Sealing::start(&self.sealing))
+        };
+        let sealed = self.seal(ino, &mut write_copy(&copy), "last release", false);
+        drop(counted);
+        drop(copy);
+        Self::forget_if_idle(&mut self.lock(), ino);
+        sealed
     }
 
-    /// Seals a file's working copy as its next version, if it was written;
-    /// otherwise drops it. The version is queued after the write-back delay.
-    pub(super) fn seal(&self, st: &mut State, ino: i64, why: &str) -> VfsResult<()> {
+    /// Seals a file's working copy (in `copy`, whose lock the caller holds)
+    /// as its next version, if it was written; otherwise drops it. Unless
+    /// `even_if_open`, a file a writer opened meanwhile is left to that
+    /// writer's release. The chunks are linked under the copy's lock only;
+    /// `state` is taken for the version's number and for its record. The
+    /// version is queued after the write-back delay.
+    pub(super) fn seal(
+        &self,
+        ino: i64,
+        copy: &mut Option<WorkingCopy>,
+        why: &str,
+        even_if_open: bool,
+    ) -> VfsResult<()> {
         tracing::debug!(ino, why, "seal");
-        let Some(file) = st.files.get_mut(&ino) else {
-            return Ok(());
-        };
-        let Some(work) = file.work.take() else { return Ok(()) };
-        let modified_ns = file.modified_ns.take();
-        if !std::mem::take(&mut file.dirty) {
-            work.discard()?;
+        if copy.is_none() {
             return Ok(());
         }
-        if let Some(t) = modified_ns {
-            // Recorded with the version, in one commit.
-            if let Some(mut node) = st.catalog.node(ino)? {
-                node.mtime_ns = t;
-                node.ctime_ns = node.ctime_ns.max(t);
-                st.catalog.update_attrs(&node)?;
+        let num = {
+            let mut st = self.lock();
+            let Some(file) = st.files.get_mut(&ino) else {
+                return Ok(());
+            };
+            if file.writers > 0 && !even_if_open {
+                return Ok(());
             }
-        }
-        let (num, sealed) = match record_sealed(&self.cache, &mut st.catalog, ino, work) {
-            Ok(recorded) => recorded,
+            if !file.dirty {
+                file.working = None;
+                file.modified_ns = None;
+                drop(st);
+                copy.take().expect("checked").discard()?;
+                return Ok(());
+            }
+            st.catalog.next_version_num(ino)?
+        };
+        let work = copy.take().expect("checked");
+        let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
+        let sealed = work.seal(version_dir(&self.cache, ino, num), |size| -> VfsResult<()> {
+            let mut st = self.lock();
+            let file = st.files.get_mut(&ino).expect("held by its copy lock");
+            let modified_ns = file.modified_ns;
+            if let Some(t) = modified_ns {
+                // Recorded with the version, in one commit.
+                if let Some(mut node) = st.catalog.node(ino)? {
+                    node.mtime_ns = t;
+                    node.ctime_ns = node.ctime_ns.max(t);
+                    st.catalog.update_attrs(&node)?;
+                }
+            }
+            // Versions of a file are only added under its copy's lock.
+            let recorded = st
+                .catalog
+                .add_version(ino, size, "", VersionState::Staged, None, origin.as_deref())?;
+            if recorded != num {
+                return Err(std::io::Error::other(format!("file {ino}: version {recorded} recorded as {num}")).into());
+            }
+            st.catalog.commit()?;
+            let file = st.files.get_mut(&ino).expect("held by its copy lock");
+            (file.working, file.dirty, file.modified_ns) = (None, false, None);
+            Ok(())
+        });
+        match sealed {
+            Ok(sealed) => {
+                // Queued once its directory is in place (a copy sealed in
+                // place is renamed after its record).
+                let mut st = self.lock();
+                st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
+                // The scheduler sleeps until the first queued version is
+                // due, and this one is due after all of those: wake it only
+                // if idle.
+                if st.queue.len() == 1 {
+                    self.upload_wake.notify_one();
+                }
+                drop(st);
+                self.cache_growth.fetch_add(sealed.size, Ordering::Relaxed);
+                tracing::debug!(ino, num, size = sealed.size, "sealed");
+                Ok(())
+            }
             Err(failed) => {
-                let (work, e) = *failed;
                 // A full disk, say: keep the working copy as it was, so the
                 // file reads the same and a later close seals it.
-                let file = st.files.get_mut(&ino).expect("still open");
-                file.work = Some(work);
-                file.dirty = true;
-                file.modified_ns = file.modified_ns.or(modified_ns);
-                return Err(e.into());
+                let (work, e) = *failed;
+                if let Some(file) = self.lock().files.get_mut(&ino) {
+                    file.working = Some(Working::of(&work));
+                    file.dirty = true;
+                }
+                *copy = Some(work);
+                Err(e)
             }
-        };
-        st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
-        self.cache_growth.fetch_add(sealed.size, Ordering::Relaxed);
-        tracing::debug!(ino, num, size = sealed.size, "sealed");
-        // The scheduler sleeps until the first queued version is due, and
-        // this one is due after all of those: wake it only if it is idle.
-        if st.queue.len() == 1 {
-            self.upload_wake.notify_one();
         }
-        Ok(())
     }
 
     /// Seals every file still open for writing: used on unmount, so nothing
     /// written is left outside a version.
     pub fn seal_all(&self) -> VfsResult<()> {
-        let mut st = self.lock();
-        let inos: Vec<i64> = st.files.keys().copied().collect();
-        for ino in inos {
-            self.seal(&mut st, ino, "unmount")?;
+        let copies: Vec<(i64, CopyLock)> = self
+            .lock()
+            .files
+            .iter()
+            .map(|(&ino, f)| (ino, f.copy.clone()))
+            .collect();
+        for (ino, copy) in copies {
+            self.seal(ino, &mut write_copy(&copy), "unmount", true)?;
         }
-        st.catalog.sync_to_disk()?;
+        self.lock().catalog.sync_to_disk()?;
         Ok(())
     }
 }

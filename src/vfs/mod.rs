@@ -33,8 +33,8 @@ use namespace::ToFree;
 use crate::sys::fs_space;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -45,7 +45,7 @@ use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, GridReader, RecentSegments};
 use crate::grid::Grid;
 use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
-use crate::stage::recovery::{record_sealed, version_dir, version_dir_key};
+use crate::stage::recovery::{version_dir, version_dir_key};
 use crate::stage::spare::SpareDirs;
 use crate::upload::{self, pack};
 
@@ -128,12 +128,27 @@ struct Handle {
     closing: bool,
 }
 
-/// A file with open handles, and its working copy once written.
+/// A file's working copy, behind a lock of its own: the copy's disk I/O
+/// (writes and their copy-on-write, fsync's syncing, sealing's links) runs
+/// under this lock and never under `state`. Taken before `state`, never
+/// while holding it (docs/ARCHITECTURE.md has the whole order).
+type CopyLock = Arc<RwLock<Option<WorkingCopy>>>;
+
+fn write_copy(copy: &CopyLock) -> RwLockWriteGuard<'_, Option<WorkingCopy>> {
+    copy.write().expect("working copy lock")
+}
+
+/// A file with open handles (or a change in progress), and its working
+/// copy once written. An entry leaves `State::files` only when nothing
+/// counts it and nobody else holds its `copy`.
 #[derive(Default)]
 struct OpenFile {
     handles: usize,
     writers: usize,
-    work: Option<WorkingCopy>,
+    copy: CopyLock,
+    /// What the rest of the core needs of the working copy without taking
+    /// its lock: changed only by a holder of `copy`'s write lock.
+    working: Option<Working>,
     /// Written or truncated since the working copy was made.
     dirty: bool,
     /// When the working copy was last written or truncated, unless an
@@ -141,6 +156,22 @@ struct OpenFile {
     /// the file's mtime while open, recorded at the seal. The kernel caches
     /// attributes, so sealing must not change them behind its back.
     modified_ns: Option<i64>,
+}
+
+/// The open working copy as attributes and eviction see it.
+struct Working {
+    size: u64,
+    /// The version it was made over, whose chunks eviction must keep.
+    base: Option<PathBuf>,
+}
+
+impl Working {
+    fn of(work: &WorkingCopy) -> Working {
+        Working {
+            size: work.size(),
+            base: work.base_dir().map(Path::to_owned),
+        }
+    }
 }
 
 /// A sealed version waiting for, or in, upload.
@@ -223,6 +254,9 @@ pub struct Vfs {
     runtime: tokio::runtime::Handle,
     /// One namespace publication at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// Seals decided by a last release whose version is not queued yet:
+    /// `cairn sync` waits for them as for the queue.
+    sealing: AtomicUsize,
     /// One fsync at a time (taken before `state`).
     syncing: Mutex<()>,
     /// Whether the catalog's WAL's directory entry was synced.
@@ -322,6 +356,7 @@ impl Vfs {
             readers: Mutex::new(HashMap::new()),
             recent_segments: Arc::new(RecentSegments::new(8)),
             publishing: tokio::sync::Mutex::new(()),
+            sealing: AtomicUsize::new(0),
             syncing: Mutex::new(()),
             wal_dir_synced: Default::default(),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
@@ -358,8 +393,8 @@ impl Vfs {
         let size = match node.kind {
             Kind::Dir => 4096,
             Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
-            Kind::File => match st.files.get(&node.ino).and_then(|f| f.work.as_ref()) {
-                Some(work) => work.size(),
+            Kind::File => match st.files.get(&node.ino).and_then(|f| f.working.as_ref()) {
+                Some(work) => work.size,
                 None => facts.latest_size.unwrap_or(0),
             },
             Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,

@@ -213,14 +213,33 @@ impl Vfs {
                 target: None,
             },
         )?;
-        let work = self.new_working_copy(node.ino, None)?;
-        let file = st.files.entry(node.ino).or_default();
-        file.work = Some(work);
-        file.dirty = true;
-        let fh = Self::add_handle(&mut st, node.ino, true);
         Self::continue_history(&mut st, parent as i64, name, node.ino)?;
         let attr = self.attr_of(&st, &node)?;
-        Ok((attr, fh))
+        // The new file's copy lock is nobody else's yet; holding it while
+        // the working copy's directory is made outside `state` keeps any
+        // other opener's writes waiting for it.
+        let copy = Self::copy_lock(&mut st, node.ino);
+        // (Busy only if the catalog reused the number of a file some call
+        // still holds.)
+        let Ok(mut guard) = copy.try_write() else {
+            return Err(VfsError::Busy);
+        };
+        let file = st.files.get_mut(&node.ino).expect("just added");
+        file.dirty = true;
+        file.working = Some(Working { size: 0, base: None });
+        drop(st);
+        let made = self.new_working_copy(node.ino, None);
+        let mut st = self.lock();
+        let made = made.map(|work| *guard = Some(work));
+        if made.is_err() {
+            let file = st.files.get_mut(&node.ino).expect("held by its copy lock");
+            (file.working, file.dirty) = (None, false);
+        }
+        let fh = made.map(|()| Self::add_handle(&mut st, node.ino, true));
+        drop(guard);
+        drop(copy);
+        Self::forget_if_idle(&mut st, node.ino);
+        Ok((attr, fh?))
     }
 
     /// A file takes the name (`dir`, `name`): if a file was renamed away

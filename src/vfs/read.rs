@@ -77,25 +77,22 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
-        let ino = {
-            let st = self.lock();
-            st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino
+        let (ino, copy) = {
+            let mut st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
+            (ino, Self::copy_lock(&mut st, ino))
         };
         let mut buf = vec![0u8; size as usize];
         // A version superseded while we read may vanish; one retry picks up
         // the newer one.
         for attempt in 0..2 {
-            let version = {
-                let st = self.lock();
-                if let Some(work) = st.files.get(&ino).and_then(|f| f.work.as_ref()) {
-                    let n = work.read_at(offset, &mut buf)?;
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
-                match st.catalog.latest(ino)? {
-                    Some(v) => v,
-                    None => return Ok(Vec::new()),
-                }
+            if let Some(work) = copy.read().expect("working copy lock").as_ref() {
+                let n = work.read_at(offset, &mut buf)?;
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            let Some(version) = self.lock().catalog.latest(ino)? else {
+                return Ok(Vec::new());
             };
             match self.read_version(&version, offset, &mut buf) {
                 Ok(n) => {

@@ -33,20 +33,36 @@ impl Vfs {
 
     pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(i64, i64)> {
         self.writable()?;
-        let mut st = self.lock();
-        let node = st.catalog.resolve(path)?;
-        if st.files.get(&node.ino).is_some_and(|f| f.writers > 0) {
-            return Err(VfsError::Busy);
-        }
-        let old = st
-            .catalog
-            .versions(node.ino)?
-            .into_iter()
-            .find(|v| v.num == num)
-            .ok_or(VfsError::NotFound)?;
-        let new_num = st.catalog.next_version_num(node.ino)?;
-        let old_dir = version_dir(&self.cache, node.ino, num);
-        let new_dir = version_dir(&self.cache, node.ino, new_num);
+        let (ino, copy) = {
+            let mut st = self.lock();
+            let ino = st.catalog.resolve(path)?.ino;
+            (ino, Self::copy_lock(&mut st, ino))
+        };
+        // Versions of a file are only added under its copy's lock.
+        let guard = write_copy(&copy);
+        let restored = self.restore_under(ino, num);
+        drop(guard);
+        drop(copy);
+        Self::forget_if_idle(&mut self.lock(), ino);
+        restored.map(|n| (ino, n))
+    }
+
+    fn restore_under(&self, ino: i64, num: i64) -> VfsResult<i64> {
+        let (old, new_num) = {
+            let st = self.lock();
+            if st.files.get(&ino).is_some_and(|f| f.writers > 0) {
+                return Err(VfsError::Busy);
+            }
+            let old = st
+                .catalog
+                .versions(ino)?
+                .into_iter()
+                .find(|v| v.num == num)
+                .ok_or(VfsError::NotFound)?;
+            (old, st.catalog.next_version_num(ino)?)
+        };
+        let old_dir = version_dir(&self.cache, ino, num);
+        let new_dir = version_dir(&self.cache, ino, new_num);
         // Share whatever chunks of the old version the cache holds; the
         // sums are copied (a fetch into either version writes its own).
         if old_dir.is_dir() {
@@ -61,27 +77,29 @@ impl Vfs {
                 }
             }
         }
+        let in_cache = old_dir.is_dir() && matches!(self.chunks_to_fetch(&old, None), Ok(fetch) if fetch.is_empty());
+        let mut st = self.lock();
         match old.state {
             VersionState::Committed => {
                 let n = st.catalog.add_version(
-                    node.ino,
+                    ino,
                     old.size,
                     &old.sha256,
                     VersionState::Committed,
                     old.cap.as_deref(),
                     None,
                 )?;
-                Ok((node.ino, n))
+                Ok(n)
             }
-            _ if old_dir.is_dir() && matches!(self.chunks_to_fetch(&old, None), Ok(fetch) if fetch.is_empty()) => {
+            _ if in_cache => {
                 let n = st
                     .catalog
-                    .add_version(node.ino, old.size, "", VersionState::Staged, None, None)?;
+                    .add_version(ino, old.size, "", VersionState::Staged, None, None)?;
                 let mut p = Pending::new(old.size, Instant::now());
                 p.flush = true;
-                st.queue.insert((node.ino, n), p);
+                st.queue.insert((ino, n), p);
                 self.upload_wake.notify_one();
-                Ok((node.ino, n))
+                Ok(n)
             }
             _ => Err(VfsError::Grid(format!(
                 "version {num} was never uploaded and is no longer in the cache"

@@ -141,7 +141,7 @@ impl Vfs {
                         ),
                     )));
                 }
-                if st.queue.is_empty() && !closing {
+                if st.queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
                     st.catalog.commit()?;
                     return Ok(seen.len());
                 }

@@ -91,7 +91,7 @@ impl Vfs {
     }
 
     pub(super) fn file_info(&self, st: &State, node: &Node) -> VfsResult<FileInfo> {
-        let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.work.is_some() && f.dirty);
+        let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.working.is_some() && f.dirty);
         let latest = st.catalog.latest(node.ino)?;
         let committed = st.catalog.latest_committed(node.ino)?;
         let uploading = st.queue.iter().any(|((i, _), p)| *i == node.ino && p.uploading);
