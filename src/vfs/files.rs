@@ -21,23 +21,35 @@ impl Drop for Sealing<'_> {
 }
 
 impl Vfs {
-    pub(super) fn add_handle(st: &mut State, ino: i64, write: bool) -> u64 {
-        let fh = st.next_fh;
-        st.next_fh += 1;
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                write,
-                closing: false,
-            },
-        );
+    /// A new handle of `ino`, counted in its entry (under `state`, so
+    /// the count and the table agree for whoever holds `state`).
+    pub(super) fn add_handle(&self, st: &mut State, ino: i64, write: bool) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = st.files.entry(ino).or_default();
         file.handles += 1;
         if write {
             file.writers += 1;
         }
+        let copy = file.copy.clone();
+        self.handles.insert(
+            fh,
+            Handle {
+                ino,
+                write,
+                closing: false,
+                copy,
+            },
+        );
         fh
+    }
+
+    /// The file and working-copy lock of a handle, without `state`.
+    pub(super) fn handle(&self, fh: u64, write: bool) -> VfsResult<(i64, CopyLock)> {
+        let h = self.handles.get(&fh).ok_or(VfsError::BadHandle)?;
+        if write && !h.write {
+            return Err(VfsError::BadHandle);
+        }
+        Ok((h.ino, h.copy.clone()))
     }
 
     pub(super) fn new_working_copy(&self, ino: i64, base: Option<SealedVersion>) -> VfsResult<WorkingCopy> {
@@ -94,7 +106,7 @@ impl Vfs {
                 return Err(VfsError::IsDir);
             }
             if !truncate {
-                return Ok(Self::add_handle(&mut st, ino, write));
+                return Ok(self.add_handle(&mut st, ino, write));
             }
             Self::copy_lock(&mut st, ino)
         };
@@ -109,7 +121,7 @@ impl Vfs {
             Self::changed(&mut st, ino, work);
             // Counted before the copy's lock is let go: a release of the
             // file's last other writer must not seal it truncated.
-            Self::add_handle(&mut st, ino, write)
+            self.add_handle(&mut st, ino, write)
         });
         Self::forget_if_idle(&mut st, ino);
         result
@@ -190,15 +202,7 @@ impl Vfs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<usize> {
-        let (ino, copy) = {
-            let mut st = self.lock();
-            let h = st.handles.get(&fh).ok_or(VfsError::BadHandle)?;
-            if !h.write {
-                return Err(VfsError::BadHandle);
-            }
-            let ino = h.ino;
-            (ino, Self::copy_lock(&mut st, ino))
-        };
+        let (ino, copy) = self.handle(fh, true)?;
         self.ensure_space(data.len() as u64)?;
         let mut guard = write_copy(&copy);
         self.ensure_working(ino, &mut guard)?;
@@ -234,11 +238,11 @@ impl Vfs {
         // One fsync at a time: a second one must not return while the
         // first still syncs what the second was also asked to.
         let _one = self.syncing.lock().expect("fsync lock");
-        let (copy, wal) = {
-            let mut st = self.lock();
-            let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
+        let (_, copy) = self.handle(fh, false)?;
+        let wal = {
+            let st = self.lock();
             st.catalog.commit()?;
-            (Self::copy_lock(&mut st, ino), st.catalog.wal_path())
+            st.catalog.wal_path()
         };
         // The files to sync are opened under the copy's lock; the syncing
         // runs after it is let go, so writes go on meanwhile.
@@ -276,13 +280,12 @@ impl Vfs {
     /// It commits the catalog's batch: what a closed file needs to survive
     /// a crash (its name, its attributes) is then on disk.
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
-        let mut st = self.lock();
-        if let Some(handle) = st.handles.get_mut(&fh) {
+        if let Some(mut handle) = self.handles.get_mut(&fh) {
             if handle.write {
                 handle.closing = true;
             }
         }
-        st.catalog.commit()?;
+        self.lock().catalog.commit()?;
         Ok(())
     }
 
@@ -308,7 +311,7 @@ impl Vfs {
     pub fn release(&self, fh: u64) -> VfsResult<()> {
         let (ino, copy, counted) = {
             let mut st = self.lock();
-            let handle = st.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
+            let (_, handle) = self.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
             let ino = handle.ino;
             let file = st.files.get_mut(&ino).expect("open file");
             file.handles -= 1;
@@ -412,15 +415,15 @@ impl Vfs {
             Ok(sealed) => {
                 // Queued once its directory is in place (a copy sealed in
                 // place is renamed after its record).
-                let mut st = self.lock();
-                st.queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
+                let mut queue = self.queue();
+                queue.insert((ino, num), Pending::new(sealed.size, Instant::now()));
                 // The scheduler sleeps until the first queued version is
                 // due, and this one is due after all of those: wake it only
                 // if idle.
-                if st.queue.len() == 1 {
+                if queue.len() == 1 {
                     self.upload_wake.notify_one();
                 }
-                drop(st);
+                drop(queue);
                 self.cache_growth.fetch_add(sealed.size, Ordering::Relaxed);
                 tracing::debug!(ino, num, size = sealed.size, "sealed");
                 Ok(())

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
@@ -126,6 +127,9 @@ struct Handle {
     write: bool,
     /// Flushed (closed once) but not yet released.
     closing: bool,
+    /// The file's working-copy lock: reads and writes through a handle
+    /// reach the copy without `state`.
+    copy: CopyLock,
 }
 
 /// A file's working copy, behind a lock of its own: the copy's disk I/O
@@ -219,12 +223,12 @@ impl Pending {
     }
 }
 
+/// Sealed versions waiting for, or in, upload, by (file, version).
+type Queue = BTreeMap<(i64, i64), Pending>;
+
 struct State {
     catalog: Catalog,
-    handles: HashMap<u64, Handle>,
-    next_fh: u64,
     files: HashMap<i64, OpenFile>,
-    queue: BTreeMap<(i64, i64), Pending>,
     /// Names a file was renamed away from lately: (directory, name) to the
     /// node and when. A file that takes such a name soon after continues
     /// that node's history (how Word and vim save).
@@ -236,6 +240,13 @@ const SAVE_CHAIN_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Vfs {
     state: Mutex<State>,
+    /// The upload queue, apart from `state` so that the scheduler's passes
+    /// over it leave the namespace alone: taken after `state`, or alone.
+    queue: Mutex<Queue>,
+    /// Open handles. Added and removed under `state` (which counts them
+    /// per file); looked up without it.
+    handles: DashMap<u64, Handle>,
+    next_fh: AtomicU64,
     grid: Arc<Grid>,
     params: Params,
     happy: u16,
@@ -336,12 +347,12 @@ impl Vfs {
         Ok(Arc::new(Vfs {
             state: Mutex::new(State {
                 catalog,
-                handles: HashMap::new(),
-                next_fh: 1,
                 files: HashMap::new(),
-                queue,
                 vacated: HashMap::new(),
             }),
+            queue: Mutex::new(queue),
+            handles: DashMap::new(),
+            next_fh: AtomicU64::new(1),
             grid: Arc::new(
                 Grid::from_config(config, &options.home).map_err(|e| std::io::Error::other(format!("{e:#}")))?,
             ),
@@ -369,6 +380,10 @@ impl Vfs {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("vfs state lock")
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().expect("upload queue lock")
     }
 
     fn chunk_size(&self) -> u64 {

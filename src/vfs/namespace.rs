@@ -235,7 +235,7 @@ impl Vfs {
             let file = st.files.get_mut(&node.ino).expect("held by its copy lock");
             (file.working, file.dirty) = (None, false);
         }
-        let fh = made.map(|()| Self::add_handle(&mut st, node.ino, true));
+        let fh = made.map(|()| self.add_handle(&mut st, node.ino, true));
         drop(guard);
         drop(copy);
         Self::forget_if_idle(&mut st, node.ino);
@@ -274,7 +274,7 @@ impl Vfs {
     /// A deleted file: forget its queued uploads (the catalog marked them
     /// dropped) and, unless it is still open, its cached versions, to free.
     pub(super) fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) -> ToFree {
-        Self::drop_queued(st, ino);
+        self.drop_queued(ino);
         if still_open {
             return ToFree::default();
         }
@@ -284,8 +284,8 @@ impl Vfs {
     /// Forgets queued uploads of a deleted file, also those on their way:
     /// an upload whose entry is gone is not recorded when it ends (and
     /// fails sooner, once the version's chunks are freed).
-    pub(super) fn drop_queued(st: &mut State, ino: i64) {
-        st.queue.retain(|(i, _), _| *i != ino);
+    pub(super) fn drop_queued(&self, ino: i64) {
+        self.queue().retain(|(i, _), _| *i != ino);
     }
 
     pub fn rmdir(&self, parent: u64, name: &str) -> VfsResult<()> {

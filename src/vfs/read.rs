@@ -77,11 +77,7 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
-        let (ino, copy) = {
-            let mut st = self.lock();
-            let ino = st.handles.get(&fh).ok_or(VfsError::BadHandle)?.ino;
-            (ino, Self::copy_lock(&mut st, ino))
-        };
+        let (ino, copy) = self.handle(fh, false)?;
         let mut buf = vec![0u8; size as usize];
         // A version superseded while we read may vanish; one retry picks up
         // the newer one.

@@ -97,7 +97,7 @@ impl Vfs {
                     .add_version(ino, old.size, "", VersionState::Staged, None, None)?;
                 let mut p = Pending::new(old.size, Instant::now());
                 p.flush = true;
-                st.queue.insert((ino, n), p);
+                self.queue().insert((ino, n), p);
                 self.upload_wake.notify_one();
                 Ok(n)
             }

@@ -17,8 +17,8 @@ pub(super) fn is_damage(e: &std::io::Error) -> bool {
 
 /// A file's queued versions, oldest first (by version number, whatever
 /// its sign).
-pub(super) fn queued(st: &State, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
-    st.queue
+pub(super) fn queued(queue: &Queue, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
+    queue
         .range((ino, i64::MIN)..=(ino, i64::MAX))
         .map(|((_, num), p)| (*num, p))
 }
@@ -78,12 +78,13 @@ pub(super) enum Next {
 impl Vfs {
     pub fn status(&self) -> VfsResult<Status> {
         let st = self.lock();
+        let pending = self.queue();
         let mut queue = Vec::new();
         let now = Instant::now();
-        for ((ino, num), p) in &st.queue {
+        for ((ino, num), p) in pending.iter() {
             let state = if p.uploading {
                 "uploading"
-            } else if self.ino_ready_at(&st, *ino, now).is_none_or(|t| t > now) {
+            } else if self.ino_ready_at(&pending, *ino, now).is_none_or(|t| t > now) {
                 "waiting"
             } else {
                 "queued"
@@ -125,13 +126,14 @@ impl Vfs {
         loop {
             let notified = self.queue_changed.notified();
             {
-                let mut st = self.lock();
-                for (key, p) in st.queue.iter_mut() {
+                let st = self.lock();
+                let mut queue = self.queue();
+                for (key, p) in queue.iter_mut() {
                     p.flush = true;
                     seen.insert(*key);
                 }
-                let closing = Instant::now() < grace_until && st.handles.values().any(|h| h.closing);
-                if let Some(((ino, num), p)) = st.queue.iter().find(|(_, p)| p.damaged) {
+                let closing = Instant::now() < grace_until && self.handles.iter().any(|h| h.closing);
+                if let Some(((ino, num), p)) = queue.iter().find(|(_, p)| p.damaged) {
                     let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
                     return Err(VfsError::Io(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -141,7 +143,7 @@ impl Vfs {
                         ),
                     )));
                 }
-                if st.queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
+                if queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
                     st.catalog.commit()?;
                     return Ok(seen.len());
                 }
@@ -187,8 +189,8 @@ impl Vfs {
 
     /// When the newest queued version of `ino` may start uploading
     /// (`upload::schedule::ready_at`). `None`: not now.
-    pub(super) fn ino_ready_at(&self, st: &State, ino: i64, now: Instant) -> Option<Instant> {
-        let versions: Vec<Queued> = queued(st, ino).map(|(num, p)| p.as_queued(ino, num)).collect();
+    pub(super) fn ino_ready_at(&self, queue: &Queue, ino: i64, now: Instant) -> Option<Instant> {
+        let versions: Vec<Queued> = queued(queue, ino).map(|(num, p)| p.as_queued(ino, num)).collect();
         crate::upload::schedule::ready_at(&versions, self.options.writeback_delay, now)
     }
 
@@ -197,57 +199,63 @@ impl Vfs {
     /// are freed after the lock is dropped).
     pub(super) fn next_upload(&self) -> VfsResult<Next> {
         use crate::upload::schedule::{self, Job};
-        let mut st = self.lock();
-        let queue: Vec<Queued> = st.queue.iter().map(|(&(ino, num), p)| p.as_queued(ino, num)).collect();
-        let decision = schedule::next(&queue, self.options.writeback_delay, Instant::now());
+        let (next, superseded) = {
+            let mut queue = self.queue();
+            let all: Vec<Queued> = queue.iter().map(|(&(ino, num), p)| p.as_queued(ino, num)).collect();
+            let decision = schedule::next(&all, self.options.writeback_delay, Instant::now());
+            for key in &decision.superseded {
+                queue.remove(key);
+            }
+            let queued = |queue: &Queue, (ino, num): (i64, i64)| {
+                let p = &queue[&(ino, num)];
+                QueuedVersion {
+                    ino,
+                    num,
+                    version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
+                    sent: p.sent.clone(),
+                }
+            };
+            let next = match decision.job {
+                Some(Job::Whole(ino, num)) => {
+                    let job = UploadJob::Whole(queued(&queue, (ino, num)));
+                    Next::Job(Self::take(&mut queue, job))
+                }
+                Some(Job::Pack(members)) => {
+                    let job = UploadJob::Pack(members.into_iter().map(|m| queued(&queue, m)).collect());
+                    Next::Job(Self::take(&mut queue, job))
+                }
+                None => Next::At(decision.ask_at),
+            };
+            (next, decision.superseded)
+        };
+        if superseded.is_empty() {
+            return Ok(next);
+        }
+        self.queue_changed.notify_waiters();
+        // Superseded before their upload started: never uploaded.
         let mut freed = ToFree::default();
-        for &(ino, num) in &decision.superseded {
-            // Superseded before its upload started: never uploaded.
-            st.queue.remove(&(ino, num));
-            if let Err(e) = st.catalog.set_version_state(ino, num, VersionState::Superseded) {
-                drop(st);
-                freed.free();
-                return Err(e.into());
-            }
-            freed = freed.and(version_dir(&self.cache, ino, num));
-            tracing::debug!(ino, num, "superseded before upload");
-        }
-        if !decision.superseded.is_empty() {
-            self.queue_changed.notify_waiters();
-        }
-        let queued = |st: &State, (ino, num): (i64, i64)| {
-            let p = &st.queue[&(ino, num)];
-            QueuedVersion {
-                ino,
-                num,
-                version: SealedVersion::open(version_dir(&self.cache, ino, num), p.size, self.chunk_size()),
-                sent: p.sent.clone(),
-            }
+        let recorded = {
+            let st = self.lock();
+            superseded.iter().try_for_each(|&(ino, num)| {
+                st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
+                freed = std::mem::take(&mut freed).and(version_dir(&self.cache, ino, num));
+                tracing::debug!(ino, num, "superseded before upload");
+                Ok::<_, CatalogError>(())
+            })
         };
-        let next = match decision.job {
-            Some(Job::Whole(ino, num)) => {
-                let job = UploadJob::Whole(queued(&st, (ino, num)));
-                Next::Job(Self::take(&mut st, job))
-            }
-            Some(Job::Pack(members)) => {
-                let job = UploadJob::Pack(members.into_iter().map(|m| queued(&st, m)).collect());
-                Next::Job(Self::take(&mut st, job))
-            }
-            None => Next::At(decision.ask_at),
-        };
-        drop(st);
         freed.free();
+        recorded?;
         Ok(next)
     }
 
     /// Marks a job's versions as uploading.
-    pub(super) fn take(st: &mut State, job: UploadJob) -> UploadJob {
+    pub(super) fn take(queue: &mut Queue, job: UploadJob) -> UploadJob {
         let members = match &job {
             UploadJob::Whole(one) => std::slice::from_ref(one),
             UploadJob::Pack(many) => many.as_slice(),
         };
         for m in members {
-            let p = st.queue.get_mut(&(m.ino, m.num)).expect("queued");
+            let p = queue.get_mut(&(m.ino, m.num)).expect("queued");
             p.uploading = true;
             p.sent.store(0, Ordering::Relaxed);
         }
@@ -303,22 +311,22 @@ impl Vfs {
         let packed = match assembled {
             Ok(packed) => packed,
             Err(e) => {
-                let mut st = self.lock();
+                let mut queue = self.queue();
                 for m in &members {
-                    Self::upload_failed(&mut st, m, &format!("reading versions to pack: {e}"), false);
+                    Self::upload_failed(&mut queue, m, &format!("reading versions to pack: {e}"), false);
                 }
                 return;
             }
         };
         let mut going = Vec::new();
         {
-            let mut st = self.lock();
+            let mut queue = self.queue();
             for (m, at) in members.into_iter().zip(packed.members) {
                 match at {
                     Ok(at) => going.push((m, at)),
                     Err(e) => {
                         let damaged = is_damage(&e);
-                        Self::upload_failed(&mut st, &m, &format!("reading the sealed version: {e}"), damaged)
+                        Self::upload_failed(&mut queue, &m, &format!("reading the sealed version: {e}"), damaged)
                     }
                 }
             }
@@ -339,12 +347,12 @@ impl Vfs {
             Arc::new(()),
         )
         .await;
-        let mut st = self.lock();
         let report = match result {
             Ok(report) => report,
             Err(e) => {
+                let mut queue = self.queue();
                 for (m, _) in &going {
-                    Self::upload_failed(&mut st, m, &e.to_string(), false);
+                    Self::upload_failed(&mut queue, m, &e.to_string(), false);
                 }
                 return;
             }
@@ -362,7 +370,7 @@ impl Vfs {
                 (m, cap, at.sha256)
             })
             .collect();
-        Self::record_committed(&mut st, &done, degraded);
+        self.record_committed(&done, degraded);
         tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
     }
 
@@ -370,15 +378,14 @@ impl Vfs {
     /// knows their keys), and off the queue. If the record cannot be written
     /// (a full disk), they stay queued and are uploaded again later, under
     /// new keys.
-    pub(super) fn record_committed(
-        st: &mut State,
-        done: &[(&QueuedVersion, FileCap, crate::codec::Hash)],
-        degraded: bool,
-    ) {
+    pub(super) fn record_committed(&self, done: &[(&QueuedVersion, FileCap, crate::codec::Hash)], degraded: bool) {
+        let st = self.lock();
+        // Held to the end: a file deleted meanwhile drops its entries.
+        let mut queue = self.queue();
         // Versions of files deleted during their upload were dropped.
         let done: Vec<_> = done
             .iter()
-            .filter(|(job, _, _)| st.queue.contains_key(&(job.ino, job.num)))
+            .filter(|(job, _, _)| queue.contains_key(&(job.ino, job.num)))
             .collect();
         let record = || -> Result<(), CatalogError> {
             for (job, cap, sha256) in &done {
@@ -394,13 +401,13 @@ impl Vfs {
         match record() {
             Ok(()) => {
                 for (job, _, _) in &done {
-                    st.queue.remove(&(job.ino, job.num));
+                    queue.remove(&(job.ino, job.num));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "recording committed versions");
                 for (job, _, _) in &done {
-                    Self::upload_failed(st, job, &format!("recording the committed version: {e}"), false);
+                    Self::upload_failed(&mut queue, job, &format!("recording the committed version: {e}"), false);
                 }
             }
         }
@@ -409,8 +416,8 @@ impl Vfs {
     /// An upload attempt failed: the version waits, backing off, to retry.
     /// `damaged`: its staged bytes cannot be read; `cairn sync` says so
     /// rather than wait for it.
-    pub(super) fn upload_failed(st: &mut State, job: &QueuedVersion, error: &str, damaged: bool) {
-        if let Some(p) = st.queue.get_mut(&(job.ino, job.num)) {
+    pub(super) fn upload_failed(queue: &mut Queue, job: &QueuedVersion, error: &str, damaged: bool) {
+        if let Some(p) = queue.get_mut(&(job.ino, job.num)) {
             p.attempts += 1;
             p.uploading = false;
             p.damaged = damaged;
@@ -431,22 +438,24 @@ impl Vfs {
         // A retry after recording failed: a later group commit may have
         // recorded the earlier attempt after all, and its shares (which the
         // new attempt would delete) are then the version's.
-        {
-            let mut st = self.lock();
-            let committed = st
-                .catalog
-                .versions(job.ino)
-                .map(|vs| vs.iter().any(|v| v.num == job.num && v.cap.is_some()));
-            if let Ok(true) = committed {
-                st.queue.remove(&(job.ino, job.num));
-                return;
-            }
+        let committed = self
+            .lock()
+            .catalog
+            .versions(job.ino)
+            .map(|vs| vs.iter().any(|v| v.num == job.num && v.cap.is_some()));
+        if let Ok(true) = committed {
+            self.queue().remove(&(job.ino, job.num));
+            return;
         }
         let key = match self.upload_key(job.ino, job.num).await {
             Ok(key) => key,
             Err(e) => {
-                let mut st = self.lock();
-                return Self::upload_failed(&mut st, &job, &format!("recording the upload key: {e}"), false);
+                return Self::upload_failed(
+                    &mut self.queue(),
+                    &job,
+                    &format!("recording the upload key: {e}"),
+                    false,
+                );
             }
         };
         let source = upload::Source {
@@ -462,17 +471,16 @@ impl Vfs {
             Arc::new(ProgressCounter(job.sent.clone())),
         )
         .await;
-        let mut st = self.lock();
         match result {
             Ok(report) => {
                 let degraded = report.placed.len() < self.params.total as usize;
                 let cap = FileCap::Whole(report.cap);
-                Self::record_committed(&mut st, &[(&job, cap, report.plaintext_sha256)], degraded);
+                self.record_committed(&[(&job, cap, report.plaintext_sha256)], degraded);
                 tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
             Err(e) => {
                 let damaged = matches!(&e, upload::UploadError::Source(io) if is_damage(io));
-                Self::upload_failed(&mut st, &job, &e.to_string(), damaged)
+                Self::upload_failed(&mut self.queue(), &job, &e.to_string(), damaged)
             }
         }
     }

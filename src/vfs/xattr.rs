@@ -94,7 +94,7 @@ impl Vfs {
         let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.working.is_some() && f.dirty);
         let latest = st.catalog.latest(node.ino)?;
         let committed = st.catalog.latest_committed(node.ino)?;
-        let uploading = st.queue.iter().any(|((i, _), p)| *i == node.ino && p.uploading);
+        let uploading = super::uploads::queued(&self.queue(), node.ino).any(|(_, p)| p.uploading);
         let state = if open_dirty {
             "writing"
         } else if uploading {
