@@ -7,15 +7,18 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{stderr, Home};
 
 const SIZE: usize = 8 << 20;
 const CHUNK: usize = 64 << 10;
+/// A chunk write (with the gap before it) at least this long is a stall.
+const STALL: Duration = Duration::from_millis(2);
 
 #[test]
 fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
@@ -35,9 +38,18 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
     // per generation, so any state caught mid-rewrite mixes two bytes. It is
     // busy half the time and idle the other half, so both races and stable
     // windows occur.
+    //
+    // A mixed state is still one the file really had if the writer stalled
+    // in it (descheduled on a loaded machine: seen in CI), and `put` rightly
+    // uploads a state that stayed quiet through its snapshot. So the writer
+    // notes every chunk whose write, with the gap before it, took longer
+    // than STALL: a torn upload must fall in such a chunk. (Shorter than
+    // one tick of the coarse clock `put` checks ctime against, plus the
+    // copy of 8 MiB, nothing can pass for a stable state.)
     let stop = Arc::new(AtomicBool::new(false));
+    let stalls = Arc::new(Mutex::new(HashSet::<(u8, usize)>::new()));
     let writer = {
-        let stop = stop.clone();
+        let (stop, stalls) = (stop.clone(), stalls.clone());
         let src = src.clone();
         std::thread::spawn(move || {
             let mut f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
@@ -46,8 +58,13 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
                 let busy_until = Instant::now() + Duration::from_millis(40);
                 while Instant::now() < busy_until {
                     f.seek(SeekFrom::Start(0)).unwrap();
-                    for _ in 0..SIZE / CHUNK {
+                    let mut last = Instant::now();
+                    for chunk in 0..SIZE / CHUNK {
                         f.write_all(&[generation; CHUNK]).unwrap();
+                        if last.elapsed() >= STALL {
+                            stalls.lock().unwrap().insert((generation, chunk));
+                        }
+                        last = Instant::now();
                     }
                     generation = generation.wrapping_add(1).max(1);
                 }
@@ -58,6 +75,7 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
 
     let mut retries_seen = 0;
     let mut uploaded = 0;
+    let mut stalled_states = 0;
     // At least 12 puts, and more (up to 40) until one has met the writer.
     for i in 0..40 {
         if i >= 12 && retries_seen > 0 {
@@ -82,15 +100,26 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
         let bytes = std::fs::read(&copy).unwrap();
         assert_eq!(bytes.len(), SIZE);
         let first = bytes[0];
-        let torn = bytes.iter().position(|&b| b != first);
-        assert_eq!(
-            torn, None,
-            "put {i} uploaded a torn file: byte {first} then another at {torn:?}"
+        let Some(torn) = bytes.iter().position(|&b| b != first) else {
+            continue;
+        };
+        // One rewrite caught where it stalled: `first` up to `torn`, the
+        // generation before from there on.
+        let rest = bytes[torn];
+        let stalled =
+            bytes[torn..].iter().all(|&b| b == rest) && stalls.lock().unwrap().contains(&(first, torn / CHUNK));
+        assert!(
+            stalled,
+            "put {i} uploaded a torn file: byte {first} then {rest} at {torn}, where the writer did not stall"
         );
+        stalled_states += 1;
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     assert!(uploaded > 0, "no put found a stable moment");
+    if stalled_states > 0 {
+        eprintln!("{stalled_states} upload(s) caught the writer stalled mid-rewrite");
+    }
     // Proves the race was actually exercised, so this test could fail.
     assert!(retries_seen > 0, "no snapshot ever overlapped a rewrite");
 }
