@@ -8,7 +8,7 @@ impl Vfs {
     /// publication; returns its sequence number if it did.
     pub async fn publish_namespace(&self) -> VfsResult<Option<u64>> {
         let _one = self.publishing.lock().await;
-        let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.to_string());
+        let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.into());
         // Under the lock only the last batch's commit and a few reads; the
         // whole catalog is read through a second connection, on a blocking
         // thread, while the drive goes on.

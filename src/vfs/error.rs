@@ -40,7 +40,27 @@ pub enum VfsError {
     #[error("{0}")]
     Catalog(#[from] CatalogError),
     #[error("grid: {0}")]
-    Grid(String),
+    Grid(#[from] GridError),
+}
+
+/// What kept the core from the grid's data, kept whole for the logs and
+/// `cairn` messages; adapters see only [`ErrorKind::Grid`].
+#[derive(Debug, thiserror::Error)]
+pub enum GridError {
+    /// A version the cache no longer holds was never uploaded.
+    #[error("version {num} of file {ino} was never uploaded and is no longer in the cache")]
+    NotStored { ino: i64, num: i64 },
+    /// The catalog holds a capability that does not parse.
+    #[error("version {num} of file {ino}: its capability: {source}")]
+    BadCap {
+        ino: i64,
+        num: i64,
+        source: crate::codec::CodecError,
+    },
+    #[error("{0}")]
+    Download(#[from] crate::download::DownloadError),
+    #[error("{0}")]
+    Namespace(#[from] crate::namespace::NamespaceError),
 }
 
 pub type VfsResult<T> = Result<T, VfsError>;

@@ -24,7 +24,7 @@ mod restore;
 mod uploads;
 mod xattr;
 
-pub use error::{ErrorKind, VfsError, VfsResult};
+pub use error::{ErrorKind, GridError, VfsError, VfsResult};
 pub use namespace::StatFs;
 pub use uploads::{QueueEntry, Status};
 

@@ -122,12 +122,13 @@ impl Vfs {
     /// A reader of the encoded version holding `v`'s bytes (its own, or
     /// its pack, shared by every file in the pack), with `v`'s capability.
     pub(super) fn grid_reader(&self, v: &Version) -> VfsResult<(Arc<GridReader>, FileCap)> {
+        let (ino, num) = (v.ino, v.num);
         let cap: FileCap = v
             .cap
             .as_deref()
-            .ok_or_else(|| VfsError::Grid(format!("version {} is neither cached nor on the grid", v.num)))?
+            .ok_or(GridError::NotStored { ino, num })?
             .parse()
-            .map_err(|e: crate::codec::CodecError| VfsError::Grid(e.to_string()))?;
+            .map_err(|source| GridError::BadCap { ino, num, source })?;
         let index = cap.stored().storage_index();
         if let Some(r) = self.readers.lock().expect("readers").get(&index) {
             return Ok((r.clone(), cap));
@@ -135,7 +136,7 @@ impl Vfs {
         let reader = self
             .runtime
             .block_on(GridReader::open(self.grid.clone(), cap.stored().clone()))
-            .map_err(|e| VfsError::Grid(e.to_string()))?;
+            .map_err(GridError::from)?;
         let reader = Arc::new(reader);
         let mut readers = self.readers.lock().expect("readers");
         if readers.len() > 64 {
@@ -157,7 +158,7 @@ impl Vfs {
                 self.chunk_size(),
                 &self.recent_segments,
             ))
-            .map_err(|e| VfsError::Grid(e.to_string()))?;
+            .map_err(GridError::from)?;
         store_chunk(&self.cache, v, index, &segment)?;
         self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
         Ok(())

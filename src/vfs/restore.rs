@@ -101,9 +101,7 @@ impl Vfs {
                 self.upload_wake.notify_one();
                 Ok(n)
             }
-            _ => Err(VfsError::Grid(format!(
-                "version {num} was never uploaded and is no longer in the cache"
-            ))),
+            _ => Err(GridError::NotStored { ino, num }.into()),
         }
     }
 }

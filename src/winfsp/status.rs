@@ -76,6 +76,7 @@ fn io_status(kind: std::io::ErrorKind) -> NtStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::GridError;
 
     #[test]
     fn every_core_error_has_a_status() {
@@ -90,7 +91,10 @@ mod tests {
             (VfsError::NotPermitted, code::ACCESS_DENIED),
             (VfsError::Busy, code::SHARING_VIOLATION),
             (VfsError::BadHandle, code::INVALID_HANDLE),
-            (VfsError::Grid("3 corrupt shares".into()), code::FILE_CORRUPT_ERROR),
+            (
+                VfsError::Grid(GridError::Download(crate::download::DownloadError::PlaintextMismatch)),
+                code::FILE_CORRUPT_ERROR,
+            ),
             (VfsError::Io(crate::sys::disk_full()), code::DISK_FULL),
             (VfsError::Io(std::io::ErrorKind::TimedOut.into()), code::IO_TIMEOUT),
             (VfsError::Io(std::io::Error::other("boom")), code::IO_DEVICE_ERROR),
