@@ -41,7 +41,10 @@ fn drive_path(mountpoint: &Path, path: &str) -> String {
 
 async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
     let result = match req {
-        Request::Status => vfs.status().map(|s| json!({ "mountpoint": mountpoint, "status": s })),
+        Request::Status => vfs
+            .blocking(|vfs| vfs.status())
+            .await
+            .map(|s| json!({ "mountpoint": mountpoint, "status": s })),
         Request::Sync => match vfs.sync().await {
             Ok(n) => vfs
                 .publish_namespace()
@@ -51,11 +54,16 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
         },
         Request::Versions { path } => {
             let path = drive_path(mountpoint, &path);
-            vfs.versions(&path).map(|v| json!({ "path": path, "versions": v }))
+            let asked = path.clone();
+            vfs.blocking(move |vfs| vfs.versions(&asked))
+                .await
+                .map(|v| json!({ "path": path, "versions": v }))
         }
         Request::Restore { path, version } => {
             let path = drive_path(mountpoint, &path);
-            vfs.restore(&path, version)
+            let asked = path.clone();
+            vfs.blocking(move |vfs| vfs.restore(&asked, version))
+                .await
                 .map(|n| json!({ "path": path, "restored": version, "version": n }))
         }
     };

@@ -223,7 +223,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Applies one operation to the core and the model.
-fn apply(vfs: &Vfs, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op) -> Result<(), TestCaseError> {
+fn apply(vfs: &Arc<Vfs>, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op) -> Result<(), TestCaseError> {
     match op {
         Op::Write {
             name,

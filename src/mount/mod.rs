@@ -122,22 +122,26 @@ fn spawn_background(
     read_only: bool,
 ) {
     runtime.spawn(vfs.clone().run_uploads());
-    every(runtime, vfs, Duration::from_secs(2), "cache eviction", |vfs| {
-        blocking(move || vfs.evict().map(drop))
-    });
+    every(
+        runtime,
+        vfs,
+        Duration::from_secs(2),
+        "cache eviction",
+        |vfs| async move { vfs.blocking(|vfs| vfs.evict().map(drop)).await },
+    );
     every(
         runtime,
         vfs,
         cairn::vfs::COMMIT_INTERVAL,
         "committing the catalog",
-        |vfs| blocking(move || vfs.commit_metadata()),
+        |vfs| async move { vfs.blocking(|vfs| vfs.commit_metadata()).await },
     );
     every(
         runtime,
         vfs,
         cairn::vfs::DISK_SYNC_INTERVAL,
         "syncing the staging disk",
-        |vfs| blocking(move || vfs.sync_staging_disk()),
+        |vfs| async move { vfs.blocking(|vfs| vfs.sync_staging_disk()).await },
     );
     if read_only {
         tracing::info!("read-only: no automatic repair");
@@ -155,15 +159,6 @@ fn spawn_background(
         "publishing the namespace; trying again later",
         |vfs| async move { vfs.publish_namespace().await.map(drop) },
     );
-}
-
-/// Runs core work that takes the core's lock or does disk I/O off the
-/// async workers.
-async fn blocking(job: impl FnOnce() -> cairn::vfs::VfsResult<()> + Send + 'static) -> cairn::vfs::VfsResult<()> {
-    match tokio::task::spawn_blocking(job).await {
-        Ok(result) => result,
-        Err(e) => Err(std::io::Error::other(e).into()),
-    }
 }
 
 /// Runs `job` every `period` for the life of the runtime, logging failures.

@@ -6,31 +6,38 @@ use super::*;
 impl Vfs {
     /// Publishes the namespace to the grid if it changed since the last
     /// publication; returns its sequence number if it did.
-    pub async fn publish_namespace(&self) -> VfsResult<Option<u64>> {
+    pub async fn publish_namespace(self: &Arc<Self>) -> VfsResult<Option<u64>> {
         let _one = self.publishing.lock().await;
         let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.into());
         // Under the lock only the last batch's commit and a few reads; the
         // whole catalog is read through a second connection, on a blocking
         // thread, while the drive goes on.
-        let last = {
-            let st = self.lock();
-            st.catalog.commit()?;
-            crate::namespace::last_published(&st.catalog).map_err(grid_err)?
-        };
+        let last = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                st.catalog.commit()?;
+                crate::namespace::last_published(&st.catalog).map_err(grid_err)
+            })
+            .await?;
         let path = self.options.home.join("catalog.db");
-        let prepared = tokio::task::spawn_blocking(move || {
-            let reader = Catalog::open_reader(&path)?;
-            crate::namespace::prepare_from(last, &reader).map_err(grid_err)
-        })
-        .await
-        .map_err(|e| VfsError::Io(std::io::Error::other(e)))?;
-        let Some(pending) = prepared? else {
+        let prepared = self
+            .blocking(move |_| {
+                let reader = Catalog::open_reader(&path)?;
+                crate::namespace::prepare_from(last, &reader).map_err(grid_err)
+            })
+            .await?;
+        let Some(pending) = prepared else {
             return Ok(None);
         };
         let published = crate::namespace::upload(&self.grid, self.params, self.happy, pending)
             .await
             .map_err(grid_err)?;
-        crate::namespace::record(&self.lock().catalog, &published).map_err(grid_err)?;
+        let published = self
+            .blocking(move |vfs| {
+                crate::namespace::record(&vfs.lock().catalog, &published).map_err(grid_err)?;
+                Ok(published)
+            })
+            .await?;
         tracing::info!(
             seq = published.namespace.seq,
             bytes = published.bytes,
@@ -41,8 +48,8 @@ impl Vfs {
 
     /// Repairs committed versions that were uploaded without every server,
     /// once those servers answer again. Returns how many became healthy.
-    pub async fn repair_degraded(&self) -> VfsResult<usize> {
-        let degraded = self.lock().catalog.degraded_versions()?;
+    pub async fn repair_degraded(self: &Arc<Self>) -> VfsResult<usize> {
+        let degraded = self.blocking(|vfs| Ok(vfs.lock().catalog.degraded_versions()?)).await?;
         let mut healed = 0;
         // Files in one pack share its shares: repair it once.
         let mut repaired: HashMap<StorageIndex, bool> = HashMap::new();
@@ -53,7 +60,7 @@ impl Vfs {
             let stored = cap.stored().clone();
             if let Some(&healthy) = repaired.get(&stored.storage_index()) {
                 if healthy {
-                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    self.healed(v.ino, v.num).await?;
                     healed += 1;
                 }
                 continue;
@@ -62,7 +69,7 @@ impl Vfs {
             repaired.insert(stored.storage_index(), matches!(&result, Ok(r) if r.healthy));
             match result {
                 Ok(report) if report.healthy => {
-                    self.lock().catalog.set_degraded(v.ino, v.num, false)?;
+                    self.healed(v.ino, v.num).await?;
                     tracing::info!(ino = v.ino, num = v.num, placed = ?report.placed, "repaired");
                     healed += 1;
                 }
@@ -71,5 +78,10 @@ impl Vfs {
             }
         }
         Ok(healed)
+    }
+
+    async fn healed(self: &Arc<Self>, ino: i64, num: i64) -> VfsResult<()> {
+        self.blocking(move |vfs| Ok(vfs.lock().catalog.set_degraded(ino, num, false)?))
+            .await
     }
 }

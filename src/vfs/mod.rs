@@ -378,6 +378,20 @@ impl Vfs {
         }))
     }
 
+    /// Runs blocking core work (the catalog, the staging disk) for async
+    /// code on a blocking thread, so no tokio worker waits on `state` or a
+    /// disk.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        job: impl FnOnce(&Vfs) -> VfsResult<T> + Send + 'static,
+    ) -> VfsResult<T> {
+        let vfs = self.clone();
+        match tokio::task::spawn_blocking(move || job(&vfs)).await {
+            Ok(result) => result,
+            Err(e) => Err(std::io::Error::other(e).into()),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("vfs state lock")
     }

@@ -63,6 +63,12 @@ pub(super) struct QueuedVersion {
     sent: Arc<AtomicU64>,
 }
 
+impl QueuedVersion {
+    fn key(&self) -> (i64, i64) {
+        (self.ino, self.num)
+    }
+}
+
 pub(super) enum UploadJob {
     Whole(QueuedVersion),
     Pack(Vec<QueuedVersion>),
@@ -117,7 +123,7 @@ impl Vfs {
 
     /// Skips the write-back delay for everything queued and waits until
     /// every sealed version is committed (or superseded, or its file gone).
-    pub async fn sync(&self) -> VfsResult<usize> {
+    pub async fn sync(self: &Arc<Self>) -> VfsResult<usize> {
         // The kernel releases a closed file (which seals it) asynchronously,
         // so versions may still arrive while we wait: every round marks the
         // whole queue, and waits for handles closed just before `sync`.
@@ -125,32 +131,50 @@ impl Vfs {
         let mut seen = std::collections::BTreeSet::new();
         loop {
             let notified = self.queue_changed.notified();
-            {
-                let st = self.lock();
-                let mut queue = self.queue();
-                for (key, p) in queue.iter_mut() {
-                    p.flush = true;
-                    seen.insert(*key);
-                }
-                let closing = Instant::now() < grace_until && self.handles.iter().any(|h| h.closing);
-                if let Some(((ino, num), p)) = queue.iter().find(|(_, p)| p.damaged) {
-                    let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
-                    return Err(VfsError::Io(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "{path}: version {num} cannot be uploaded: {}",
-                            p.last_error.as_deref().unwrap_or("its staged bytes cannot be read")
-                        ),
-                    )));
-                }
-                if queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
-                    st.catalog.commit()?;
-                    return Ok(seen.len());
-                }
+            let (round, back) = self
+                .blocking(move |vfs| {
+                    let round = vfs.sync_round(grace_until, &mut seen);
+                    Ok((round, seen))
+                })
+                .await?;
+            seen = back;
+            if let Some(synced) = round? {
+                return Ok(synced);
             }
             self.upload_wake.notify_one();
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
         }
+    }
+
+    /// One round of `sync`: marks the queue to skip the delay (noting what
+    /// it held in `seen`); the number of versions seen once nothing is left.
+    fn sync_round(
+        &self,
+        grace_until: Instant,
+        seen: &mut std::collections::BTreeSet<(i64, i64)>,
+    ) -> VfsResult<Option<usize>> {
+        let st = self.lock();
+        let mut queue = self.queue();
+        for (key, p) in queue.iter_mut() {
+            p.flush = true;
+            seen.insert(*key);
+        }
+        let closing = Instant::now() < grace_until && self.handles.iter().any(|h| h.closing);
+        if let Some(((ino, num), p)) = queue.iter().find(|(_, p)| p.damaged) {
+            let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
+            return Err(VfsError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{path}: version {num} cannot be uploaded: {}",
+                    p.last_error.as_deref().unwrap_or("its staged bytes cannot be read")
+                ),
+            )));
+        }
+        if queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
+            st.catalog.commit()?;
+            return Ok(Some(seen.len()));
+        }
+        Ok(None)
     }
 
     /// Runs the upload scheduler forever: picks ready versions, skips the
@@ -162,7 +186,7 @@ impl Vfs {
         loop {
             let wake = self.upload_wake.notified();
             let permit = slots.clone().acquire_owned().await.expect("semaphore");
-            match self.next_upload() {
+            match self.blocking(|vfs| vfs.next_upload()).await {
                 Ok(Next::Job(job)) => {
                     let vfs = self.clone();
                     tokio::spawn(async move {
@@ -268,16 +292,18 @@ impl Vfs {
     /// before any share is written under it, and the shares an earlier
     /// attempt left under its own key are deleted first, so a retry does not
     /// orphan them.
-    pub(super) async fn upload_key(&self, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
+    pub(super) async fn upload_key(self: &Arc<Self>, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
         let key: crate::codec::Key = rand::random();
-        let previous = {
-            let st = self.lock();
-            let previous = st
-                .catalog
-                .new_upload_key(ino, num, &data_encoding::HEXLOWER.encode(&key))?;
-            st.catalog.commit()?;
-            previous
-        };
+        let previous = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                let previous = st
+                    .catalog
+                    .new_upload_key(ino, num, &data_encoding::HEXLOWER.encode(&key))?;
+                st.catalog.commit()?;
+                Ok(previous)
+            })
+            .await?;
         let previous = previous.and_then(|k| data_encoding::HEXLOWER.decode(k.as_bytes()).ok());
         if let Some(old) = previous.and_then(|k| crate::codec::Key::try_from(k).ok()) {
             let si = crate::codec::storage_index_for(&old);
@@ -288,7 +314,7 @@ impl Vfs {
         Ok(key)
     }
 
-    pub(super) async fn upload_one(&self, job: UploadJob) {
+    pub(super) async fn upload_one(self: &Arc<Self>, job: UploadJob) {
         match job {
             UploadJob::Whole(queued) => self.upload_whole(queued).await,
             UploadJob::Pack(members) => self.upload_pack(members).await,
@@ -302,7 +328,7 @@ impl Vfs {
     /// be read is left out (and fails); a failed pack puts every member back
     /// for a retry, in a new pack under new keys (its partial shares are
     /// cleaned at the next mount).
-    pub(super) async fn upload_pack(&self, members: Vec<QueuedVersion>) {
+    pub(super) async fn upload_pack(self: &Arc<Self>, members: Vec<QueuedVersion>) {
         let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
         let assembled = tokio::task::spawn_blocking(move || {
             pack::assemble(sources.iter().map(|v| (v.reader(), v.size, rand::random())))
@@ -313,7 +339,7 @@ impl Vfs {
             Err(e) => {
                 let mut queue = self.queue();
                 for m in &members {
-                    Self::upload_failed(&mut queue, m, &format!("reading versions to pack: {e}"), false);
+                    Self::upload_failed(&mut queue, m.key(), &format!("reading versions to pack: {e}"), false);
                 }
                 return;
             }
@@ -326,7 +352,12 @@ impl Vfs {
                     Ok(at) => going.push((m, at)),
                     Err(e) => {
                         let damaged = is_damage(&e);
-                        Self::upload_failed(&mut queue, &m, &format!("reading the sealed version: {e}"), damaged)
+                        Self::upload_failed(
+                            &mut queue,
+                            m.key(),
+                            &format!("reading the sealed version: {e}"),
+                            damaged,
+                        )
                     }
                 }
             }
@@ -352,7 +383,7 @@ impl Vfs {
             Err(e) => {
                 let mut queue = self.queue();
                 for (m, _) in &going {
-                    Self::upload_failed(&mut queue, m, &e.to_string(), false);
+                    Self::upload_failed(&mut queue, m.key(), &e.to_string(), false);
                 }
                 return;
             }
@@ -367,10 +398,10 @@ impl Vfs {
                     len: at.len,
                     member_key: Some(at.key),
                 };
-                (m, cap, at.sha256)
+                (m.key(), cap, at.sha256)
             })
             .collect();
-        self.record_committed(&done, degraded);
+        self.record_committed(done, degraded).await;
         tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
     }
 
@@ -378,36 +409,54 @@ impl Vfs {
     /// knows their keys), and off the queue. If the record cannot be written
     /// (a full disk), they stay queued and are uploaded again later, under
     /// new keys.
-    pub(super) fn record_committed(&self, done: &[(&QueuedVersion, FileCap, crate::codec::Hash)], degraded: bool) {
+    pub(super) async fn record_committed(
+        self: &Arc<Self>,
+        done: Vec<((i64, i64), FileCap, crate::codec::Hash)>,
+        degraded: bool,
+    ) {
+        let recorded = self
+            .blocking(move |vfs| {
+                vfs.record_committed_now(&done, degraded);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "recording committed versions");
+        }
+    }
+
+    fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) {
         let st = self.lock();
         // Held to the end: a file deleted meanwhile drops its entries.
         let mut queue = self.queue();
         // Versions of files deleted during their upload were dropped.
-        let done: Vec<_> = done
-            .iter()
-            .filter(|(job, _, _)| queue.contains_key(&(job.ino, job.num)))
-            .collect();
+        let done: Vec<_> = done.iter().filter(|(key, _, _)| queue.contains_key(key)).collect();
         let record = || -> Result<(), CatalogError> {
-            for (job, cap, sha256) in &done {
+            for ((ino, num), cap, sha256) in &done {
                 let sha = data_encoding::HEXLOWER.encode(sha256);
-                st.catalog.commit_version(job.ino, job.num, &cap.to_string(), &sha)?;
+                st.catalog.commit_version(*ino, *num, &cap.to_string(), &sha)?;
                 // Happiness held without every server: repaired later.
                 if degraded {
-                    st.catalog.set_degraded(job.ino, job.num, true)?;
+                    st.catalog.set_degraded(*ino, *num, true)?;
                 }
             }
             st.catalog.commit().map(drop)
         };
         match record() {
             Ok(()) => {
-                for (job, _, _) in &done {
-                    queue.remove(&(job.ino, job.num));
+                for (key, _, _) in &done {
+                    queue.remove(key);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "recording committed versions");
-                for (job, _, _) in &done {
-                    Self::upload_failed(&mut queue, job, &format!("recording the committed version: {e}"), false);
+                for (key, _, _) in &done {
+                    Self::upload_failed(
+                        &mut queue,
+                        *key,
+                        &format!("recording the committed version: {e}"),
+                        false,
+                    );
                 }
             }
         }
@@ -416,33 +465,33 @@ impl Vfs {
     /// An upload attempt failed: the version waits, backing off, to retry.
     /// `damaged`: its staged bytes cannot be read; `cairn sync` says so
     /// rather than wait for it.
-    pub(super) fn upload_failed(queue: &mut Queue, job: &QueuedVersion, error: &str, damaged: bool) {
-        if let Some(p) = queue.get_mut(&(job.ino, job.num)) {
+    pub(super) fn upload_failed(queue: &mut Queue, (ino, num): (i64, i64), error: &str, damaged: bool) {
+        if let Some(p) = queue.get_mut(&(ino, num)) {
             p.attempts += 1;
             p.uploading = false;
             p.damaged = damaged;
             let backoff = Duration::from_secs(1 << p.attempts.min(6));
             p.retry_at = Some(Instant::now() + backoff);
             p.last_error = Some(error.to_owned());
-            tracing::warn!(
-                ino = job.ino,
-                num = job.num,
-                error,
-                ?backoff,
-                "upload failed; will retry"
-            );
+            tracing::warn!(ino, num, error, ?backoff, "upload failed; will retry");
         }
     }
 
-    pub(super) async fn upload_whole(&self, job: QueuedVersion) {
+    pub(super) async fn upload_whole(self: &Arc<Self>, job: QueuedVersion) {
         // A retry after recording failed: a later group commit may have
         // recorded the earlier attempt after all, and its shares (which the
         // new attempt would delete) are then the version's.
+        let (ino, num) = job.key();
         let committed = self
-            .lock()
-            .catalog
-            .versions(job.ino)
-            .map(|vs| vs.iter().any(|v| v.num == job.num && v.cap.is_some()));
+            .blocking(move |vfs| {
+                Ok(vfs
+                    .lock()
+                    .catalog
+                    .versions(ino)?
+                    .iter()
+                    .any(|v| v.num == num && v.cap.is_some()))
+            })
+            .await;
         if let Ok(true) = committed {
             self.queue().remove(&(job.ino, job.num));
             return;
@@ -452,7 +501,7 @@ impl Vfs {
             Err(e) => {
                 return Self::upload_failed(
                     &mut self.queue(),
-                    &job,
+                    job.key(),
                     &format!("recording the upload key: {e}"),
                     false,
                 );
@@ -475,12 +524,13 @@ impl Vfs {
             Ok(report) => {
                 let degraded = report.placed.len() < self.params.total as usize;
                 let cap = FileCap::Whole(report.cap);
-                self.record_committed(&[(&job, cap, report.plaintext_sha256)], degraded);
+                self.record_committed(vec![(job.key(), cap, report.plaintext_sha256)], degraded)
+                    .await;
                 tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
             }
             Err(e) => {
                 let damaged = matches!(&e, upload::UploadError::Source(io) if is_damage(io));
-                Self::upload_failed(&mut self.queue(), &job, &e.to_string(), damaged)
+                Self::upload_failed(&mut self.queue(), job.key(), &e.to_string(), damaged)
             }
         }
     }
