@@ -25,6 +25,19 @@ def timed(cmd, cwd=None):
     return time.perf_counter() - t
 
 
+def small_tree(work):
+    """A tar of the regular files of /usr/include and /usr/share/doc (14k
+    files on Debian), the file listing it was made from, and (path, size)
+    of each file."""
+    listing = os.path.join(work, "files")
+    sh(f"find /usr/include /usr/share/doc -type f > {listing}")
+    tree_tar = os.path.join(work, "tree.tar")
+    sh(f"tar -cf {tree_tar} -T {listing} 2>/dev/null")
+    with open(listing) as f:
+        files = [(p.rstrip("\n").lstrip("/"), os.path.getsize(p.rstrip("\n"))) for p in f]
+    return tree_tar, listing, files
+
+
 def drop_caches():
     sh("sync")
     with open("/proc/sys/vm/drop_caches", "w") as f:

@@ -454,3 +454,53 @@ fn a_version_sealed_in_place_is_queued_only_once_its_directory_is_there() {
     ];
     run(ops).unwrap();
 }
+
+/// Files in `cache/versions` and `cache/work` that belong to `ino`.
+fn cached_of(home: &std::path::Path, ino: u64) -> Vec<String> {
+    let mut left = Vec::new();
+    for (dir, sep) in [("versions", '.'), ("work", '-')] {
+        for entry in std::fs::read_dir(home.join("cache").join(dir)).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if name.split_once(sep).is_some_and(|(i, _)| i == ino.to_string()) {
+                left.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    left
+}
+
+/// Found in review of the lock per open file: a file deleted while its
+/// last release seals it (sealing links its chunks without the core's
+/// lock), with a reader of it closing at the same moment. The reader's
+/// release took the deleted file's entry away under the seal, which then
+/// panicked holding the core's lock; without a reader, the seal recorded
+/// and uploaded a version of a file already gone. Whoever lets a deleted
+/// file go last now frees it, and a seal records nothing for it. Timing
+/// decides how the calls overlap, so it runs many rounds.
+#[test]
+fn a_file_deleted_while_its_last_release_seals_leaves_nothing_behind() {
+    let home = tempfile::tempdir().unwrap();
+    Config::embedded_default(home.path()).write_new(home.path()).unwrap();
+    let rt = runtime();
+    let vfs = open_vfs(home.path(), &rt);
+    for round in 0..24u64 {
+        // A sealed base of 16 chunks: the next seal links every one.
+        write_file(&vfs, "a", 0, 16 << 20, 1);
+        let ino = lookup(&vfs, "a").unwrap().ino;
+        let writer = vfs.open(ino, true, false).unwrap();
+        let reader = (round % 2 == 0).then(|| vfs.open(ino, false, false).unwrap());
+        vfs.write(writer, round * 4096, &[2; 4096]).unwrap();
+        let sealer = {
+            let vfs = vfs.clone();
+            std::thread::spawn(move || vfs.release(writer))
+        };
+        vfs.unlink(ROOT, "a").unwrap();
+        if let Some(reader) = reader {
+            vfs.release(reader).unwrap();
+        }
+        sealer.join().unwrap().unwrap();
+        rt.block_on(vfs.sync()).unwrap();
+        assert!(lookup(&vfs, "a").is_err());
+        assert_eq!(cached_of(home.path(), ino), Vec::<String>::new(), "round {round}");
+    }
+}

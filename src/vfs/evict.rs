@@ -27,7 +27,8 @@ impl Vfs {
         };
         let (used, candidates) = crate::stage::evict::scan(&self.cache, |version| {
             !protected.contains(version)
-                && version_dir_key(version).is_some_and(|k| states.get(&k).is_none_or(|s| *s != VersionState::Staged))
+                // A directory without a row is being sealed or restored.
+                && version_dir_key(version).is_some_and(|k| states.get(&k).is_some_and(|s| *s != VersionState::Staged))
         })?;
         let (remove, freed) = crate::stage::evict::plan(candidates, used, max);
         for path in remove {

@@ -71,27 +71,66 @@ impl Vfs {
         st.files.entry(ino).or_default().copy.clone()
     }
 
-    /// Drops the entry of a file nothing uses any more.
-    pub(super) fn forget_if_idle(st: &mut State, ino: i64) {
-        if st
-            .files
-            .get(&ino)
-            .is_some_and(|f| f.handles == 0 && f.working.is_none() && Arc::strong_count(&f.copy) == 1)
-        {
-            st.files.remove(&ino);
+    /// Drops the entry of a file nothing uses any more: no handle, and
+    /// nobody but the table holds its copy lock. A file unlinked while
+    /// open goes with it, content and all (returned, to free after the
+    /// lock): whoever lets it go last, a release or a seal in flight.
+    pub(super) fn forget_if_idle(&self, st: &mut State, ino: i64) -> VfsResult<ToFree> {
+        let Some(file) = st.files.get(&ino) else {
+            return Ok(ToFree::default());
+        };
+        if file.handles > 0 || Arc::strong_count(&file.copy) > 1 {
+            return Ok(ToFree::default());
         }
+        if !Self::orphaned(st, ino)? {
+            if st.files.get(&ino).is_some_and(|f| f.working.is_none()) {
+                st.files.remove(&ino);
+            }
+            return Ok(ToFree::default());
+        }
+        let file = st.files.remove(&ino).expect("looked up");
+        // Nobody else holds the lock: this never waits.
+        let work = file.copy.try_write().ok().and_then(|mut copy| copy.take());
+        st.catalog.forget_orphan(ino)?;
+        self.drop_queued(ino);
+        let mut freed = ToFree::versions(&self.cache, &st.catalog, ino);
+        if let Some(work) = work {
+            freed = freed.and(work.dir().to_owned());
+        }
+        Ok(freed)
+    }
+
+    /// Lets go of `ino` after a call that held its copy lock (dropped
+    /// before this): see [`Vfs::forget_if_idle`].
+    pub(super) fn let_go(&self, ino: i64) -> VfsResult<()> {
+        let freed = self.forget_if_idle(&mut self.lock(), ino)?;
+        freed.free();
+        Ok(())
+    }
+
+    /// Whether `ino` was unlinked (it lives on only through its handles).
+    pub(super) fn orphaned(st: &State, ino: i64) -> VfsResult<bool> {
+        Ok(st
+            .catalog
+            .node(ino)?
+            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT))
+    }
+
+    /// A file's entry, which a holder of its copy lock always finds.
+    fn entry(st: &mut State, ino: i64) -> VfsResult<&mut OpenFile> {
+        st.files.get_mut(&ino).ok_or(VfsError::NotFound)
     }
 
     /// Records a change of the working copy (held in `work`, under its
     /// lock): dirty, modified now, its size. Returns the file's writers.
-    fn changed(st: &mut State, ino: i64, work: &WorkingCopy) -> usize {
-        let file = st.files.get_mut(&ino).expect("held by its copy lock");
+    fn changed(st: &mut State, ino: i64, work: &WorkingCopy) -> VfsResult<usize> {
+        let file = Self::entry(st, ino)?;
         file.dirty = true;
         file.modified_ns = Some(crate::catalog::now_ns());
         if let Some(shown) = file.working.as_mut() {
             shown.size = work.size();
         }
-        file.writers
+        Ok(file.writers)
     }
 
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> VfsResult<u64> {
@@ -117,13 +156,16 @@ impl Vfs {
             Ok(work)
         });
         let mut st = self.lock();
-        let result = truncated.map(|work| {
-            Self::changed(&mut st, ino, work);
+        let result = truncated.and_then(|work| {
+            Self::changed(&mut st, ino, work)?;
             // Counted before the copy's lock is let go: a release of the
             // file's last other writer must not seal it truncated.
-            self.add_handle(&mut st, ino, write)
+            Ok(self.add_handle(&mut st, ino, write))
         });
-        Self::forget_if_idle(&mut st, ino);
+        drop(st);
+        drop(guard);
+        drop(copy);
+        self.let_go(ino)?;
         result
     }
 
@@ -138,9 +180,23 @@ impl Vfs {
                 None => Vec::new(),
             };
             if missing.is_empty() {
-                let work = self.new_working_copy(ino, latest.map(|v| self.sealed(&v)))?;
+                let work = self.new_working_copy(ino, latest.as_ref().map(|v| self.sealed(v)))?;
                 if let Some(file) = self.lock().files.get_mut(&ino) {
                     file.working = Some(Working::of(&work));
+                }
+                // Eviction spares the base from now on; a chunk it took
+                // between the check above and now is fetched again.
+                let refetched = latest.as_ref().map_or(Ok(()), |v| {
+                    self.chunks_to_fetch(v, None)?
+                        .into_iter()
+                        .try_for_each(|index| self.fetch_chunk(v, index))
+                });
+                if let Err(e) = refetched {
+                    if let Some(file) = self.lock().files.get_mut(&ino) {
+                        file.working = None;
+                    }
+                    let _ = work.discard();
+                    return Err(e);
                 }
                 *copy = Some(work);
                 return Ok(());
@@ -176,14 +232,14 @@ impl Vfs {
         let result = self.ensure_working(ino, &mut guard).and_then(|()| {
             let work = guard.as_mut().expect("ensured");
             change(work)?;
-            if Self::changed(&mut self.lock(), ino, work) == 0 {
+            if Self::changed(&mut self.lock(), ino, work)? == 0 {
                 self.seal(ino, &mut guard, "change without an open writer", false)?;
             }
             Ok(())
         });
         drop(guard);
         drop(copy);
-        Self::forget_if_idle(&mut self.lock(), ino);
+        self.let_go(ino)?;
         result
     }
 
@@ -210,7 +266,7 @@ impl Vfs {
         work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = self.lock();
-        Self::changed(&mut st, ino, work);
+        Self::changed(&mut st, ino, work)?;
         // The bytes are in staging now and survive a crash of the daemon:
         // so must the file's name.
         if st.catalog.uncommitted() {
@@ -311,29 +367,26 @@ impl Vfs {
     pub fn release(&self, fh: u64) -> VfsResult<()> {
         let (ino, copy, counted) = {
             let mut st = self.lock();
-            let (_, handle) = self.handles.remove(&fh).ok_or(VfsError::BadHandle)?;
-            let ino = handle.ino;
-            let file = st.files.get_mut(&ino).expect("open file");
+            // Its copy lock goes at once: `forget_if_idle` counts holders.
+            let (ino, write) = match self.handles.remove(&fh) {
+                Some((_, handle)) => (handle.ino, handle.write),
+                None => return Err(VfsError::BadHandle),
+            };
+            let file = Self::entry(&mut st, ino)?;
             file.handles -= 1;
-            if handle.write {
+            if write {
                 file.writers -= 1;
             }
             let (writers, handles) = (file.writers, file.handles);
-            let orphan = st
-                .catalog
-                .node(ino)?
-                .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT);
-            if orphan {
-                if handles > 0 {
-                    return Ok(());
-                }
-                let copy = st.files.remove(&ino).map(|f| f.copy);
-                st.catalog.forget_orphan(ino)?;
-                let mut freed = ToFree::versions(&self.cache, &st.catalog, ino);
+            if Self::orphaned(&st, ino)? {
+                // Its content goes with its last handle, or with whoever
+                // still holds its copy lock (a seal in flight) when done.
+                let freed = if handles == 0 {
+                    self.forget_if_idle(&mut st, ino)?
+                } else {
+                    ToFree::default()
+                };
                 drop(st);
-                if let Some(work) = copy.and_then(|c| write_copy(&c).take()) {
-                    freed = freed.and(work.dir().to_owned());
-                }
                 freed.free();
                 return Ok(());
             }
@@ -347,7 +400,7 @@ impl Vfs {
         let sealed = self.seal(ino, &mut write_copy(&copy), "last release", false);
         drop(counted);
         drop(copy);
-        Self::forget_if_idle(&mut self.lock(), ino);
+        self.let_go(ino)?;
         sealed
     }
 
@@ -376,6 +429,11 @@ impl Vfs {
             if file.writers > 0 && !even_if_open {
                 return Ok(());
             }
+            // Unlinked: not a version; its last holder frees the copy.
+            if Self::orphaned(&st, ino)? {
+                return Ok(());
+            }
+            let file = Self::entry(&mut st, ino)?;
             if !file.dirty {
                 file.working = None;
                 file.modified_ns = None;
@@ -389,8 +447,11 @@ impl Vfs {
         let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
         let sealed = work.seal(version_dir(&self.cache, ino, num), |size| -> VfsResult<()> {
             let mut st = self.lock();
-            let file = st.files.get_mut(&ino).expect("held by its copy lock");
-            let modified_ns = file.modified_ns;
+            // Unlinked while the chunks were linked: not a version.
+            if Self::orphaned(&st, ino)? {
+                return Err(VfsError::NotFound);
+            }
+            let modified_ns = Self::entry(&mut st, ino)?.modified_ns;
             if let Some(t) = modified_ns {
                 // Recorded with the version, in one commit.
                 if let Some(mut node) = st.catalog.node(ino)? {
@@ -407,7 +468,7 @@ impl Vfs {
                 return Err(std::io::Error::other(format!("file {ino}: version {recorded} recorded as {num}")).into());
             }
             st.catalog.commit()?;
-            let file = st.files.get_mut(&ino).expect("held by its copy lock");
+            let file = Self::entry(&mut st, ino)?;
             (file.working, file.dirty, file.modified_ns) = (None, false, None);
             Ok(())
         });
@@ -432,11 +493,17 @@ impl Vfs {
                 // A full disk, say: keep the working copy as it was, so the
                 // file reads the same and a later close seals it.
                 let (work, e) = *failed;
-                if let Some(file) = self.lock().files.get_mut(&ino) {
+                let mut st = self.lock();
+                if let Some(file) = st.files.get_mut(&ino) {
                     file.working = Some(Working::of(&work));
                     file.dirty = true;
                 }
                 *copy = Some(work);
+                // Unlinked meanwhile: nothing to seal (freed by its last
+                // holder), so nothing failed.
+                if Self::orphaned(&st, ino).unwrap_or(false) {
+                    return Ok(());
+                }
                 Err(e)
             }
         }

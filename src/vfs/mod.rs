@@ -162,6 +162,15 @@ struct OpenFile {
     modified_ns: Option<i64>,
 }
 
+impl OpenFile {
+    /// Open, or in the hands of a call (a seal after the last release, a
+    /// truncate, a restore): deleting it now leaves it an orphan, freed
+    /// when the last of them lets go.
+    fn in_use(&self) -> bool {
+        self.handles > 0 || Arc::strong_count(&self.copy) > 1
+    }
+}
+
 /// The open working copy as attributes and eviction see it.
 struct Working {
     size: u64,

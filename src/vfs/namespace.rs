@@ -232,13 +232,16 @@ impl Vfs {
         let mut st = self.lock();
         let made = made.map(|work| *guard = Some(work));
         if made.is_err() {
-            let file = st.files.get_mut(&node.ino).expect("held by its copy lock");
-            (file.working, file.dirty) = (None, false);
+            if let Some(file) = st.files.get_mut(&node.ino) {
+                (file.working, file.dirty) = (None, false);
+            }
         }
         let fh = made.map(|()| self.add_handle(&mut st, node.ino, true));
         drop(guard);
         drop(copy);
-        Self::forget_if_idle(&mut st, node.ino);
+        let freed = self.forget_if_idle(&mut st, node.ino)?;
+        drop(st);
+        freed.free();
         Ok((attr, fh?))
     }
 
@@ -262,7 +265,7 @@ impl Vfs {
         if node.kind == Kind::Dir {
             return Err(VfsError::IsDir);
         }
-        let open = st.files.get(&node.ino).is_some_and(|f| f.handles > 0);
+        let open = st.files.get(&node.ino).is_some_and(OpenFile::in_use);
         st.catalog.unlink(&node, open)?;
         st.catalog.commit()?;
         let freed = self.forget_content(&mut st, node.ino, open);
@@ -328,7 +331,7 @@ impl Vfs {
             }
         }
         let replaced = target.map(|t| {
-            let open = st.files.get(&t.ino).is_some_and(|f| f.handles > 0);
+            let open = st.files.get(&t.ino).is_some_and(OpenFile::in_use);
             (t, open)
         });
         if node.kind == Kind::File {

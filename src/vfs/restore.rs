@@ -38,12 +38,16 @@ impl Vfs {
             let ino = st.catalog.resolve(path)?.ino;
             (ino, Self::copy_lock(&mut st, ino))
         };
-        // Versions of a file are only added under its copy's lock.
-        let guard = write_copy(&copy);
-        let restored = self.restore_under(ino, num);
+        // Versions of a file are only added under its copy's lock. A copy
+        // left by a last release still on its way is sealed first, so it
+        // cannot land over the restored version afterwards.
+        let mut guard = write_copy(&copy);
+        let restored = self
+            .seal(ino, &mut guard, "before a restore", false)
+            .and_then(|()| self.restore_under(ino, num));
         drop(guard);
         drop(copy);
-        Self::forget_if_idle(&mut self.lock(), ino);
+        self.let_go(ino)?;
         restored.map(|n| (ino, n))
     }
 

@@ -171,6 +171,7 @@ impl Vfs {
             )));
         }
         if queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
+            drop(queue);
             st.catalog.commit()?;
             return Ok(Some(seen.len()));
         }
@@ -426,11 +427,14 @@ impl Vfs {
     }
 
     fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) {
+        // `state` is held to the end, so no file is deleted meanwhile; the
+        // queue only while it is read or changed, never across the commit.
         let st = self.lock();
-        // Held to the end: a file deleted meanwhile drops its entries.
-        let mut queue = self.queue();
         // Versions of files deleted during their upload were dropped.
-        let done: Vec<_> = done.iter().filter(|(key, _, _)| queue.contains_key(key)).collect();
+        let done: Vec<_> = {
+            let queue = self.queue();
+            done.iter().filter(|(key, _, _)| queue.contains_key(key)).collect()
+        };
         let record = || -> Result<(), CatalogError> {
             for ((ino, num), cap, sha256) in &done {
                 let sha = data_encoding::HEXLOWER.encode(sha256);
@@ -442,7 +446,9 @@ impl Vfs {
             }
             st.catalog.commit().map(drop)
         };
-        match record() {
+        let recorded = record();
+        let mut queue = self.queue();
+        match recorded {
             Ok(()) => {
                 for (key, _, _) in &done {
                     queue.remove(key);
