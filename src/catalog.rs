@@ -350,6 +350,29 @@ impl Catalog {
         Ok(Catalog { db })
     }
 
+    /// Leaves checkpoints (copying the write-ahead log into the database,
+    /// with its syncs) to another connection: the daemon's commits happen
+    /// under its core's lock, which must not wait on a disk.
+    pub fn leave_checkpoints_to_others(&self) -> Result<(), CatalogError> {
+        self.db.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// A second read-write connection to the catalog at `path`, for
+    /// [`Catalog::checkpoint`] only.
+    pub fn open_checkpointer(path: &Path) -> Result<Catalog, CatalogError> {
+        let db = Connection::open(path)?;
+        db.busy_timeout(std::time::Duration::from_secs(1))?;
+        Ok(Catalog { db })
+    }
+
+    /// Copies what the write-ahead log holds into the database as far as
+    /// readers allow, without waiting for the owner's connection (PASSIVE).
+    pub fn checkpoint(&self) -> Result<(), CatalogError> {
+        self.query_one("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Opens the current batch of changes, if none is open: changes are
     /// grouped into one transaction until [`Catalog::commit`] (group commit).
     fn begin_batch(&self) -> Result<(), CatalogError> {

@@ -359,6 +359,17 @@ impl Vfs {
     /// local file system's journal commit does.
     pub fn sync_staging_disk(&self) -> VfsResult<()> {
         self.commit_metadata()?;
+        // The catalog's WAL is copied into its database here, off the
+        // core's lock (the daemon's connection never checkpoints).
+        {
+            let mut checkpointer = self.checkpointer.lock().expect("checkpointer lock");
+            if checkpointer.is_none() {
+                *checkpointer = Some(Catalog::open_checkpointer(&self.options.home.join("catalog.db"))?);
+            }
+            if let Err(e) = checkpointer.as_ref().expect("opened").checkpoint() {
+                tracing::debug!(error = %e, "catalog checkpoint; trying again at the next sync");
+            }
+        }
         crate::sys::sync_filesystem(&self.options.home)?;
         Ok(())
     }

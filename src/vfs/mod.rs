@@ -279,6 +279,9 @@ pub struct Vfs {
     sealing: AtomicUsize,
     /// One fsync at a time (taken before `state`).
     syncing: Mutex<()>,
+    /// The catalog's second connection, which checkpoints its WAL beside
+    /// the core (only the periodic disk sync takes it).
+    checkpointer: Mutex<Option<Catalog>>,
     /// Whether the catalog's WAL's directory entry was synced.
     wal_dir_synced: std::sync::atomic::AtomicBool,
     /// Chunks (ino, version, index) being read ahead: every read asks for
@@ -324,6 +327,7 @@ impl Vfs {
             std::fs::create_dir_all(cache.join(d))?;
         }
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
+        catalog.leave_checkpoints_to_others()?;
         // The cache's chunks are segments of this size: read with another,
         // every staged and cached file would be cut wrong.
         let segment = config.grid.segment_size.to_string();
@@ -378,6 +382,7 @@ impl Vfs {
             publishing: tokio::sync::Mutex::new(()),
             sealing: AtomicUsize::new(0),
             syncing: Mutex::new(()),
+            checkpointer: Mutex::new(None),
             wal_dir_synced: Default::default(),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
             cache_scanned: AtomicU64::new(u64::MAX),
