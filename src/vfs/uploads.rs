@@ -153,25 +153,39 @@ impl Vfs {
         grace_until: Instant,
         seen: &mut std::collections::BTreeSet<(i64, i64)>,
     ) -> VfsResult<Option<usize>> {
-        let st = self.lock();
-        let mut queue = self.queue();
-        for (key, p) in queue.iter_mut() {
-            p.flush = true;
-            seen.insert(*key);
-        }
-        let closing = Instant::now() < grace_until && self.handles.iter().any(|h| h.closing);
-        if let Some(((ino, num), p)) = queue.iter().find(|(_, p)| p.damaged) {
-            let path = st.catalog.path_of(*ino).unwrap_or_else(|_| format!("file {ino}"));
+        // The pass over the whole queue (100,000 small files, say) holds
+        // only the queue; `state` only for the final check.
+        let (damaged, empty) = {
+            let mut queue = self.queue();
+            for (key, p) in queue.iter_mut() {
+                p.flush = true;
+                seen.insert(*key);
+            }
+            let damaged = queue
+                .iter()
+                .find(|(_, p)| p.damaged)
+                .map(|(&(ino, num), p)| (ino, num, p.last_error.clone()));
+            (damaged, queue.is_empty())
+        };
+        if let Some((ino, num, error)) = damaged {
+            let path = self.lock().catalog.path_of(ino).unwrap_or_else(|_| format!("file {ino}"));
             return Err(VfsError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "{path}: version {num} cannot be uploaded: {}",
-                    p.last_error.as_deref().unwrap_or("its staged bytes cannot be read")
+                    error.as_deref().unwrap_or("its staged bytes cannot be read")
                 ),
             )));
         }
-        if queue.is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
-            drop(queue);
+        if !empty {
+            return Ok(None);
+        }
+        // A last release removes its handle and counts its seal under
+        // `state`, and its version is queued before the count drops: so
+        // under `state` nothing closed can slip between the three checks.
+        let st = self.lock();
+        let closing = Instant::now() < grace_until && self.handles.iter().any(|h| h.closing);
+        if self.queue().is_empty() && self.sealing.load(Ordering::SeqCst) == 0 && !closing {
             st.catalog.commit()?;
             return Ok(Some(seen.len()));
         }
