@@ -168,7 +168,11 @@ impl Vfs {
             (damaged, queue.is_empty())
         };
         if let Some((ino, num, error)) = damaged {
-            let path = self.lock().catalog.path_of(ino).unwrap_or_else(|_| format!("file {ino}"));
+            let path = self
+                .lock()
+                .catalog
+                .path_of(ino)
+                .unwrap_or_else(|_| format!("file {ino}"));
             return Err(VfsError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
