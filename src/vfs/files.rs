@@ -82,8 +82,9 @@ impl Vfs {
         if file.handles > 0 || Arc::strong_count(&file.copy) > 1 {
             return Ok(ToFree::default());
         }
+        let idle = file.working.is_none();
         if !Self::orphaned(st, ino)? {
-            if st.files.get(&ino).is_some_and(|f| f.working.is_none()) {
+            if idle {
                 st.files.remove(&ino);
             }
             return Ok(ToFree::default());
@@ -361,14 +362,8 @@ impl Vfs {
         self.commit_metadata()?;
         // The catalog's WAL is copied into its database here, off the
         // core's lock (the daemon's connection never checkpoints).
-        {
-            let mut checkpointer = self.checkpointer.lock().expect("checkpointer lock");
-            if checkpointer.is_none() {
-                *checkpointer = Some(Catalog::open_checkpointer(&self.options.home.join("catalog.db"))?);
-            }
-            if let Err(e) = checkpointer.as_ref().expect("opened").checkpoint() {
-                tracing::debug!(error = %e, "catalog checkpoint; trying again at the next sync");
-            }
+        if let Err(e) = self.checkpointer.lock().expect("checkpointer lock").checkpoint() {
+            tracing::debug!(error = %e, "catalog checkpoint; trying again at the next sync");
         }
         crate::sys::sync_filesystem(&self.options.home)?;
         Ok(())
@@ -388,15 +383,11 @@ impl Vfs {
             if write {
                 file.writers -= 1;
             }
-            let (writers, handles) = (file.writers, file.handles);
+            let writers = file.writers;
             if Self::orphaned(&st, ino)? {
                 // Its content goes with its last handle, or with whoever
                 // still holds its copy lock (a seal in flight) when done.
-                let freed = if handles == 0 {
-                    self.forget_if_idle(&mut st, ino)?
-                } else {
-                    ToFree::default()
-                };
+                let freed = self.forget_if_idle(&mut st, ino)?;
                 drop(st);
                 freed.free();
                 return Ok(());

@@ -281,7 +281,7 @@ pub struct Vfs {
     syncing: Mutex<()>,
     /// The catalog's second connection, which checkpoints its WAL beside
     /// the core (only the periodic disk sync takes it).
-    checkpointer: Mutex<Option<Catalog>>,
+    checkpointer: Mutex<Catalog>,
     /// Whether the catalog's WAL's directory entry was synced.
     wal_dir_synced: std::sync::atomic::AtomicBool,
     /// Chunks (ino, version, index) being read ahead: every read asks for
@@ -328,6 +328,7 @@ impl Vfs {
         }
         let mut catalog = Catalog::open(&options.home.join("catalog.db"))?;
         catalog.leave_checkpoints_to_others()?;
+        let checkpointer = Catalog::open_checkpointer(&options.home.join("catalog.db"))?;
         // The cache's chunks are segments of this size: read with another,
         // every staged and cached file would be cut wrong.
         let segment = config.grid.segment_size.to_string();
@@ -382,7 +383,7 @@ impl Vfs {
             publishing: tokio::sync::Mutex::new(()),
             sealing: AtomicUsize::new(0),
             syncing: Mutex::new(()),
-            checkpointer: Mutex::new(None),
+            checkpointer: Mutex::new(checkpointer),
             wal_dir_synced: Default::default(),
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
             cache_scanned: AtomicU64::new(u64::MAX),
