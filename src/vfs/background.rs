@@ -19,12 +19,8 @@ impl Vfs {
                 crate::namespace::last_published(&st.catalog).map_err(grid_err)
             })
             .await?;
-        let path = self.options.home.join("catalog.db");
         let prepared = self
-            .blocking(move |_| {
-                let reader = Catalog::open_reader(&path)?;
-                crate::namespace::prepare_from(last, &reader).map_err(grid_err)
-            })
+            .blocking(move |vfs| crate::namespace::prepare_from(last, &vfs.catalog_reader()?).map_err(grid_err))
             .await?;
         let Some(pending) = prepared else {
             return Ok(None);
@@ -49,7 +45,10 @@ impl Vfs {
     /// Repairs committed versions that were uploaded without every server,
     /// once those servers answer again. Returns how many became healthy.
     pub async fn repair_degraded(self: &Arc<Self>) -> VfsResult<usize> {
-        let degraded = self.blocking(|vfs| Ok(vfs.lock().catalog.degraded_versions()?)).await?;
+        // A scan of every version: read beside the core, not under `state`.
+        let degraded = self
+            .blocking(|vfs| Ok(vfs.catalog_reader()?.degraded_versions()?))
+            .await?;
         let mut healed = 0;
         // Files in one pack share its shares: repair it once.
         let mut repaired: HashMap<StorageIndex, bool> = HashMap::new();

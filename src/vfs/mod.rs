@@ -407,6 +407,12 @@ impl Vfs {
         }
     }
 
+    /// A read-only connection to the catalog, for reads too long to make
+    /// under `state` (they see what was committed).
+    fn catalog_reader(&self) -> VfsResult<Catalog> {
+        Ok(Catalog::open_reader(&self.options.home.join("catalog.db"))?)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("vfs state lock")
     }

@@ -83,34 +83,52 @@ pub(super) enum Next {
 
 impl Vfs {
     pub fn status(&self) -> VfsResult<Status> {
-        let st = self.lock();
-        let pending = self.queue();
-        let mut queue = Vec::new();
+        // The queue and the open files are read under their locks; their
+        // paths (a walk up the tree per entry, and the queue may hold
+        // 100,000 files) through a reader, with no lock held.
         let now = Instant::now();
-        for ((ino, num), p) in pending.iter() {
-            let state = if p.uploading {
-                "uploading"
-            } else if self.ino_ready_at(&pending, *ino, now).is_none_or(|t| t > now) {
-                "waiting"
-            } else {
-                "queued"
-            };
-            queue.push(QueueEntry {
-                path: st.catalog.path_of(*ino)?,
-                version: *num,
-                size: p.size,
-                state: state.into(),
-                sent: p.sent.load(Ordering::Relaxed),
-                attempts: p.attempts,
-                last_error: p.last_error.clone(),
-            });
+        let entries: Vec<(i64, QueueEntry)> = {
+            let pending = self.queue();
+            pending
+                .iter()
+                .map(|((ino, num), p)| {
+                    let state = if p.uploading {
+                        "uploading"
+                    } else if self.ino_ready_at(&pending, *ino, now).is_none_or(|t| t > now) {
+                        "waiting"
+                    } else {
+                        "queued"
+                    };
+                    let entry = QueueEntry {
+                        path: String::new(),
+                        version: *num,
+                        size: p.size,
+                        state: state.into(),
+                        sent: p.sent.load(Ordering::Relaxed),
+                        attempts: p.attempts,
+                        last_error: p.last_error.clone(),
+                    };
+                    (*ino, entry)
+                })
+                .collect()
+        };
+        let writing: Vec<i64> = self
+            .lock()
+            .files
+            .iter()
+            .filter(|(_, f)| f.writers > 0)
+            .map(|(ino, _)| *ino)
+            .collect();
+        let reader = self.catalog_reader()?;
+        let mut queue = Vec::with_capacity(entries.len());
+        for (ino, mut entry) in entries {
+            entry.path = reader.path_of(ino)?;
+            queue.push(entry);
         }
-        let mut open_for_write = Vec::new();
-        for (ino, f) in &st.files {
-            if f.writers > 0 {
-                open_for_write.push(st.catalog.path_of(*ino)?);
-            }
-        }
+        let open_for_write = writing
+            .into_iter()
+            .map(|ino| reader.path_of(ino))
+            .collect::<Result<_, _>>()?;
         let budget = &self.grid.budget;
         Ok(Status {
             queue,
@@ -445,6 +463,11 @@ impl Vfs {
     }
 
     fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) {
+        // What is recorded is written out before the lock is taken.
+        let done: Vec<((i64, i64), String, String)> = done
+            .iter()
+            .map(|(key, cap, sha256)| (*key, cap.to_string(), data_encoding::HEXLOWER.encode(sha256)))
+            .collect();
         // `state` is held to the end, so no file is deleted meanwhile; the
         // queue only while it is read or changed, never across the commit.
         let st = self.lock();
@@ -454,9 +477,8 @@ impl Vfs {
             done.iter().filter(|(key, _, _)| queue.contains_key(key)).collect()
         };
         let record = || -> Result<(), CatalogError> {
-            for ((ino, num), cap, sha256) in &done {
-                let sha = data_encoding::HEXLOWER.encode(sha256);
-                st.catalog.commit_version(*ino, *num, &cap.to_string(), &sha)?;
+            for ((ino, num), cap, sha) in &done {
+                st.catalog.commit_version(*ino, *num, cap, sha)?;
                 // Happiness held without every server: repaired later.
                 if degraded {
                     st.catalog.set_degraded(*ino, *num, true)?;
