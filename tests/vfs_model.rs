@@ -507,3 +507,62 @@ fn a_file_deleted_while_its_last_release_seals_leaves_nothing_behind() {
         assert_eq!(cached_of(home.path(), ino), Vec::<String>::new(), "round {round}");
     }
 }
+
+/// The catalog's writer stalls (here another connection holds SQLite's
+/// write lock, as a WAL append stuck behind the kernel's writeback would):
+/// a create waits, holding the core's catalog lock, while stat, lookup,
+/// listing and xattr reads of the namespace still answer at once. (An open
+/// waits: it counts its handle under that lock, against a racing unlink.)
+#[test]
+fn reads_of_the_namespace_do_not_wait_for_a_stalled_catalog_writer() {
+    let home = tempfile::tempdir().unwrap();
+    Config::embedded_default(home.path()).write_new(home.path()).unwrap();
+    let rt = runtime();
+    let vfs = open_vfs(home.path(), &rt);
+    write_file(&vfs, "a", 0, 1000, 7);
+    let a = lookup(&vfs, "a").unwrap().ino;
+    let blocker = rusqlite::Connection::open(home.path().join("catalog.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let creator = {
+        let vfs = vfs.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let made = vfs.create(ROOT, "b", 0o644, CALLER);
+            (made.map(|(_, fh)| vfs.release(fh)), started.elapsed())
+        })
+    };
+    // The create is in, waiting on SQLite's lock under the core's.
+    std::thread::sleep(Duration::from_millis(300));
+    let reads = std::time::Instant::now();
+    assert_eq!(vfs.getattr(a).unwrap().size, 1000);
+    assert_eq!(vfs.lookup(ROOT, "a").unwrap().ino, a);
+    assert!(vfs
+        .readdir(ROOT, 0)
+        .unwrap()
+        .iter()
+        .any(|(ino, _, _, name)| *ino == a && name == "a"));
+    assert!(vfs
+        .readdir_plus(ROOT, 0)
+        .unwrap()
+        .iter()
+        .any(|(_, name, attr)| name == "a" && attr.size == 1000));
+    assert!(vfs
+        .listxattr(a, CALLER)
+        .unwrap()
+        .iter()
+        .any(|n| n == "user.cairn.state"));
+    let took = reads.elapsed();
+    blocker.execute_batch("COMMIT").unwrap();
+    let (made, create_took) = creator.join().unwrap();
+    made.unwrap().unwrap();
+    assert!(
+        create_took >= Duration::from_millis(300),
+        "the create did not wait: {create_took:?}"
+    );
+    // Waiting would take the writer's 10 s busy timeout.
+    assert!(
+        took < Duration::from_secs(3),
+        "reads waited {took:?} for the catalog's writer"
+    );
+    assert!(lookup(&vfs, "b").is_ok());
+}

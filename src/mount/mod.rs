@@ -132,13 +132,6 @@ fn spawn_background(
     every(
         runtime,
         vfs,
-        cairn::vfs::COMMIT_INTERVAL,
-        "committing the catalog",
-        |vfs| async move { vfs.blocking(|vfs| vfs.commit_metadata()).await },
-    );
-    every(
-        runtime,
-        vfs,
         cairn::vfs::DISK_SYNC_INTERVAL,
         "syncing the staging disk",
         |vfs| async move { vfs.blocking(|vfs| vfs.sync_staging_disk()).await },

@@ -18,8 +18,8 @@ impl Vfs {
         }
         let (states, protected) = {
             let st = self.lock();
-            let protected: std::collections::HashSet<PathBuf> = st
-                .files
+            let protected: std::collections::HashSet<PathBuf> = self
+                .files()
                 .values()
                 .filter_map(|f| f.working.as_ref()?.base.clone())
                 .collect();

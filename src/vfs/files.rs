@@ -21,11 +21,13 @@ impl Drop for Sealing<'_> {
 }
 
 impl Vfs {
-    /// A new handle of `ino`, counted in its entry (under `state`, so
-    /// the count and the table agree for whoever holds `state`).
-    pub(super) fn add_handle(&self, st: &mut State, ino: i64, write: bool) -> u64 {
+    /// A new handle of `ino`, counted in its entry. Callers hold `state`,
+    /// so an unlink or rename (which ask whether the file is in use) sees
+    /// the handle or comes before it.
+    pub(super) fn add_handle(&self, _st: &mut State, ino: i64, write: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let file = st.files.entry(ino).or_default();
+        let mut files = self.files();
+        let file = files.entry(ino).or_default();
         file.handles += 1;
         if write {
             file.writers += 1;
@@ -66,9 +68,10 @@ impl Vfs {
     }
 
     /// The working-copy lock of `ino`, to take after `state` is dropped.
-    /// Holding it keeps the file's entry in the table.
-    pub(super) fn copy_lock(st: &mut State, ino: i64) -> CopyLock {
-        st.files.entry(ino).or_default().copy.clone()
+    /// Holding it keeps the file's entry in the table. Under `state`, as
+    /// [`Vfs::add_handle`]: [`Vfs::forget_if_idle`] relies on both.
+    pub(super) fn copy_lock(&self, _st: &mut State, ino: i64) -> CopyLock {
+        self.files().entry(ino).or_default().copy.clone()
     }
 
     /// Drops the entry of a file nothing uses any more: no handle, and
@@ -76,20 +79,19 @@ impl Vfs {
     /// open goes with it, content and all (returned, to free after the
     /// lock): whoever lets it go last, a release or a seal in flight.
     pub(super) fn forget_if_idle(&self, st: &mut State, ino: i64) -> VfsResult<ToFree> {
-        let Some(file) = st.files.get(&ino) else {
-            return Ok(ToFree::default());
+        let idle = match self.files().get(&ino) {
+            None => return Ok(ToFree::default()),
+            Some(file) if file.in_use() => return Ok(ToFree::default()),
+            Some(file) => file.working.is_none(),
         };
-        if file.handles > 0 || Arc::strong_count(&file.copy) > 1 {
-            return Ok(ToFree::default());
-        }
-        let idle = file.working.is_none();
+        // Nothing can take the entry meanwhile: that needs `state`.
         if !Self::orphaned(st, ino)? {
             if idle {
-                st.files.remove(&ino);
+                self.files().remove(&ino);
             }
             return Ok(ToFree::default());
         }
-        let file = st.files.remove(&ino).expect("looked up");
+        let file = self.files().remove(&ino).expect("looked up");
         // Nobody else holds the lock: this never waits.
         let work = file.copy.try_write().ok().and_then(|mut copy| copy.take());
         st.catalog.forget_orphan(ino)?;
@@ -118,14 +120,15 @@ impl Vfs {
     }
 
     /// A file's entry, which a holder of its copy lock always finds.
-    fn entry(st: &mut State, ino: i64) -> VfsResult<&mut OpenFile> {
-        st.files.get_mut(&ino).ok_or(VfsError::NotFound)
+    fn entry(files: &mut Files, ino: i64) -> VfsResult<&mut OpenFile> {
+        files.get_mut(&ino).ok_or(VfsError::NotFound)
     }
 
     /// Records a change of the working copy (held in `work`, under its
     /// lock): dirty, modified now, its size. Returns the file's writers.
-    fn changed(st: &mut State, ino: i64, work: &WorkingCopy) -> VfsResult<usize> {
-        let file = Self::entry(st, ino)?;
+    fn changed(&self, ino: i64, work: &WorkingCopy) -> VfsResult<usize> {
+        let mut files = self.files();
+        let file = Self::entry(&mut files, ino)?;
         file.dirty = true;
         file.modified_ns = Some(crate::catalog::now_ns());
         if let Some(shown) = file.working.as_mut() {
@@ -141,14 +144,14 @@ impl Vfs {
         }
         let copy = {
             let mut st = self.lock();
-            let node = Self::node(&st, ino)?;
+            let node = Self::node(&st.catalog, ino)?;
             if node.kind == Kind::Dir && write {
                 return Err(VfsError::IsDir);
             }
             if !truncate {
                 return Ok(self.add_handle(&mut st, ino, write));
             }
-            Self::copy_lock(&mut st, ino)
+            self.copy_lock(&mut st, ino)
         };
         let mut guard = write_copy(&copy);
         let truncated = self.ensure_working(ino, &mut guard).and_then(|()| {
@@ -158,7 +161,7 @@ impl Vfs {
         });
         let mut st = self.lock();
         let result = truncated.and_then(|work| {
-            Self::changed(&mut st, ino, work)?;
+            self.changed(ino, work)?;
             // Counted before the copy's lock is let go: a release of the
             // file's last other writer must not seal it truncated.
             Ok(self.add_handle(&mut st, ino, write))
@@ -182,7 +185,7 @@ impl Vfs {
             };
             if missing.is_empty() {
                 let work = self.new_working_copy(ino, latest.as_ref().map(|v| self.sealed(v)))?;
-                if let Some(file) = self.lock().files.get_mut(&ino) {
+                if let Some(file) = self.files().get_mut(&ino) {
                     file.working = Some(Working::of(&work));
                 }
                 // Eviction spares the base from now on; a chunk it took
@@ -193,7 +196,7 @@ impl Vfs {
                         .try_for_each(|index| self.fetch_chunk(v, index))
                 });
                 if let Err(e) = refetched {
-                    if let Some(file) = self.lock().files.get_mut(&ino) {
+                    if let Some(file) = self.files().get_mut(&ino) {
                         file.working = None;
                     }
                     let _ = work.discard();
@@ -219,7 +222,7 @@ impl Vfs {
     ) -> VfsResult<()> {
         let copy = {
             let mut st = self.lock();
-            let node = Self::node(&st, ino)?;
+            let node = Self::node(&st.catalog, ino)?;
             if node.kind != Kind::File {
                 return Err(if node.kind == Kind::Dir {
                     VfsError::IsDir
@@ -227,13 +230,13 @@ impl Vfs {
                     VfsError::Invalid
                 });
             }
-            Self::copy_lock(&mut st, ino)
+            self.copy_lock(&mut st, ino)
         };
         let mut guard = write_copy(&copy);
         let result = self.ensure_working(ino, &mut guard).and_then(|()| {
             let work = guard.as_mut().expect("ensured");
             change(work)?;
-            if Self::changed(&mut self.lock(), ino, work)? == 0 {
+            if self.changed(ino, work)? == 0 {
                 self.seal(ino, &mut guard, "change without an open writer", false)?;
             }
             Ok(())
@@ -248,12 +251,13 @@ impl Vfs {
     /// keep them (the kernel says so when the writer lacks CAP_FSETID).
     pub fn drop_setid(&self, ino: u64) -> VfsResult<()> {
         let st = self.lock();
-        let mut node = Self::node(&st, ino as i64)?;
+        let mut node = Self::node(&st.catalog, ino as i64)?;
         let mode = without_setid(node.mode);
         if mode != node.mode {
             node.mode = mode;
             node.ctime_ns = crate::catalog::now_ns();
             st.catalog.update_attrs(&node)?;
+            st.catalog.commit()?;
         }
         Ok(())
     }
@@ -266,13 +270,8 @@ impl Vfs {
         let work = guard.as_mut().expect("ensured");
         work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut st = self.lock();
-        Self::changed(&mut st, ino, work)?;
-        // The bytes are in staging now and survive a crash of the daemon:
-        // so must the file's name.
-        if st.catalog.uncommitted() {
-            st.catalog.commit()?;
-        }
+        // No `state`: the file's name was committed when it was made.
+        self.changed(ino, work)?;
         Ok(data.len())
     }
 
@@ -289,14 +288,16 @@ impl Vfs {
     }
 
     /// fsync(2): the file's bytes written so far and every catalog commit
-    /// (names, attributes) become durable. Under the lock only the batch's
-    /// commit and the list of what to sync; the syncing runs after.
+    /// (names, attributes) become durable. Under the lock only the WAL's
+    /// name (and a commit that failed before); the syncing runs after.
     pub fn fsync(&self, fh: u64) -> VfsResult<()> {
         // One fsync at a time: a second one must not return while the
         // first still syncs what the second was also asked to.
         let _one = self.syncing.lock().expect("fsync lock");
         let (_, copy) = self.handle(fh, false)?;
         let wal = {
+            // Only a commit that failed earlier can be waiting: it must
+            // succeed now, or fsync fails.
             let st = self.lock();
             st.catalog.commit()?;
             st.catalog.wal_path()
@@ -334,32 +335,23 @@ impl Vfs {
     /// fork+exec anywhere in a multithreaded writer closes inherited
     /// descriptors), so it says nothing about the writer being done. The
     /// handle is marked closing, so `cairn sync` can wait for its release.
-    /// It commits the catalog's batch: what a closed file needs to survive
-    /// a crash (its name, its attributes) is then on disk.
+    /// What a closed file needs to survive a crash of the daemon (its name,
+    /// its attributes) was committed by the calls that changed it.
     pub fn flush(&self, fh: u64) -> VfsResult<()> {
         if let Some(mut handle) = self.handles.get_mut(&fh) {
             if handle.write {
                 handle.closing = true;
             }
         }
-        self.lock().catalog.commit()?;
         Ok(())
     }
 
-    /// Commits the catalog's batch of attribute changes (group commit: run
-    /// every [`COMMIT_INTERVAL`], and forced by every change of names,
-    /// close, fsync, sealing and the first write after a change).
-    pub fn commit_metadata(&self) -> VfsResult<()> {
-        self.lock().catalog.commit()?;
-        Ok(())
-    }
-
-    /// Makes everything staged so far survive a power loss: the batch is
-    /// committed, then the staging disk synced (one syncfs). Sealing does
-    /// not fsync; this runs every [`DISK_SYNC_INTERVAL`] instead, as a
-    /// local file system's journal commit does.
+    /// Makes everything staged so far survive a power loss: the staging
+    /// disk is synced (one syncfs). Sealing does not fsync; this runs every
+    /// [`DISK_SYNC_INTERVAL`] instead, as a local file system's journal
+    /// commit does. A commit that failed (a full disk) is tried again here.
     pub fn sync_staging_disk(&self) -> VfsResult<()> {
-        self.commit_metadata()?;
+        self.lock().catalog.commit()?;
         // The catalog's WAL is copied into its database here, off the
         // core's lock (the daemon's connection never checkpoints).
         if let Err(e) = self.checkpointer.lock().expect("checkpointer lock").checkpoint() {
@@ -378,12 +370,15 @@ impl Vfs {
                 Some((_, handle)) => (handle.ino, handle.write),
                 None => return Err(VfsError::BadHandle),
             };
-            let file = Self::entry(&mut st, ino)?;
-            file.handles -= 1;
-            if write {
-                file.writers -= 1;
-            }
-            let writers = file.writers;
+            let writers = {
+                let mut files = self.files();
+                let file = Self::entry(&mut files, ino)?;
+                file.handles -= 1;
+                if write {
+                    file.writers -= 1;
+                }
+                file.writers
+            };
             if Self::orphaned(&st, ino)? {
                 // Its content goes with its last handle, or with whoever
                 // still holds its copy lock (a seal in flight) when done.
@@ -397,7 +392,7 @@ impl Vfs {
             }
             // Counted under the lock that removed the handle, so `cairn
             // sync` never sees neither the handle nor the version.
-            (ino, Self::copy_lock(&mut st, ino), Sealing::start(&self.sealing))
+            (ino, self.copy_lock(&mut st, ino), Sealing::start(&self.sealing))
         };
         let sealed = self.seal(ino, &mut write_copy(&copy), "last release", false);
         drop(counted);
@@ -424,21 +419,20 @@ impl Vfs {
             return Ok(());
         }
         let num = {
-            let mut st = self.lock();
-            let Some(file) = st.files.get_mut(&ino) else {
-                return Ok(());
+            let st = self.lock();
+            let dirty = match self.files().get(&ino) {
+                None => return Ok(()),
+                Some(file) if file.writers > 0 && !even_if_open => return Ok(()),
+                Some(file) => file.dirty,
             };
-            if file.writers > 0 && !even_if_open {
-                return Ok(());
-            }
             // Unlinked: not a version; its last holder frees the copy.
             if Self::orphaned(&st, ino)? {
                 return Ok(());
             }
-            let file = Self::entry(&mut st, ino)?;
-            if !file.dirty {
-                file.working = None;
-                file.modified_ns = None;
+            if !dirty {
+                if let Some(file) = self.files().get_mut(&ino) {
+                    (file.working, file.modified_ns) = (None, None);
+                }
                 drop(st);
                 copy.take().expect("checked").discard()?;
                 return Ok(());
@@ -453,7 +447,7 @@ impl Vfs {
             if Self::orphaned(&st, ino)? {
                 return Err(VfsError::NotFound);
             }
-            let modified_ns = Self::entry(&mut st, ino)?.modified_ns;
+            let modified_ns = Self::entry(&mut self.files(), ino)?.modified_ns;
             if let Some(t) = modified_ns {
                 // Recorded with the version, in one commit.
                 if let Some(mut node) = st.catalog.node(ino)? {
@@ -469,8 +463,11 @@ impl Vfs {
             if recorded != num {
                 return Err(std::io::Error::other(format!("file {ino}: version {recorded} recorded as {num}")).into());
             }
+            // Committed before the working copy's size and time go, as
+            // attributes read them first.
             st.catalog.commit()?;
-            let file = Self::entry(&mut st, ino)?;
+            let mut files = self.files();
+            let file = Self::entry(&mut files, ino)?;
             (file.working, file.dirty, file.modified_ns) = (None, false, None);
             Ok(())
         });
@@ -495,8 +492,8 @@ impl Vfs {
                 // A full disk, say: keep the working copy as it was, so the
                 // file reads the same and a later close seals it.
                 let (work, e) = *failed;
-                let mut st = self.lock();
-                if let Some(file) = st.files.get_mut(&ino) {
+                let st = self.lock();
+                if let Some(file) = self.files().get_mut(&ino) {
                     file.working = Some(Working::of(&work));
                     file.dirty = true;
                 }
@@ -514,12 +511,7 @@ impl Vfs {
     /// Seals every file still open for writing: used on unmount, so nothing
     /// written is left outside a version.
     pub fn seal_all(&self) -> VfsResult<()> {
-        let copies: Vec<(i64, CopyLock)> = self
-            .lock()
-            .files
-            .iter()
-            .map(|(&ino, f)| (ino, f.copy.clone()))
-            .collect();
+        let copies: Vec<(i64, CopyLock)> = self.files().iter().map(|(&ino, f)| (ino, f.copy.clone())).collect();
         for (ino, copy) in copies {
             self.seal(ino, &mut write_copy(&copy), "unmount", true)?;
         }

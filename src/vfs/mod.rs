@@ -52,9 +52,6 @@ use crate::upload::{self, pack};
 
 /// Longest name a directory entry may have, as on ext4.
 pub const NAME_MAX: usize = 255;
-/// Longest a metadata change waits in the catalog's batch before it is
-/// committed (survives a crash of the daemon).
-pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the staging disk is synced (survives a power loss).
 pub const DISK_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Catalog meta key: the segment size the staging cache was made with.
@@ -143,7 +140,7 @@ fn write_copy(copy: &CopyLock) -> RwLockWriteGuard<'_, Option<WorkingCopy>> {
 }
 
 /// A file with open handles (or a change in progress), and its working
-/// copy once written. An entry leaves `State::files` only when nothing
+/// copy once written. An entry leaves [`Vfs::files`] only when nothing
 /// counts it and nobody else holds its `copy`.
 #[derive(Default)]
 struct OpenFile {
@@ -168,6 +165,51 @@ impl OpenFile {
     /// when the last of them lets go.
     fn in_use(&self) -> bool {
         self.handles > 0 || Arc::strong_count(&self.copy) > 1
+    }
+}
+
+/// What an open file shows of its working copy in its attributes.
+#[derive(Default, Clone, Copy)]
+struct Shown {
+    size: Option<u64>,
+    modified_ns: Option<i64>,
+}
+
+impl Shown {
+    fn of(file: &OpenFile) -> Shown {
+        Shown {
+            size: file.working.as_ref().map(|w| w.size),
+            modified_ns: file.modified_ns,
+        }
+    }
+}
+
+/// `state`, held. Whatever a call changed in the catalog is committed when
+/// it lets go (calls whose failure to commit must be reported commit
+/// themselves first), so the readers of [`Vfs::read_catalog`] see every
+/// change a call returned from.
+struct StateGuard<'a>(MutexGuard<'a, State>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.catalog.uncommitted() {
+            if let Err(e) = self.0.catalog.commit() {
+                tracing::error!(error = %e, "committing the catalog's changes");
+            }
+        }
     }
 }
 
@@ -235,9 +277,16 @@ impl Pending {
 /// Sealed versions waiting for, or in, upload, by (file, version).
 type Queue = BTreeMap<(i64, i64), Pending>;
 
+/// Open files by inode: never held across I/O, taken after `state` or
+/// alone (attributes read it for open files' sizes and times).
+type Files = HashMap<i64, OpenFile>;
+
+/// The catalog's writer and what changes with it. Held across the
+/// catalog's own statements and commits (a WAL append, which the kernel
+/// may hold up behind writeback), never across chunk or grid I/O; reads of
+/// the namespace go through [`Vfs::read_catalog`] and never wait for it.
 struct State {
     catalog: Catalog,
-    files: HashMap<i64, OpenFile>,
     /// Names a file was renamed away from lately: (directory, name) to the
     /// node and when. A file that takes such a name soon after continues
     /// that node's history (how Word and vim save).
@@ -249,6 +298,10 @@ const SAVE_CHAIN_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Vfs {
     state: Mutex<State>,
+    files: Mutex<Files>,
+    /// Read-only connections to the catalog, one per concurrent reader,
+    /// kept for the next: see [`Vfs::read_catalog`].
+    catalog_readers: Mutex<Vec<Catalog>>,
     /// The upload queue, apart from `state` so that the scheduler's passes
     /// over it leave the namespace alone: taken after `state`, or alone.
     queue: Mutex<Queue>,
@@ -361,9 +414,10 @@ impl Vfs {
         Ok(Arc::new(Vfs {
             state: Mutex::new(State {
                 catalog,
-                files: HashMap::new(),
                 vacated: HashMap::new(),
             }),
+            files: Mutex::new(HashMap::new()),
+            catalog_readers: Mutex::new(Vec::new()),
             queue: Mutex::new(queue),
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
@@ -413,8 +467,30 @@ impl Vfs {
         Ok(Catalog::open_reader(&self.options.home.join("catalog.db"))?)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("vfs state lock")
+    /// Runs `read` on a read-only connection to the catalog, without
+    /// `state`: it sees every change a call has returned from, as each
+    /// commits before letting go of `state` (see [`StateGuard`]).
+    fn read_catalog<T>(&self, read: impl FnOnce(&Catalog) -> VfsResult<T>) -> VfsResult<T> {
+        let taken = self.catalog_readers.lock().expect("catalog readers").pop();
+        let reader = match taken {
+            Some(reader) => reader,
+            None => self.catalog_reader()?,
+        };
+        let result = read(&reader);
+        let mut readers = self.catalog_readers.lock().expect("catalog readers");
+        // As many as ever read at once (the adapter's threads), not more.
+        if readers.len() < 16 {
+            readers.push(reader);
+        }
+        result
+    }
+
+    fn lock(&self) -> StateGuard<'_> {
+        StateGuard(self.state.lock().expect("vfs state lock"))
+    }
+
+    fn files(&self) -> MutexGuard<'_, Files> {
+        self.files.lock().expect("open files lock")
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -433,20 +509,22 @@ impl Vfs {
         }
     }
 
-    fn attr_of(&self, st: &State, node: &Node) -> VfsResult<Attr> {
-        Ok(Self::attr_with(st, node, &st.catalog.facts(node)?))
+    /// A node's attributes. The open files are read before the catalog's
+    /// facts: a seal records its version before it lets the working copy's
+    /// size go.
+    fn attr_of(&self, catalog: &Catalog, node: &Node) -> VfsResult<Attr> {
+        let open = self.files().get(&node.ino).map(Shown::of);
+        Ok(Self::attr_with(open, node, &catalog.facts(node)?))
     }
 
-    /// A node's attributes from the node, its catalog facts, and its open
-    /// working copy if any.
-    fn attr_with(st: &State, node: &Node, facts: &NodeFacts) -> Attr {
+    /// A node's attributes from the node, its catalog facts, and what its
+    /// open working copy shows, if any.
+    fn attr_with(open: Option<Shown>, node: &Node, facts: &NodeFacts) -> Attr {
+        let open = open.unwrap_or_default();
         let size = match node.kind {
             Kind::Dir => 4096,
             Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
-            Kind::File => match st.files.get(&node.ino).and_then(|f| f.working.as_ref()) {
-                Some(work) => work.size,
-                None => facts.latest_size.unwrap_or(0),
-            },
+            Kind::File => open.size.or(facts.latest_size).unwrap_or(0),
             Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,
         };
         let rdev = match node.kind {
@@ -461,12 +539,7 @@ impl Vfs {
             uid: node.uid,
             gid: node.gid,
             atime: to_time(node.atime_ns),
-            mtime: to_time(
-                st.files
-                    .get(&node.ino)
-                    .and_then(|f| f.modified_ns)
-                    .unwrap_or(node.mtime_ns),
-            ),
+            mtime: to_time(open.modified_ns.unwrap_or(node.mtime_ns)),
             ctime: to_time(node.ctime_ns),
             nlink: match node.kind {
                 Kind::Dir => 2 + facts.subdirs,
@@ -478,12 +551,12 @@ impl Vfs {
         }
     }
 
-    fn node(st: &State, ino: i64) -> VfsResult<Node> {
-        st.catalog.node(ino)?.ok_or(VfsError::NotFound)
+    fn node(catalog: &Catalog, ino: i64) -> VfsResult<Node> {
+        catalog.node(ino)?.ok_or(VfsError::NotFound)
     }
 
-    fn dir(st: &State, ino: i64) -> VfsResult<Node> {
-        let node = Self::node(st, ino)?;
+    fn dir(catalog: &Catalog, ino: i64) -> VfsResult<Node> {
+        let node = Self::node(catalog, ino)?;
         if node.kind != Kind::Dir {
             return Err(VfsError::NotDir);
         }

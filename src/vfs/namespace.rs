@@ -53,16 +53,15 @@ impl Vfs {
         if name.len() > NAME_MAX {
             return Err(VfsError::NameTooLong);
         }
-        let st = self.lock();
-        Self::dir(&st, parent as i64)?;
-        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
-        self.attr_of(&st, &node)
+        self.read_catalog(|catalog| {
+            Self::dir(catalog, parent as i64)?;
+            let node = catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+            self.attr_of(catalog, &node)
+        })
     }
 
     pub fn getattr(&self, ino: u64) -> VfsResult<Attr> {
-        let st = self.lock();
-        let node = Self::node(&st, ino as i64)?;
-        self.attr_of(&st, &node)
+        self.read_catalog(|catalog| self.attr_of(catalog, &Self::node(catalog, ino as i64)?))
     }
 
     pub fn setattr(&self, ino: u64, set: SetAttr) -> VfsResult<Attr> {
@@ -74,8 +73,8 @@ impl Vfs {
         if let Some(size) = resize {
             self.modify(ino, |work| work.truncate(size))?;
         }
-        let mut st = self.lock();
-        let mut node = Self::node(&st, ino)?;
+        let st = self.lock();
+        let mut node = Self::node(&st.catalog, ino)?;
         let now = crate::catalog::now_ns();
         if let Some(mode) = set.mode {
             node.mode = mode & 0o7777;
@@ -95,15 +94,20 @@ impl Vfs {
         }
         if let Some(t) = set.mtime {
             node.mtime_ns = to_ns(t);
-            if let Some(file) = st.files.get_mut(&ino) {
-                file.modified_ns = None;
-            }
         } else if resize.is_some() {
             node.mtime_ns = now;
         }
         node.ctime_ns = now;
         st.catalog.update_attrs(&node)?;
-        self.attr_of(&st, &node)
+        st.catalog.commit()?;
+        // An explicit mtime outlasts the writes before it (once committed:
+        // attributes read the open file's time first).
+        if set.mtime.is_some() {
+            if let Some(file) = self.files().get_mut(&ino) {
+                file.modified_ns = None;
+            }
+        }
+        self.attr_of(&st.catalog, &node)
     }
 
     /// posix_fallocate: makes the file at least `offset + len` long.
@@ -125,22 +129,17 @@ impl Vfs {
         Ok(())
     }
 
-    pub(super) fn create_node(
-        &self,
-        parent: u64,
-        name: &str,
-        new: NewNode<'_>,
-    ) -> VfsResult<(MutexGuard<'_, State>, Node)> {
+    pub(super) fn create_node(&self, parent: u64, name: &str, new: NewNode<'_>) -> VfsResult<(StateGuard<'_>, Node)> {
         self.writable()?;
         check_name(name)?;
         let st = self.lock();
-        Self::dir(&st, parent as i64)?;
+        Self::dir(&st.catalog, parent as i64)?;
         if st.catalog.child(parent as i64, name)?.is_some() {
             return Err(VfsError::Exists);
         }
         let node = st.catalog.create(parent as i64, name, &new)?;
         // A name that appeared survives a crash of the daemon once the call
-        // returns (attribute changes are what the batch groups).
+        // returns (and readers see it).
         st.catalog.commit()?;
         Ok((st, node))
     }
@@ -157,7 +156,7 @@ impl Vfs {
                 target: None,
             },
         )?;
-        self.attr_of(&st, &node)
+        self.attr_of(&st.catalog, &node)
     }
 
     /// A fifo, socket or device node: a name with attributes, no content.
@@ -175,7 +174,7 @@ impl Vfs {
                 target: device.then_some(rdev.as_str()),
             },
         )?;
-        self.attr_of(&st, &node)
+        self.attr_of(&st.catalog, &node)
     }
 
     pub fn symlink(&self, parent: u64, name: &str, target: &str, caller: Caller) -> VfsResult<Attr> {
@@ -190,12 +189,12 @@ impl Vfs {
                 target: Some(target),
             },
         )?;
-        self.attr_of(&st, &node)
+        self.attr_of(&st.catalog, &node)
     }
 
     pub fn readlink(&self, ino: u64) -> VfsResult<String> {
         let st = self.lock();
-        let node = Self::node(&st, ino as i64)?;
+        let node = Self::node(&st.catalog, ino as i64)?;
         node.target.ok_or(VfsError::Invalid)
     }
 
@@ -214,25 +213,26 @@ impl Vfs {
             },
         )?;
         Self::continue_history(&mut st, parent as i64, name, node.ino)?;
-        let attr = self.attr_of(&st, &node)?;
+        let attr = self.attr_of(&st.catalog, &node)?;
         // The new file's copy lock is nobody else's yet; holding it while
         // the working copy's directory is made outside `state` keeps any
         // other opener's writes waiting for it.
-        let copy = Self::copy_lock(&mut st, node.ino);
+        let copy = self.copy_lock(&mut st, node.ino);
         // (Busy only if the catalog reused the number of a file some call
         // still holds.)
         let Ok(mut guard) = copy.try_write() else {
             return Err(VfsError::Busy);
         };
-        let file = st.files.get_mut(&node.ino).expect("just added");
-        file.dirty = true;
-        file.working = Some(Working { size: 0, base: None });
+        if let Some(file) = self.files().get_mut(&node.ino) {
+            file.dirty = true;
+            file.working = Some(Working { size: 0, base: None });
+        }
         drop(st);
         let made = self.new_working_copy(node.ino, None);
         let mut st = self.lock();
         let made = made.map(|work| *guard = Some(work));
         if made.is_err() {
-            if let Some(file) = st.files.get_mut(&node.ino) {
+            if let Some(file) = self.files().get_mut(&node.ino) {
                 (file.working, file.dirty) = (None, false);
             }
         }
@@ -265,7 +265,7 @@ impl Vfs {
         if node.kind == Kind::Dir {
             return Err(VfsError::IsDir);
         }
-        let open = st.files.get(&node.ino).is_some_and(OpenFile::in_use);
+        let open = self.files().get(&node.ino).is_some_and(OpenFile::in_use);
         st.catalog.unlink(&node, open)?;
         st.catalog.commit()?;
         let freed = self.forget_content(&mut st, node.ino, open);
@@ -314,7 +314,7 @@ impl Vfs {
         check_name(new_name)?;
         let mut st = self.lock();
         let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
-        Self::dir(&st, new_parent as i64)?;
+        Self::dir(&st.catalog, new_parent as i64)?;
         let target = st.catalog.child(new_parent as i64, new_name)?;
         if let Some(t) = &target {
             if t.ino == node.ino {
@@ -331,7 +331,7 @@ impl Vfs {
             }
         }
         let replaced = target.map(|t| {
-            let open = st.files.get(&t.ino).is_some_and(OpenFile::in_use);
+            let open = self.files().get(&t.ino).is_some_and(OpenFile::in_use);
             (t, open)
         });
         if node.kind == Kind::File {
@@ -369,8 +369,11 @@ impl Vfs {
     /// each. Offsets are derived from inode numbers, so they stay valid while
     /// entries are added or removed.
     pub fn readdir(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
-        let st = self.lock();
-        let dir = Self::dir(&st, ino as i64)?;
+        self.read_catalog(|catalog| Self::entries(catalog, ino, offset))
+    }
+
+    fn entries(catalog: &Catalog, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
+        let dir = Self::dir(catalog, ino as i64)?;
         let mut out = Vec::new();
         if offset < 1 {
             out.push((ino, 1, Kind::Dir, ".".to_string()));
@@ -378,7 +381,7 @@ impl Vfs {
         if offset < 2 {
             out.push((dir.parent as u64, 2, Kind::Dir, "..".to_string()));
         }
-        for child in st.catalog.children(ino as i64)? {
+        for child in catalog.children(ino as i64)? {
             let off = child.ino as u64 + 2;
             if off > offset {
                 out.push((child.ino as u64, off, child.kind, child.name));
@@ -390,29 +393,30 @@ impl Vfs {
     /// [`Vfs::readdir`] with each entry's attributes (READDIRPLUS: `ls -l`
     /// needs no lookup per entry).
     pub fn readdir_plus(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
-        let st = self.lock();
-        let dir = Self::dir(&st, ino as i64)?;
-        let mut out = Vec::new();
-        if offset < 1 {
-            out.push((1, ".".to_string(), self.attr_of(&st, &dir)?));
-        }
-        if offset < 2 {
-            let parent = Self::node(&st, dir.parent)?;
-            out.push((2, "..".to_string(), self.attr_of(&st, &parent)?));
-        }
-        // Offsets as in `readdir`; the children's attributes in one query.
-        let after = offset.saturating_sub(2) as i64;
-        for (child, facts) in st.catalog.children_with_facts(dir.ino, after)? {
-            let attr = Self::attr_with(&st, &child, &facts);
-            out.push((child.ino as u64 + 2, child.name, attr));
-        }
-        Ok(out)
+        self.read_catalog(|catalog| {
+            let dir = Self::dir(catalog, ino as i64)?;
+            let mut out = Vec::new();
+            if offset < 1 {
+                out.push((1, ".".to_string(), self.attr_of(catalog, &dir)?));
+            }
+            if offset < 2 {
+                let parent = Self::node(catalog, dir.parent)?;
+                out.push((2, "..".to_string(), self.attr_of(catalog, &parent)?));
+            }
+            // Offsets as in `readdir`; the children's attributes in one
+            // query, the open files' read before it (see `attr_of`).
+            let open: HashMap<i64, Shown> = self.files().iter().map(|(&i, f)| (i, Shown::of(f))).collect();
+            let after = offset.saturating_sub(2) as i64;
+            for (child, facts) in catalog.children_with_facts(dir.ino, after)? {
+                let attr = Self::attr_with(open.get(&child.ino).copied(), &child, &facts);
+                out.push((child.ino as u64 + 2, child.name, attr));
+            }
+            Ok(out)
+        })
     }
 
     pub fn statfs(&self) -> VfsResult<StatFs> {
-        let st = self.lock();
-        let files = st.catalog.count_nodes()?;
-        drop(st);
+        let files = self.read_catalog(|catalog| Ok(catalog.count_nodes()?))?;
         // Capacity in file bytes: each version puts 1/k of its size on each
         // of n servers, so a disk holding c servers fills at c/k bytes per
         // file byte. The first disk to fill bounds the grid.

@@ -87,7 +87,7 @@ impl Vfs {
                 buf.truncate(n);
                 return Ok(buf);
             }
-            let Some(version) = self.lock().catalog.latest(ino)? else {
+            let Some(version) = self.read_catalog(|catalog| Ok(catalog.latest(ino)?))? else {
                 return Ok(Vec::new());
             };
             match self.read_version(&version, offset, &mut buf) {

@@ -36,7 +36,7 @@ impl Vfs {
         let (ino, copy) = {
             let mut st = self.lock();
             let ino = st.catalog.resolve(path)?.ino;
-            (ino, Self::copy_lock(&mut st, ino))
+            (ino, self.copy_lock(&mut st, ino))
         };
         // Versions of a file are only added under its copy's lock. A copy
         // left by a last release still on its way is sealed first, so it
@@ -54,7 +54,7 @@ impl Vfs {
     fn restore_under(&self, ino: i64, num: i64) -> VfsResult<i64> {
         let (old, new_num) = {
             let st = self.lock();
-            if st.files.get(&ino).is_some_and(|f| f.writers > 0) {
+            if self.files().get(&ino).is_some_and(|f| f.writers > 0) {
                 return Err(VfsError::Busy);
             }
             let old = st

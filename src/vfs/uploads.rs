@@ -113,8 +113,7 @@ impl Vfs {
                 .collect()
         };
         let writing: Vec<i64> = self
-            .lock()
-            .files
+            .files()
             .iter()
             .filter(|(_, f)| f.writers > 0)
             .map(|(ino, _)| *ino)

@@ -19,10 +19,13 @@ impl Vfs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
-        let st = self.lock();
-        let node = Self::node(&st, ino as i64)?;
+        self.read_catalog(|catalog| self.getxattr_in(catalog, ino, name, caller))
+    }
+
+    fn getxattr_in(&self, catalog: &Catalog, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
+        let node = Self::node(catalog, ino as i64)?;
         if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
-            let info = self.file_info(&st, &node)?;
+            let info = self.file_info(catalog, &node)?;
             let value = match key {
                 "state" => Some(info.state.to_string()),
                 "version" => info.version.map(|v| v.to_string()),
@@ -40,15 +43,18 @@ impl Vfs {
         if !name.starts_with("user.") {
             return Err(VfsError::NotSupported);
         }
-        st.catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
+        catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
     }
 
     pub fn listxattr(&self, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
-        let st = self.lock();
-        let node = Self::node(&st, ino as i64)?;
-        let mut names = st.catalog.xattr_names(node.ino)?;
+        self.read_catalog(|catalog| self.listxattr_in(catalog, ino, caller))
+    }
+
+    fn listxattr_in(&self, catalog: &Catalog, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
+        let node = Self::node(catalog, ino as i64)?;
+        let mut names = catalog.xattr_names(node.ino)?;
         if node.kind == Kind::File {
-            let info = self.file_info(&st, &node)?;
+            let info = self.file_info(catalog, &node)?;
             names.push(format!("{XATTR_PREFIX}state"));
             if info.version.is_some() {
                 names.push(format!("{XATTR_PREFIX}version"));
@@ -72,8 +78,9 @@ impl Vfs {
             return Err(VfsError::NotSupported);
         }
         let st = self.lock();
-        Self::node(&st, ino as i64)?;
+        Self::node(&st.catalog, ino as i64)?;
         st.catalog.set_xattr(ino as i64, name, value)?;
+        st.catalog.commit()?;
         Ok(())
     }
 
@@ -84,16 +91,22 @@ impl Vfs {
         }
         let st = self.lock();
         if st.catalog.remove_xattr(ino as i64, name)? {
+            st.catalog.commit()?;
             Ok(())
         } else {
             Err(VfsError::NoAttr)
         }
     }
 
-    pub(super) fn file_info(&self, st: &State, node: &Node) -> VfsResult<FileInfo> {
-        let open_dirty = st.files.get(&node.ino).is_some_and(|f| f.working.is_some() && f.dirty);
-        let latest = st.catalog.latest(node.ino)?;
-        let committed = st.catalog.latest_committed(node.ino)?;
+    /// What `user.cairn.*` says of a file. The open file is read before
+    /// the catalog, as in `attr_of`.
+    pub(super) fn file_info(&self, catalog: &Catalog, node: &Node) -> VfsResult<FileInfo> {
+        let open_dirty = self
+            .files()
+            .get(&node.ino)
+            .is_some_and(|f| f.working.is_some() && f.dirty);
+        let latest = catalog.latest(node.ino)?;
+        let committed = catalog.latest_committed(node.ino)?;
         let uploading = super::uploads::queued(&self.queue(), node.ino).any(|(_, p)| p.uploading);
         let state = if open_dirty {
             "writing"
