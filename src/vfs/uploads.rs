@@ -83,6 +83,14 @@ pub(super) enum Next {
 
 impl Vfs {
     pub fn status(&self) -> VfsResult<Status> {
+        // A file just closed is released (and sealed) after close(2)
+        // returns: wait for that, as `sync` does, so it shows as queued.
+        let grace_until = Instant::now() + CLOSE_GRACE;
+        while Instant::now() < grace_until
+            && (self.sealing.load(Ordering::SeqCst) > 0 || self.handles.iter().any(|h| h.closing))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // The queue and the open files are read under their locks; their
         // paths (a walk up the tree per entry, and the queue may hold
         // 100,000 files) through a reader, with no lock held.
