@@ -20,7 +20,9 @@ impl Vfs {
             })
             .await?;
         let prepared = self
-            .blocking(move |vfs| crate::namespace::prepare_from(last, &vfs.catalog_reader()?).map_err(grid_err))
+            .blocking(move |vfs| {
+                vfs.read_catalog(|reader| crate::namespace::prepare_from(last, reader).map_err(grid_err))
+            })
             .await?;
         let Some(pending) = prepared else {
             return Ok(None);
@@ -47,7 +49,7 @@ impl Vfs {
     pub async fn repair_degraded(self: &Arc<Self>) -> VfsResult<usize> {
         // A scan of every version: read beside the core, not under `state`.
         let degraded = self
-            .blocking(|vfs| Ok(vfs.catalog_reader()?.degraded_versions()?))
+            .blocking(|vfs| vfs.read_catalog(|reader| Ok(reader.degraded_versions()?)))
             .await?;
         let mut healed = 0;
         // Files in one pack share its shares: repair it once.

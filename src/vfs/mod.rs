@@ -461,12 +461,6 @@ impl Vfs {
         }
     }
 
-    /// A read-only connection to the catalog, for reads too long to make
-    /// under `state` (they see what was committed).
-    fn catalog_reader(&self) -> VfsResult<Catalog> {
-        Ok(Catalog::open_reader(&self.options.home.join("catalog.db"))?)
-    }
-
     /// Runs `read` on a read-only connection to the catalog, without
     /// `state`: it sees every change a call has returned from, as each
     /// commits before letting go of `state` (see [`StateGuard`]).
@@ -474,7 +468,7 @@ impl Vfs {
         let taken = self.catalog_readers.lock().expect("catalog readers").pop();
         let reader = match taken {
             Some(reader) => reader,
-            None => self.catalog_reader()?,
+            None => Catalog::open_reader(&self.options.home.join("catalog.db"))?,
         };
         let result = read(&reader);
         let mut readers = self.catalog_readers.lock().expect("catalog readers");

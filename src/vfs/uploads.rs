@@ -126,16 +126,18 @@ impl Vfs {
             .filter(|(_, f)| f.writers > 0)
             .map(|(ino, _)| *ino)
             .collect();
-        let reader = self.catalog_reader()?;
-        let mut queue = Vec::with_capacity(entries.len());
-        for (ino, mut entry) in entries {
-            entry.path = reader.path_of(ino)?;
-            queue.push(entry);
-        }
-        let open_for_write = writing
-            .into_iter()
-            .map(|ino| reader.path_of(ino))
-            .collect::<Result<_, _>>()?;
+        let (queue, open_for_write) = self.read_catalog(|reader| {
+            let mut queue = Vec::with_capacity(entries.len());
+            for (ino, mut entry) in entries {
+                entry.path = reader.path_of(ino)?;
+                queue.push(entry);
+            }
+            let open_for_write = writing
+                .into_iter()
+                .map(|ino| reader.path_of(ino))
+                .collect::<Result<_, _>>()?;
+            Ok((queue, open_for_write))
+        })?;
         let budget = &self.grid.budget;
         Ok(Status {
             queue,
