@@ -274,3 +274,110 @@ fn repair_puts_back_lost_and_corrupt_shares_exactly() {
     pass(2);
     pass(0);
 }
+
+/// What `strace` saw one process do: each line of its trace, in order.
+fn traced(home: &Home, args: &[&str]) -> Vec<String> {
+    let log = home.file("strace.log");
+    let mut c = std::process::Command::new("strace");
+    c.args([
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=fsync,rename,renameat,renameat2,mkdir,mkdirat",
+        "-o",
+    ])
+    .arg(&log)
+    .arg(env!("CARGO_BIN_EXE_cairn"))
+    .args(args)
+    .env("CAIRN_HOME", home.path());
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A call another thread interrupted is printed in two pieces; join them
+    // where it finished.
+    let mut started = std::collections::HashMap::new();
+    let mut lines = Vec::new();
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let (pid, rest) = line.split_once(' ').unwrap_or((line, ""));
+        if let Some(start) = rest.strip_suffix(" <unfinished ...>") {
+            started.insert(pid.to_owned(), start.to_owned());
+        } else if let Some((_, end)) = rest.split_once(" resumed>") {
+            lines.push(format!("{pid} {}{end}", started.remove(pid).unwrap_or_default()));
+        } else {
+            lines.push(line.to_owned());
+        }
+    }
+    lines
+}
+
+/// The quoted paths of a traced call, in order.
+fn quoted(line: &str) -> Vec<&str> {
+    line.split('"').skip(1).step_by(2).collect()
+}
+
+/// Every rename into, and every directory made in, the servers' `shares` or
+/// `records` seen in `trace`, each checked to be followed by an fsync of its
+/// parent directory: (renames, directories).
+fn renames_and_mkdirs_synced(home: &Home, trace: &[String]) -> (usize, usize) {
+    let servers = home.path().join("servers").display().to_string();
+    // fsync(N</path>): the path of the directory synced.
+    let synced_after = |i: usize, dir: &str| {
+        trace[i + 1..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&format!("<{dir}>")))
+    };
+    let parent = |p: &str| std::path::Path::new(p).parent().unwrap().display().to_string();
+    let (mut renamed, mut made) = (0, 0);
+    for (i, line) in trace.iter().enumerate() {
+        let paths = quoted(line);
+        let durable = |p: &&&str| p.starts_with(&servers) && (p.contains("/shares") || p.contains("/records"));
+        let Some(last) = paths.last().filter(durable) else {
+            continue;
+        };
+        if line.contains("rename") && line.contains("= 0") {
+            renamed += 1;
+            assert!(
+                synced_after(i, &parent(last)),
+                "{last} renamed into place, its directory never synced"
+            );
+        } else if line.contains("mkdir") && line.contains("= 0") {
+            made += 1;
+            assert!(
+                synced_after(i, &parent(last)),
+                "directory {last} made, its parent never synced"
+            );
+        }
+    }
+    (renamed, made)
+}
+
+/// Finding 17 of issue 18, tried with a real tracer: a share or a pointer
+/// record is durable only if the directory entries leading to it are. After
+/// one is renamed into place its directory is fsynced, and so is the parent
+/// of every directory made on the way (a synced file in a lost directory is
+/// lost with it).
+#[test]
+fn new_shares_records_and_their_new_directories_are_synced_into_their_parents() {
+    let home = Home::init(&[]);
+    std::fs::write(home.file("src.bin"), bytes(SIZE, 4)).unwrap();
+    let trace = traced(&home, &["put", home.file("src.bin").to_str().unwrap(), "/f"]);
+    let (shares, dirs) = renames_and_mkdirs_synced(&home, &trace);
+    assert_eq!(shares, 5, "one share per server:\n{}", trace.join("\n"));
+    assert!(
+        dirs >= 5,
+        "the first share of each server makes its directories:\n{}",
+        trace.join("\n")
+    );
+    // Publication: the namespace snapshot's shares, then each server's record.
+    let trace = traced(&home, &["sync"]);
+    let (renamed, _) = renames_and_mkdirs_synced(&home, &trace);
+    let records = trace
+        .iter()
+        .filter(|l| l.contains("rename") && l.contains("/records"))
+        .count();
+    assert!(
+        records >= 5 && renamed >= 10,
+        "{records} records of {renamed}:\n{}",
+        trace.join("\n")
+    );
+}

@@ -354,20 +354,6 @@ fn a_packed_files_capability_opens_that_file_only_and_only_its_owner_gets_it() {
 }
 
 /// The upload keys the catalog records for `path`'s newest version.
-fn upload_key(home: &Home, path: &str) -> Option<String> {
-    let db = rusqlite::Connection::open_with_flags(home.file("catalog.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .ok()?;
-    let name = path.trim_start_matches('/');
-    db.query_row(
-        "SELECT v.upload_key FROM versions v JOIN nodes n ON n.ino = v.ino WHERE n.name = ?1 \
-         ORDER BY v.num DESC LIMIT 1",
-        [name],
-        |r| r.get(0),
-    )
-    .ok()
-    .flatten()
-}
-
 #[test]
 fn every_upload_attempt_of_a_version_has_its_own_key() {
     let home = Home::empty();
@@ -379,37 +365,22 @@ fn every_upload_attempt_of_a_version_has_its_own_key() {
     let mut keys = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while keys.len() < 2 && Instant::now() < deadline {
-        keys.extend(upload_key(&home, "/f"));
+        keys.extend(home.upload_key("/f"));
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(keys.len() >= 2, "attempts under one key: {keys:?}");
     home.servers_back(&["s1", "s2"]);
     home.ok(&["sync"]);
-    let last = upload_key(&home, "/f").unwrap();
-    let si = cairn::codec::storage_index_for(
-        &data_encoding::HEXLOWER
-            .decode(last.as_bytes())
-            .unwrap()
-            .try_into()
-            .unwrap(),
-    );
+    let last = home.upload_key("/f").unwrap();
+    let si = Home::storage_index_of(&last);
     let shares = home.shares_of("/f");
-    assert!(!shares.is_empty() && shares.iter().all(|p| p.to_string_lossy().contains(&si.to_string())));
+    assert!(!shares.is_empty() && shares.iter().all(|p| p.to_string_lossy().contains(&si)));
     // The earlier attempts' shares were deleted, not orphaned.
     for (_, p) in home.share_files() {
         let name = p.to_string_lossy();
         for k in &keys {
-            let old = cairn::codec::storage_index_for(
-                &data_encoding::HEXLOWER
-                    .decode(k.as_bytes())
-                    .unwrap()
-                    .try_into()
-                    .unwrap(),
-            );
-            assert!(
-                *k == last || !name.contains(&old.to_string()),
-                "an earlier attempt's share: {name}"
-            );
+            let old = Home::storage_index_of(k);
+            assert!(*k == last || !name.contains(&old), "an earlier attempt's share: {name}");
         }
     }
     assert_eq!(home.get_bytes("/f").unwrap(), data);
@@ -816,5 +787,34 @@ fn the_control_socket_answers_only_its_owner_and_reads_a_bounded_request() {
     assert!(!reply.contains(r#""ok":true"#), "{reply}");
     // And goes on serving.
     home.ok(&["status"]);
+    assert!(mnt.unmount().success());
+}
+
+/// Finding 17 of issue 18 (by reading, before): a version superseded before
+/// its upload is freed from the cache and was never on the grid. Restoring
+/// it must be refused plainly, not queue an upload that cannot read it.
+#[test]
+fn restoring_a_version_freed_before_its_upload_is_refused_not_queued() {
+    let home = Home::init(&[]);
+    let mnt = home.mount(&["--writeback-delay", "1"]);
+    std::fs::write(mnt.file("f"), "v1, never uploaded").unwrap();
+    std::fs::write(mnt.file("f"), "v2").unwrap();
+    home.ok(&["sync"]);
+    let states: Vec<String> = home
+        .versions("/f")
+        .iter()
+        .map(|v| format!("{}:{}", v["num"], v["state"].as_str().unwrap_or("?")))
+        .collect();
+    assert!(states.contains(&"1:superseded".to_owned()), "{states:?}");
+    let out = home
+        .command(&["restore", &mnt.file("f").display().to_string(), "--version", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "restored a version nothing holds");
+    assert!(stderr(&out).contains("no longer in the cache"), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["status"]["queue"].as_array().unwrap().len(), 0, "{status}");
+    home.ok(&["sync"]);
+    assert_eq!(std::fs::read_to_string(mnt.file("f")).unwrap(), "v2");
     assert!(mnt.unmount().success());
 }

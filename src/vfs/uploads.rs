@@ -447,31 +447,30 @@ impl Vfs {
                 (m.key(), cap, at.sha256)
             })
             .collect();
-        self.record_committed(done, degraded).await;
-        tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
+        if self.record_committed(done, degraded).await {
+            tracing::info!(files = going.len(), shares = report.placed.len(), "committed a pack");
+        }
     }
 
     /// Versions are on the grid: recorded (committed at once: nothing else
     /// knows their keys), and off the queue. If the record cannot be written
     /// (a full disk), they stay queued and are uploaded again later, under
-    /// new keys.
+    /// new keys. Returns whether they were recorded.
     pub(super) async fn record_committed(
         self: &Arc<Self>,
         done: Vec<((i64, i64), FileCap, crate::codec::Hash)>,
         degraded: bool,
-    ) {
+    ) -> bool {
         let recorded = self
-            .blocking(move |vfs| {
-                vfs.record_committed_now(&done, degraded);
-                Ok(())
-            })
+            .blocking(move |vfs| Ok(vfs.record_committed_now(&done, degraded)))
             .await;
-        if let Err(e) = recorded {
+        recorded.unwrap_or_else(|e| {
             tracing::error!(error = %e, "recording committed versions");
-        }
+            false
+        })
     }
 
-    fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) {
+    fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) -> bool {
         // What is recorded is written out before the lock is taken.
         let done: Vec<((i64, i64), String, String)> = done
             .iter()
@@ -502,6 +501,7 @@ impl Vfs {
                 for (key, _, _) in &done {
                     queue.remove(key);
                 }
+                true
             }
             Err(e) => {
                 tracing::error!(error = %e, "recording committed versions");
@@ -513,6 +513,7 @@ impl Vfs {
                         false,
                     );
                 }
+                false
             }
         }
     }
@@ -533,9 +534,10 @@ impl Vfs {
     }
 
     pub(super) async fn upload_whole(self: &Arc<Self>, job: QueuedVersion) {
-        // A retry after recording failed: a later group commit may have
-        // recorded the earlier attempt after all, and its shares (which the
-        // new attempt would delete) are then the version's.
+        // A retry after recording failed: if SQLite kept the failed batch
+        // open, a later call's commit may have recorded the earlier attempt
+        // after all, and its shares (which the new attempt would delete)
+        // are then the version's.
         let (ino, num) = job.key();
         let committed = self
             .blocking(move |vfs| {
@@ -548,6 +550,7 @@ impl Vfs {
             })
             .await;
         if let Ok(true) = committed {
+            tracing::debug!(ino, num, "recorded after all; not uploaded again");
             self.queue().remove(&(job.ino, job.num));
             return;
         }
@@ -579,9 +582,12 @@ impl Vfs {
             Ok(report) => {
                 let degraded = report.placed.len() < self.params.total as usize;
                 let cap = FileCap::Whole(report.cap);
-                self.record_committed(vec![(job.key(), cap, report.plaintext_sha256)], degraded)
-                    .await;
-                tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
+                if self
+                    .record_committed(vec![(job.key(), cap, report.plaintext_sha256)], degraded)
+                    .await
+                {
+                    tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
+                }
             }
             Err(e) => {
                 let damaged = matches!(&e, upload::UploadError::Source(io) if is_damage(io));

@@ -143,6 +143,29 @@ impl Home {
         self.path().join(name)
     }
 
+    /// The upload key last recorded (committed) for a top-level file's
+    /// newest version, read beside whatever else holds the catalog.
+    pub fn upload_key(&self, path: &str) -> Option<String> {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+        let db = rusqlite::Connection::open_with_flags(self.file("catalog.db"), flags).ok()?;
+        let name = path.trim_start_matches('/');
+        db.query_row(
+            "SELECT v.upload_key FROM versions v JOIN nodes n ON n.ino = v.ino WHERE n.name = ?1 \
+             ORDER BY v.num DESC LIMIT 1",
+            [name],
+            |r| r.get(0),
+        )
+        .ok()
+        .flatten()
+    }
+
+    /// The storage index (as share paths spell it) of shares written under
+    /// an upload key, as [`Home::upload_key`] gives it.
+    pub fn storage_index_of(key_hex: &str) -> String {
+        let key = data_encoding::HEXLOWER.decode(key_hex.as_bytes()).unwrap();
+        cairn::codec::storage_index_for(&key.try_into().unwrap()).to_string()
+    }
+
     /// Every version of a drive path, from the running daemon.
     pub fn versions(&self, path: &str) -> Vec<serde_json::Value> {
         let v: serde_json::Value = serde_json::from_str(&self.ok(&["versions", "--json", path])).unwrap();
@@ -294,7 +317,14 @@ impl Home {
         let child = self
             .command(&[&["mount", dir.path().to_str().unwrap()], extra].concat())
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(self.log_path()).unwrap())
+            .stderr(
+                // Appended to: a test's later mounts of one home keep the log.
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let m = Mounted {
