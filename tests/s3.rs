@@ -219,3 +219,33 @@ fn one_grid_mixes_dir_and_s3_servers() {
     assert_eq!(home.get_bytes("/mixed.bin").unwrap(), data);
     assert!(healthy(&home, "/mixed.bin"));
 }
+
+/// Finding 7 of issue 18 on a real S3 server: one s3s-fs serves an 800 MiB
+/// pointer record (a sparse file put in its directory, as a hostile server
+/// would store it). Recovery stops reading it at the record bound and
+/// recovers from the other four, under 100 MiB of RSS.
+#[test]
+fn a_huge_pointer_record_from_an_s3_server_is_refused_without_being_read() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    put(&home, "a", b"a");
+    home.ok(&["sync"]);
+    let root = home.ok(&["root-cap"]);
+    let root = root.lines().find_map(|l| l.strip_prefix("root capability: ")).unwrap();
+    let mut records = Vec::new();
+    common::walk(&servers.data_dir(1), &mut |p| {
+        if p.parent().is_some_and(|d| d.ends_with("records")) {
+            records.push(p.to_owned())
+        }
+    });
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = std::fs::OpenOptions::new().write(true).open(&records[0]).unwrap();
+    record.set_len(800 << 20).unwrap();
+    let probe = Home::empty();
+    let mut cmd = probe.command(&["recover", "--config", home.file("config.toml").to_str().unwrap()]);
+    cmd.env("CAIRN_ROOT_CAP", root).envs(servers.secret_env());
+    let (ok, out, err, peak_kib) = common::run_measured(cmd, probe.path());
+    assert!(ok, "the other servers' pointers still recover it: {err}");
+    assert!(out.contains("unreachable: record of"), "{out}");
+    assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
+}
