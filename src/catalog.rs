@@ -9,9 +9,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-pub const ROOT_INO: i64 = 1;
+/// An inode number: a node's row id in the catalog, and the number the
+/// platforms' adapters hand to the kernel (FUSE) or keep (WinFsp) as is.
+pub type Ino = u64;
+
+pub const ROOT_INO: Ino = 1;
 /// Parent of nodes that were unlinked while still open.
-pub const ORPHAN_PARENT: i64 = 0;
+pub const ORPHAN_PARENT: Ino = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -68,8 +72,8 @@ impl Kind {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
-    pub ino: i64,
-    pub parent: i64,
+    pub ino: Ino,
+    pub parent: Ino,
     pub name: String,
     pub kind: Kind,
     /// Permission bits (07777).
@@ -131,7 +135,7 @@ impl VersionState {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Version {
-    pub ino: i64,
+    pub ino: Ino,
     pub num: i64,
     pub size: u64,
     pub sha256: String,
@@ -143,7 +147,7 @@ pub struct Version {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    pub ino: i64,
+    pub ino: Ino,
     pub name: String,
     pub kind: Kind,
     /// Size of the newest version, for files.
@@ -240,7 +244,7 @@ pub const SNAPSHOT_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotVersion {
-    pub ino: i64,
+    pub ino: Ino,
     pub num: i64,
     pub size: u64,
     pub sha256: String,
@@ -250,7 +254,7 @@ pub struct SnapshotVersion {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotXattr {
-    pub ino: i64,
+    pub ino: Ino,
     pub name: String,
     pub value: Vec<u8>,
 }
@@ -433,7 +437,7 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn node(&self, ino: i64) -> Result<Option<Node>, CatalogError> {
+    pub fn node(&self, ino: Ino) -> Result<Option<Node>, CatalogError> {
         Ok(self
             .query_one(
                 &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE ino = ?1"),
@@ -443,7 +447,7 @@ impl Catalog {
             .optional()?)
     }
 
-    pub fn child(&self, parent: i64, name: &str) -> Result<Option<Node>, CatalogError> {
+    pub fn child(&self, parent: Ino, name: &str) -> Result<Option<Node>, CatalogError> {
         Ok(self
             .query_one(
                 &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1"),
@@ -454,7 +458,7 @@ impl Catalog {
     }
 
     /// Children of a directory, in inode order (stable offsets for readdir).
-    pub fn children(&self, parent: i64) -> Result<Vec<Node>, CatalogError> {
+    pub fn children(&self, parent: Ino) -> Result<Vec<Node>, CatalogError> {
         let mut stmt = self.db.prepare_cached(&format!(
             "SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND ino != ?1 ORDER BY ino"
         ))?;
@@ -465,7 +469,7 @@ impl Catalog {
     /// Children of a directory with inode numbers above `after`, in inode
     /// order, each with what its attributes need besides the node, in one
     /// query (READDIRPLUS of a large directory).
-    pub fn children_with_facts(&self, parent: i64, after: i64) -> Result<Vec<(Node, NodeFacts)>, CatalogError> {
+    pub fn children_with_facts(&self, parent: Ino, after: Ino) -> Result<Vec<(Node, NodeFacts)>, CatalogError> {
         let mut stmt = self.db.prepare_cached(&format!(
             "SELECT {NODE_COLUMNS}, {FACTS_COLUMNS}
              FROM nodes n WHERE n.parent = ?1 AND n.ino != ?1 AND n.ino > ?2 ORDER BY n.ino"
@@ -483,7 +487,7 @@ impl Catalog {
         )?)
     }
 
-    pub fn has_children(&self, parent: i64) -> Result<bool, CatalogError> {
+    pub fn has_children(&self, parent: Ino) -> Result<bool, CatalogError> {
         Ok(self
             .query_one(
                 "SELECT 1 FROM nodes WHERE parent = ?1 AND ino != ?1 LIMIT 1",
@@ -494,7 +498,7 @@ impl Catalog {
             .is_some())
     }
 
-    pub fn create(&self, parent: i64, name: &str, new: &NewNode<'_>) -> Result<Node, CatalogError> {
+    pub fn create(&self, parent: Ino, name: &str, new: &NewNode<'_>) -> Result<Node, CatalogError> {
         let now = now_ns();
         // Inode numbers are never reused: a deleted file's versions stay on
         // record under its number, and the kernel may still know it.
@@ -513,12 +517,13 @@ impl Catalog {
                 new.target
             ],
         )?;
-        let ino = self.db.last_insert_rowid();
+        // Row ids made as above are positive.
+        let ino = self.db.last_insert_rowid() as Ino;
         self.touch_dir(parent, now)?;
         Ok(self.node(ino)?.expect("just inserted"))
     }
 
-    fn touch_dir(&self, dir: i64, now: i64) -> Result<(), CatalogError> {
+    fn touch_dir(&self, dir: Ino, now: i64) -> Result<(), CatalogError> {
         self.exec(
             "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
             params![dir, now],
@@ -557,7 +562,7 @@ impl Catalog {
         Ok(())
     }
 
-    pub fn forget_orphan(&mut self, ino: i64) -> Result<(), CatalogError> {
+    pub fn forget_orphan(&mut self, ino: Ino) -> Result<(), CatalogError> {
         self.begin_batch()?;
         let tx = self.db.savepoint()?;
         delete_node(&tx, ino)?;
@@ -566,7 +571,7 @@ impl Catalog {
     }
 
     /// Orphans left by a crash: open files that were unlinked.
-    pub fn orphans(&self) -> Result<Vec<i64>, CatalogError> {
+    pub fn orphans(&self) -> Result<Vec<Ino>, CatalogError> {
         let mut stmt = self.db.prepare("SELECT ino FROM nodes WHERE parent = 0 AND ino != 1")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -576,7 +581,7 @@ impl Catalog {
     pub fn rename(
         &mut self,
         node: &Node,
-        parent: i64,
+        parent: Ino,
         name: &str,
         replaced: Option<(&Node, bool)>,
     ) -> Result<(), CatalogError> {
@@ -621,7 +626,7 @@ impl Catalog {
     }
 
     /// The path of a node, for messages and `cairn status`.
-    pub fn path_of(&self, ino: i64) -> Result<String, CatalogError> {
+    pub fn path_of(&self, ino: Ino) -> Result<String, CatalogError> {
         let mut names = Vec::new();
         let mut cur = ino;
         while cur != ROOT_INO {
@@ -638,7 +643,7 @@ impl Catalog {
     }
 
     /// The file node at `path`, created with any missing parent directories.
-    pub fn ensure_file(&mut self, path: &str) -> Result<i64, CatalogError> {
+    pub fn ensure_file(&mut self, path: &str) -> Result<Ino, CatalogError> {
         let names = split_path(path)?;
         let (file_name, dirs) = names
             .split_last()
@@ -679,7 +684,7 @@ impl Catalog {
     /// the working copy it was sealed from, if any.
     pub fn add_version(
         &mut self,
-        ino: i64,
+        ino: Ino,
         size: u64,
         sha256: &str,
         state: VersionState,
@@ -695,7 +700,7 @@ impl Catalog {
     }
 
     /// The version (ino, num) sealed from the working copy named `origin`.
-    pub fn sealed_from(&self, origin: &str) -> Result<Option<(i64, i64)>, CatalogError> {
+    pub fn sealed_from(&self, origin: &str) -> Result<Option<(Ino, i64)>, CatalogError> {
         Ok(self
             .query_one("SELECT ino, num FROM versions WHERE origin = ?1", [origin], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -704,7 +709,7 @@ impl Catalog {
     }
 
     /// The numbers of a file's versions, whatever their state.
-    pub fn version_nums(&self, ino: i64) -> Result<Vec<i64>, CatalogError> {
+    pub fn version_nums(&self, ino: Ino) -> Result<Vec<i64>, CatalogError> {
         let mut stmt = self.db.prepare_cached("SELECT num FROM versions WHERE ino = ?1")?;
         let rows = stmt.query_map([ino], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -712,7 +717,7 @@ impl Catalog {
 
     /// Records the key of a version's new upload attempt; returns the key
     /// of the attempt before it, if any.
-    pub fn new_upload_key(&self, ino: i64, num: i64, fresh: &str) -> Result<Option<String>, CatalogError> {
+    pub fn new_upload_key(&self, ino: Ino, num: i64, fresh: &str) -> Result<Option<String>, CatalogError> {
         let previous = self.query_one(
             "SELECT upload_key FROM versions WHERE ino = ?1 AND num = ?2",
             params![ino, num],
@@ -725,7 +730,7 @@ impl Catalog {
         Ok(previous)
     }
 
-    pub fn set_version_state(&self, ino: i64, num: i64, state: VersionState) -> Result<(), CatalogError> {
+    pub fn set_version_state(&self, ino: Ino, num: i64, state: VersionState) -> Result<(), CatalogError> {
         self.exec(
             "UPDATE versions SET state = ?3 WHERE ino = ?1 AND num = ?2",
             params![ino, num, state.as_str()],
@@ -734,7 +739,7 @@ impl Catalog {
     }
 
     /// Marks a version committed, with what its upload learnt.
-    pub fn commit_version(&self, ino: i64, num: i64, cap: &str, sha256: &str) -> Result<(), CatalogError> {
+    pub fn commit_version(&self, ino: Ino, num: i64, cap: &str, sha256: &str) -> Result<(), CatalogError> {
         self.exec(
             "UPDATE versions SET state = 'committed', cap = ?3, sha256 = ?4 WHERE ino = ?1 AND num = ?2",
             params![ino, num, cap, sha256],
@@ -748,7 +753,7 @@ impl Catalog {
     /// Versions `to` already names (files renamed back and forth) are not
     /// carried twice. One transaction: a crash carries all or nothing.
     /// Returns how many were carried over.
-    pub fn adopt_history(&mut self, from: i64, to: i64) -> Result<usize, CatalogError> {
+    pub fn adopt_history(&mut self, from: Ino, to: Ino) -> Result<usize, CatalogError> {
         self.begin_batch()?;
         let tx = self.db.savepoint()?;
         let carried: Vec<(i64, String, String, i64)> = {
@@ -779,7 +784,7 @@ impl Catalog {
 
     /// The number the next version of `ino` will get: at least 1, since
     /// carried-over history sits at 0 and below.
-    pub fn next_version_num(&self, ino: i64) -> Result<i64, CatalogError> {
+    pub fn next_version_num(&self, ino: Ino) -> Result<i64, CatalogError> {
         Ok(self.query_one(
             "SELECT MAX(COALESCE(MAX(num), 0), 0) + 1 FROM versions WHERE ino = ?1",
             [ino],
@@ -795,12 +800,12 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn versions(&self, ino: i64) -> Result<Vec<Version>, CatalogError> {
+    pub fn versions(&self, ino: Ino) -> Result<Vec<Version>, CatalogError> {
         self.select_versions("WHERE ino = ?1 ORDER BY num", [ino])
     }
 
     /// The newest version of a file, whatever its state.
-    pub fn latest(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
+    pub fn latest(&self, ino: Ino) -> Result<Option<Version>, CatalogError> {
         Ok(self
             .query_one(
                 &format!("SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 ORDER BY num DESC LIMIT 1"),
@@ -811,7 +816,7 @@ impl Catalog {
     }
 
     /// The newest version the grid holds.
-    pub fn latest_committed(&self, ino: i64) -> Result<Option<Version>, CatalogError> {
+    pub fn latest_committed(&self, ino: Ino) -> Result<Option<Version>, CatalogError> {
         Ok(self.query_one(
                 &format!(
                     "SELECT {VERSION_COLUMNS} FROM versions WHERE ino = ?1 AND state = 'committed' ORDER BY num DESC LIMIT 1"
@@ -828,7 +833,7 @@ impl Catalog {
     }
 
     /// States of every version, for cache eviction.
-    pub fn version_states(&self) -> Result<HashMap<(i64, i64), VersionState>, CatalogError> {
+    pub fn version_states(&self) -> Result<HashMap<(Ino, i64), VersionState>, CatalogError> {
         let mut stmt = self.db.prepare("SELECT ino, num, state FROM versions")?;
         let rows = stmt.query_map([], |r| {
             Ok(((r.get(0)?, r.get(1)?), VersionState::parse(&r.get::<_, String>(2)?)))
@@ -836,7 +841,7 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn set_degraded(&self, ino: i64, num: i64, degraded: bool) -> Result<(), CatalogError> {
+    pub fn set_degraded(&self, ino: Ino, num: i64, degraded: bool) -> Result<(), CatalogError> {
         self.exec(
             "UPDATE versions SET degraded = ?3 WHERE ino = ?1 AND num = ?2",
             params![ino, num, degraded],
@@ -992,7 +997,7 @@ impl Catalog {
 
     /// Whether a node still has a name (deleted files' versions are kept
     /// for retention only).
-    pub fn is_live(&self, ino: i64) -> Result<bool, CatalogError> {
+    pub fn is_live(&self, ino: Ino) -> Result<bool, CatalogError> {
         Ok(self.node(ino)?.is_some_and(|n| n.parent != ORPHAN_PARENT))
     }
 
@@ -1031,7 +1036,7 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn xattr(&self, ino: i64, name: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+    pub fn xattr(&self, ino: Ino, name: &str) -> Result<Option<Vec<u8>>, CatalogError> {
         Ok(self
             .query_one(
                 "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
@@ -1041,7 +1046,7 @@ impl Catalog {
             .optional()?)
     }
 
-    pub fn xattr_names(&self, ino: i64) -> Result<Vec<String>, CatalogError> {
+    pub fn xattr_names(&self, ino: Ino) -> Result<Vec<String>, CatalogError> {
         let mut stmt = self
             .db
             .prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
@@ -1049,7 +1054,7 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn set_xattr(&self, ino: i64, name: &str, value: &[u8]) -> Result<(), CatalogError> {
+    pub fn set_xattr(&self, ino: Ino, name: &str, value: &[u8]) -> Result<(), CatalogError> {
         self.exec(
             "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)",
             params![ino, name, value],
@@ -1058,7 +1063,7 @@ impl Catalog {
     }
 
     /// Returns whether the attribute existed.
-    pub fn remove_xattr(&self, ino: i64, name: &str) -> Result<bool, CatalogError> {
+    pub fn remove_xattr(&self, ino: Ino, name: &str) -> Result<bool, CatalogError> {
         Ok(self
             .db
             .execute("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2", params![ino, name])?
@@ -1091,7 +1096,7 @@ fn migrate(db: &Connection) -> Result<(), CatalogError> {
 
 /// Deletes a node and its attributes; its versions not yet uploaded are
 /// dropped (committed ones stay on record for retention and gc).
-fn delete_node(tx: &Connection, ino: i64) -> Result<(), CatalogError> {
+fn delete_node(tx: &Connection, ino: Ino) -> Result<(), CatalogError> {
     tx.execute("DELETE FROM nodes WHERE ino = ?1", [ino])?;
     tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
     tx.execute(
@@ -1105,7 +1110,7 @@ fn delete_node(tx: &Connection, ino: i64) -> Result<(), CatalogError> {
 mod tests {
     use super::*;
 
-    fn file_with_versions(cat: &mut Catalog, name: &str, caps: &[&str]) -> i64 {
+    fn file_with_versions(cat: &mut Catalog, name: &str, caps: &[&str]) -> Ino {
         let new = NewNode {
             kind: Kind::File,
             mode: 0o644,
@@ -1121,7 +1126,7 @@ mod tests {
         ino
     }
 
-    fn caps(cat: &Catalog, ino: i64) -> Vec<(i64, String)> {
+    fn caps(cat: &Catalog, ino: Ino) -> Vec<(i64, String)> {
         cat.versions(ino)
             .unwrap()
             .into_iter()

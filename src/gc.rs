@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
-use crate::catalog::{Catalog, CatalogError, PublishedNamespace, Version};
+use crate::catalog::{Catalog, CatalogError, Ino, PublishedNamespace, Version};
 use crate::codec::FileCap;
 use crate::config::RetentionConfig;
 use crate::grid::{Grid, ServerError};
@@ -21,7 +21,7 @@ const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 pub struct Plan {
     /// (ino, version number, stored capability: its own or its pack's) of
     /// versions to collect.
-    pub versions: Vec<(i64, i64, String)>,
+    pub versions: Vec<(Ino, i64, String)>,
     /// (sequence number, capability) of namespace snapshots to collect.
     pub namespaces: Vec<(u64, String)>,
     /// Distinct capabilities whose shares go.
@@ -33,13 +33,13 @@ pub struct Plan {
 /// Pure: `live` says whether a file still has a name.
 pub fn plan(
     versions: &[Version],
-    live: &dyn Fn(i64) -> bool,
+    live: &dyn Fn(Ino) -> bool,
     namespaces: &[PublishedNamespace],
     rules: &RetentionConfig,
     now_ns: i64,
 ) -> Plan {
     let young = |created_ns: i64| now_ns - created_ns < rules.keep_days as i64 * NS_PER_DAY;
-    let mut by_file: BTreeMap<i64, Vec<&Version>> = BTreeMap::new();
+    let mut by_file: BTreeMap<Ino, Vec<&Version>> = BTreeMap::new();
     for v in versions.iter().filter(|v| v.cap.is_some()) {
         by_file.entry(v.ino).or_default().push(v);
     }
@@ -178,7 +178,7 @@ mod tests {
     use super::*;
     use crate::catalog::VersionState;
 
-    fn v(ino: i64, num: i64, cap: &str, age_days: i64) -> Version {
+    fn v(ino: Ino, num: i64, cap: &str, age_days: i64) -> Version {
         Version {
             ino,
             num,

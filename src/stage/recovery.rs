@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::catalog::{Catalog, CatalogError, VersionState};
+use crate::catalog::{Catalog, CatalogError, Ino, VersionState};
 use crate::stage::chunks::{SealedVersion, WorkingCopy};
 
 /// What sealing or recovery can meet: the staging disk's errors and the
@@ -17,12 +17,12 @@ pub enum StageError {
 }
 
 /// `cache/versions/INO.NUM`: where a sealed version's chunks live.
-pub fn version_dir(cache: &Path, ino: i64, num: i64) -> PathBuf {
+pub fn version_dir(cache: &Path, ino: Ino, num: i64) -> PathBuf {
     cache.join("versions").join(format!("{ino}.{num}"))
 }
 
 /// (ino, version number) of a `cache/versions/INO.NUM` directory.
-pub fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
+pub fn version_dir_key(path: &Path) -> Option<(Ino, i64)> {
     let (ino, num) = path.file_name()?.to_str()?.split_once('.')?;
     Some((ino.parse().ok()?, num.parse().ok()?))
 }
@@ -34,7 +34,7 @@ pub fn version_dir_key(path: &Path) -> Option<(i64, i64)> {
 pub fn record_sealed(
     cache: &Path,
     catalog: &mut Catalog,
-    ino: i64,
+    ino: Ino,
     work: WorkingCopy,
 ) -> Result<(i64, SealedVersion), Box<(WorkingCopy, StageError)>> {
     let num = match catalog.next_version_num(ino) {
@@ -71,7 +71,7 @@ pub fn recover(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> Result<(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ino = name.split_once('-').and_then(|(i, _)| i.parse::<i64>().ok());
+        let ino = name.split_once('-').and_then(|(i, _)| i.parse::<Ino>().ok());
         let live = match ino {
             Some(ino) => catalog
                 .node(ino)?

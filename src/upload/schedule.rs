@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::pack;
+use crate::catalog::Ino;
 
 /// A pack that is not full waits this long for more small files (a tree
 /// being extracted) after its oldest member became ready, while more are on
@@ -14,7 +15,7 @@ pub const PACK_LINGER: Duration = Duration::from_secs(1);
 /// A sealed version waiting in the queue, as the rules see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Queued {
-    pub ino: i64,
+    pub ino: Ino,
     pub num: i64,
     pub size: u64,
     pub sealed_at: Instant,
@@ -46,9 +47,9 @@ pub fn ready_at(versions: &[Queued], delay: Duration, now: Instant) -> Option<In
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Job {
     /// A version too big to pack: (ino, num).
-    Whole(i64, i64),
+    Whole(Ino, i64),
     /// Ready small versions, one pack.
-    Pack(Vec<(i64, i64)>),
+    Pack(Vec<(Ino, i64)>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +60,7 @@ pub struct Decision {
     pub ask_at: Option<Instant>,
     /// Older versions of ready files: superseded before their upload
     /// started, never to be uploaded.
-    pub superseded: Vec<(i64, i64)>,
+    pub superseded: Vec<(Ino, i64)>,
 }
 
 /// The next upload from `queue` (every queued version, ordered by file and
@@ -122,7 +123,7 @@ mod tests {
 
     const DELAY: Duration = Duration::from_secs(10);
 
-    fn v(ino: i64, num: i64, size: u64, sealed_at: Instant) -> Queued {
+    fn v(ino: Ino, num: i64, size: u64, sealed_at: Instant) -> Queued {
         Queued {
             ino,
             num,

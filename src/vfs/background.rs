@@ -81,7 +81,7 @@ impl Vfs {
         Ok(healed)
     }
 
-    async fn healed(self: &Arc<Self>, ino: i64, num: i64) -> VfsResult<()> {
+    async fn healed(self: &Arc<Self>, ino: Ino, num: i64) -> VfsResult<()> {
         self.blocking(move |vfs| Ok(vfs.lock().catalog.set_degraded(ino, num, false)?))
             .await
     }

@@ -3,7 +3,7 @@
 //! catalog's SQLite, the staging disk, the grid), an adapter sees a kind of
 //! the core's own, never a storage library's error.
 
-use crate::catalog::CatalogError;
+use crate::catalog::{CatalogError, Ino};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfsError {
@@ -49,11 +49,11 @@ pub enum VfsError {
 pub enum GridError {
     /// A version the cache no longer holds was never uploaded.
     #[error("version {num} of file {ino} was never uploaded and is no longer in the cache")]
-    NotStored { ino: i64, num: i64 },
+    NotStored { ino: Ino, num: i64 },
     /// The catalog holds a capability that does not parse.
     #[error("version {num} of file {ino}: its capability: {source}")]
     BadCap {
-        ino: i64,
+        ino: Ino,
         num: i64,
         source: crate::codec::CodecError,
     },

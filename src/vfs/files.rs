@@ -24,7 +24,7 @@ impl Vfs {
     /// A new handle of `ino`, counted in its entry. Callers hold `state`,
     /// so an unlink or rename (which ask whether the file is in use) sees
     /// the handle or comes before it.
-    pub(super) fn add_handle(&self, _st: &mut State, ino: i64, write: bool) -> u64 {
+    pub(super) fn add_handle(&self, _st: &mut State, ino: Ino, write: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut files = self.files();
         let file = files.entry(ino).or_default();
@@ -46,7 +46,7 @@ impl Vfs {
     }
 
     /// The file and working-copy lock of a handle, without `state`.
-    pub(super) fn handle(&self, fh: u64, write: bool) -> VfsResult<(i64, CopyLock)> {
+    pub(super) fn handle(&self, fh: u64, write: bool) -> VfsResult<(Ino, CopyLock)> {
         let h = self.handles.get(&fh).ok_or(VfsError::BadHandle)?;
         if write && !h.write {
             return Err(VfsError::BadHandle);
@@ -54,7 +54,7 @@ impl Vfs {
         Ok((h.ino, h.copy.clone()))
     }
 
-    pub(super) fn new_working_copy(&self, ino: i64, base: Option<SealedVersion>) -> VfsResult<WorkingCopy> {
+    pub(super) fn new_working_copy(&self, ino: Ino, base: Option<SealedVersion>) -> VfsResult<WorkingCopy> {
         let dir = self
             .cache
             .join("work")
@@ -70,7 +70,7 @@ impl Vfs {
     /// The working-copy lock of `ino`, to take after `state` is dropped.
     /// Holding it keeps the file's entry in the table. Under `state`, as
     /// [`Vfs::add_handle`]: [`Vfs::forget_if_idle`] relies on both.
-    pub(super) fn copy_lock(&self, _st: &mut State, ino: i64) -> CopyLock {
+    pub(super) fn copy_lock(&self, _st: &mut State, ino: Ino) -> CopyLock {
         self.files().entry(ino).or_default().copy.clone()
     }
 
@@ -78,7 +78,7 @@ impl Vfs {
     /// nobody but the table holds its copy lock. A file unlinked while
     /// open goes with it, content and all (returned, to free after the
     /// lock): whoever lets it go last, a release or a seal in flight.
-    pub(super) fn forget_if_idle(&self, st: &mut State, ino: i64) -> VfsResult<ToFree> {
+    pub(super) fn forget_if_idle(&self, st: &mut State, ino: Ino) -> VfsResult<ToFree> {
         let idle = match self.files().get(&ino) {
             None => return Ok(ToFree::default()),
             Some(file) if file.in_use() => return Ok(ToFree::default()),
@@ -105,14 +105,14 @@ impl Vfs {
 
     /// Lets go of `ino` after a call that held its copy lock (dropped
     /// before this): see [`Vfs::forget_if_idle`].
-    pub(super) fn let_go(&self, ino: i64) -> VfsResult<()> {
+    pub(super) fn let_go(&self, ino: Ino) -> VfsResult<()> {
         let freed = self.forget_if_idle(&mut self.lock(), ino)?;
         freed.free();
         Ok(())
     }
 
     /// Whether `ino` was unlinked (it lives on only through its handles).
-    pub(super) fn orphaned(st: &State, ino: i64) -> VfsResult<bool> {
+    pub(super) fn orphaned(st: &State, ino: Ino) -> VfsResult<bool> {
         Ok(st
             .catalog
             .node(ino)?
@@ -120,13 +120,13 @@ impl Vfs {
     }
 
     /// A file's entry, which a holder of its copy lock always finds.
-    fn entry(files: &mut Files, ino: i64) -> VfsResult<&mut OpenFile> {
+    fn entry(files: &mut Files, ino: Ino) -> VfsResult<&mut OpenFile> {
         files.get_mut(&ino).ok_or(VfsError::NotFound)
     }
 
     /// Records a change of the working copy (held in `work`, under its
     /// lock): dirty, modified now, its size. Returns the file's writers.
-    fn changed(&self, ino: i64, work: &WorkingCopy) -> VfsResult<usize> {
+    fn changed(&self, ino: Ino, work: &WorkingCopy) -> VfsResult<usize> {
         let mut files = self.files();
         let file = Self::entry(&mut files, ino)?;
         file.dirty = true;
@@ -137,8 +137,7 @@ impl Vfs {
         Ok(file.writers)
     }
 
-    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> VfsResult<u64> {
-        let ino = ino as i64;
+    pub fn open(&self, ino: Ino, write: bool, truncate: bool) -> VfsResult<u64> {
         if write {
             self.writable()?;
         }
@@ -176,7 +175,7 @@ impl Vfs {
     /// Makes sure `ino` has a working copy, over its newest version, in
     /// `copy` (the held lock). A base not fully in the cache is fetched
     /// first; `state` is taken only to read the catalog.
-    pub(super) fn ensure_working(&self, ino: i64, copy: &mut Option<WorkingCopy>) -> VfsResult<()> {
+    pub(super) fn ensure_working(&self, ino: Ino, copy: &mut Option<WorkingCopy>) -> VfsResult<()> {
         while copy.is_none() {
             let latest = self.lock().catalog.latest(ino)?;
             let missing = match &latest {
@@ -217,7 +216,7 @@ impl Vfs {
     /// the file open (truncate(2) by path), the change is sealed at once.
     pub(super) fn modify(
         &self,
-        ino: i64,
+        ino: Ino,
         change: impl FnOnce(&mut WorkingCopy) -> std::io::Result<()>,
     ) -> VfsResult<()> {
         let copy = {
@@ -249,9 +248,9 @@ impl Vfs {
 
     /// Drops a file's set-user/group-ID bits before a write that must not
     /// keep them (the kernel says so when the writer lacks CAP_FSETID).
-    pub fn drop_setid(&self, ino: u64) -> VfsResult<()> {
+    pub fn drop_setid(&self, ino: Ino) -> VfsResult<()> {
         let st = self.lock();
-        let mut node = Self::node(&st.catalog, ino as i64)?;
+        let mut node = Self::node(&st.catalog, ino)?;
         let mode = without_setid(node.mode);
         if mode != node.mode {
             node.mode = mode;
@@ -409,7 +408,7 @@ impl Vfs {
     /// version is queued after the write-back delay.
     pub(super) fn seal(
         &self,
-        ino: i64,
+        ino: Ino,
         copy: &mut Option<WorkingCopy>,
         why: &str,
         even_if_open: bool,
@@ -511,7 +510,7 @@ impl Vfs {
     /// Seals every file still open for writing: used on unmount, so nothing
     /// written is left outside a version.
     pub fn seal_all(&self) -> VfsResult<()> {
-        let copies: Vec<(i64, CopyLock)> = self.files().iter().map(|(&ino, f)| (ino, f.copy.clone())).collect();
+        let copies: Vec<(Ino, CopyLock)> = self.files().iter().map(|(&ino, f)| (ino, f.copy.clone())).collect();
         for (ino, copy) in copies {
             self.seal(ino, &mut write_copy(&copy), "unmount", true)?;
         }

@@ -41,7 +41,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::catalog::{Catalog, CatalogError, Kind, NewNode, Node, NodeFacts, Version, VersionState};
+use crate::catalog::{Catalog, CatalogError, Ino, Kind, NewNode, Node, NodeFacts, Version, VersionState};
 use crate::codec::{FileCap, Params, StorageIndex};
 use crate::download::{read_chunk, GridReader, RecentSegments};
 use crate::grid::Grid;
@@ -62,7 +62,7 @@ pub const XATTR_PREFIX: &str = "user.cairn.";
 /// Attributes of a node, as every platform adapter needs them.
 #[derive(Debug, Clone)]
 pub struct Attr {
-    pub ino: u64,
+    pub ino: Ino,
     pub kind: Kind,
     pub size: u64,
     pub perm: u16,
@@ -120,7 +120,7 @@ pub struct VfsOptions {
 }
 
 struct Handle {
-    ino: i64,
+    ino: Ino,
     write: bool,
     /// Flushed (closed once) but not yet released.
     closing: bool,
@@ -247,7 +247,7 @@ struct Pending {
 
 impl Pending {
     /// This entry as the upload rules see it.
-    fn as_queued(&self, ino: i64, num: i64) -> crate::upload::schedule::Queued {
+    fn as_queued(&self, ino: Ino, num: i64) -> crate::upload::schedule::Queued {
         crate::upload::schedule::Queued {
             ino,
             num,
@@ -275,11 +275,11 @@ impl Pending {
 }
 
 /// Sealed versions waiting for, or in, upload, by (file, version).
-type Queue = BTreeMap<(i64, i64), Pending>;
+type Queue = BTreeMap<(Ino, i64), Pending>;
 
 /// Open files by inode: never held across I/O, taken after `state` or
 /// alone (attributes read it for open files' sizes and times).
-type Files = HashMap<i64, OpenFile>;
+type Files = HashMap<Ino, OpenFile>;
 
 /// The catalog's writer and what changes with it. Held across the
 /// catalog's own statements and commits (a WAL append, which the kernel
@@ -290,7 +290,7 @@ struct State {
     /// Names a file was renamed away from lately: (directory, name) to the
     /// node and when. A file that takes such a name soon after continues
     /// that node's history (how Word and vim save).
-    vacated: HashMap<(i64, String), (i64, Instant)>,
+    vacated: HashMap<(Ino, String), (Ino, Instant)>,
 }
 
 /// How long a vacated name remembers its file for a save-by-rename.
@@ -339,7 +339,7 @@ pub struct Vfs {
     wal_dir_synced: std::sync::atomic::AtomicBool,
     /// Chunks (ino, version, index) being read ahead: every read asks for
     /// the next few, and must not fetch again what is already on its way.
-    reading_ahead: Arc<Mutex<std::collections::HashSet<(i64, i64, u64)>>>,
+    reading_ahead: Arc<Mutex<std::collections::HashSet<(Ino, i64, u64)>>>,
     /// The cache's size at the last eviction pass, and the bytes sealed or
     /// fetched since: while their sum is under the bound, a pass has
     /// nothing to do and skips walking the cache.
@@ -526,7 +526,7 @@ impl Vfs {
             _ => 0,
         };
         Attr {
-            ino: node.ino as u64,
+            ino: node.ino,
             kind: node.kind,
             size,
             perm: (node.mode & 0o7777) as u16,
@@ -545,11 +545,11 @@ impl Vfs {
         }
     }
 
-    fn node(catalog: &Catalog, ino: i64) -> VfsResult<Node> {
+    fn node(catalog: &Catalog, ino: Ino) -> VfsResult<Node> {
         catalog.node(ino)?.ok_or(VfsError::NotFound)
     }
 
-    fn dir(catalog: &Catalog, ino: i64) -> VfsResult<Node> {
+    fn dir(catalog: &Catalog, ino: Ino) -> VfsResult<Node> {
         let node = Self::node(catalog, ino)?;
         if node.kind != Kind::Dir {
             return Err(VfsError::NotDir);

@@ -21,7 +21,7 @@ pub(super) struct ToFree(Vec<PathBuf>);
 impl ToFree {
     /// Every cached version of the deleted file `ino` (the catalog keeps
     /// their rows, so it knows which).
-    pub(super) fn versions(cache: &Path, catalog: &Catalog, ino: i64) -> ToFree {
+    pub(super) fn versions(cache: &Path, catalog: &Catalog, ino: Ino) -> ToFree {
         match catalog.version_nums(ino) {
             Ok(nums) => ToFree(nums.into_iter().map(|num| version_dir(cache, ino, num)).collect()),
             Err(e) => {
@@ -49,27 +49,26 @@ impl ToFree {
 }
 
 impl Vfs {
-    pub fn lookup(&self, parent: u64, name: &str) -> VfsResult<Attr> {
+    pub fn lookup(&self, parent: Ino, name: &str) -> VfsResult<Attr> {
         if name.len() > NAME_MAX {
             return Err(VfsError::NameTooLong);
         }
         self.read_catalog(|catalog| {
-            Self::dir(catalog, parent as i64)?;
-            let node = catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+            Self::dir(catalog, parent)?;
+            let node = catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
             self.attr_of(catalog, &node)
         })
     }
 
-    pub fn getattr(&self, ino: u64) -> VfsResult<Attr> {
-        self.read_catalog(|catalog| self.attr_of(catalog, &Self::node(catalog, ino as i64)?))
+    pub fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
+        self.read_catalog(|catalog| self.attr_of(catalog, &Self::node(catalog, ino)?))
     }
 
-    pub fn setattr(&self, ino: u64, set: SetAttr) -> VfsResult<Attr> {
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> VfsResult<Attr> {
         self.writable()?;
         // Truncation to the current size changes nothing (and must not
         // count as a write: the kernel sends it after creating with O_TRUNC).
         let resize = set.size.filter(|size| self.getattr(ino).is_ok_and(|a| a.size != *size));
-        let ino = ino as i64;
         if let Some(size) = resize {
             self.modify(ino, |work| work.truncate(size))?;
         }
@@ -112,7 +111,7 @@ impl Vfs {
 
     /// posix_fallocate: makes the file at least `offset + len` long.
     /// Other modes (punching holes, collapsing ranges) are not supported.
-    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> VfsResult<()> {
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> VfsResult<()> {
         if mode != 0 {
             return Err(VfsError::NotSupported);
         }
@@ -129,22 +128,22 @@ impl Vfs {
         Ok(())
     }
 
-    pub(super) fn create_node(&self, parent: u64, name: &str, new: NewNode<'_>) -> VfsResult<(StateGuard<'_>, Node)> {
+    pub(super) fn create_node(&self, parent: Ino, name: &str, new: NewNode<'_>) -> VfsResult<(StateGuard<'_>, Node)> {
         self.writable()?;
         check_name(name)?;
         let st = self.lock();
-        Self::dir(&st.catalog, parent as i64)?;
-        if st.catalog.child(parent as i64, name)?.is_some() {
+        Self::dir(&st.catalog, parent)?;
+        if st.catalog.child(parent, name)?.is_some() {
             return Err(VfsError::Exists);
         }
-        let node = st.catalog.create(parent as i64, name, &new)?;
+        let node = st.catalog.create(parent, name, &new)?;
         // A name that appeared survives a crash of the daemon once the call
         // returns (and readers see it).
         st.catalog.commit()?;
         Ok((st, node))
     }
 
-    pub fn mkdir(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<Attr> {
+    pub fn mkdir(&self, parent: Ino, name: &str, mode: u32, caller: Caller) -> VfsResult<Attr> {
         let (st, node) = self.create_node(
             parent,
             name,
@@ -160,7 +159,7 @@ impl Vfs {
     }
 
     /// A fifo, socket or device node: a name with attributes, no content.
-    pub fn mknod(&self, parent: u64, name: &str, kind: Kind, mode: u32, rdev: u32, caller: Caller) -> VfsResult<Attr> {
+    pub fn mknod(&self, parent: Ino, name: &str, kind: Kind, mode: u32, rdev: u32, caller: Caller) -> VfsResult<Attr> {
         let rdev = rdev.to_string();
         let device = matches!(kind, Kind::CharDevice | Kind::BlockDevice);
         let (st, node) = self.create_node(
@@ -177,7 +176,7 @@ impl Vfs {
         self.attr_of(&st.catalog, &node)
     }
 
-    pub fn symlink(&self, parent: u64, name: &str, target: &str, caller: Caller) -> VfsResult<Attr> {
+    pub fn symlink(&self, parent: Ino, name: &str, target: &str, caller: Caller) -> VfsResult<Attr> {
         let (st, node) = self.create_node(
             parent,
             name,
@@ -192,15 +191,15 @@ impl Vfs {
         self.attr_of(&st.catalog, &node)
     }
 
-    pub fn readlink(&self, ino: u64) -> VfsResult<String> {
+    pub fn readlink(&self, ino: Ino) -> VfsResult<String> {
         let st = self.lock();
-        let node = Self::node(&st.catalog, ino as i64)?;
+        let node = Self::node(&st.catalog, ino)?;
         node.target.ok_or(VfsError::Invalid)
     }
 
     /// Creates and opens a regular file for writing. Its empty content
     /// counts as written, so even an empty new file becomes a version.
-    pub fn create(&self, parent: u64, name: &str, mode: u32, caller: Caller) -> VfsResult<(Attr, u64)> {
+    pub fn create(&self, parent: Ino, name: &str, mode: u32, caller: Caller) -> VfsResult<(Attr, u64)> {
         let (mut st, node) = self.create_node(
             parent,
             name,
@@ -212,7 +211,7 @@ impl Vfs {
                 target: None,
             },
         )?;
-        Self::continue_history(&mut st, parent as i64, name, node.ino)?;
+        Self::continue_history(&mut st, parent, name, node.ino)?;
         let attr = self.attr_of(&st.catalog, &node)?;
         // The new file's copy lock is nobody else's yet; holding it while
         // the working copy's directory is made outside `state` keeps any
@@ -247,7 +246,7 @@ impl Vfs {
 
     /// A file takes the name (`dir`, `name`): if a file was renamed away
     /// from it within [`SAVE_CHAIN_WINDOW`], this node continues its history.
-    pub(super) fn continue_history(st: &mut State, dir: i64, name: &str, ino: i64) -> VfsResult<()> {
+    pub(super) fn continue_history(st: &mut State, dir: Ino, name: &str, ino: Ino) -> VfsResult<()> {
         let Some((previous, when)) = st.vacated.remove(&(dir, name.to_owned())) else {
             return Ok(());
         };
@@ -258,10 +257,10 @@ impl Vfs {
         Ok(())
     }
 
-    pub fn unlink(&self, parent: u64, name: &str) -> VfsResult<()> {
+    pub fn unlink(&self, parent: Ino, name: &str) -> VfsResult<()> {
         self.writable()?;
         let mut st = self.lock();
-        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        let node = st.catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
         if node.kind == Kind::Dir {
             return Err(VfsError::IsDir);
         }
@@ -276,7 +275,7 @@ impl Vfs {
 
     /// A deleted file: forget its queued uploads (the catalog marked them
     /// dropped) and, unless it is still open, its cached versions, to free.
-    pub(super) fn forget_content(&self, st: &mut State, ino: i64, still_open: bool) -> ToFree {
+    pub(super) fn forget_content(&self, st: &mut State, ino: Ino, still_open: bool) -> ToFree {
         self.drop_queued(ino);
         if still_open {
             return ToFree::default();
@@ -287,14 +286,14 @@ impl Vfs {
     /// Forgets queued uploads of a deleted file, also those on their way:
     /// an upload whose entry is gone is not recorded when it ends (and
     /// fails sooner, once the version's chunks are freed).
-    pub(super) fn drop_queued(&self, ino: i64) {
+    pub(super) fn drop_queued(&self, ino: Ino) {
         self.queue().retain(|(i, _), _| *i != ino);
     }
 
-    pub fn rmdir(&self, parent: u64, name: &str) -> VfsResult<()> {
+    pub fn rmdir(&self, parent: Ino, name: &str) -> VfsResult<()> {
         self.writable()?;
         let mut st = self.lock();
-        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
+        let node = st.catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
         if node.kind != Kind::Dir {
             return Err(VfsError::NotDir);
         }
@@ -309,13 +308,13 @@ impl Vfs {
     /// Renames, replacing an existing target as rename(2) does. Only the
     /// namespace changes: content and versions stay with the node, so a
     /// rename never re-uploads.
-    pub fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool) -> VfsResult<()> {
+    pub fn rename(&self, parent: Ino, name: &str, new_parent: Ino, new_name: &str, no_replace: bool) -> VfsResult<()> {
         self.writable()?;
         check_name(new_name)?;
         let mut st = self.lock();
-        let node = st.catalog.child(parent as i64, name)?.ok_or(VfsError::NotFound)?;
-        Self::dir(&st.catalog, new_parent as i64)?;
-        let target = st.catalog.child(new_parent as i64, new_name)?;
+        let node = st.catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
+        Self::dir(&st.catalog, new_parent)?;
+        let target = st.catalog.child(new_parent, new_name)?;
         if let Some(t) = &target {
             if t.ino == node.ino {
                 return Ok(());
@@ -342,15 +341,14 @@ impl Vfs {
                     st.catalog.adopt_history(t.ino, node.ino)?;
                 }
                 Some(_) => {}
-                None => Self::continue_history(&mut st, new_parent as i64, new_name, node.ino)?,
+                None => Self::continue_history(&mut st, new_parent, new_name, node.ino)?,
             }
             st.vacated.retain(|_, (_, when)| when.elapsed() < SAVE_CHAIN_WINDOW);
-            st.vacated
-                .insert((parent as i64, name.to_owned()), (node.ino, Instant::now()));
+            st.vacated.insert((parent, name.to_owned()), (node.ino, Instant::now()));
         }
         st.catalog.rename(
             &node,
-            new_parent as i64,
+            new_parent,
             new_name,
             replaced.as_ref().map(|(t, open)| (t, *open)),
         )?;
@@ -368,23 +366,23 @@ impl Vfs {
     /// Directory entries after `offset`, with the offset to resume after
     /// each. Offsets are derived from inode numbers, so they stay valid while
     /// entries are added or removed.
-    pub fn readdir(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
+    pub fn readdir(&self, ino: Ino, offset: u64) -> VfsResult<Vec<(Ino, u64, Kind, String)>> {
         self.read_catalog(|catalog| Self::entries(catalog, ino, offset))
     }
 
-    fn entries(catalog: &Catalog, ino: u64, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
-        let dir = Self::dir(catalog, ino as i64)?;
+    fn entries(catalog: &Catalog, ino: Ino, offset: u64) -> VfsResult<Vec<(u64, u64, Kind, String)>> {
+        let dir = Self::dir(catalog, ino)?;
         let mut out = Vec::new();
         if offset < 1 {
             out.push((ino, 1, Kind::Dir, ".".to_string()));
         }
         if offset < 2 {
-            out.push((dir.parent as u64, 2, Kind::Dir, "..".to_string()));
+            out.push((dir.parent, 2, Kind::Dir, "..".to_string()));
         }
-        for child in catalog.children(ino as i64)? {
-            let off = child.ino as u64 + 2;
+        for child in catalog.children(ino)? {
+            let off = child.ino + 2;
             if off > offset {
-                out.push((child.ino as u64, off, child.kind, child.name));
+                out.push((child.ino, off, child.kind, child.name));
             }
         }
         Ok(out)
@@ -392,9 +390,9 @@ impl Vfs {
 
     /// [`Vfs::readdir`] with each entry's attributes (READDIRPLUS: `ls -l`
     /// needs no lookup per entry).
-    pub fn readdir_plus(&self, ino: u64, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
+    pub fn readdir_plus(&self, ino: Ino, offset: u64) -> VfsResult<Vec<(u64, String, Attr)>> {
         self.read_catalog(|catalog| {
-            let dir = Self::dir(catalog, ino as i64)?;
+            let dir = Self::dir(catalog, ino)?;
             let mut out = Vec::new();
             if offset < 1 {
                 out.push((1, ".".to_string(), self.attr_of(catalog, &dir)?));
@@ -405,11 +403,11 @@ impl Vfs {
             }
             // Offsets as in `readdir`; the children's attributes in one
             // query, the open files' read before it (see `attr_of`).
-            let open: HashMap<i64, Shown> = self.files().iter().map(|(&i, f)| (i, Shown::of(f))).collect();
-            let after = offset.saturating_sub(2) as i64;
+            let open: HashMap<Ino, Shown> = self.files().iter().map(|(&i, f)| (i, Shown::of(f))).collect();
+            let after = offset.saturating_sub(2);
             for (child, facts) in catalog.children_with_facts(dir.ino, after)? {
                 let attr = Self::attr_with(open.get(&child.ino).copied(), &child, &facts);
-                out.push((child.ino as u64 + 2, child.name, attr));
+                out.push((child.ino + 2, child.name, attr));
             }
             Ok(out)
         })

@@ -20,7 +20,7 @@ impl Vfs {
     pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
         let (ino, restored) = self.restore_version(path, num)?;
         if let Some(invalidate) = self.content_changed.get() {
-            invalidate(ino as u64);
+            invalidate(ino);
         }
         Ok(restored)
     }
@@ -31,7 +31,7 @@ impl Vfs {
         let _ = self.content_changed.set(Box::new(invalidate));
     }
 
-    pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(i64, i64)> {
+    pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(Ino, i64)> {
         self.writable()?;
         let (ino, copy) = {
             let mut st = self.lock();
@@ -51,7 +51,7 @@ impl Vfs {
         restored.map(|n| (ino, n))
     }
 
-    fn restore_under(&self, ino: i64, num: i64) -> VfsResult<i64> {
+    fn restore_under(&self, ino: Ino, num: i64) -> VfsResult<i64> {
         let (old, new_num) = {
             let st = self.lock();
             if self.files().get(&ino).is_some_and(|f| f.writers > 0) {

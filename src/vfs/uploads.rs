@@ -17,7 +17,7 @@ pub(super) fn is_damage(e: &std::io::Error) -> bool {
 
 /// A file's queued versions, oldest first (by version number, whatever
 /// its sign).
-pub(super) fn queued(queue: &Queue, ino: i64) -> impl Iterator<Item = (i64, &Pending)> {
+pub(super) fn queued(queue: &Queue, ino: Ino) -> impl Iterator<Item = (i64, &Pending)> {
     queue
         .range((ino, i64::MIN)..=(ino, i64::MAX))
         .map(|((_, num), p)| (*num, p))
@@ -57,14 +57,14 @@ impl upload::Progress for ProgressCounter {
 
 /// A sealed version taken off the queue for upload.
 pub(super) struct QueuedVersion {
-    ino: i64,
+    ino: Ino,
     num: i64,
     version: SealedVersion,
     sent: Arc<AtomicU64>,
 }
 
 impl QueuedVersion {
-    fn key(&self) -> (i64, i64) {
+    fn key(&self) -> (Ino, i64) {
         (self.ino, self.num)
     }
 }
@@ -95,7 +95,7 @@ impl Vfs {
         // paths (a walk up the tree per entry, and the queue may hold
         // 100,000 files) through a reader, with no lock held.
         let now = Instant::now();
-        let entries: Vec<(i64, QueueEntry)> = {
+        let entries: Vec<(Ino, QueueEntry)> = {
             let pending = self.queue();
             pending
                 .iter()
@@ -120,7 +120,7 @@ impl Vfs {
                 })
                 .collect()
         };
-        let writing: Vec<i64> = self
+        let writing: Vec<Ino> = self
             .files()
             .iter()
             .filter(|(_, f)| f.writers > 0)
@@ -178,7 +178,7 @@ impl Vfs {
     fn sync_round(
         &self,
         grace_until: Instant,
-        seen: &mut std::collections::BTreeSet<(i64, i64)>,
+        seen: &mut std::collections::BTreeSet<(Ino, i64)>,
     ) -> VfsResult<Option<usize>> {
         // The pass over the whole queue (100,000 small files, say) holds
         // only the queue; `state` only for the final check.
@@ -259,7 +259,7 @@ impl Vfs {
 
     /// When the newest queued version of `ino` may start uploading
     /// (`upload::schedule::ready_at`). `None`: not now.
-    pub(super) fn ino_ready_at(&self, queue: &Queue, ino: i64, now: Instant) -> Option<Instant> {
+    pub(super) fn ino_ready_at(&self, queue: &Queue, ino: Ino, now: Instant) -> Option<Instant> {
         let versions: Vec<Queued> = queued(queue, ino).map(|(num, p)| p.as_queued(ino, num)).collect();
         crate::upload::schedule::ready_at(&versions, self.options.writeback_delay, now)
     }
@@ -276,7 +276,7 @@ impl Vfs {
             for key in &decision.superseded {
                 queue.remove(key);
             }
-            let queued = |queue: &Queue, (ino, num): (i64, i64)| {
+            let queued = |queue: &Queue, (ino, num): (Ino, i64)| {
                 let p = &queue[&(ino, num)];
                 QueuedVersion {
                     ino,
@@ -338,7 +338,7 @@ impl Vfs {
     /// before any share is written under it, and the shares an earlier
     /// attempt left under its own key are deleted first, so a retry does not
     /// orphan them.
-    pub(super) async fn upload_key(self: &Arc<Self>, ino: i64, num: i64) -> VfsResult<crate::codec::Key> {
+    pub(super) async fn upload_key(self: &Arc<Self>, ino: Ino, num: i64) -> VfsResult<crate::codec::Key> {
         let key: crate::codec::Key = rand::random();
         let previous = self
             .blocking(move |vfs| {
@@ -458,7 +458,7 @@ impl Vfs {
     /// new keys. Returns whether they were recorded.
     pub(super) async fn record_committed(
         self: &Arc<Self>,
-        done: Vec<((i64, i64), FileCap, crate::codec::Hash)>,
+        done: Vec<((Ino, i64), FileCap, crate::codec::Hash)>,
         degraded: bool,
     ) -> bool {
         let recorded = self
@@ -470,9 +470,9 @@ impl Vfs {
         })
     }
 
-    fn record_committed_now(&self, done: &[((i64, i64), FileCap, crate::codec::Hash)], degraded: bool) -> bool {
+    fn record_committed_now(&self, done: &[((Ino, i64), FileCap, crate::codec::Hash)], degraded: bool) -> bool {
         // What is recorded is written out before the lock is taken.
-        let done: Vec<((i64, i64), String, String)> = done
+        let done: Vec<((Ino, i64), String, String)> = done
             .iter()
             .map(|(key, cap, sha256)| (*key, cap.to_string(), data_encoding::HEXLOWER.encode(sha256)))
             .collect();
@@ -521,7 +521,7 @@ impl Vfs {
     /// An upload attempt failed: the version waits, backing off, to retry.
     /// `damaged`: its staged bytes cannot be read; `cairn sync` says so
     /// rather than wait for it.
-    pub(super) fn upload_failed(queue: &mut Queue, (ino, num): (i64, i64), error: &str, damaged: bool) {
+    pub(super) fn upload_failed(queue: &mut Queue, (ino, num): (Ino, i64), error: &str, damaged: bool) {
         if let Some(p) = queue.get_mut(&(ino, num)) {
             p.attempts += 1;
             p.uploading = false;

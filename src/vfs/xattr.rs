@@ -18,12 +18,12 @@ impl Vfs {
         caller.uid == 0 || caller.uid == node.uid
     }
 
-    pub fn getxattr(&self, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
+    pub fn getxattr(&self, ino: Ino, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
         self.read_catalog(|catalog| self.getxattr_in(catalog, ino, name, caller))
     }
 
-    fn getxattr_in(&self, catalog: &Catalog, ino: u64, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
-        let node = Self::node(catalog, ino as i64)?;
+    fn getxattr_in(&self, catalog: &Catalog, ino: Ino, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
+        let node = Self::node(catalog, ino)?;
         if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
             let info = self.file_info(catalog, &node)?;
             let value = match key {
@@ -46,12 +46,12 @@ impl Vfs {
         catalog.xattr(node.ino, name)?.ok_or(VfsError::NoAttr)
     }
 
-    pub fn listxattr(&self, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
+    pub fn listxattr(&self, ino: Ino, caller: Caller) -> VfsResult<Vec<String>> {
         self.read_catalog(|catalog| self.listxattr_in(catalog, ino, caller))
     }
 
-    fn listxattr_in(&self, catalog: &Catalog, ino: u64, caller: Caller) -> VfsResult<Vec<String>> {
-        let node = Self::node(catalog, ino as i64)?;
+    fn listxattr_in(&self, catalog: &Catalog, ino: Ino, caller: Caller) -> VfsResult<Vec<String>> {
+        let node = Self::node(catalog, ino)?;
         let mut names = catalog.xattr_names(node.ino)?;
         if node.kind == Kind::File {
             let info = self.file_info(catalog, &node)?;
@@ -69,7 +69,7 @@ impl Vfs {
         Ok(names)
     }
 
-    pub fn setxattr(&self, ino: u64, name: &str, value: &[u8]) -> VfsResult<()> {
+    pub fn setxattr(&self, ino: Ino, name: &str, value: &[u8]) -> VfsResult<()> {
         self.writable()?;
         if name.starts_with(XATTR_PREFIX) {
             return Err(VfsError::NotPermitted);
@@ -78,19 +78,19 @@ impl Vfs {
             return Err(VfsError::NotSupported);
         }
         let st = self.lock();
-        Self::node(&st.catalog, ino as i64)?;
-        st.catalog.set_xattr(ino as i64, name, value)?;
+        Self::node(&st.catalog, ino)?;
+        st.catalog.set_xattr(ino, name, value)?;
         st.catalog.commit()?;
         Ok(())
     }
 
-    pub fn removexattr(&self, ino: u64, name: &str) -> VfsResult<()> {
+    pub fn removexattr(&self, ino: Ino, name: &str) -> VfsResult<()> {
         self.writable()?;
         if name.starts_with(XATTR_PREFIX) {
             return Err(VfsError::NotPermitted);
         }
         let st = self.lock();
-        if st.catalog.remove_xattr(ino as i64, name)? {
+        if st.catalog.remove_xattr(ino, name)? {
             st.catalog.commit()?;
             Ok(())
         } else {

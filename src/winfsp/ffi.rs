@@ -119,7 +119,7 @@ impl CairnWinFs {
 
     fn resolve_text(&self, path: &str) -> Status<Attr> {
         let mut parts = names::components(path).peekable();
-        let mut attr = self.vfs.getattr(ROOT_INO as u64).map_err(st)?;
+        let mut attr = self.vfs.getattr(ROOT_INO).map_err(st)?;
         while let Some(part) = parts.next() {
             let missing = if parts.peek().is_some() {
                 code::OBJECT_PATH_NOT_FOUND
@@ -558,7 +558,7 @@ impl FileSystemInterface for CairnWinFs {
         let h = ctx.get()?;
         let mut entries: Vec<(String, u64)> = Vec::new();
         for (ino, _, _, name) in self.vfs.readdir(h.ino, 0).map_err(st)? {
-            let root = h.ino == ROOT_INO as u64;
+            let root = h.ino == ROOT_INO;
             match name.as_str() {
                 "." | ".." if root => continue,
                 "." | ".." => entries.push((name, ino)),
