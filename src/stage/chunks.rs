@@ -546,9 +546,14 @@ impl WorkingCopy {
             let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
             let take = ((self.chunk_size - within) as usize).min(data.len() - done);
             let piece = &data[done..done + take];
-            if let Err(e) = self.own_chunk(index)?.write_all_at(piece, within) {
+            let file = self.own_chunk(index)?;
+            if let Err(e) = file.write_all_at(piece, within) {
                 self.hashes.remove(&index);
                 return Err(e);
+            }
+            if within + take as u64 == self.chunk_size {
+                // A chunk written to its end is likely done with: to disk.
+                crate::sys::start_writeback(&file);
             }
             self.hash_write(index, within, piece);
             self.unsynced.insert(index);
