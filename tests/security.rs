@@ -818,3 +818,61 @@ fn restoring_a_version_freed_before_its_upload_is_refused_not_queued() {
     assert_eq!(std::fs::read_to_string(mnt.file("f")).unwrap(), "v2");
     assert!(mnt.unmount().success());
 }
+
+/// Finding 16 of issue 18: no secret on a command line or in a log. The old
+/// flags are refused, and a mount on an S3 grid logging at its most verbose
+/// while it writes, uploads (whole and packed), publishes and stops prints
+/// neither the root capability, nor a file's capability or key, nor the S3
+/// secret, and has none of them on its command line.
+#[test]
+fn secrets_never_reach_a_command_line_or_a_log() {
+    for args in [["recover", "--root-cap", "x"], ["init", "--s3-secret-access-key", "x"]] {
+        let out = Home::empty().cairn(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr(&out).contains("unexpected argument"), "{}", stderr(&out));
+    }
+    let servers = common::s3::S3Servers::start(5);
+    let init = servers.init_args();
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let home = Home::init_with_env(&init, &servers.secret_env());
+    let dir = tempfile::tempdir().unwrap();
+    let log = home.file("trace.log");
+    let child = home
+        .command(&["mount", dir.path().to_str().unwrap(), "--writeback-delay", "0"])
+        .env("CAIRN_LOG", "cairn=trace,debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_mounted(dir.path());
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    std::fs::write(dir.path().join("small"), b"a small packed file").unwrap();
+    std::fs::write(dir.path().join("big"), common::bytes(3 << 20, 16)).unwrap();
+    home.ok(&["sync"]);
+    let caps: Vec<String> = ["small", "big"]
+        .iter()
+        .map(|f| xattr(&dir.path().join(f), "user.cairn.cap").expect("committed"))
+        .collect();
+    unmount(dir.path(), child);
+    let root = home.ok(&["root-cap"]);
+    let root = root.lines().find_map(|l| l.strip_prefix("root capability: ")).unwrap();
+    // Keys are the long base32 fields of a capability (the key, the pack's
+    // member key); the whole capability is checked as well.
+    let mut secrets = vec![root.to_owned(), common::s3::SECRET_KEY.to_owned()];
+    for cap in &caps {
+        secrets.push(cap.clone());
+        secrets.extend(cap.split(':').filter(|f| f.len() >= 26).map(str::to_owned));
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("committed a pack"),
+        "the log is not verbose enough to tell:\n{logged}"
+    );
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    for secret in &secrets {
+        assert!(!logged.contains(secret.as_str()), "{secret} is in the mount's log");
+        assert!(
+            !cmdline.contains(secret.as_str()),
+            "{secret} is on the mount's command line"
+        );
+    }
+}
