@@ -16,6 +16,7 @@ pub mod home;
 pub mod namespace;
 pub mod repair;
 pub mod stage;
+pub mod sync;
 pub mod sys;
 pub mod upload;
 pub mod vfs;

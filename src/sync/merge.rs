@@ -1,0 +1,833 @@
+//! How several machines' changes to one namespace merge: a pure function,
+//! the same on every machine whatever order the changes reach it in.
+//!
+//! Each machine (a device) logs its operations in records. An operation's
+//! [`Ts`] orders it among all operations of all devices; a record also says
+//! how far its device had merged every other device's log
+//! ([`Record::seen`]), which is what "the device had seen this" means
+//! below. A [`State`] is the union of every operation received (sets, and
+//! each node's latest location per device), so records joined in any
+//! order, twice, or through another state give the same state. [`render`]
+//! turns a state into the tree by these rules (docs/SEVERAL_MACHINES.md):
+//!
+//! - **Edits**: the versions of a file form a tree by the version each was
+//!   made from. From every version, its earliest child (by `Ts`) continues
+//!   the file; each other child starts a branch, shown beside the file as
+//!   a conflict copy (its own node, [`derived`]). Writing to a conflict
+//!   copy extends its branch.
+//! - **Deletes** remove what their author had seen: a node dies only when
+//!   a delete of it had every one of its versions in its past, so an edit
+//!   the deleter had not seen keeps the file. A directory dies only when
+//!   deleted and left with no live child.
+//! - **Locations**: a node's latest move (by `Ts`, any device) wins. A move
+//!   into something that is not a directory falls back to where the node
+//!   came from, then to the root; a move that closes a cycle of
+//!   directories falls back the same way, the latest move of the cycle
+//!   first.
+//! - **Names**: in a directory, the earliest claim (the move or create that
+//!   put the node there) keeps a name; later ones are renamed
+//!   `STEM (conflict from DEVICE YYYY-MM-DD HH.MM)EXT`, by the claiming
+//!   device's name and the claim's time (UTC), numbered if that is taken.
+//!
+//! Not yet here: attributes and xattrs (latest per field), revoked devices,
+//! and one directory for two concurrent `mkdir`s of a name (today the later
+//! is a conflict copy, empty or not).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use crate::catalog::Kind;
+
+/// A machine using the drive.
+pub type DeviceId = u128;
+/// A node (file, directory, symlink), the same on every machine.
+pub type Fid = u128;
+/// A version of a file, the same on every machine.
+pub type Vid = u128;
+/// The root directory.
+pub const ROOT: Fid = 0;
+
+/// An operation's place in the order of all operations: hybrid logical
+/// time first, then who and where in its log (so no two are equal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ts {
+    pub hlc: u64,
+    pub device: DeviceId,
+    pub seq: u64,
+    pub idx: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// The device's name, as conflict copies show it.
+    Enroll { name: String },
+    Create {
+        fid: Fid,
+        kind: Kind,
+        parent: Fid,
+        name: String,
+    },
+    /// rename(2). Replacing a name is a `Delete` of what was there and a
+    /// `Move`.
+    Move {
+        fid: Fid,
+        parent: Fid,
+        name: String,
+        from: (Fid, String),
+    },
+    /// unlink, rmdir: of the node as its author had seen it.
+    Delete { fid: Fid },
+    /// Closed content of file `fid`, made from version `base`.
+    Version { fid: Fid, vid: Vid, base: Option<Vid> },
+}
+
+/// How far a device had merged each other device's log: the highest
+/// record number of each.
+pub type Seen = BTreeMap<DeviceId, u64>;
+
+/// One record of a device's log: its operations with their hybrid times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub device: DeviceId,
+    pub seq: u64,
+    /// What the device had merged *before its first operation here*: a
+    /// device must log its own changes before it merges others' records,
+    /// or its deletes would claim to have seen what arrived after them.
+    pub seen: Seen,
+    pub ops: Vec<(u64, Op)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Loc {
+    parent: Fid,
+    name: String,
+    from: (Fid, String),
+}
+
+/// Everything known of the namespace: a join-semilattice (see the module).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    names: BTreeMap<DeviceId, (Ts, String)>,
+    creates: BTreeMap<Fid, (Ts, (Loc, Kind))>,
+    /// Each node's latest location per device.
+    locs: BTreeMap<(Fid, DeviceId), (Ts, Loc)>,
+    deletes: BTreeMap<(Fid, Ts), Seen>,
+    versions: BTreeMap<Vid, (Ts, (Fid, Option<Vid>))>,
+}
+
+/// Keeps the entry of `map` at `key` with the smaller (`first`) or larger
+/// `Ts`: the one rule that makes every table of [`State`] order-free. Two
+/// entries at one `Ts` (only a forked or forged log makes them) keep the
+/// smaller value, whichever came first.
+fn keep<K: Ord, V: Clone + Ord>(map: &mut BTreeMap<K, (Ts, V)>, key: K, ts: Ts, value: &V, first: bool) {
+    let better = |old: &(Ts, V)| match old.0.cmp(&ts) {
+        std::cmp::Ordering::Equal => *value < old.1,
+        later => (later == std::cmp::Ordering::Greater) == first,
+    };
+    if map.get(&key).is_none_or(better) {
+        map.insert(key, (ts, value.clone()));
+    }
+}
+
+/// A delete heard of twice with different pasts (a forked log): the past
+/// both agree on, so neither claims more than it saw.
+fn add_delete(deletes: &mut BTreeMap<(Fid, Ts), Seen>, key: (Fid, Ts), seen: &Seen) {
+    match deletes.get_mut(&key) {
+        Some(had) => had.retain(|device, s| match seen.get(device) {
+            Some(other) => {
+                *s = (*s).min(*other);
+                true
+            }
+            None => false,
+        }),
+        None => {
+            deletes.insert(key, seen.clone());
+        }
+    }
+}
+
+impl State {
+    pub fn apply(&mut self, record: &Record) {
+        for (idx, (hlc, op)) in record.ops.iter().enumerate() {
+            let ts = Ts {
+                hlc: *hlc,
+                device: record.device,
+                seq: record.seq,
+                idx: idx as u32,
+            };
+            match op {
+                Op::Enroll { name } => keep(&mut self.names, record.device, ts, name, false),
+                // The root is made by no one and moves nowhere.
+                Op::Create { fid: ROOT, .. } | Op::Move { fid: ROOT, .. } => {}
+                Op::Create {
+                    fid,
+                    kind,
+                    parent,
+                    name,
+                } => {
+                    let loc = Loc {
+                        parent: *parent,
+                        name: name.clone(),
+                        from: (*parent, name.clone()),
+                    };
+                    // A node is created once: a second create of its id (a
+                    // forger's) loses to the first.
+                    keep(&mut self.creates, *fid, ts, &(loc, *kind), true);
+                }
+                Op::Move {
+                    fid,
+                    parent,
+                    name,
+                    from,
+                } => {
+                    let loc = Loc {
+                        parent: *parent,
+                        name: name.clone(),
+                        from: from.clone(),
+                    };
+                    keep(&mut self.locs, (*fid, record.device), ts, &loc, false);
+                }
+                Op::Delete { fid } => add_delete(&mut self.deletes, (*fid, ts), &record.seen),
+                Op::Version { fid, vid, base } => keep(&mut self.versions, *vid, ts, &(*fid, *base), true),
+            }
+        }
+    }
+
+    /// Everything `other` knows, added to this state.
+    pub fn join(&mut self, other: &State) {
+        for (device, (ts, name)) in &other.names {
+            keep(&mut self.names, *device, *ts, name, false);
+        }
+        for (fid, (ts, create)) in &other.creates {
+            keep(&mut self.creates, *fid, *ts, create, true);
+        }
+        for (key, (ts, loc)) in &other.locs {
+            keep(&mut self.locs, *key, *ts, loc, false);
+        }
+        for (key, seen) in &other.deletes {
+            add_delete(&mut self.deletes, *key, seen);
+        }
+        for (vid, (ts, v)) in &other.versions {
+            keep(&mut self.versions, *vid, *ts, v, true);
+        }
+    }
+
+    /// The name conflict copies give `device` (at most 64 bytes, so a
+    /// conflict name always fits).
+    fn device_name(&self, device: DeviceId) -> String {
+        match self.names.get(&device) {
+            Some((_, name)) => {
+                let mut cut = name.len().min(64);
+                while !name.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                name[..cut].replace('/', "-")
+            }
+            None => format!("{:08x}", (device >> 96) as u32),
+        }
+    }
+}
+
+/// The state of `records`, in whatever order.
+pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record>) -> State {
+    let mut state = State::default();
+    for r in records {
+        state.apply(r);
+    }
+    state
+}
+
+/// Whether the operation at `x` was in the past of the one at `at`, whose
+/// device had merged `seen`.
+fn in_past(x: &Ts, at: &Ts, seen: &Seen) -> bool {
+    if x.device == at.device {
+        return (x.seq, x.idx) < (at.seq, at.idx);
+    }
+    seen.get(&x.device).is_some_and(|&s| x.seq <= s)
+}
+
+/// The node of the branch of file `fid` that starts at version `root`: the
+/// conflict copy's identity, the same on every machine.
+pub fn derived(fid: Fid, root: Vid) -> Fid {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"cairn-v1-conflict-copy");
+    h.update(fid.to_be_bytes());
+    h.update(root.to_be_bytes());
+    let d: [u8; 32] = h.finalize().into();
+    // Never the root, never a node's own id by accident of a small hash.
+    u128::from_be_bytes(d[..16].try_into().expect("16 bytes")) | 1 << 127
+}
+
+/// A node as the tree shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub parent: Fid,
+    pub name: String,
+    pub kind: Kind,
+    /// The file's content: the newest version of its branch.
+    pub content: Option<Vid>,
+    /// The file whose versions this node shows (itself, or for a conflict
+    /// copy the file it branched from): a write here is a version of it.
+    pub origin: Fid,
+}
+
+/// Every live node but the root.
+pub type Tree = BTreeMap<Fid, Entry>;
+
+/// A node before placement: where it claims to be, and what it holds.
+struct Node {
+    kind: Kind,
+    origin: Fid,
+    content: Option<Vid>,
+    /// The versions it holds (a file's main branch, or a copy's branch).
+    members: Vec<Ts>,
+    /// Its location and the claim's time; `None` for a conflict copy never
+    /// moved, which sits where its origin is, just after it.
+    loc: Option<(Ts, Loc)>,
+    /// When its branch began (conflict copies).
+    branched: Option<Ts>,
+}
+
+/// The versions of each file by branch: (file, branch root, or `None` for
+/// the main branch) -> its versions, oldest first.
+type Branches = BTreeMap<(Fid, Option<Vid>), Vec<(Ts, Vid)>>;
+
+fn branches(state: &State) -> Branches {
+    let mut by_file: BTreeMap<Fid, Vec<(Ts, Vid, Option<Vid>)>> = BTreeMap::new();
+    for (vid, (ts, (fid, base))) in &state.versions {
+        by_file.entry(*fid).or_default().push((*ts, *vid, *base));
+    }
+    let mut out = BTreeMap::new();
+    for (fid, mut versions) in by_file {
+        versions.sort();
+        let known: BTreeSet<Vid> = versions.iter().map(|v| v.1).collect();
+        let mut children: BTreeMap<Vid, Vec<(Ts, Vid)>> = BTreeMap::new();
+        let mut roots = Vec::new();
+        for &(ts, vid, base) in &versions {
+            match base.filter(|b| known.contains(b) && *b != vid) {
+                Some(b) => children.entry(b).or_default().push((ts, vid)),
+                None => roots.push((ts, vid)),
+            }
+        }
+        // Branch starts, oldest first: the main root, other roots, and every
+        // child but the first of each version.
+        let mut starts: Vec<(Ts, Vid)> = roots.clone();
+        for kids in children.values() {
+            starts.extend(kids.iter().skip(1));
+        }
+        starts.sort();
+        let main = roots.first().map(|r| r.1);
+        for (ts, root) in starts {
+            let mut chain = vec![(ts, root)];
+            let mut at = root;
+            // A base cycle (only a forger makes one) ends where it repeats.
+            let mut visited = BTreeSet::from([root]);
+            while let Some(&(ts, next)) = children.get(&at).and_then(|k| k.first()) {
+                if !visited.insert(next) {
+                    break;
+                }
+                chain.push((ts, next));
+                at = next;
+            }
+            let key = if Some(root) == main { None } else { Some(root) };
+            out.insert((fid, key), chain);
+        }
+    }
+    out
+}
+
+/// The tree `state` shows.
+pub fn render(state: &State) -> Tree {
+    let mut nodes: BTreeMap<Fid, Node> = BTreeMap::new();
+    let mut chains = branches(state);
+    for (fid, (ts, (loc, kind))) in &state.creates {
+        let latest = state
+            .locs
+            .range((*fid, DeviceId::MIN)..=(*fid, DeviceId::MAX))
+            .map(|(_, (ts, loc))| (*ts, loc.clone()))
+            .chain([(*ts, loc.clone())])
+            .max_by_key(|(ts, _)| *ts);
+        let main = chains.remove(&(*fid, None)).unwrap_or_default();
+        nodes.insert(
+            *fid,
+            Node {
+                kind: *kind,
+                origin: *fid,
+                content: main.last().map(|v| v.1),
+                members: main.iter().map(|v| v.0).collect(),
+                loc: latest,
+                branched: None,
+            },
+        );
+    }
+    for ((fid, root), chain) in chains {
+        let (Some(root), Some(Node { kind: Kind::File, .. })) = (root, nodes.get(&fid)) else {
+            continue;
+        };
+        let copy = derived(fid, root);
+        let own = state
+            .locs
+            .range((copy, DeviceId::MIN)..=(copy, DeviceId::MAX))
+            .map(|(_, (ts, loc))| (*ts, loc.clone()))
+            .max_by_key(|(ts, _)| *ts);
+        nodes.insert(
+            copy,
+            Node {
+                kind: Kind::File,
+                origin: fid,
+                content: chain.last().map(|v| v.1),
+                members: chain.iter().map(|v| v.0).collect(),
+                loc: own,
+                branched: Some(chain[0].0),
+            },
+        );
+    }
+    let killed = |fid: Fid, node: &Node| {
+        state
+            .deletes
+            .range((fid, Ts::MIN)..=(fid, Ts::MAX))
+            .any(|((_, at), seen)| node.members.iter().all(|v| in_past(v, at, seen)))
+    };
+    // Files and symlinks live or die on their own; directories after
+    // placement, by their children.
+    let deleted: BTreeSet<Fid> = nodes.iter().filter(|(f, n)| killed(**f, n)).map(|(f, _)| *f).collect();
+    let place = placements(&nodes);
+    let mut live_child: BTreeSet<Fid> = BTreeSet::new();
+    let mut live: BTreeSet<Fid> = BTreeSet::new();
+    // Deepest first, so a directory knows its children before itself.
+    let depth = |mut fid: Fid| {
+        let mut d = 0;
+        while fid != ROOT {
+            fid = place[&fid].0;
+            d += 1;
+        }
+        d
+    };
+    let mut order: Vec<(usize, Fid)> = nodes.keys().map(|f| (depth(*f), *f)).collect();
+    order.sort_by(|a, b| b.cmp(a));
+    for (_, fid) in order {
+        let alive = !deleted.contains(&fid) || (nodes[&fid].kind == Kind::Dir && live_child.contains(&fid));
+        if alive {
+            live.insert(fid);
+            live_child.insert(place[&fid].0);
+        }
+    }
+    name_all(state, &nodes, &place, &live)
+}
+
+/// Where each node sits: (parent, name, claim, and whose change and when
+/// a conflict name would say), after every fallback.
+type Placed = BTreeMap<Fid, (Fid, String, Claim, Ts)>;
+/// The order of claims to a name: earliest first; a conflict copy never
+/// moved comes right after its origin's claim.
+type Claim = (Ts, u8, Fid);
+
+fn placements(nodes: &BTreeMap<Fid, Node>) -> Placed {
+    let is_dir = |f: &Fid| *f == ROOT || nodes.get(f).is_some_and(|n| n.kind == Kind::Dir);
+    let mut place: Placed = BTreeMap::new();
+    let mut fell: BTreeMap<Fid, u8> = BTreeMap::new();
+    for (fid, node) in nodes {
+        if let Some((ts, loc)) = &node.loc {
+            place.insert(*fid, (loc.parent, loc.name.clone(), (*ts, 0, *fid), *ts));
+        }
+    }
+    // Moves into what is not a directory fall back.
+    let fallback = |place: &mut Placed, fell: &mut BTreeMap<Fid, u8>, fid: Fid| {
+        let times = fell.entry(fid).or_default();
+        *times += 1;
+        let node = &nodes[&fid];
+        let from = node.loc.as_ref().map(|(_, l)| l.from.clone());
+        let entry = place.get_mut(&fid).expect("placed");
+        match from {
+            Some((parent, name)) if *times == 1 && parent != entry.0 => {
+                entry.0 = parent;
+                entry.1 = name;
+            }
+            _ => entry.0 = ROOT,
+        }
+    };
+    loop {
+        let bad: Vec<Fid> = place
+            .iter()
+            .filter(|(_, (parent, ..))| !is_dir(parent))
+            .map(|(f, _)| *f)
+            .collect();
+        if bad.is_empty() {
+            break;
+        }
+        for fid in bad {
+            fallback(&mut place, &mut fell, fid);
+        }
+    }
+    // Cycles of directories: the latest move of each falls back, one at a
+    // time, until none is left (each node falls back at most twice).
+    while let Some(cycle) = find_cycle(&place) {
+        let latest = *cycle.iter().max_by_key(|f| place[*f].2).expect("a cycle has members");
+        fallback(&mut place, &mut fell, latest);
+        if !is_dir(&place[&latest].0) {
+            fallback(&mut place, &mut fell, latest);
+        }
+    }
+    // A conflict copy never moved sits where its origin ended up.
+    for (fid, node) in nodes {
+        if node.loc.is_none() {
+            let (parent, name, (ts, ..), _) = place[&node.origin].clone();
+            let branched = node.branched.expect("only conflict copies have no location");
+            place.insert(*fid, (parent, name, (ts.max(branched), 1, *fid), branched));
+        }
+    }
+    place
+}
+
+/// Some cycle of parents in `place`, if there is one.
+fn find_cycle(place: &Placed) -> Option<Vec<Fid>> {
+    let mut done: BTreeSet<Fid> = BTreeSet::from([ROOT]);
+    for start in place.keys() {
+        let mut path: Vec<Fid> = Vec::new();
+        let mut at = *start;
+        while !done.contains(&at) {
+            if let Some(i) = path.iter().position(|f| *f == at) {
+                return Some(path[i..].to_vec());
+            }
+            path.push(at);
+            at = place.get(&at).map_or(ROOT, |p| p.0);
+        }
+        done.extend(path);
+    }
+    None
+}
+
+/// Names every live node: the earliest claim keeps a name, the others get
+/// conflict names.
+fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &BTreeSet<Fid>) -> Tree {
+    let mut by_dir: BTreeMap<Fid, Vec<(&Claim, Fid)>> = BTreeMap::new();
+    for fid in live {
+        by_dir.entry(place[fid].0).or_default().push((&place[fid].2, *fid));
+    }
+    let mut tree = Tree::new();
+    for (dir, mut claims) in by_dir {
+        claims.sort();
+        let mut taken: BTreeSet<String> = BTreeSet::new();
+        let mut losers = Vec::new();
+        for (claim, fid) in claims {
+            let name = &place[&fid].1;
+            if taken.insert(name.clone()) {
+                tree.insert(fid, entry(nodes, dir, name.clone(), fid));
+            } else {
+                losers.push((claim, fid));
+            }
+        }
+        for (_, fid) in losers {
+            let ts = place[&fid].3;
+            let by = state.device_name(ts.device);
+            let mut n = 1;
+            let name = loop {
+                let name = conflict_name(&place[&fid].1, &by, ts.hlc, n);
+                if taken.insert(name.clone()) {
+                    break name;
+                }
+                n += 1;
+            };
+            tree.insert(fid, entry(nodes, dir, name, fid));
+        }
+    }
+    tree
+}
+
+fn entry(nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, fid: Fid) -> Entry {
+    let node = &nodes[&fid];
+    Entry {
+        parent,
+        name,
+        kind: node.kind,
+        content: node.content,
+        origin: node.origin,
+    }
+}
+
+/// `report.docx` by `laptop` at `hlc` (ns since the epoch):
+/// `report (conflict from laptop 2026-12-01 10.34).docx`; the `n`th such
+/// name adds ` n` inside the parentheses. At most 255 bytes, cut on a
+/// character boundary.
+pub fn conflict_name(name: &str, device: &str, hlc: u64, n: usize) -> String {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 && name.len() - i <= 16 => name.split_at(i),
+        _ => (name, ""),
+    };
+    let when = chrono::DateTime::from_timestamp((hlc / 1_000_000_000) as i64, 0)
+        .map_or_else(String::new, |t| t.format("%Y-%m-%d %H.%M").to_string());
+    let count = if n > 1 { format!(" {n}") } else { String::new() };
+    let tail = format!(" (conflict from {device} {when}{count}){ext}");
+    let mut cut = 255usize.saturating_sub(tail.len()).min(stem.len());
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tail}", &stem[..cut])
+}
+
+impl Ts {
+    pub const MIN: Ts = Ts {
+        hlc: 0,
+        device: 0,
+        seq: 0,
+        idx: 0,
+    };
+    pub const MAX: Ts = Ts {
+        hlc: u64::MAX,
+        device: DeviceId::MAX,
+        seq: u64::MAX,
+        idx: u32::MAX,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: DeviceId = 0xA << 96;
+    const B: DeviceId = 0xB << 96;
+    const T0: u64 = 1_796_000_000_000_000_000;
+
+    fn record(device: DeviceId, seq: u64, seen: &[(DeviceId, u64)], ops: Vec<Op>) -> Record {
+        Record {
+            device,
+            seq,
+            seen: seen.iter().copied().collect(),
+            ops: ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, op)| (T0 + seq * 1_000_000_000 + i as u64 + (device >> 96) as u64, op))
+                .collect(),
+        }
+    }
+
+    fn file(fid: Fid, name: &str) -> Op {
+        Op::Create {
+            fid,
+            kind: Kind::File,
+            parent: ROOT,
+            name: name.into(),
+        }
+    }
+
+    fn names(tree: &Tree) -> Vec<String> {
+        let mut v: Vec<String> = tree.values().map(|e| e.name.clone()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn two_edits_from_one_base_keep_both_the_later_as_a_named_copy() {
+        let base = record(
+            A,
+            1,
+            &[],
+            vec![Op::Enroll { name: "desk".into() }, file(1, "report.docx")],
+        );
+        let v1 = record(
+            A,
+            2,
+            &[],
+            vec![Op::Version {
+                fid: 1,
+                vid: 10,
+                base: None,
+            }],
+        );
+        let b_enroll = record(B, 1, &[(A, 2)], vec![Op::Enroll { name: "laptop".into() }]);
+        let a_edit = record(
+            A,
+            3,
+            &[],
+            vec![Op::Version {
+                fid: 1,
+                vid: 11,
+                base: Some(10),
+            }],
+        );
+        let b_edit = record(
+            B,
+            2,
+            &[(A, 2)],
+            vec![Op::Version {
+                fid: 1,
+                vid: 12,
+                base: Some(10),
+            }],
+        );
+        let all = [base, v1, b_enroll, a_edit, b_edit];
+        let tree = render(&merge(&all));
+        let mut got: Vec<(String, Option<Vid>)> = tree.values().map(|e| (e.name.clone(), e.content)).collect();
+        got.sort();
+        // The laptop's edit is the earlier one: it continues the file.
+        assert_eq!(
+            got,
+            [
+                (
+                    "report (conflict from desk 2026-11-30 00.53).docx".to_string(),
+                    Some(11)
+                ),
+                ("report.docx".to_string(), Some(12)),
+            ]
+        );
+        // Any order, and twice, gives the same.
+        let mut shuffled: Vec<&Record> = all.iter().rev().chain(all.iter()).collect();
+        shuffled.rotate_left(3);
+        assert_eq!(render(&merge(shuffled)), tree);
+    }
+
+    #[test]
+    fn an_edit_the_deleter_had_not_seen_keeps_the_file() {
+        let make = record(
+            A,
+            1,
+            &[],
+            vec![
+                file(1, "notes"),
+                Op::Version {
+                    fid: 1,
+                    vid: 10,
+                    base: None,
+                },
+            ],
+        );
+        let edit = record(
+            A,
+            2,
+            &[],
+            vec![Op::Version {
+                fid: 1,
+                vid: 11,
+                base: Some(10),
+            }],
+        );
+        let delete = record(B, 1, &[(A, 1)], vec![Op::Delete { fid: 1 }]);
+        let tree = render(&merge([&make, &edit, &delete]));
+        assert_eq!(tree[&1].content, Some(11));
+        // Seen, the same delete removes it.
+        let informed = record(B, 1, &[(A, 2)], vec![Op::Delete { fid: 1 }]);
+        assert!(render(&merge([&make, &edit, &informed])).is_empty());
+    }
+
+    #[test]
+    fn a_directory_deleted_while_another_machine_adds_to_it_stays_with_the_new_file() {
+        let dir = Op::Create {
+            fid: 1,
+            kind: Kind::Dir,
+            parent: ROOT,
+            name: "d".into(),
+        };
+        let make = record(A, 1, &[], vec![dir]);
+        let rmdir = record(A, 2, &[], vec![Op::Delete { fid: 1 }]);
+        let add = record(
+            B,
+            1,
+            &[(A, 1)],
+            vec![
+                Op::Create {
+                    fid: 2,
+                    kind: Kind::File,
+                    parent: 1,
+                    name: "new".into(),
+                },
+                Op::Version {
+                    fid: 2,
+                    vid: 20,
+                    base: None,
+                },
+            ],
+        );
+        let tree = render(&merge([&make, &rmdir, &add]));
+        assert_eq!(names(&tree), ["d", "new"]);
+        assert_eq!(tree[&2].parent, 1);
+    }
+
+    #[test]
+    fn crossed_moves_of_two_directories_break_the_cycle_by_undoing_the_later() {
+        let mkdir = |fid, name: &str| Op::Create {
+            fid,
+            kind: Kind::Dir,
+            parent: ROOT,
+            name: name.into(),
+        };
+        let make = record(A, 1, &[], vec![mkdir(1, "a"), mkdir(2, "b")]);
+        let a_into_b = record(
+            A,
+            2,
+            &[],
+            vec![Op::Move {
+                fid: 1,
+                parent: 2,
+                name: "a".into(),
+                from: (ROOT, "a".into()),
+            }],
+        );
+        let b_into_a = record(
+            B,
+            2,
+            &[(A, 1)],
+            vec![Op::Move {
+                fid: 2,
+                parent: 1,
+                name: "b".into(),
+                from: (ROOT, "b".into()),
+            }],
+        );
+        let tree = render(&merge([&make, &a_into_b, &b_into_a]));
+        // B's move is the later one (its device sorts after A's at one time).
+        assert_eq!((tree[&1].parent, tree[&2].parent), (2, ROOT));
+    }
+
+    #[test]
+    fn two_creates_of_one_name_keep_both() {
+        let a = record(
+            A,
+            1,
+            &[],
+            vec![
+                file(1, "x"),
+                Op::Version {
+                    fid: 1,
+                    vid: 10,
+                    base: None,
+                },
+            ],
+        );
+        let b = record(
+            B,
+            1,
+            &[],
+            vec![
+                file(2, "x"),
+                Op::Version {
+                    fid: 2,
+                    vid: 20,
+                    base: None,
+                },
+            ],
+        );
+        let tree = render(&merge([&b, &a]));
+        assert_eq!(tree[&1].name, "x");
+        assert!(
+            tree[&2].name.starts_with("x (conflict from 0000000b "),
+            "{}",
+            tree[&2].name
+        );
+    }
+
+    #[test]
+    fn conflict_names_keep_the_extension_and_fit_in_255_bytes() {
+        let t = 1_796_120_040_000_000_000;
+        assert_eq!(
+            conflict_name("a.tar.gz", "pc", t, 1),
+            "a.tar (conflict from pc 2026-12-01 10.14).gz"
+        );
+        assert_eq!(
+            conflict_name(".bashrc", "pc", t, 2),
+            ".bashrc (conflict from pc 2026-12-01 10.14 2)"
+        );
+        let long = "é".repeat(200);
+        let name = conflict_name(&long, "pc", t, 1);
+        assert!(name.len() <= 255 && name.ends_with("10.14)"), "{name}");
+    }
+}

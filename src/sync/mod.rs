@@ -1,0 +1,8 @@
+//! One drive on several machines (issue 20, docs/SEVERAL_MACHINES.md).
+//!
+//! Landed so far: the merge rules ([`merge`]), a pure function from every
+//! machine's logged operations to one tree, checked by the reference model
+//! in tests/sync_merge.rs. The logs, their formats on the grid, publishing
+//! and pulling come next; nothing in the mount calls this yet.
+
+pub mod merge;
