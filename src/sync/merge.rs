@@ -29,9 +29,10 @@
 //!   `STEM (conflict from DEVICE YYYY-MM-DD HH.MM)EXT`, by the claiming
 //!   device's name and the claim's time (UTC), numbered if that is taken.
 //!
-//! Not yet here: attributes and xattrs (latest per field), revoked devices,
-//! and one directory for two concurrent `mkdir`s of a name (today the later
-//! is a conflict copy, empty or not).
+//! - **Directories made twice**: concurrent `mkdir`s of one name in one
+//!   directory (neither device had seen the other's) are one directory.
+//!
+//! Not yet here: attributes and xattrs (latest per field), revoked devices.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -107,7 +108,9 @@ struct Loc {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
     names: BTreeMap<DeviceId, (Ts, String)>,
-    creates: BTreeMap<Fid, (Ts, (Loc, Kind))>,
+    /// With what its device had seen: two `mkdir`s of one name neither
+    /// had seen are one directory.
+    creates: BTreeMap<Fid, (Ts, (Loc, Kind, Seen))>,
     /// Each node's latest location per device.
     locs: BTreeMap<(Fid, DeviceId), (Ts, Loc)>,
     deletes: BTreeMap<(Fid, Ts), Seen>,
@@ -171,7 +174,7 @@ impl State {
                     };
                     // A node is created once: a second create of its id (a
                     // forger's) loses to the first.
-                    keep(&mut self.creates, *fid, ts, &(loc, *kind), true);
+                    keep(&mut self.creates, *fid, ts, &(loc, *kind, record.seen.clone()), true);
                 }
                 Op::Move {
                     fid,
@@ -337,16 +340,88 @@ fn branches(state: &State) -> Branches {
 }
 
 /// The tree `state` shows.
+/// Concurrent `mkdir`s of one name in one directory (neither device had
+/// seen the other's) are one directory: each maps to the smallest id of
+/// its group. Parents are resolved first, so `mkdir -p a/b` on two
+/// machines gives one `a/b`.
+fn aliases(state: &State) -> BTreeMap<Fid, Fid> {
+    let dirs: Vec<(Fid, Ts, &Loc, &Seen)> = state
+        .creates
+        .iter()
+        .filter(|(_, (_, (_, kind, _)))| *kind == Kind::Dir)
+        .map(|(fid, (ts, (loc, _, seen)))| (*fid, *ts, loc, seen))
+        .collect();
+    let concurrent =
+        |a: &(Fid, Ts, &Loc, &Seen), b: &(Fid, Ts, &Loc, &Seen)| !in_past(&a.1, &b.1, b.3) && !in_past(&b.1, &a.1, a.3);
+    let mut alias: BTreeMap<Fid, Fid> = BTreeMap::new();
+    // Merging only ever joins groups, so this settles (at most once per
+    // directory).
+    for _ in 0..=dirs.len() {
+        let canon = |f: Fid| *alias.get(&f).unwrap_or(&f);
+        let mut groups: BTreeMap<(Fid, &str), Vec<usize>> = BTreeMap::new();
+        for (i, d) in dirs.iter().enumerate() {
+            groups
+                .entry((canon(d.2.parent), d.2.name.as_str()))
+                .or_default()
+                .push(i);
+        }
+        let mut label: Vec<Fid> = dirs.iter().map(|d| d.0).collect();
+        for members in groups.values() {
+            let mut changed = true;
+            while changed {
+                changed = false;
+                for (x, &i) in members.iter().enumerate() {
+                    for &j in &members[x + 1..] {
+                        let low = label[i].min(label[j]);
+                        if concurrent(&dirs[i], &dirs[j]) && (label[i], label[j]) != (low, low) {
+                            (label[i], label[j], changed) = (low, low, true);
+                        }
+                    }
+                }
+            }
+        }
+        let next: BTreeMap<Fid, Fid> = dirs
+            .iter()
+            .zip(label)
+            .filter(|(d, l)| d.0 != *l)
+            .map(|(d, l)| (d.0, l))
+            .collect();
+        if next == alias {
+            break;
+        }
+        alias = next;
+    }
+    alias
+}
+
 pub fn render(state: &State) -> Tree {
+    let alias = aliases(state);
+    let canon = |f: Fid| *alias.get(&f).unwrap_or(&f);
+    let canon_loc = |loc: &Loc| Loc {
+        parent: canon(loc.parent),
+        name: loc.name.clone(),
+        from: (canon(loc.from.0), loc.from.1.clone()),
+    };
+    // Every location claimed for each node, by any of its ids.
+    let mut claimed: BTreeMap<Fid, Vec<(Ts, Loc)>> = BTreeMap::new();
+    for ((fid, _), (ts, loc)) in &state.locs {
+        claimed.entry(canon(*fid)).or_default().push((*ts, canon_loc(loc)));
+    }
+    for (fid, (ts, (loc, ..))) in &state.creates {
+        claimed.entry(canon(*fid)).or_default().push((*ts, canon_loc(loc)));
+    }
+    let latest = |fid: Fid| {
+        claimed
+            .get(&fid)
+            .and_then(|c| c.iter().max_by_key(|(ts, _)| *ts).cloned())
+    };
     let mut nodes: BTreeMap<Fid, Node> = BTreeMap::new();
     let mut chains = branches(state);
-    for (fid, (ts, (loc, kind))) in &state.creates {
-        let latest = state
-            .locs
-            .range((*fid, DeviceId::MIN)..=(*fid, DeviceId::MAX))
-            .map(|(_, (ts, loc))| (*ts, loc.clone()))
-            .chain([(*ts, loc.clone())])
-            .max_by_key(|(ts, _)| *ts);
+    for (fid, (_, (_, kind, _))) in &state.creates {
+        if alias.contains_key(fid) {
+            continue;
+        }
+        let latest = latest(*fid);
         let main = chains.remove(&(*fid, None)).unwrap_or_default();
         nodes.insert(
             *fid,
@@ -365,11 +440,7 @@ pub fn render(state: &State) -> Tree {
             continue;
         };
         let copy = derived(fid, root);
-        let own = state
-            .locs
-            .range((copy, DeviceId::MIN)..=(copy, DeviceId::MAX))
-            .map(|(_, (ts, loc))| (*ts, loc.clone()))
-            .max_by_key(|(ts, _)| *ts);
+        let own = latest(copy);
         nodes.insert(
             copy,
             Node {
@@ -382,11 +453,15 @@ pub fn render(state: &State) -> Tree {
             },
         );
     }
+    let mut deletes: BTreeMap<Fid, Vec<(Ts, &Seen)>> = BTreeMap::new();
+    for ((fid, at), seen) in &state.deletes {
+        deletes.entry(canon(*fid)).or_default().push((*at, seen));
+    }
     let killed = |fid: Fid, node: &Node| {
-        state
-            .deletes
-            .range((fid, Ts::MIN)..=(fid, Ts::MAX))
-            .any(|((_, at), seen)| node.members.iter().all(|v| in_past(v, at, seen)))
+        deletes.get(&fid).is_some_and(|d| {
+            d.iter()
+                .any(|(at, seen)| node.members.iter().all(|v| in_past(v, at, seen)))
+        })
     };
     // Files and symlinks live or die on their own; directories after
     // placement, by their children.
@@ -813,6 +888,59 @@ mod tests {
             "{}",
             tree[&2].name
         );
+    }
+
+    #[test]
+    fn two_machines_making_one_directory_get_one_directory_with_both_files() {
+        let mkdir = |fid, parent, name: &str| Op::Create {
+            fid,
+            kind: Kind::Dir,
+            parent,
+            name: name.into(),
+        };
+        let put = |fid, parent, vid| {
+            vec![
+                Op::Create {
+                    fid,
+                    kind: Kind::File,
+                    parent,
+                    name: format!("f{fid}"),
+                },
+                Op::Version { fid, vid, base: None },
+            ]
+        };
+        // mkdir -p build/out on both, a file in each out.
+        let a = record(
+            A,
+            1,
+            &[],
+            [vec![mkdir(1, ROOT, "build"), mkdir(2, 1, "out")], put(3, 2, 30)].concat(),
+        );
+        let b = record(
+            B,
+            1,
+            &[],
+            [vec![mkdir(4, ROOT, "build"), mkdir(5, 4, "out")], put(6, 5, 60)].concat(),
+        );
+        let tree = render(&merge([&b, &a]));
+        assert_eq!(names(&tree), ["build", "f3", "f6", "out"]);
+        assert_eq!((tree[&3].parent, tree[&6].parent), (2, 2));
+        // A directory made after seeing the other's renamed away is its own.
+        let moved = record(
+            B,
+            1,
+            &[(A, 1)],
+            vec![
+                Op::Move {
+                    fid: 1,
+                    parent: ROOT,
+                    name: "old".into(),
+                    from: (ROOT, "build".into()),
+                },
+                mkdir(4, ROOT, "build"),
+            ],
+        );
+        assert_eq!(names(&render(&merge([&a, &moved]))), ["build", "f3", "old", "out"]);
     }
 
     #[test]
