@@ -12,14 +12,6 @@ use std::time::Duration;
 
 use common::{bytes, stderr, Home};
 
-fn root_cap(home: &Home) -> String {
-    let out = home.ok(&["root-cap"]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("root capability: "))
-        .expect("root-cap prints it")
-        .to_string()
-}
-
 /// A new, empty CAIRN_HOME recovered from `root` and `config`.
 fn recover_into_new_home(root: &str, config: &Path) -> (Home, String) {
     let home = Home::empty();
@@ -70,7 +62,7 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
     xattr_set(&mnt.file("notes.txt"), "user.colour", b"blue");
     let out = home.ok(&["sync", "--json"]);
     assert!(out.contains("\"namespace_published\": "), "{out}");
-    let root = root_cap(&home);
+    let root = home.root_cap();
     let before = listing(&home);
     assert!(mnt.unmount().success());
 
@@ -99,7 +91,7 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
     ]);
     assert!(out.contains("recovered namespace"), "{out}");
     assert_eq!(listing(&home), before, "the namespace comes back whole");
-    assert_eq!(root_cap(&home), root);
+    assert_eq!(home.root_cap(), root);
 
     let mnt = home.mount(&[]);
     for (path, data) in &files {
@@ -146,7 +138,7 @@ fn kill_9_during_a_namespace_upload_leaves_a_whole_namespace() {
     let home = Home::init(&[]);
     put(&home, "/one", b"one");
     home.ok(&["sync"]);
-    let root = root_cap(&home);
+    let root = home.root_cap();
     let first = listing(&home);
     put(&home, "/two", b"two");
     let second = listing(&home);
@@ -185,7 +177,7 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
     let home = Home::init(&[]);
     put(&home, "/a", b"a");
     home.ok(&["sync"]);
-    let root = root_cap(&home);
+    let root = home.root_cap();
     let records = |s: &str| home.server_dir(s).join("records");
     let old = home.file("old-records");
     for s in ["s1", "s2", "s3", "s4"] {
@@ -211,7 +203,7 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
     assert!(out.contains("s4: invalid pointer: authentication failed"), "{out}");
     // And a wrong root capability finds nothing it can open.
     let other = Home::init(&[]);
-    let wrong = root_cap(&other);
+    let wrong = other.root_cap();
     let probe = Home::empty();
     let out = probe
         .command(&["recover", "--config", home.file("config.toml").to_str().unwrap()])
@@ -270,7 +262,7 @@ fn gc_deletes_only_what_retention_lets_go() {
     assert!(!out.status.success());
     assert!(!got.exists());
     // The newest namespace still recovers everything retained.
-    let (recovered, _) = recover_into_new_home(&root_cap(&home), &home.file("config.toml"));
+    let (recovered, _) = recover_into_new_home(&home.root_cap(), &home.file("config.toml"));
     assert!(listing(&recovered).contains("/f "));
     assert!(home
         .ok(&["gc"])
@@ -286,7 +278,7 @@ fn recovery_refuses_to_guess_from_too_few_servers_and_takes_a_floor() {
     home.ok(&["sync"]);
     put(&home, "/b", b"b");
     home.ok(&["sync"]);
-    let root = root_cap(&home);
+    let root = home.root_cap();
     // Three of five servers stall: the two that answer need not hold the
     // newest pointer.
     home.edit_config(|c| {
@@ -335,7 +327,7 @@ fn a_huge_pointer_record_is_refused_without_being_read() {
     let home = Home::init(&[]);
     put(&home, "/a", b"a");
     home.ok(&["sync"]);
-    let root = root_cap(&home);
+    let root = home.root_cap();
     // A hostile server's 800 MiB record (sparse: costs the test no disk).
     let records = home.server_dir("s1").join("records");
     let name = std::fs::read_dir(&records).unwrap().next().unwrap().unwrap().path();
@@ -359,7 +351,7 @@ fn recovery_never_makes_a_missing_server_directory_afresh() {
     let home = Home::init(&[]);
     put(&home, "/a", b"a");
     home.ok(&["sync"]);
-    let root = root_cap(&home);
+    let root = home.root_cap();
     // s5 is a disk that is not mounted right now.
     let s5 = home.server_dir("s5");
     std::fs::rename(&s5, home.file("s5-unmounted")).unwrap();

@@ -230,8 +230,7 @@ fn a_huge_pointer_record_from_an_s3_server_is_refused_without_being_read() {
     let home = s3_home(&servers);
     put(&home, "a", b"a");
     home.ok(&["sync"]);
-    let root = home.ok(&["root-cap"]);
-    let root = root.lines().find_map(|l| l.strip_prefix("root capability: ")).unwrap();
+    let root = home.root_cap();
     let mut records = Vec::new();
     common::walk(&servers.data_dir(1), &mut |p| {
         if p.parent().is_some_and(|d| d.ends_with("records")) {

@@ -853,8 +853,7 @@ fn secrets_never_reach_a_command_line_or_a_log() {
         .map(|f| xattr(&dir.path().join(f), "user.cairn.cap").expect("committed"))
         .collect();
     unmount(dir.path(), child);
-    let root = home.ok(&["root-cap"]);
-    let root = root.lines().find_map(|l| l.strip_prefix("root capability: ")).unwrap();
+    let root = home.root_cap();
     // Keys are the long base32 fields of a capability (the key, the pack's
     // member key); the whole capability is checked as well.
     let mut secrets = vec![root.to_owned(), common::s3::SECRET_KEY.to_owned()];

@@ -640,21 +640,6 @@ pub fn conflict_name(name: &str, device: &str, hlc: u64, n: usize) -> String {
     format!("{}{tail}", &stem[..cut])
 }
 
-impl Ts {
-    pub const MIN: Ts = Ts {
-        hlc: 0,
-        device: 0,
-        seq: 0,
-        idx: 0,
-    };
-    pub const MAX: Ts = Ts {
-        hlc: u64::MAX,
-        device: DeviceId::MAX,
-        seq: u64::MAX,
-        idx: u32::MAX,
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,6 +666,15 @@ mod tests {
             fid,
             kind: Kind::File,
             parent: ROOT,
+            name: name.into(),
+        }
+    }
+
+    fn dir(fid: Fid, parent: Fid, name: &str) -> Op {
+        Op::Create {
+            fid,
+            kind: Kind::Dir,
+            parent,
             name: name.into(),
         }
     }
@@ -786,13 +780,7 @@ mod tests {
 
     #[test]
     fn a_directory_deleted_while_another_machine_adds_to_it_stays_with_the_new_file() {
-        let dir = Op::Create {
-            fid: 1,
-            kind: Kind::Dir,
-            parent: ROOT,
-            name: "d".into(),
-        };
-        let make = record(A, 1, &[], vec![dir]);
+        let make = record(A, 1, &[], vec![dir(1, ROOT, "d")]);
         let rmdir = record(A, 2, &[], vec![Op::Delete { fid: 1 }]);
         let add = record(
             B,
@@ -819,13 +807,7 @@ mod tests {
 
     #[test]
     fn crossed_moves_of_two_directories_break_the_cycle_by_undoing_the_later() {
-        let mkdir = |fid, name: &str| Op::Create {
-            fid,
-            kind: Kind::Dir,
-            parent: ROOT,
-            name: name.into(),
-        };
-        let make = record(A, 1, &[], vec![mkdir(1, "a"), mkdir(2, "b")]);
+        let make = record(A, 1, &[], vec![dir(1, ROOT, "a"), dir(2, ROOT, "b")]);
         let a_into_b = record(
             A,
             2,
@@ -892,12 +874,6 @@ mod tests {
 
     #[test]
     fn two_machines_making_one_directory_get_one_directory_with_both_files() {
-        let mkdir = |fid, parent, name: &str| Op::Create {
-            fid,
-            kind: Kind::Dir,
-            parent,
-            name: name.into(),
-        };
         let put = |fid, parent, vid| {
             vec![
                 Op::Create {
@@ -914,13 +890,13 @@ mod tests {
             A,
             1,
             &[],
-            [vec![mkdir(1, ROOT, "build"), mkdir(2, 1, "out")], put(3, 2, 30)].concat(),
+            [vec![dir(1, ROOT, "build"), dir(2, 1, "out")], put(3, 2, 30)].concat(),
         );
         let b = record(
             B,
             1,
             &[],
-            [vec![mkdir(4, ROOT, "build"), mkdir(5, 4, "out")], put(6, 5, 60)].concat(),
+            [vec![dir(4, ROOT, "build"), dir(5, 4, "out")], put(6, 5, 60)].concat(),
         );
         let tree = render(&merge([&b, &a]));
         assert_eq!(names(&tree), ["build", "f3", "f6", "out"]);
@@ -937,7 +913,7 @@ mod tests {
                     name: "old".into(),
                     from: (ROOT, "build".into()),
                 },
-                mkdir(4, ROOT, "build"),
+                dir(4, ROOT, "build"),
             ],
         );
         assert_eq!(names(&render(&merge([&a, &moved]))), ["build", "f3", "old", "out"]);

@@ -143,6 +143,15 @@ impl Home {
         self.path().join(name)
     }
 
+    /// The drive's root capability, as `cairn root-cap` prints it.
+    pub fn root_cap(&self) -> String {
+        let out = self.ok(&["root-cap"]);
+        out.lines()
+            .find_map(|l| l.strip_prefix("root capability: "))
+            .expect("root-cap prints it")
+            .to_string()
+    }
+
     /// The upload key last recorded (committed) for a top-level file's
     /// newest version, read beside whatever else holds the catalog.
     pub fn upload_key(&self, path: &str) -> Option<String> {
