@@ -74,6 +74,14 @@ impl RootCap {
         format!("namespace-{}", data_encoding::HEXLOWER.encode(&h[..16]))
     }
 
+    /// A hash of the secret for `tag` (a key, a MAC key, a name): the one
+    /// way other modules use the secret.
+    pub(crate) fn derive(&self, tag: &[u8], parts: &[&[u8]]) -> crate::codec::Hash {
+        let mut all: Vec<&[u8]> = vec![&self.0];
+        all.extend_from_slice(parts);
+        tagged_hash(tag, &all)
+    }
+
     fn mac(&self, body: &[u8]) -> Hmac<Sha256> {
         let key = tagged_hash(b"cairn-v1-pointer-mac", &[&self.0]);
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).expect("any key length");

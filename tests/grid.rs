@@ -381,3 +381,17 @@ fn new_shares_records_and_their_new_directories_are_synced_into_their_parents() 
         trace.join("\n")
     );
 }
+
+/// Devices find each other's heads by listing records (issue 20). A dir
+/// server's half-written record (a dot-file its put leaves after a crash)
+/// is never listed.
+#[test]
+fn records_are_listed_by_prefix_and_deleted_on_dir_servers() {
+    let home = Home::init(&[]);
+    for s in &home.config().servers {
+        let records = s.path.as_ref().unwrap().join("records");
+        std::fs::create_dir_all(&records).unwrap();
+        std::fs::write(records.join(".log-d1-a-3.77.0123456789abcdef.tmp"), b"torn").unwrap();
+    }
+    common::records_are_listed_by_prefix_and_deleted(&home);
+}

@@ -248,3 +248,16 @@ fn a_huge_pointer_record_from_an_s3_server_is_refused_without_being_read() {
     assert!(out.contains("unreachable: record of"), "{out}");
     assert!(peak_kib < 100 << 10, "peak RSS {peak_kib} KiB");
 }
+
+/// Devices find each other's heads by listing records (issue 20); on S3
+/// that is a LIST of the records prefix, filtered by name.
+#[test]
+fn records_are_listed_by_prefix_and_deleted_on_s3_servers() {
+    let servers = S3Servers::start(5);
+    let home = s3_home(&servers);
+    for (key, value) in servers.secret_env() {
+        // Every test of this binary that needs it passes the same secret.
+        std::env::set_var(key, value);
+    }
+    common::records_are_listed_by_prefix_and_deleted(&home);
+}

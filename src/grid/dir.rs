@@ -214,6 +214,48 @@ impl Server for DirServer {
         .await
     }
 
+    async fn list_records(&self, prefix: &str) -> Result<Vec<String>, ServerError> {
+        self.check_root()?;
+        let dir = self.root.join("records");
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let name = entry?.file_name();
+                // Temporary files start with a dot; no record does.
+                let Some(name) = name.to_str().filter(|n| n.starts_with(&prefix) && !n.starts_with('.')) else {
+                    continue;
+                };
+                if out.len() == super::MAX_LISTED {
+                    return Err(super::too_many_records());
+                }
+                out.push(name.to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_record(&self, name: &str) -> Result<(), ServerError> {
+        self.check_root()?;
+        let dir = self.root.join("records");
+        let path = dir.join(name);
+        blocking(move || {
+            match std::fs::remove_file(&path) {
+                Ok(()) => crate::sys::sync_dir(&dir)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete(&self, si: StorageIndex, share: u16) -> Result<(), ServerError> {
         self.check_root()?;
         let path = self.share_path(si, share);

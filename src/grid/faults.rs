@@ -139,6 +139,16 @@ impl Server for FaultyServer {
         self.faults.before().await?;
         self.inner.get_record(name).await
     }
+
+    async fn list_records(&self, prefix: &str) -> Result<Vec<String>, ServerError> {
+        self.faults.before().await?;
+        self.inner.list_records(prefix).await
+    }
+
+    async fn delete_record(&self, name: &str) -> Result<(), ServerError> {
+        self.faults.before().await?;
+        self.inner.delete_record(name).await
+    }
 }
 
 struct FaultySink {

@@ -42,6 +42,14 @@ pub enum ServerError {
 /// 200 bytes).
 pub const MAX_RECORD: u64 = 64 << 10;
 
+/// Most record names one listing may return: a drive's records are a few
+/// per machine plus its log records, which gc thins.
+pub const MAX_LISTED: usize = 1 << 20;
+
+fn too_many_records() -> ServerError {
+    ServerError::Other(format!("more than {MAX_LISTED} records listed"))
+}
+
 fn record_too_long(len: u64) -> ServerError {
     ServerError::Other(format!(
         "record of {len} bytes or more, longer than any cairn writes ({MAX_RECORD})"
@@ -69,6 +77,11 @@ pub trait Server: Send + Sync {
     /// The record `name`, or `None` if there is none. A record longer than
     /// [`MAX_RECORD`] is an error, found before it is held in memory.
     async fn get_record(&self, name: &str) -> Result<Option<Vec<u8>>, ServerError>;
+    /// Names of the records starting with `prefix`, in no order; at most
+    /// [`MAX_LISTED`] (more is an error: no cairn writes that many).
+    async fn list_records(&self, prefix: &str) -> Result<Vec<String>, ServerError>;
+    /// Removes record `name`; removing one that is not there is no error.
+    async fn delete_record(&self, name: &str) -> Result<(), ServerError>;
 }
 
 /// Bytes on their way into a share, with the memory budget they hold (if

@@ -227,6 +227,32 @@ impl Server for S3Server {
         Ok(Some(data))
     }
 
+    async fn list_records(&self, prefix: &str) -> Result<Vec<String>, ServerError> {
+        let dir = format!("{}records/", self.prefix);
+        // Listed by the directory (S3 has no partial-name listing through
+        // object_store), filtered here.
+        let mut listed = self.store.list(Some(&ObjectPath::from(dir.as_str())));
+        let mut out = Vec::new();
+        while let Some(meta) = listed.try_next().await? {
+            let name = meta.location.as_ref().strip_prefix(dir.as_str()).unwrap_or_default();
+            if name.starts_with(prefix) && !name.contains('/') {
+                if out.len() == super::MAX_LISTED {
+                    return Err(super::too_many_records());
+                }
+                out.push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_record(&self, name: &str) -> Result<(), ServerError> {
+        let path = ObjectPath::from(format!("{}records/{name}", self.prefix));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Aborts the multipart uploads journaled by processes that are gone.
     async fn clean_abandoned(&self) -> Result<usize, ServerError> {
         let Ok(entries) = std::fs::read_dir(&self.journal) else {

@@ -57,7 +57,9 @@ pub struct Ts {
     pub idx: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Logged as JSON (docs/FORMAT.md, "Device logs"): ids are integers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Op {
     /// The device's name, as conflict copies show it.
     Enroll { name: String },

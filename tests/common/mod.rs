@@ -487,3 +487,30 @@ pub fn files_survive_losing_the_cache(home: &Home) {
     );
     assert!(mnt.unmount().success());
 }
+
+/// Every server of `home`'s grid lists the records of a prefix (and only
+/// those), deletes one, and
+/// deletes one that is not there without error.
+pub fn records_are_listed_by_prefix_and_deleted(home: &Home) {
+    let config = home.config();
+    let grid = cairn::grid::Grid::from_config(&config, home.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for s in &grid.servers {
+        let server = &s.server;
+        rt.block_on(async {
+            for name in ["log-d1-a-1", "log-d1-a-2", "log-d1-b-1", "head-d1-a", "log-d2-a-1"] {
+                server.put_record(name, name.as_bytes().to_vec()).await.unwrap();
+            }
+            let mut listed = server.list_records("log-d1-a-").await.unwrap();
+            listed.sort();
+            assert_eq!(listed, ["log-d1-a-1", "log-d1-a-2"], "server {}", s.name);
+            assert_eq!(server.list_records("head-d1-").await.unwrap(), ["head-d1-a"]);
+            assert!(server.list_records("bell-").await.unwrap().is_empty());
+            server.delete_record("log-d1-a-1").await.unwrap();
+            server.delete_record("log-d1-a-1").await.unwrap();
+            assert_eq!(server.list_records("log-d1-a-").await.unwrap(), ["log-d1-a-2"]);
+            assert_eq!(server.get_record("log-d1-a-1").await.unwrap(), None);
+            assert_eq!(server.get_record("log-d1-a-2").await.unwrap().unwrap(), b"log-d1-a-2");
+        });
+    }
+}
