@@ -210,10 +210,16 @@ impl World {
                     kind,
                     parent,
                     name: NAMES[name].into(),
+                    attrs: Attrs::default(),
                 });
                 if !dir {
                     let vid = m.fresh();
-                    m.stamp(Op::Version { fid, vid, base: None });
+                    m.stamp(Op::Version {
+                        fid,
+                        vid,
+                        base: None,
+                        content: Content::default(),
+                    });
                     m.known.insert(vid);
                     self.versions.insert((vid, fid, None));
                 }
@@ -229,6 +235,7 @@ impl World {
                     fid: e.origin,
                     vid,
                     base: e.content,
+                    content: Content::default(),
                 });
                 m.known.insert(vid);
                 self.versions.insert((vid, e.origin, e.content));

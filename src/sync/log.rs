@@ -407,6 +407,7 @@ pub fn bell_rung(root: &RootCap, bytes: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::catalog::Kind;
+    use crate::sync::merge::{Attrs, Content};
 
     fn payload(me: &Identity, root: &RootCap, seq: u64) -> Payload {
         Payload {
@@ -427,6 +428,10 @@ mod tests {
                         kind: Kind::File,
                         parent: 0,
                         name: "report.docx".into(),
+                        attrs: Attrs {
+                            mode: 0o644,
+                            ..Attrs::default()
+                        },
                     },
                 ),
                 (
@@ -435,6 +440,11 @@ mod tests {
                         fid: u128::MAX,
                         vid: 5,
                         base: None,
+                        content: Content {
+                            cap: "cairn:chk1:x".into(),
+                            size: 3,
+                            sha256: "ab".into(),
+                        },
                     },
                 ),
             ],

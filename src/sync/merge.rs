@@ -32,7 +32,12 @@
 //! - **Directories made twice**: concurrent `mkdir`s of one name in one
 //!   directory (neither device had seen the other's) are one directory.
 //!
-//! Not yet here: attributes and xattrs (latest per field), revoked devices.
+//! - **Attributes**: a node's latest (by `Ts`) attribute write wins; a
+//!   conflict copy shows its origin's until it is given its own.
+//! - Versions and creates carry what other machines need to show them
+//!   (the content's capability, a symlink's target).
+//!
+//! Not yet here: extended attributes, revoked devices.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -57,6 +62,28 @@ pub struct Ts {
     pub idx: u32,
 }
 
+/// A node's attributes, as one value: the latest write of any device wins
+/// (a create's attributes count as its first write).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Attrs {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    /// A symlink's target, a device node's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// Where a version's bytes are and what they are, for the machines that
+/// did not make it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Content {
+    pub cap: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
 /// Logged as JSON (docs/FORMAT.md, "Device logs"): ids are integers.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +95,7 @@ pub enum Op {
         kind: Kind,
         parent: Fid,
         name: String,
+        attrs: Attrs,
     },
     /// rename(2). Replacing a name is a `Delete` of what was there and a
     /// `Move`.
@@ -80,7 +108,14 @@ pub enum Op {
     /// unlink, rmdir: of the node as its author had seen it.
     Delete { fid: Fid },
     /// Closed content of file `fid`, made from version `base`.
-    Version { fid: Fid, vid: Vid, base: Option<Vid> },
+    Version {
+        fid: Fid,
+        vid: Vid,
+        base: Option<Vid>,
+        content: Content,
+    },
+    /// chmod, chown, utimes: every attribute at once.
+    Attrs { fid: Fid, attrs: Attrs },
 }
 
 /// How far a device had merged each other device's log: the highest
@@ -116,7 +151,9 @@ pub struct State {
     /// Each node's latest location per device.
     locs: BTreeMap<(Fid, DeviceId), (Ts, Loc)>,
     deletes: BTreeMap<(Fid, Ts), Seen>,
-    versions: BTreeMap<Vid, (Ts, (Fid, Option<Vid>))>,
+    versions: BTreeMap<Vid, (Ts, (Fid, Option<Vid>, Content))>,
+    /// Each node's latest attributes per device.
+    attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
 }
 
 /// Keeps the entry of `map` at `key` with the smaller (`first`) or larger
@@ -168,6 +205,7 @@ impl State {
                     kind,
                     parent,
                     name,
+                    attrs,
                 } => {
                     let loc = Loc {
                         parent: *parent,
@@ -177,7 +215,9 @@ impl State {
                     // A node is created once: a second create of its id (a
                     // forger's) loses to the first.
                     keep(&mut self.creates, *fid, ts, &(loc, *kind, record.seen.clone()), true);
+                    keep(&mut self.attrs, (*fid, record.device), ts, attrs, false);
                 }
+                Op::Attrs { fid, attrs } => keep(&mut self.attrs, (*fid, record.device), ts, attrs, false),
                 Op::Move {
                     fid,
                     parent,
@@ -192,7 +232,12 @@ impl State {
                     keep(&mut self.locs, (*fid, record.device), ts, &loc, false);
                 }
                 Op::Delete { fid } => add_delete(&mut self.deletes, (*fid, ts), &record.seen),
-                Op::Version { fid, vid, base } => keep(&mut self.versions, *vid, ts, &(*fid, *base), true),
+                Op::Version {
+                    fid,
+                    vid,
+                    base,
+                    content,
+                } => keep(&mut self.versions, *vid, ts, &(*fid, *base, content.clone()), true),
             }
         }
     }
@@ -214,6 +259,22 @@ impl State {
         for (vid, (ts, v)) in &other.versions {
             keep(&mut self.versions, *vid, *ts, v, true);
         }
+        for (key, (ts, attrs)) in &other.attrs {
+            keep(&mut self.attrs, *key, *ts, attrs, false);
+        }
+    }
+
+    /// What version `vid` holds, if it is known.
+    pub fn content(&self, vid: Vid) -> Option<&Content> {
+        self.versions.get(&vid).map(|(_, (_, _, c))| c)
+    }
+
+    /// The latest attributes of `fid` by any device.
+    fn attrs_of(&self, fid: Fid) -> Option<&(Ts, Attrs)> {
+        self.attrs
+            .range((fid, DeviceId::MIN)..=(fid, DeviceId::MAX))
+            .map(|(_, v)| v)
+            .max_by_key(|(ts, _)| *ts)
     }
 
     /// The name conflict copies give `device` (at most 64 bytes, so a
@@ -274,6 +335,9 @@ pub struct Entry {
     /// The file whose versions this node shows (itself, or for a conflict
     /// copy the file it branched from): a write here is a version of it.
     pub origin: Fid,
+    /// Its own latest, or for a conflict copy never given its own, its
+    /// origin's.
+    pub attrs: Attrs,
 }
 
 /// Every live node but the root.
@@ -299,7 +363,7 @@ type Branches = BTreeMap<(Fid, Option<Vid>), Vec<(Ts, Vid)>>;
 
 fn branches(state: &State) -> Branches {
     let mut by_file: BTreeMap<Fid, Vec<(Ts, Vid, Option<Vid>)>> = BTreeMap::new();
-    for (vid, (ts, (fid, base))) in &state.versions {
+    for (vid, (ts, (fid, base, _))) in &state.versions {
         by_file.entry(*fid).or_default().push((*ts, *vid, *base));
     }
     let mut out = BTreeMap::new();
@@ -589,7 +653,7 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
         for (claim, fid) in claims {
             let name = &place[&fid].1;
             if taken.insert(name.clone()) {
-                tree.insert(fid, entry(nodes, dir, name.clone(), fid));
+                tree.insert(fid, entry(state, nodes, dir, name.clone(), fid));
             } else {
                 losers.push((claim, fid));
             }
@@ -605,20 +669,22 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
                 }
                 n += 1;
             };
-            tree.insert(fid, entry(nodes, dir, name, fid));
+            tree.insert(fid, entry(state, nodes, dir, name, fid));
         }
     }
     tree
 }
 
-fn entry(nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, fid: Fid) -> Entry {
+fn entry(state: &State, nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, fid: Fid) -> Entry {
     let node = &nodes[&fid];
+    let attrs = state.attrs_of(fid).or_else(|| state.attrs_of(node.origin));
     Entry {
         parent,
         name,
         kind: node.kind,
         content: node.content,
         origin: node.origin,
+        attrs: attrs.map(|(_, a)| a.clone()).unwrap_or_default(),
     }
 }
 
@@ -669,6 +735,7 @@ mod tests {
             kind: Kind::File,
             parent: ROOT,
             name: name.into(),
+            attrs: Attrs::default(),
         }
     }
 
@@ -678,6 +745,16 @@ mod tests {
             kind: Kind::Dir,
             parent,
             name: name.into(),
+            attrs: Attrs::default(),
+        }
+    }
+
+    fn version(fid: Fid, vid: Vid, base: Option<Vid>) -> Op {
+        Op::Version {
+            fid,
+            vid,
+            base,
+            content: Content::default(),
         }
     }
 
@@ -695,37 +772,10 @@ mod tests {
             &[],
             vec![Op::Enroll { name: "desk".into() }, file(1, "report.docx")],
         );
-        let v1 = record(
-            A,
-            2,
-            &[],
-            vec![Op::Version {
-                fid: 1,
-                vid: 10,
-                base: None,
-            }],
-        );
+        let v1 = record(A, 2, &[], vec![version(1, 10, None)]);
         let b_enroll = record(B, 1, &[(A, 2)], vec![Op::Enroll { name: "laptop".into() }]);
-        let a_edit = record(
-            A,
-            3,
-            &[],
-            vec![Op::Version {
-                fid: 1,
-                vid: 11,
-                base: Some(10),
-            }],
-        );
-        let b_edit = record(
-            B,
-            2,
-            &[(A, 2)],
-            vec![Op::Version {
-                fid: 1,
-                vid: 12,
-                base: Some(10),
-            }],
-        );
+        let a_edit = record(A, 3, &[], vec![version(1, 11, Some(10))]);
+        let b_edit = record(B, 2, &[(A, 2)], vec![version(1, 12, Some(10))]);
         let all = [base, v1, b_enroll, a_edit, b_edit];
         let tree = render(&merge(&all));
         let mut got: Vec<(String, Option<Vid>)> = tree.values().map(|e| (e.name.clone(), e.content)).collect();
@@ -749,29 +799,8 @@ mod tests {
 
     #[test]
     fn an_edit_the_deleter_had_not_seen_keeps_the_file() {
-        let make = record(
-            A,
-            1,
-            &[],
-            vec![
-                file(1, "notes"),
-                Op::Version {
-                    fid: 1,
-                    vid: 10,
-                    base: None,
-                },
-            ],
-        );
-        let edit = record(
-            A,
-            2,
-            &[],
-            vec![Op::Version {
-                fid: 1,
-                vid: 11,
-                base: Some(10),
-            }],
-        );
+        let make = record(A, 1, &[], vec![file(1, "notes"), version(1, 10, None)]);
+        let edit = record(A, 2, &[], vec![version(1, 11, Some(10))]);
         let delete = record(B, 1, &[(A, 1)], vec![Op::Delete { fid: 1 }]);
         let tree = render(&merge([&make, &edit, &delete]));
         assert_eq!(tree[&1].content, Some(11));
@@ -794,12 +823,9 @@ mod tests {
                     kind: Kind::File,
                     parent: 1,
                     name: "new".into(),
+                    attrs: Attrs::default(),
                 },
-                Op::Version {
-                    fid: 2,
-                    vid: 20,
-                    base: None,
-                },
+                version(2, 20, None),
             ],
         );
         let tree = render(&merge([&make, &rmdir, &add]));
@@ -839,32 +865,8 @@ mod tests {
 
     #[test]
     fn two_creates_of_one_name_keep_both() {
-        let a = record(
-            A,
-            1,
-            &[],
-            vec![
-                file(1, "x"),
-                Op::Version {
-                    fid: 1,
-                    vid: 10,
-                    base: None,
-                },
-            ],
-        );
-        let b = record(
-            B,
-            1,
-            &[],
-            vec![
-                file(2, "x"),
-                Op::Version {
-                    fid: 2,
-                    vid: 20,
-                    base: None,
-                },
-            ],
-        );
+        let a = record(A, 1, &[], vec![file(1, "x"), version(1, 10, None)]);
+        let b = record(B, 1, &[], vec![file(2, "x"), version(2, 20, None)]);
         let tree = render(&merge([&b, &a]));
         assert_eq!(tree[&1].name, "x");
         assert!(
@@ -883,8 +885,9 @@ mod tests {
                     kind: Kind::File,
                     parent,
                     name: format!("f{fid}"),
+                    attrs: Attrs::default(),
                 },
-                Op::Version { fid, vid, base: None },
+                version(fid, vid, None),
             ]
         };
         // mkdir -p build/out on both, a file in each out.
@@ -935,5 +938,40 @@ mod tests {
         let long = "é".repeat(200);
         let name = conflict_name(&long, "pc", t, 1);
         assert!(name.len() <= 255 && name.ends_with("10.14)"), "{name}");
+    }
+
+    #[test]
+    fn the_latest_attributes_win_and_a_conflict_copy_shows_its_origins() {
+        let mode = |mode| Attrs {
+            mode,
+            ..Attrs::default()
+        };
+        let a1 = record(A, 1, &[], vec![file(1, "f"), version(1, 10, None)]);
+        // B chmods after A's create; A's later chmod (a later record) wins.
+        let b1 = record(
+            B,
+            1,
+            &[(A, 1)],
+            vec![Op::Attrs {
+                fid: 1,
+                attrs: mode(0o600),
+            }],
+        );
+        let a2 = record(
+            A,
+            2,
+            &[],
+            vec![Op::Attrs {
+                fid: 1,
+                attrs: mode(0o640),
+            }],
+        );
+        let b2 = record(B, 2, &[(A, 1)], vec![version(1, 11, Some(10))]);
+        let a3 = record(A, 3, &[], vec![version(1, 12, Some(10))]);
+        for order in [[&a1, &b1, &a2, &b2, &a3], [&a3, &b2, &a2, &b1, &a1]] {
+            let tree = render(&merge(order));
+            assert_eq!(tree.len(), 2, "{tree:?}");
+            assert!(tree.values().all(|e| e.attrs.mode == 0o640), "{tree:?}");
+        }
     }
 }
