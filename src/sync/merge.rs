@@ -141,6 +141,9 @@ struct Loc {
     from: (Fid, String),
 }
 
+/// A version's file, the version it was made from, and what it holds.
+type VersionOf = (Fid, Option<Vid>, Content);
+
 /// Everything known of the namespace: a join-semilattice (see the module).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct State {
@@ -151,7 +154,7 @@ pub struct State {
     /// Each node's latest location per device.
     locs: BTreeMap<(Fid, DeviceId), (Ts, Loc)>,
     deletes: BTreeMap<(Fid, Ts), Seen>,
-    versions: BTreeMap<Vid, (Ts, (Fid, Option<Vid>, Content))>,
+    versions: BTreeMap<Vid, (Ts, VersionOf)>,
     /// Each node's latest attributes per device.
     attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
 }
