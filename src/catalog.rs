@@ -29,6 +29,8 @@ pub enum CatalogError {
     IsADirectory(String),
     #[error("{0:?}: invalid path (use /-separated names, without . or ..)")]
     InvalidPath(String),
+    #[error("{0} is damaged")]
+    Corrupt(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -408,6 +410,17 @@ impl Catalog {
         Ok(self.db.prepare_cached(sql)?.execute(params)?)
     }
 
+    /// The connection, for the sync tables' own statements (src/sync/store.rs).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.db
+    }
+
+    /// The connection inside the current batch, for changes.
+    pub(crate) fn batch(&self) -> Result<&Connection, CatalogError> {
+        self.begin_batch()?;
+        Ok(&self.db)
+    }
+
     /// A one-row query, its statement prepared once per connection.
     fn query_one<T, P: rusqlite::Params>(
         &self,
@@ -504,7 +517,8 @@ impl Catalog {
         // record under its number, and the kernel may still know it.
         self.exec(
             "INSERT INTO nodes (ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
-             VALUES ((SELECT MAX(m) + 1 FROM (SELECT MAX(ino) AS m FROM nodes UNION ALL SELECT MAX(ino) FROM versions)),
+             VALUES ((SELECT MAX(m) + 1 FROM (SELECT MAX(ino) AS m FROM nodes UNION ALL SELECT MAX(ino) FROM versions
+                        UNION ALL SELECT MAX(ino) FROM sync_nodes)),
                      ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
             params![
                 parent,
@@ -1071,8 +1085,77 @@ impl Catalog {
     }
 }
 
+/// What several machines need (src/sync): the tree as this machine last
+/// published or applied it, by node id; which local versions are which
+/// shared version; every device log record known here; the other devices.
+/// Triggers note every node whose row or committed versions change, so a
+/// publication looks only at those.
+const SYNC_SCHEMA: &str = "
+CREATE TABLE sync_nodes (
+    fid BLOB PRIMARY KEY,
+    ino INTEGER NOT NULL UNIQUE,
+    parent BLOB NOT NULL,
+    name TEXT NOT NULL,
+    attrs TEXT NOT NULL,
+    xattrs TEXT NOT NULL,
+    content BLOB
+);
+CREATE TABLE sync_versions (
+    ino INTEGER NOT NULL,
+    num INTEGER NOT NULL,
+    vid BLOB NOT NULL,
+    PRIMARY KEY (ino, num)
+);
+CREATE INDEX sync_versions_by_vid ON sync_versions (vid);
+CREATE TABLE sync_dirty (ino INTEGER PRIMARY KEY);
+CREATE TABLE sync_log (
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    placed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, seq)
+);
+CREATE TABLE sync_devices (
+    device BLOB PRIMARY KEY,
+    key BLOB NOT NULL,
+    merged_seq INTEGER NOT NULL,
+    merged_link BLOB NOT NULL,
+    head_time_ns INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER sync_node_added AFTER INSERT ON nodes
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (NEW.ino); END;
+CREATE TRIGGER sync_node_changed AFTER UPDATE OF parent, name, mode, uid, gid, mtime_ns, target ON nodes
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (NEW.ino); END;
+CREATE TRIGGER sync_node_removed AFTER DELETE ON nodes
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (OLD.ino); END;
+CREATE TRIGGER sync_xattr_set AFTER INSERT ON xattrs
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (NEW.ino); END;
+CREATE TRIGGER sync_xattr_removed AFTER DELETE ON xattrs
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (OLD.ino); END;
+CREATE TRIGGER sync_version_added AFTER INSERT ON versions WHEN NEW.state = 'committed'
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (NEW.ino); END;
+CREATE TRIGGER sync_version_committed AFTER UPDATE OF state ON versions WHEN NEW.state = 'committed'
+    BEGIN INSERT OR IGNORE INTO sync_dirty VALUES (NEW.ino); END;
+";
+/// Meta key: the highest inode number before the sync tables were made.
+/// Nodes up to it get ids derived from their number, the same on every
+/// machine that recovered them from one snapshot.
+pub const META_SYNC_LEGACY_INO: &str = "sync_legacy_max_ino";
+
 /// Columns added after the first release of the schema.
 fn migrate(db: &Connection) -> Result<(), CatalogError> {
+    let has_sync = db
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sync_dirty'")?
+        .exists([])?;
+    if !has_sync {
+        // Every node made before is waiting to be published.
+        db.execute_batch(&format!(
+            "BEGIN; {SYNC_SCHEMA}
+             INSERT INTO sync_dirty SELECT ino FROM nodes WHERE ino != {ROOT_INO};
+             INSERT INTO meta (key, value) SELECT '{META_SYNC_LEGACY_INO}', COALESCE(MAX(ino), 1) FROM nodes;
+             COMMIT;"
+        ))?;
+    }
     let has = |column: &str| -> rusqlite::Result<bool> {
         let mut stmt = db.prepare("SELECT name FROM pragma_table_info('versions') WHERE name = ?1")?;
         stmt.exists([column])

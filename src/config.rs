@@ -31,6 +31,8 @@ pub struct Config {
     pub namespace: NamespaceConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
     #[serde(rename = "server")]
     pub servers: Vec<ServerConfig>,
 }
@@ -55,6 +57,29 @@ impl Default for NamespaceConfig {
 
 fn default_namespace_interval() -> u64 {
     300
+}
+
+/// Several machines on one drive (docs/SEVERAL_MACHINES.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Milliseconds between looks for other machines' changes (one read of
+    /// the doorbell from each server) while mounted; this machine's
+    /// changes are published on the same beat.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            poll_ms: default_poll_ms(),
+        }
+    }
+}
+
+fn default_poll_ms() -> u64 {
+    1000
 }
 
 /// Which committed versions `cairn gc` keeps: each file's newest always,
@@ -225,6 +250,7 @@ impl Config {
             },
             namespace: NamespaceConfig::default(),
             retention: RetentionConfig::default(),
+            sync: SyncConfig::default(),
             servers: (1..=5)
                 .map(|i| ServerConfig {
                     name: format!("s{i}"),
@@ -304,6 +330,7 @@ impl Config {
         for (name, value, max) in [
             ("retention.keep_days", u64::from(self.retention.keep_days), 36_500),
             ("namespace.interval_secs", self.namespace.interval_secs, 86_400 * 365),
+            ("sync.poll_ms", self.sync.poll_ms, 3_600_000),
         ] {
             if value > max {
                 return Err(field(name, format!("{value} must be at most {max}")));

@@ -46,10 +46,13 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
             .await
             .map(|s| json!({ "mountpoint": mountpoint, "status": s })),
         Request::Sync => match vfs.sync().await {
-            Ok(n) => vfs
-                .publish_namespace()
-                .await
-                .map(|seq| json!({ "synced": n, "namespace_published": seq })),
+            Ok(n) => match vfs.sync_devices().await {
+                Ok(devices) => vfs
+                    .publish_namespace()
+                    .await
+                    .map(|seq| json!({ "synced": n, "devices": devices, "namespace_published": seq })),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         },
         Request::Versions { path } => {

@@ -614,7 +614,14 @@ fn recover(
     }
     let grid = Arc::new(home.grid()?);
     let mut catalog = home.catalog()?;
-    let latest = runtime()?.block_on(cairn::namespace::recover(
+    let rt = runtime()?;
+    if rt.block_on(cairn::sync::remote::any_device(&grid, &root)) {
+        cairn::namespace::adopt(&catalog, &root)?;
+        catalog.commit()?;
+        drop(catalog);
+        return join(home, &config, &rt, json);
+    }
+    let latest = rt.block_on(cairn::namespace::recover(
         grid,
         &root,
         config.grid.happy,
@@ -643,6 +650,38 @@ fn recover(
         );
         for (server, said) in &latest.servers {
             println!("  {server}: {said}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Joins a drive that machines publish device logs to: this home becomes
+/// one more device, and its catalog what every device's logs merge to.
+fn join(home: &Home, config: &Config, rt: &tokio::runtime::Runtime, json: bool) -> Result<ExitCode> {
+    let vfs = cairn::vfs::Vfs::new(
+        cairn::vfs::VfsOptions {
+            home: home.dir.clone(),
+            writeback_delay: std::time::Duration::ZERO,
+            read_only: false,
+            cache_max_bytes: 1 << 30,
+        },
+        config,
+        rt.handle().clone(),
+    )?;
+    let report = rt.block_on(vfs.sync_devices())?;
+    let nodes = home.catalog()?.count_nodes()?;
+    if json {
+        let out = serde_json::json!({"ok": true, "joined": report, "nodes": nodes});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "joined the drive as a new machine: {} records of other machines merged, {} names, into {}",
+            report.merged,
+            nodes,
+            home.dir.display()
+        );
+        if report.waiting > 0 {
+            println!("  {} changes wait and are merged at the next mount", report.waiting);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -192,6 +192,12 @@ pub fn root_cap(catalog: &Catalog) -> Result<RootCap, NamespaceError> {
     }
 }
 
+/// Makes `root` this catalog's drive (a machine joining it).
+pub fn adopt(catalog: &Catalog, root: &RootCap) -> Result<(), NamespaceError> {
+    catalog.set_meta(META_ROOT, &root.to_string())?;
+    Ok(())
+}
+
 /// A snapshot ready to publish, taken from the catalog.
 pub struct Pending {
     root: RootCap,

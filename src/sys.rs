@@ -310,3 +310,22 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 pub fn sync_file(path: &Path) -> io::Result<()> {
     std::fs::OpenOptions::new().write(true).open(path)?.sync_all()
 }
+
+/// This machine's name, as devices are named by default.
+#[cfg(unix)]
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that and terminates the name when it fits.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match String::from_utf8_lossy(&buf[..len]).into_owned() {
+        name if ok && !name.is_empty() => name,
+        _ => "machine".into(),
+    }
+}
+
+#[cfg(windows)]
+pub fn host_name() -> String {
+    std::env::var("COMPUTERNAME").unwrap_or_else(|_| "machine".into())
+}

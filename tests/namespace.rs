@@ -89,7 +89,7 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
         "--config",
         home.file("config.toml").to_str().unwrap(),
     ]);
-    assert!(out.contains("recovered namespace"), "{out}");
+    assert!(out.contains("joined the drive"), "{out}");
     assert_eq!(listing(&home), before, "the namespace comes back whole");
     assert_eq!(home.root_cap(), root);
 

@@ -270,9 +270,14 @@ fn mount_session(
     let session = fuser::Session::new(CairnFs::new(vfs.clone()), mountpoint, &config)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let notifier = session.notifier();
-    vfs.on_content_changed(move |ino| {
-        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
-            tracing::debug!(ino, error = %e, "invalidating the kernel's cache of a file");
+    vfs.on_invalidate(move |inval| {
+        use cairn::sync::apply::Inval;
+        let result = match inval {
+            Inval::Node(ino) => notifier.inval_inode(fuser::INodeNo(*ino), 0, 0),
+            Inval::Entry { parent, name } => notifier.inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name)),
+        };
+        if let Err(e) = result {
+            tracing::debug!(?inval, error = %e, "invalidating the kernel's cache");
         }
     });
     Ok(session)

@@ -144,6 +144,15 @@ fn spawn_background(
     every(runtime, vfs, repair, "automatic repair", |vfs| async move {
         vfs.repair_degraded().await.map(drop)
     });
+    // Other machines' changes are looked for every second (a doorbell read
+    // from each server), and this machine's published as they come.
+    every(
+        runtime,
+        vfs,
+        Duration::from_millis(config.sync.poll_ms.max(100)),
+        "merging with the drive's other machines; trying again",
+        |vfs| async move { vfs.sync_devices().await.map(drop) },
+    );
     let publish = Duration::from_secs(config.namespace.interval_secs.max(1));
     every(
         runtime,

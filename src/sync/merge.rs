@@ -34,10 +34,12 @@
 //!
 //! - **Attributes**: a node's latest (by `Ts`) attribute write wins; a
 //!   conflict copy shows its origin's until it is given its own.
+//! - **Extended attributes**: each name's latest write (a set or a
+//!   removal) wins.
 //! - Versions and creates carry what other machines need to show them
 //!   (the content's capability, a symlink's target).
 //!
-//! Not yet here: extended attributes, revoked devices.
+//! Not yet here: revoked devices.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -116,6 +118,12 @@ pub enum Op {
     },
     /// chmod, chown, utimes: every attribute at once.
     Attrs { fid: Fid, attrs: Attrs },
+    /// An extended attribute set, or removed (`None`).
+    Xattr {
+        fid: Fid,
+        name: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 /// How far a device had merged each other device's log: the highest
@@ -157,6 +165,8 @@ pub struct State {
     versions: BTreeMap<Vid, (Ts, VersionOf)>,
     /// Each node's latest attributes per device.
     attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
+    /// Each extended attribute's latest value per device.
+    xattrs: BTreeMap<(Fid, String, DeviceId), (Ts, Option<Vec<u8>>)>,
 }
 
 /// Keeps the entry of `map` at `key` with the smaller (`first`) or larger
@@ -221,6 +231,9 @@ impl State {
                     keep(&mut self.attrs, (*fid, record.device), ts, attrs, false);
                 }
                 Op::Attrs { fid, attrs } => keep(&mut self.attrs, (*fid, record.device), ts, attrs, false),
+                Op::Xattr { fid, name, value } => {
+                    keep(&mut self.xattrs, (*fid, name.clone(), record.device), ts, value, false)
+                }
                 Op::Move {
                     fid,
                     parent,
@@ -265,6 +278,30 @@ impl State {
         for (key, (ts, attrs)) in &other.attrs {
             keep(&mut self.attrs, *key, *ts, attrs, false);
         }
+        for (key, (ts, value)) in &other.xattrs {
+            keep(&mut self.xattrs, key.clone(), *ts, value, false);
+        }
+    }
+
+    /// The extended attributes of `fid`: each name's latest write, unless
+    /// that removed it. `None` if it never had any.
+    fn xattrs_of(&self, fid: Fid) -> Option<BTreeMap<String, Vec<u8>>> {
+        let mut latest: BTreeMap<&str, &(Ts, Option<Vec<u8>>)> = BTreeMap::new();
+        let from = (fid, String::new(), DeviceId::MIN);
+        for ((f, name, _), v) in self.xattrs.range(from..) {
+            if *f != fid {
+                break;
+            }
+            if latest.get(name.as_str()).is_none_or(|old| old.0 < v.0) {
+                latest.insert(name, v);
+            }
+        }
+        (!latest.is_empty()).then(|| {
+            latest
+                .into_iter()
+                .filter_map(|(name, (_, value))| Some((name.to_string(), value.clone()?)))
+                .collect()
+        })
     }
 
     /// What version `vid` holds, if it is known.
@@ -341,6 +378,11 @@ pub struct Entry {
     /// Its own latest, or for a conflict copy never given its own, its
     /// origin's.
     pub attrs: Attrs,
+    /// Every version of its branch, oldest first (`content` is the last).
+    pub history: Vec<Vid>,
+    /// Extended attributes: its own, or for a conflict copy never given
+    /// any, its origin's.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
 }
 
 /// Every live node but the root.
@@ -352,7 +394,7 @@ struct Node {
     origin: Fid,
     content: Option<Vid>,
     /// The versions it holds (a file's main branch, or a copy's branch).
-    members: Vec<Ts>,
+    members: Vec<(Ts, Vid)>,
     /// Its location and the claim's time; `None` for a conflict copy never
     /// moved, which sits where its origin is, just after it.
     loc: Option<(Ts, Loc)>,
@@ -498,7 +540,7 @@ pub fn render(state: &State) -> Tree {
                 kind: *kind,
                 origin: *fid,
                 content: main.last().map(|v| v.1),
-                members: main.iter().map(|v| v.0).collect(),
+                members: main.clone(),
                 loc: latest,
                 branched: None,
             },
@@ -516,7 +558,7 @@ pub fn render(state: &State) -> Tree {
                 kind: Kind::File,
                 origin: fid,
                 content: chain.last().map(|v| v.1),
-                members: chain.iter().map(|v| v.0).collect(),
+                members: chain.clone(),
                 loc: own,
                 branched: Some(chain[0].0),
             },
@@ -529,7 +571,7 @@ pub fn render(state: &State) -> Tree {
     let killed = |fid: Fid, node: &Node| {
         deletes.get(&fid).is_some_and(|d| {
             d.iter()
-                .any(|(at, seen)| node.members.iter().all(|v| in_past(v, at, seen)))
+                .any(|(at, seen)| node.members.iter().all(|(v, _)| in_past(v, at, seen)))
         })
     };
     // Files and symlinks live or die on their own; directories after
@@ -688,6 +730,11 @@ fn entry(state: &State, nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, 
         content: node.content,
         origin: node.origin,
         attrs: attrs.map(|(_, a)| a.clone()).unwrap_or_default(),
+        history: node.members.iter().map(|(_, v)| *v).collect(),
+        xattrs: state
+            .xattrs_of(fid)
+            .or_else(|| state.xattrs_of(node.origin))
+            .unwrap_or_default(),
     }
 }
 

@@ -6,6 +6,10 @@
 //! writes on the servers ([`log`]: records, heads, the doorbell). Publishing
 //! and pulling come next; nothing in the mount calls this yet.
 
+pub mod apply;
 pub mod device;
 pub mod log;
 pub mod merge;
+pub mod publish;
+pub mod remote;
+pub mod store;

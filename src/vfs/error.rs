@@ -61,6 +61,9 @@ pub enum GridError {
     Download(#[from] crate::download::DownloadError),
     #[error("{0}")]
     Namespace(#[from] crate::namespace::NamespaceError),
+    /// Publishing to or merging other devices' logs.
+    #[error("several machines: {0}")]
+    Sync(String),
 }
 
 pub type VfsResult<T> = Result<T, VfsError>;
@@ -136,7 +139,7 @@ impl VfsError {
             {
                 K::DiskFull
             }
-            VfsError::Catalog(CatalogError::Db(_)) => K::Catalog,
+            VfsError::Catalog(CatalogError::Db(_) | CatalogError::Corrupt(_)) => K::Catalog,
             VfsError::Grid(_) => K::Grid,
         }
     }

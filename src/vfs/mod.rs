@@ -21,11 +21,13 @@ mod files;
 mod namespace;
 mod read;
 mod restore;
+mod sync;
 mod uploads;
 mod xattr;
 
 pub use error::{ErrorKind, GridError, VfsError, VfsResult};
 pub use namespace::StatFs;
+pub use sync::SyncReport;
 pub use uploads::{QueueEntry, Status};
 
 use namespace::ToFree;
@@ -293,6 +295,9 @@ struct State {
     vacated: HashMap<(Ino, String), (Ino, Instant)>,
 }
 
+/// What the platform adapter does when the kernel's caches went wrong.
+type Invalidate = Box<dyn Fn(&crate::sync::apply::Inval) + Send + Sync>;
+
 /// How long a vacated name remembers its file for a save-by-rename.
 const SAVE_CHAIN_WINDOW: Duration = Duration::from_secs(60);
 
@@ -347,8 +352,10 @@ pub struct Vfs {
     cache_growth: Arc<AtomicU64>,
     /// Empty directories for new working copies.
     spares: Arc<SpareDirs>,
-    /// Set by the platform adapter: see [`Vfs::on_content_changed`].
-    content_changed: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// Set by the platform adapter: see [`Vfs::on_invalidate`].
+    invalidate: std::sync::OnceLock<Invalidate>,
+    /// This machine among the drive's devices (`sync`).
+    devices: sync::Devices,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -411,6 +418,7 @@ impl Vfs {
             tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
         }
         let spares = Arc::new(SpareDirs::new(cache.join("work")));
+        let devices = sync::Devices::open(&catalog)?;
         Ok(Arc::new(Vfs {
             state: Mutex::new(State {
                 catalog,
@@ -442,7 +450,8 @@ impl Vfs {
             reading_ahead: Arc::new(Mutex::new(std::collections::HashSet::new())),
             cache_scanned: AtomicU64::new(u64::MAX),
             cache_growth: Arc::new(AtomicU64::new(0)),
-            content_changed: std::sync::OnceLock::new(),
+            invalidate: std::sync::OnceLock::new(),
+            devices,
             spares,
         }))
     }

@@ -19,16 +19,10 @@ impl Vfs {
     /// kernel is told to forget what it cached of the file.
     pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
         let (ino, restored) = self.restore_version(path, num)?;
-        if let Some(invalidate) = self.content_changed.get() {
-            invalidate(ino);
+        if let Some(tell) = self.invalidate.get() {
+            tell(&crate::sync::apply::Inval::Node(ino));
         }
         Ok(restored)
-    }
-
-    /// Registers what to call when a file's content changes other than by
-    /// a write through the mount (the adapter invalidates kernel caches).
-    pub fn on_content_changed(&self, invalidate: impl Fn(u64) + Send + Sync + 'static) {
-        let _ = self.content_changed.set(Box::new(invalidate));
     }
 
     pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(Ino, i64)> {

@@ -1,0 +1,356 @@
+//! The merged tree into the catalog: what the other machines changed
+//! becomes local nodes, names, attributes and versions (their content is
+//! fetched from the grid on first read, as after a recovery).
+//!
+//! Local changes not yet published win for now: a node changed here since
+//! its last publication is left alone, and the change that was skipped is
+//! applied once the local one is published and merged (the merge decides
+//! between them). So nothing this machine did is overwritten unseen.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::merge::{Entry, Fid, Kind, State, Tree, ROOT};
+use super::store::{self, Synced};
+use crate::catalog::{Catalog, CatalogError, Ino, NewNode, Node, VersionState, ORPHAN_PARENT, ROOT_INO};
+
+/// What the kernel must forget after an apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    /// A name in a directory came, went or changed node.
+    Entry { parent: Ino, name: String },
+    /// A node's attributes or content (or a directory's listing) changed.
+    Node(Ino),
+}
+
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub inval: Vec<Inval>,
+    /// Changes left for later (a node changed or open here): apply again.
+    pub skipped: usize,
+    pub changed: usize,
+}
+
+/// Where the nodes of the tree sit in the catalog, by node id.
+fn ino_of(synced: &HashMap<Fid, Synced>, fid: Fid) -> Option<Ino> {
+    if fid == ROOT {
+        Some(ROOT_INO)
+    } else {
+        synced.get(&fid).map(|s| s.ino)
+    }
+}
+
+/// Depth of `fid` in `tree` (the root's children are 1).
+fn depth(tree: &Tree, mut fid: Fid) -> usize {
+    let mut d = 0;
+    while let Some(e) = tree.get(&fid) {
+        fid = e.parent;
+        d += 1;
+        if d > tree.len() {
+            break;
+        }
+    }
+    d
+}
+
+/// Makes the catalog show `tree`, but for nodes changed here and not yet
+/// published and, if `in_use` says so, files open here (their new content
+/// waits for the last close).
+pub fn apply(
+    cat: &mut Catalog,
+    tree: &Tree,
+    state: &State,
+    in_use: &dyn Fn(Ino) -> bool,
+) -> Result<Applied, CatalogError> {
+    let mut out = Applied::default();
+    let mut synced: HashMap<Fid, Synced> = store::all_synced(cat)?.into_iter().map(|s| (s.fid, s)).collect();
+
+    // Gone: deepest first, so a directory is empty when its turn comes.
+    let mut gone: Vec<Synced> = synced
+        .values()
+        .filter(|s| !tree.contains_key(&s.fid))
+        .cloned()
+        .collect();
+    gone.sort_by_key(|s| std::cmp::Reverse(depth_of_synced(&synced, s)));
+    for s in gone {
+        let node = cat.node(s.ino)?;
+        let busy = store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)?;
+        let full = match &node {
+            Some(n) if n.kind == Kind::Dir => cat.has_children(n.ino)?,
+            _ => false,
+        };
+        if busy || full {
+            out.skipped += 1;
+            continue;
+        }
+        if let Some(node) = node.filter(|n| n.parent != ORPHAN_PARENT) {
+            cat.unlink(&node, in_use(node.ino))?;
+            out.inval.push(Inval::Entry {
+                parent: node.parent,
+                name: node.name.clone(),
+            });
+            out.inval.push(Inval::Node(node.parent));
+        }
+        store::remove_synced(cat, s.fid)?;
+        store::clear_dirty(cat, s.ino)?;
+        synced.remove(&s.fid);
+        out.changed += 1;
+    }
+
+    // Made or changed: parents first.
+    let mut order: Vec<(usize, Fid)> = tree.keys().map(|f| (depth(tree, *f), *f)).collect();
+    order.sort();
+    let mut parked: BTreeSet<Fid> = BTreeSet::new();
+    let mut pending: BTreeSet<Fid> = order.iter().map(|(_, f)| *f).collect();
+    for (_, fid) in order {
+        pending.remove(&fid);
+        let e = &tree[&fid];
+        let Some(parent) = ino_of(&synced, e.parent) else {
+            out.skipped += 1;
+            continue;
+        };
+        match synced.get(&fid).cloned() {
+            None => match create(cat, parent, fid, e, state, &mut out)? {
+                Some(s) => {
+                    synced.insert(fid, s);
+                }
+                None => out.skipped += 1,
+            },
+            Some(s) => {
+                if store::is_dirty(cat, s.ino)? {
+                    out.skipped += 1;
+                    continue;
+                }
+                let Some(node) = cat.node(s.ino)? else {
+                    out.skipped += 1;
+                    continue;
+                };
+                let was_parked = parked.remove(&fid);
+                let moved = (s.parent, s.name.as_str()) != (e.parent, e.name.as_str()) || was_parked;
+                let to = Place {
+                    parent,
+                    name: &e.name,
+                    pending: &pending,
+                };
+                if moved && !place(cat, &node, &to, &synced, tree, &mut parked, &mut out)? {
+                    if !was_parked {
+                        out.skipped += 1;
+                        continue;
+                    }
+                    // Parked for a swap, and its new name was taken since
+                    // by a node not yet published here: beside it, under
+                    // a name of its own, rather than nowhere.
+                    let aside = format!("{} ({})", e.name, node.ino);
+                    cat.rename(&node, parent, &aside, None)?;
+                    out.inval.push(Inval::Node(parent));
+                    out.skipped += 1;
+                    continue;
+                }
+                let mut now = s.clone();
+                now.parent = e.parent;
+                now.name = e.name.clone();
+                if !update(cat, s.ino, e, state, &mut now, in_use, &mut out)? {
+                    out.skipped += 1;
+                }
+                store::put_synced(cat, &now)?;
+                store::clear_dirty(cat, s.ino)?;
+                synced.insert(fid, now);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn depth_of_synced(synced: &HashMap<Fid, Synced>, s: &Synced) -> usize {
+    let mut d = 0;
+    let mut at = s.parent;
+    while let Some(p) = synced.get(&at) {
+        at = p.parent;
+        d += 1;
+        if d > synced.len() {
+            break;
+        }
+    }
+    d
+}
+
+/// A node of `tree` this machine does not have yet.
+fn create(
+    cat: &mut Catalog,
+    parent: Ino,
+    fid: Fid,
+    e: &Entry,
+    state: &State,
+    out: &mut Applied,
+) -> Result<Option<Synced>, CatalogError> {
+    if cat.child(parent, &e.name)?.is_some() {
+        // A local node not yet published holds the name: once it is, the
+        // merge names one of them otherwise.
+        return Ok(None);
+    }
+    let content = match e.content {
+        Some(vid) => match state.content(vid) {
+            Some(c) => Some((vid, c.clone())),
+            None => return Ok(None),
+        },
+        None if e.kind == Kind::File => return Ok(None),
+        None => None,
+    };
+    let node = cat.create(
+        parent,
+        &e.name,
+        &NewNode {
+            kind: e.kind,
+            mode: e.attrs.mode,
+            uid: e.attrs.uid,
+            gid: e.attrs.gid,
+            target: e.attrs.target.as_deref(),
+        },
+    )?;
+    set_times(cat, &node, e)?;
+    add_history(cat, node.ino, e, state)?;
+    let s = Synced {
+        fid,
+        ino: node.ino,
+        parent: e.parent,
+        name: e.name.clone(),
+        attrs: e.attrs.clone(),
+        xattrs: e.xattrs.clone(),
+        content: content.map(|c| c.0),
+    };
+    for (name, value) in &e.xattrs {
+        cat.set_xattr(node.ino, name, value)?;
+    }
+    store::put_synced(cat, &s)?;
+    store::clear_dirty(cat, node.ino)?;
+    out.inval.push(Inval::Entry {
+        parent,
+        name: e.name.clone(),
+    });
+    out.inval.push(Inval::Node(parent));
+    out.changed += 1;
+    Ok(Some(s))
+}
+
+/// The versions of `e`'s branch that `ino` does not have yet, as
+/// committed versions (their shares are on the grid), oldest first.
+fn add_history(cat: &mut Catalog, ino: Ino, e: &Entry, state: &State) -> Result<(), CatalogError> {
+    for vid in &e.history {
+        if store::local_version(cat, ino, *vid)?.is_some() {
+            continue;
+        }
+        if let Some(c) = state.content(*vid) {
+            let num = cat.add_version(ino, c.size, &c.sha256, VersionState::Committed, Some(&c.cap), None)?;
+            store::set_vid(cat, ino, num, *vid)?;
+        }
+    }
+    Ok(())
+}
+
+/// The merged attributes' times on a node (directories keep their own).
+fn set_times(cat: &Catalog, node: &Node, e: &Entry) -> Result<(), CatalogError> {
+    if e.kind == Kind::Dir {
+        return Ok(());
+    }
+    let mut node = node.clone();
+    node.mtime_ns = e.attrs.mtime_ns;
+    cat.update_attrs(&node)
+}
+
+/// Where a node goes, and the nodes of the tree not placed yet.
+struct Place<'a> {
+    parent: Ino,
+    name: &'a str,
+    pending: &'a BTreeSet<Fid>,
+}
+
+/// Moves `node` to its place. A node of the tree still to be placed that
+/// holds the name and moves away itself is parked first (a swap of two
+/// names, inside the one transaction of the apply); any other holder (a
+/// local node not yet published) stops the move.
+fn place(
+    cat: &mut Catalog,
+    node: &Node,
+    to: &Place<'_>,
+    synced: &HashMap<Fid, Synced>,
+    tree: &Tree,
+    parked: &mut BTreeSet<Fid>,
+    out: &mut Applied,
+) -> Result<bool, CatalogError> {
+    let (parent, name) = (to.parent, to.name);
+    if let Some(holder) = cat.child(parent, name)?.filter(|h| h.ino != node.ino) {
+        let leaving = synced.values().find(|s| s.ino == holder.ino).filter(|s| {
+            to.pending.contains(&s.fid)
+                && tree
+                    .get(&s.fid)
+                    .is_some_and(|e| (e.parent, e.name.as_str()) != (s.parent, s.name.as_str()))
+        });
+        // A holder changed here is left where it is, so it is never left
+        // parked.
+        let Some(leaving) = leaving.filter(|_| !store::is_dirty(cat, holder.ino).unwrap_or(true)) else {
+            return Ok(false);
+        };
+        cat.rename(&holder, ORPHAN_PARENT, &format!("{}", holder.ino), None)?;
+        parked.insert(leaving.fid);
+    }
+    cat.rename(node, parent, name, None)?;
+    for (dir, n) in [(node.parent, node.name.clone()), (parent, name.to_string())] {
+        out.inval.push(Inval::Entry { parent: dir, name: n });
+        out.inval.push(Inval::Node(dir));
+    }
+    out.changed += 1;
+    Ok(true)
+}
+
+/// Attributes and content of a node this machine has. Returns false if
+/// the content waits (the file is open here).
+fn update(
+    cat: &mut Catalog,
+    ino: Ino,
+    e: &Entry,
+    state: &State,
+    now: &mut Synced,
+    in_use: &dyn Fn(Ino) -> bool,
+    out: &mut Applied,
+) -> Result<bool, CatalogError> {
+    let mut done = true;
+    if e.content != now.content {
+        match e.content.and_then(|vid| state.content(vid).map(|c| (vid, c.clone()))) {
+            Some(_) if in_use(ino) => done = false,
+            Some((vid, _)) => {
+                add_history(cat, ino, e, state)?;
+                now.content = Some(vid);
+                out.inval.push(Inval::Node(ino));
+                out.changed += 1;
+            }
+            None => done = false,
+        }
+    }
+    if e.attrs != now.attrs {
+        if let Some(mut node) = cat.node(ino)? {
+            node.mode = e.attrs.mode;
+            node.uid = e.attrs.uid;
+            node.gid = e.attrs.gid;
+            if e.kind != Kind::Dir {
+                node.mtime_ns = e.attrs.mtime_ns;
+            }
+            cat.update_attrs(&node)?;
+            out.inval.push(Inval::Node(ino));
+            out.changed += 1;
+        }
+        now.attrs = e.attrs.clone();
+    }
+    if e.xattrs != now.xattrs {
+        for (name, value) in &e.xattrs {
+            if now.xattrs.get(name) != Some(value) {
+                cat.set_xattr(ino, name, value)?;
+            }
+        }
+        for name in now.xattrs.keys().filter(|n| !e.xattrs.contains_key(*n)) {
+            cat.remove_xattr(ino, name)?;
+        }
+        now.xattrs = e.xattrs.clone();
+        out.inval.push(Inval::Node(ino));
+        out.changed += 1;
+    }
+    Ok(done)
+}

@@ -1,0 +1,314 @@
+//! The catalog's sync tables (their schema is in catalog.rs, with the
+//! rest): what this machine last published or applied of each node, its
+//! log records and everything it has of other devices.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::device::{Identity, PublicKey};
+use super::log::Link;
+use super::merge::{Attrs, DeviceId, Fid, Vid};
+use crate::catalog::{Catalog, CatalogError, Ino};
+
+const META_DEVICE_ID: &str = "device_id";
+const META_DEVICE_KEY: &str = "device_key";
+const META_DEVICE_NAME: &str = "device_name";
+
+fn id_blob(id: u128) -> [u8; 16] {
+    id.to_be_bytes()
+}
+
+fn blob_id(blob: Vec<u8>) -> rusqlite::Result<u128> {
+    let bytes: [u8; 16] = blob
+        .try_into()
+        .map_err(|_| rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob))?;
+    Ok(u128::from_be_bytes(bytes))
+}
+
+fn attrs_json(attrs: &Attrs) -> String {
+    serde_json::to_string(attrs).expect("attributes serialise")
+}
+
+/// A node as this machine last published or applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Synced {
+    pub fid: Fid,
+    pub ino: Ino,
+    pub parent: Fid,
+    pub name: String,
+    pub attrs: Attrs,
+    pub xattrs: Xattrs,
+    pub content: Option<Vid>,
+}
+
+pub type Xattrs = std::collections::BTreeMap<String, Vec<u8>>;
+
+const SYNCED_COLUMNS: &str = "fid, ino, parent, name, attrs, xattrs, content";
+
+fn row_to_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<Synced> {
+    Ok(Synced {
+        fid: blob_id(r.get(0)?)?,
+        ino: r.get(1)?,
+        parent: blob_id(r.get(2)?)?,
+        name: r.get(3)?,
+        attrs: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+        xattrs: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+        content: r.get::<_, Option<Vec<u8>>>(6)?.map(blob_id).transpose()?,
+    })
+}
+
+/// This machine's identity on the drive, made on first use.
+pub fn identity(cat: &Catalog) -> Result<Identity, CatalogError> {
+    let bad = |what: &str| CatalogError::Corrupt(format!("catalog meta {what}"));
+    if cat.meta(META_DEVICE_ID)?.is_none() {
+        let fresh = Identity::generate();
+        cat.set_meta(META_DEVICE_KEY, &data_encoding::HEXLOWER.encode(fresh.pkcs8()))?;
+        cat.set_meta(META_DEVICE_ID, &format!("{:032x}", fresh.id))?;
+        cat.commit()?;
+    }
+    let id = cat.meta(META_DEVICE_ID)?.unwrap_or_default();
+    let id = u128::from_str_radix(&id, 16).map_err(|_| bad(META_DEVICE_ID))?;
+    let key = cat.meta(META_DEVICE_KEY)?.ok_or_else(|| bad(META_DEVICE_KEY))?;
+    let key = data_encoding::HEXLOWER
+        .decode(key.as_bytes())
+        .map_err(|_| bad(META_DEVICE_KEY))?;
+    Identity::from_pkcs8(id, &key).map_err(|e| bad(&e))
+}
+
+/// The name conflict copies and `cairn devices` show for this machine.
+pub fn device_name(cat: &Catalog) -> Result<String, CatalogError> {
+    Ok(match cat.meta(META_DEVICE_NAME)? {
+        Some(name) => name,
+        // CAIRN_DEVICE_NAME names a machine otherwise than by its host
+        // name (several homes on one host stand for several machines).
+        None => {
+            let name = std::env::var("CAIRN_DEVICE_NAME").unwrap_or_else(|_| crate::sys::host_name());
+            cat.meta_or_insert(META_DEVICE_NAME, &name)?
+        }
+    })
+}
+
+pub fn set_device_name(cat: &Catalog, name: &str) -> Result<(), CatalogError> {
+    cat.set_meta(META_DEVICE_NAME, name)
+}
+
+/// Nodes changed since they were last published (at most `limit`).
+pub fn dirty(cat: &Catalog, limit: usize) -> Result<Vec<Ino>, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT ino FROM sync_dirty ORDER BY ino LIMIT ?1")?;
+    let rows = stmt.query_map([limit as i64], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn is_dirty(cat: &Catalog, ino: Ino) -> Result<bool, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT 1 FROM sync_dirty WHERE ino = ?1")?
+        .exists([ino])?)
+}
+
+/// Marks `ino` as still to publish.
+pub fn mark_dirty(cat: &Catalog, ino: Ino) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("INSERT OR IGNORE INTO sync_dirty VALUES (?1)")?
+        .execute([ino])?;
+    Ok(())
+}
+
+pub fn clear_dirty(cat: &Catalog, ino: Ino) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("DELETE FROM sync_dirty WHERE ino = ?1")?
+        .execute([ino])?;
+    Ok(())
+}
+
+pub fn synced_by_ino(cat: &Catalog, ino: Ino) -> Result<Option<Synced>, CatalogError> {
+    let sql = format!("SELECT {SYNCED_COLUMNS} FROM sync_nodes WHERE ino = ?1");
+    Ok(cat
+        .conn()
+        .prepare_cached(&sql)?
+        .query_row([ino], row_to_synced)
+        .optional()?)
+}
+
+pub fn synced_by_fid(cat: &Catalog, fid: Fid) -> Result<Option<Synced>, CatalogError> {
+    let sql = format!("SELECT {SYNCED_COLUMNS} FROM sync_nodes WHERE fid = ?1");
+    Ok(cat
+        .conn()
+        .prepare_cached(&sql)?
+        .query_row([id_blob(fid)], row_to_synced)
+        .optional()?)
+}
+
+pub fn all_synced(cat: &Catalog) -> Result<Vec<Synced>, CatalogError> {
+    let sql = format!("SELECT {SYNCED_COLUMNS} FROM sync_nodes");
+    let mut stmt = cat.conn().prepare_cached(&sql)?;
+    let rows = stmt.query_map([], row_to_synced)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn put_synced(cat: &Catalog, s: &Synced) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached(&format!(
+            "INSERT OR REPLACE INTO sync_nodes ({SYNCED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        ))?
+        .execute(params![
+            id_blob(s.fid),
+            s.ino,
+            id_blob(s.parent),
+            s.name,
+            attrs_json(&s.attrs),
+            serde_json::to_string(&s.xattrs).expect("extended attributes serialise"),
+            s.content.map(id_blob)
+        ])?;
+    Ok(())
+}
+
+pub fn remove_synced(cat: &Catalog, fid: Fid) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("DELETE FROM sync_nodes WHERE fid = ?1")?
+        .execute([id_blob(fid)])?;
+    Ok(())
+}
+
+/// Every extended attribute of `ino`.
+pub fn xattrs(cat: &Catalog, ino: Ino) -> Result<Xattrs, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT name, value FROM xattrs WHERE ino = ?1")?;
+    let rows = stmt.query_map([ino], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A committed version not yet published: (num, cap, size, sha256).
+pub type Unpublished = (i64, String, u64, String);
+
+/// `ino`'s committed versions of its own (not carried over from a file
+/// it replaced) that have no shared id yet, oldest first.
+pub fn unpublished_versions(cat: &Catalog, ino: Ino) -> Result<Vec<Unpublished>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT v.num, v.cap, v.size, v.sha256 FROM versions v
+         WHERE v.ino = ?1 AND v.num > 0 AND v.state = 'committed' AND v.cap IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM sync_versions s WHERE s.ino = v.ino AND s.num = v.num)
+         ORDER BY v.num",
+    )?;
+    let rows = stmt.query_map([ino], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn set_vid(cat: &Catalog, ino: Ino, num: i64, vid: Vid) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("INSERT OR REPLACE INTO sync_versions (ino, num, vid) VALUES (?1, ?2, ?3)")?
+        .execute(params![ino, num, id_blob(vid)])?;
+    Ok(())
+}
+
+/// The local number of shared version `vid` of `ino`, if it has it.
+pub fn local_version(cat: &Catalog, ino: Ino, vid: Vid) -> Result<Option<i64>, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT num FROM sync_versions WHERE ino = ?1 AND vid = ?2")?
+        .query_row(params![ino, id_blob(vid)], |r| r.get(0))
+        .optional()?)
+}
+
+/// Whether `ino` has versions sealed here and not yet uploaded.
+pub fn has_staged(cat: &Catalog, ino: Ino) -> Result<bool, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT 1 FROM versions WHERE ino = ?1 AND state = 'staged'")?
+        .exists([ino])?)
+}
+
+/// Keeps a log record: this machine's before it is sent anywhere (so a
+/// crash resends the same bytes, never other bytes under one number),
+/// another's once checked.
+pub fn keep_record(cat: &Catalog, device: DeviceId, seq: u64, bytes: &[u8], placed: bool) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("INSERT OR IGNORE INTO sync_log (device, seq, bytes, placed) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![id_blob(device), seq as i64, bytes, placed])?;
+    Ok(())
+}
+
+pub fn set_placed(cat: &Catalog, device: DeviceId, seq: u64) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("UPDATE sync_log SET placed = 1 WHERE device = ?1 AND seq = ?2")?
+        .execute(params![id_blob(device), seq as i64])?;
+    Ok(())
+}
+
+/// This machine's records not yet on enough servers, oldest first.
+pub fn unplaced(cat: &Catalog, device: DeviceId) -> Result<Vec<(u64, Vec<u8>)>, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT seq, bytes FROM sync_log WHERE device = ?1 AND placed = 0 ORDER BY seq")?;
+    let rows = stmt.query_map([id_blob(device)], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A device's newest record kept here.
+pub fn last_record(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, Vec<u8>)>, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT seq, bytes FROM sync_log WHERE device = ?1 ORDER BY seq DESC LIMIT 1")?
+        .query_row([id_blob(device)], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .optional()?)
+}
+
+/// Every record kept, each device's in order.
+pub fn all_records(cat: &Catalog) -> Result<Vec<(DeviceId, u64, Vec<u8>)>, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT device, seq, bytes FROM sync_log ORDER BY device, seq")?;
+    let rows = stmt.query_map([], |r| Ok((blob_id(r.get(0)?)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Another device, as far as this machine has merged its log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub key: PublicKey,
+    pub merged_seq: u64,
+    pub merged_link: Link,
+    /// When its newest head seen here was written (its clock).
+    pub head_time_ns: i64,
+}
+
+pub fn devices(cat: &Catalog) -> Result<Vec<Device>, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT device, key, merged_seq, merged_link, head_time_ns FROM sync_devices")?;
+    let rows = stmt.query_map([], |r| {
+        let fixed = |i: usize, v: Vec<u8>| {
+            v.try_into()
+                .map_err(|_| rusqlite::Error::InvalidColumnType(i, "fixed".into(), rusqlite::types::Type::Blob))
+        };
+        Ok(Device {
+            id: blob_id(r.get(0)?)?,
+            key: fixed(1, r.get(1)?)?,
+            merged_seq: r.get::<_, i64>(2)? as u64,
+            merged_link: fixed(3, r.get(3)?)?,
+            head_time_ns: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn put_device(cat: &Catalog, d: &Device) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached(
+            "INSERT OR REPLACE INTO sync_devices (device, key, merged_seq, merged_link, head_time_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            id_blob(d.id),
+            d.key,
+            d.merged_seq as i64,
+            d.merged_link,
+            d.head_time_ns
+        ])?;
+    Ok(())
+}

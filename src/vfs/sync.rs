@@ -1,0 +1,479 @@
+//! Several machines on one drive: the room that publishes this machine's
+//! changes to its device log and merges every other device's into the
+//! catalog (docs/SEVERAL_MACHINES.md). One pass at a time (`Devices::pass`):
+//! publish first, then pull, so a record never claims to have seen what
+//! arrived after the changes it logs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::namespace::RootCap;
+use crate::sync::apply::{self, Inval};
+use crate::sync::device::{self, Identity, PublicKey};
+use crate::sync::log::{self, Link, Payload, Seen, NO_LINK};
+use crate::sync::merge::{self, Content, DeviceId, Fid, Op, State as Merged, ROOT};
+use crate::sync::publish::{self, Local, Plan};
+use crate::sync::{remote, store};
+
+/// Meta key: how far this machine had applied each device's log, as its
+/// next record says it had seen (JSON list of `Seen`).
+const META_APPLIED: &str = "sync_applied";
+/// A full look at every device's head at least this often, even if no
+/// doorbell rang (a server may keep an old bell).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// Nodes looked at per publication pass.
+const NODES_PER_PASS: usize = 20_000;
+
+/// The state of the room, apart from the catalog's tables.
+pub(super) struct Devices {
+    root: RootCap,
+    me: Identity,
+    /// Every operation of every device merged here.
+    merged: Mutex<Merged>,
+    /// The highest hybrid time used or seen.
+    hlc: AtomicU64,
+    /// The doorbells last heard, and when every head was last read.
+    heard: Mutex<(BTreeSet<Vec<u8>>, Option<Instant>)>,
+    /// Something merged could not be applied yet: apply again next pass.
+    again: std::sync::atomic::AtomicBool,
+    /// One pass at a time.
+    pass: tokio::sync::Mutex<()>,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    /// Operations this machine logged, and records written.
+    pub logged: usize,
+    pub records: usize,
+    /// Records of other devices merged, and catalog changes made from them.
+    pub merged: usize,
+    pub applied: usize,
+    /// Changes of others that wait for one of this machine's (or a close).
+    pub waiting: usize,
+}
+
+fn sync_err(what: String) -> VfsError {
+    VfsError::Grid(GridError::Sync(what))
+}
+
+fn vid_of(root: &RootCap, cap: &str) -> merge::Vid {
+    let h = root.derive(b"cairn-v1-version-id", &[cap.as_bytes()]);
+    u128::from_be_bytes(h[..16].try_into().expect("16 bytes"))
+}
+
+impl Devices {
+    /// The room of `catalog`'s drive: its identity, and every record kept
+    /// here merged again (checked as when they arrived).
+    pub(super) fn open(catalog: &Catalog) -> VfsResult<Devices> {
+        let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
+        let me = store::identity(catalog)?;
+        let keys: BTreeMap<DeviceId, PublicKey> = store::devices(catalog)?.into_iter().map(|d| (d.id, d.key)).collect();
+        let mut merged = Merged::default();
+        let mut hlc = 0;
+        for (device, seq, bytes) in store::all_records(catalog)? {
+            let key = if device == me.id {
+                Some(me.public())
+            } else {
+                keys.get(&device).copied()
+            };
+            match log::open_record(&root, &bytes, device, seq, key.as_ref().filter(|_| seq > 1)) {
+                Ok(opened) => {
+                    hlc = opened.record.ops.iter().map(|(t, _)| *t).fold(hlc, u64::max);
+                    merged.apply(&opened.record);
+                }
+                Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept log record"),
+            }
+        }
+        Ok(Devices {
+            root,
+            me,
+            merged: Mutex::new(merged),
+            hlc: AtomicU64::new(hlc),
+            heard: Mutex::new((BTreeSet::new(), None)),
+            again: Default::default(),
+            pass: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn next_hlc(&self) -> u64 {
+        let now = crate::catalog::now_ns().max(0) as u64;
+        let mut prev = self.hlc.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(prev + 1);
+            match self
+                .hlc
+                .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
+    }
+
+    fn merged(&self) -> MutexGuard<'_, Merged> {
+        self.merged.lock().expect("merged state lock")
+    }
+
+    /// The id a node new here gets: derived from its number for nodes
+    /// that came from a snapshot (every machine that recovered it derives
+    /// the same), fresh otherwise.
+    fn fresh_fid(&self, cat: &Catalog, ino: Ino) -> VfsResult<Fid> {
+        let legacy: Ino = cat
+            .meta(crate::catalog::META_SYNC_LEGACY_INO)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ROOT_INO_LOCAL);
+        Ok(if ino <= legacy {
+            let h = self.root.derive(b"cairn-v1-legacy-node-id", &[&ino.to_be_bytes()]);
+            u128::from_be_bytes(h[..16].try_into().expect("16 bytes")) | 1
+        } else {
+            rand::random::<u128>() | 1
+        })
+    }
+
+    /// The node id of local directory `ino`, planning it first if it is
+    /// new here too. `None`: not published yet (it waits with its child).
+    fn fid_of_dir(&self, cat: &Catalog, ino: Ino, ops: &mut Vec<Op>) -> VfsResult<Option<Fid>> {
+        if ino == ROOT_INO_LOCAL {
+            return Ok(Some(ROOT));
+        }
+        if let Some(s) = store::synced_by_ino(cat, ino)? {
+            return Ok(Some(s.fid));
+        }
+        if store::is_dirty(cat, ino)? {
+            self.plan_node(cat, ino, ops)?;
+        }
+        Ok(store::synced_by_ino(cat, ino)?.map(|s| s.fid))
+    }
+
+    /// Logs what changed of node `ino` into `ops` and records it as
+    /// published.
+    fn plan_node(&self, cat: &Catalog, ino: Ino, ops: &mut Vec<Op>) -> VfsResult<()> {
+        if ino == ROOT_INO_LOCAL {
+            store::clear_dirty(cat, ino)?;
+            return Ok(());
+        }
+        let was = store::synced_by_ino(cat, ino)?;
+        let node = cat.node(ino)?.filter(|n| n.parent != crate::catalog::ORPHAN_PARENT);
+        // Cleared first: a directory planned for its child is not planned
+        // again, and a loop of parents (none should exist) ends.
+        store::clear_dirty(cat, ino)?;
+        let local = match node {
+            Some(n) => {
+                let Some(parent) = self.fid_of_dir(cat, n.parent, ops)? else {
+                    store::mark_dirty(cat, ino)?;
+                    return Ok(());
+                };
+                let versions = store::unpublished_versions(cat, ino)?
+                    .into_iter()
+                    .map(|(_, cap, size, sha256)| (vid_of(&self.root, &cap), Content { cap, size, sha256 }))
+                    .collect();
+                Some(Local {
+                    ino,
+                    kind: n.kind,
+                    parent,
+                    name: n.name.clone(),
+                    attrs: merge::Attrs {
+                        mode: n.mode,
+                        uid: n.uid,
+                        gid: n.gid,
+                        mtime_ns: n.mtime_ns,
+                        target: n.target.clone(),
+                    },
+                    xattrs: store::xattrs(cat, ino)?,
+                    versions,
+                })
+            }
+            None => None,
+        };
+        let fresh = match (&local, &was) {
+            (Some(_), None) => self.fresh_fid(cat, ino)?,
+            _ => 0,
+        };
+        match publish::plan(local.as_ref(), was.as_ref(), fresh) {
+            Plan::Wait => store::mark_dirty(cat, ino)?,
+            Plan::Log { ops: new, synced } => {
+                for (num, cap, ..) in store::unpublished_versions(cat, ino)? {
+                    store::set_vid(cat, ino, num, vid_of(&self.root, &cap))?;
+                }
+                match synced {
+                    Some(s) => store::put_synced(cat, &s)?,
+                    None => {
+                        if let Some(was) = was {
+                            store::remove_synced(cat, was.fid)?;
+                        }
+                    }
+                }
+                ops.extend(new);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts `ops` into sealed records after this device's newest, kept in
+    /// the catalog before any is sent.
+    fn seal_records(&self, cat: &Catalog, mut ops: Vec<Op>) -> VfsResult<usize> {
+        let last = store::last_record(cat, self.me.id)?;
+        let (mut seq, mut prev) = match &last {
+            Some((seq, bytes)) => (*seq, log::link(bytes)),
+            None => (0, NO_LINK),
+        };
+        let mut enrol = None;
+        if last.is_none() {
+            let name = store::device_name(cat)?;
+            ops.insert(0, Op::Enroll { name });
+            enrol = Some(log::Enrolment {
+                key: self.me.public(),
+                mac: device::enrol(&self.root, self.me.id, &self.me.public()),
+            });
+        }
+        let seen: Vec<Seen> = cat
+            .meta(META_APPLIED)?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        let mut made = 0;
+        let mut pending = ops.into_iter().map(|op| (self.next_hlc(), op)).peekable();
+        while pending.peek().is_some() {
+            let mut payload = Payload {
+                enrol: enrol.take(),
+                seen: seen.clone(),
+                ops: Vec::new(),
+            };
+            // Room for the envelope; each operation's size as it is logged.
+            let mut size = serde_json::to_vec(&payload).map_or(0, |v| v.len()) + 64;
+            while let Some(next) = pending.peek() {
+                let len = serde_json::to_vec(next).map_or(0, |v| v.len()) + 1;
+                if size + len > log::MAX_PAYLOAD && !payload.ops.is_empty() {
+                    break;
+                }
+                size += len;
+                payload.ops.push(pending.next().expect("peeked"));
+            }
+            seq += 1;
+            let bytes =
+                log::seal_record(&self.root, &self.me, seq, &prev, &payload).map_err(|e| sync_err(e.to_string()))?;
+            prev = log::link(&bytes);
+            store::keep_record(cat, self.me.id, seq, &bytes, false)?;
+            self.merged().apply(&crate::sync::merge::Record {
+                device: self.me.id,
+                seq,
+                seen: payload.seen.iter().map(|s| (s.device, s.seq)).collect(),
+                ops: payload.ops,
+            });
+            made += 1;
+        }
+        Ok(made)
+    }
+}
+
+const ROOT_INO_LOCAL: Ino = crate::catalog::ROOT_INO;
+
+impl Vfs {
+    /// One pass: publish what changed here, then merge what the other
+    /// machines published.
+    pub async fn sync_devices(self: &Arc<Self>) -> VfsResult<SyncReport> {
+        let _one = self.devices.pass.lock().await;
+        let mut report = SyncReport::default();
+        if !self.options.read_only {
+            self.publish_changes(&mut report).await?;
+        }
+        self.pull_changes(&mut report).await?;
+        Ok(report)
+    }
+
+    async fn publish_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
+        let (logged, records) = self
+            .blocking(|vfs| {
+                let st = vfs.lock();
+                let cat = &st.catalog;
+                let mut ops = Vec::new();
+                for ino in store::dirty(cat, NODES_PER_PASS)? {
+                    vfs.devices.plan_node(cat, ino, &mut ops)?;
+                }
+                let logged = ops.len();
+                let records = if ops.is_empty() {
+                    0
+                } else {
+                    vfs.devices.seal_records(cat, ops)?
+                };
+                cat.commit()?;
+                Ok((logged, records))
+            })
+            .await?;
+        report.logged += logged;
+        report.records += records;
+        let unplaced = self
+            .blocking(|vfs| Ok(store::unplaced(&vfs.lock().catalog, vfs.devices.me.id)?))
+            .await?;
+        if unplaced.is_empty() {
+            return Ok(());
+        }
+        let (root, me) = (&self.devices.root, &self.devices.me);
+        let mut newest = None;
+        for (seq, bytes) in unplaced {
+            let placed = remote::put_all(&self.grid, &log::log_name(root, me.id, seq), &bytes).await;
+            if placed < self.happy as usize {
+                return Err(sync_err(format!(
+                    "log record {seq} reached {placed} servers, {} needed; trying again",
+                    self.happy
+                )));
+            }
+            self.blocking(move |vfs| Ok(store::set_placed(&vfs.lock().catalog, vfs.devices.me.id, seq)?))
+                .await?;
+            newest = Some((seq, log::link(&bytes)));
+        }
+        if let Some((seq, link)) = newest {
+            let head = log::Head {
+                device: me.id,
+                seq,
+                link,
+                time_ns: crate::catalog::now_ns(),
+                body: Default::default(),
+            };
+            let placed = remote::put_all(
+                &self.grid,
+                &log::head_name(root, me.id),
+                &log::seal_head(root, me, &head),
+            )
+            .await;
+            if placed < self.happy as usize {
+                tracing::warn!(
+                    placed,
+                    "this device's head reached too few servers; others find its records later"
+                );
+            }
+            remote::ring(&self.grid, root).await;
+        }
+        Ok(())
+    }
+
+    async fn pull_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
+        let (root, me) = (&self.devices.root, &self.devices.me);
+        let bells = remote::bells(&self.grid, root).await;
+        let again = self.devices.again.swap(false, Ordering::Relaxed);
+        {
+            let mut heard = self.devices.heard.lock().expect("heard lock");
+            let fresh = heard.1.is_some_and(|at| at.elapsed() < SWEEP_EVERY);
+            if heard.0 == bells && fresh && !again {
+                return Ok(());
+            }
+            *heard = (bells, Some(Instant::now()));
+        }
+        let known: BTreeMap<DeviceId, store::Device> = self
+            .blocking(|vfs| Ok(store::devices(&vfs.lock().catalog)?))
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d))
+            .collect();
+        let keys = known.iter().map(|(id, d)| (*id, d.key)).collect();
+        let heads = remote::heads(&self.grid, root, &keys).await;
+        let mut merged_any = again;
+        for (device, (head, key)) in heads {
+            if device == me.id {
+                continue;
+            }
+            let was = known.get(&device);
+            let at = was.map_or((0, NO_LINK), |d| (d.merged_seq, d.merged_link));
+            let (from, to) = match log::news(at, &head) {
+                log::News::Ahead { from, to } => (from, to),
+                log::News::Nothing => continue,
+                log::News::Stale => {
+                    tracing::warn!(
+                        device = format!("{device:032x}"),
+                        seq = head.seq,
+                        merged = at.0,
+                        "a server serves an old head"
+                    );
+                    continue;
+                }
+                log::News::Fork => {
+                    tracing::error!(device = format!("{device:032x}"), seq = head.seq, "another record under a number already merged: the device's log was forked or forged; its later records are not merged");
+                    continue;
+                }
+            };
+            let mut prev: Link = at.1;
+            for seq in from..=to {
+                let got = remote::record(&self.grid, root, device, seq, Some(&key).filter(|_| seq > 1), &prev).await;
+                let (opened, bytes) = match got {
+                    Ok(got) => got,
+                    Err(why) => {
+                        tracing::warn!(device = format!("{device:032x}"), seq, %why, "a device's record is withheld; its later records wait");
+                        break;
+                    }
+                };
+                prev = opened.link;
+                let row = store::Device {
+                    id: device,
+                    key,
+                    merged_seq: seq,
+                    merged_link: opened.link,
+                    head_time_ns: head.time_ns,
+                };
+                self.blocking(move |vfs| {
+                    let st = vfs.lock();
+                    store::keep_record(&st.catalog, device, seq, &bytes, true)?;
+                    store::put_device(&st.catalog, &row)?;
+                    st.catalog.commit()?;
+                    Ok(())
+                })
+                .await?;
+                let hlc = opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0);
+                self.devices.hlc.fetch_max(hlc, Ordering::Relaxed);
+                self.devices.merged().apply(&opened.record);
+                report.merged += 1;
+                merged_any = true;
+            }
+        }
+        if merged_any {
+            self.apply_merged(report).await?;
+        }
+        Ok(())
+    }
+
+    /// Renders the merged state and makes the catalog show it.
+    async fn apply_merged(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
+        let applied = self
+            .blocking(|vfs| {
+                let tree = merge::render(&vfs.devices.merged());
+                let mut st = vfs.lock();
+                let devices = store::devices(&st.catalog)?;
+                let in_use = |ino: Ino| vfs.files().get(&ino).is_some_and(OpenFile::in_use);
+                // `state`, then the merged state (docs/ARCHITECTURE.md).
+                let applied = apply::apply(&mut st.catalog, &tree, &vfs.devices.merged(), &in_use)?;
+                if applied.skipped == 0 {
+                    // Everything merged is now in the catalog: the next
+                    // record says this machine has seen it.
+                    let seen: Vec<Seen> = devices
+                        .iter()
+                        .map(|d| Seen {
+                            device: d.id,
+                            seq: d.merged_seq,
+                            link: d.merged_link,
+                        })
+                        .collect();
+                    st.catalog
+                        .set_meta(META_APPLIED, &serde_json::to_string(&seen).expect("serialises"))?;
+                }
+                st.catalog.commit()?;
+                Ok(applied)
+            })
+            .await?;
+        if applied.skipped > 0 {
+            self.devices.again.store(true, Ordering::Relaxed);
+        }
+        report.applied += applied.changed;
+        report.waiting += applied.skipped;
+        if let Some(tell) = self.invalidate.get() {
+            for inval in &applied.inval {
+                tell(inval);
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers what to tell the kernel when a change made elsewhere (a
+    /// restore, another machine) makes its caches wrong.
+    pub fn on_invalidate(&self, tell: impl Fn(&Inval) + Send + Sync + 'static) {
+        let _ = self.invalidate.set(Box::new(tell));
+    }
+}
