@@ -149,6 +149,9 @@ struct Loc {
     from: (Fid, String),
 }
 
+/// An extended attribute's value, or `None` once removed.
+type XattrValue = Option<Vec<u8>>;
+
 /// A version's file, the version it was made from, and what it holds.
 type VersionOf = (Fid, Option<Vid>, Content);
 
@@ -166,7 +169,7 @@ pub struct State {
     /// Each node's latest attributes per device.
     attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
     /// Each extended attribute's latest value per device.
-    xattrs: BTreeMap<(Fid, String, DeviceId), (Ts, Option<Vec<u8>>)>,
+    xattrs: BTreeMap<(Fid, String, DeviceId), (Ts, XattrValue)>,
 }
 
 /// Keeps the entry of `map` at `key` with the smaller (`first`) or larger
@@ -286,7 +289,7 @@ impl State {
     /// The extended attributes of `fid`: each name's latest write, unless
     /// that removed it. `None` if it never had any.
     fn xattrs_of(&self, fid: Fid) -> Option<BTreeMap<String, Vec<u8>>> {
-        let mut latest: BTreeMap<&str, &(Ts, Option<Vec<u8>>)> = BTreeMap::new();
+        let mut latest: BTreeMap<&str, &(Ts, XattrValue)> = BTreeMap::new();
         let from = (fid, String::new(), DeviceId::MIN);
         for ((f, name, _), v) in self.xattrs.range(from..) {
             if *f != fid {
