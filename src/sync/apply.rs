@@ -63,6 +63,33 @@ pub fn apply(
 ) -> Result<Applied, CatalogError> {
     let mut out = Applied::default();
     let mut synced: HashMap<Fid, Synced> = store::all_synced(cat)?.into_iter().map(|s| (s.fid, s)).collect();
+    // A directory this machine made that turned out to be made elsewhere
+    // too (two `mkdir`s of one name) is the merged one: the same local
+    // node, under the merged id.
+    for (fid, e) in tree {
+        for alias in &e.aliases {
+            if synced.contains_key(fid) {
+                break;
+            }
+            if let Some(mut s) = synced.remove(alias) {
+                store::remove_synced(cat, s.fid)?;
+                s.fid = *fid;
+                store::put_synced(cat, &s)?;
+                synced.insert(*fid, s);
+            }
+        }
+    }
+    // Children of a merged directory name it by its merged id.
+    let renamed: HashMap<Fid, Fid> = tree
+        .iter()
+        .flat_map(|(fid, e)| e.aliases.iter().map(move |a| (*a, *fid)))
+        .collect();
+    for s in synced.values_mut() {
+        if let Some(into) = renamed.get(&s.parent) {
+            s.parent = *into;
+            store::put_synced(cat, s)?;
+        }
+    }
 
     // Gone: deepest first, so a directory is empty when its turn comes.
     let mut gone: Vec<Synced> = synced
@@ -116,7 +143,17 @@ pub fn apply(
                 None => out.skipped += 1,
             },
             Some(s) => {
-                if store::is_dirty(cat, s.ino)? {
+                let same = (s.parent, s.name.as_str()) == (e.parent, e.name.as_str())
+                    && s.attrs == e.attrs
+                    && s.xattrs == e.xattrs
+                    && s.content == e.content
+                    && !parked.contains(&fid);
+                if same {
+                    continue;
+                }
+                // Changed here, or a version sealed here on its way up:
+                // the local change is published first, then merged.
+                if store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)? {
                     out.skipped += 1;
                     continue;
                 }

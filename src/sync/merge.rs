@@ -386,6 +386,9 @@ pub struct Entry {
     /// Extended attributes: its own, or for a conflict copy never given
     /// any, its origin's.
     pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// Directories made concurrently under its name that it stands for:
+    /// a machine that has one of them has this directory.
+    pub aliases: Vec<Fid>,
 }
 
 /// Every live node but the root.
@@ -601,7 +604,13 @@ pub fn render(state: &State) -> Tree {
             live_child.insert(place[&fid].0);
         }
     }
-    name_all(state, &nodes, &place, &live)
+    let mut tree = name_all(state, &nodes, &place, &live);
+    for (merged, into) in alias {
+        if let Some(e) = tree.get_mut(&into) {
+            e.aliases.push(merged);
+        }
+    }
+    tree
 }
 
 /// Where each node sits: (parent, name, claim, and whose change and when
@@ -738,6 +747,7 @@ fn entry(state: &State, nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, 
             .xattrs_of(fid)
             .or_else(|| state.xattrs_of(node.origin))
             .unwrap_or_default(),
+        aliases: Vec::new(),
     }
 }
 

@@ -21,8 +21,10 @@ const META_APPLIED: &str = "sync_applied";
 /// A full look at every device's head at least this often, even if no
 /// doorbell rang (a server may keep an old bell).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-/// Nodes looked at per publication pass.
-const NODES_PER_PASS: usize = 20_000;
+/// Nodes looked at per turn of `state` during a publication: a few
+/// milliseconds of the catalog, so a big change (a `tar x`) does not hold
+/// up the drive.
+const NODES_PER_TURN: usize = 500;
 
 /// The state of the room, apart from the catalog's tables.
 pub(super) struct Devices {
@@ -191,7 +193,8 @@ impl Devices {
             _ => 0,
         };
         match publish::plan(local.as_ref(), was.as_ref(), fresh) {
-            Plan::Wait => store::mark_dirty(cat, ino)?,
+            // Its first committed version marks it again.
+            Plan::Wait => {}
             Plan::Log { ops: new, synced } => {
                 for (num, cap, ..) in store::unpublished_versions(cat, ino)? {
                     store::set_vid(cat, ino, num, vid_of(&self.root, &cap))?;
@@ -282,26 +285,34 @@ impl Vfs {
     }
 
     async fn publish_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
-        let (logged, records) = self
-            .blocking(|vfs| {
-                let st = vfs.lock();
-                let cat = &st.catalog;
-                let mut ops = Vec::new();
-                for ino in store::dirty(cat, NODES_PER_PASS)? {
-                    vfs.devices.plan_node(cat, ino, &mut ops)?;
-                }
-                let logged = ops.len();
-                let records = if ops.is_empty() {
-                    0
-                } else {
-                    vfs.devices.seal_records(cat, ops)?
-                };
-                cat.commit()?;
-                Ok((logged, records))
-            })
-            .await?;
-        report.logged += logged;
-        report.records += records;
+        loop {
+            let (looked, logged, records, left) = self
+                .blocking(|vfs| {
+                    let st = vfs.lock();
+                    let cat = &st.catalog;
+                    let mut ops = Vec::new();
+                    let dirty = store::dirty(cat, NODES_PER_TURN)?;
+                    for ino in &dirty {
+                        vfs.devices.plan_node(cat, *ino, &mut ops)?;
+                    }
+                    let logged = ops.len();
+                    let records = if ops.is_empty() {
+                        0
+                    } else {
+                        vfs.devices.seal_records(cat, ops)?
+                    };
+                    let left = store::dirty(cat, NODES_PER_TURN)?;
+                    cat.commit()?;
+                    Ok((dirty, logged, records, left))
+                })
+                .await?;
+            report.logged += logged;
+            report.records += records;
+            // Done, or only nodes left that wait for a parent.
+            if left.is_empty() || left == looked {
+                break;
+            }
+        }
         let unplaced = self
             .blocking(|vfs| Ok(store::unplaced(&vfs.lock().catalog, vfs.devices.me.id)?))
             .await?;

@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 
 pub struct Home {
     pub dir: tempfile::TempDir,
+    /// The machine's name among the drive's devices (CAIRN_DEVICE_NAME):
+    /// homes on one host stand for several machines.
+    pub device: Option<String>,
 }
 
 impl Home {
@@ -20,6 +23,7 @@ impl Home {
     pub fn init_with_env(init_args: &[&str], env: &[(&str, &str)]) -> Home {
         let home = Home {
             dir: tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap(),
+            device: None,
         };
         let out = home
             .command(&[&["init"], init_args].concat())
@@ -37,6 +41,9 @@ impl Home {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
         c.args(args).env("CAIRN_HOME", self.path()).env_remove("CAIRN_LOG");
+        if let Some(name) = &self.device {
+            c.env("CAIRN_DEVICE_NAME", name);
+        }
         // CAIRN_TEST_LOG=cairn=debug logs the daemons of a test run.
         if let Some(filter) = std::env::var_os("CAIRN_TEST_LOG") {
             c.env("CAIRN_LOG", filter);
@@ -307,6 +314,7 @@ impl Home {
     pub fn empty() -> Home {
         Home {
             dir: tempfile::Builder::new().prefix("cairn-test-").tempdir().unwrap(),
+            device: None,
         }
     }
 

@@ -1,0 +1,263 @@
+//! Several machines on one drive: homes with their own CAIRN_HOME on one
+//! grid stand for machines, each with a real mount (issue 20).
+
+// These tests drive the `cairn` binary, a FUSE mount or Unix signals; the
+// Windows build runs the core's own tests (lib, codec, staging, vfs_model).
+#![cfg(unix)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Home, Mounted};
+
+/// Long enough for a publication and a poll on a loaded CI machine; the
+/// latency goal itself is measured in integration/bench-sync.
+const CONVERGE: Duration = Duration::from_secs(40);
+
+fn machine(name: &str) -> Home {
+    let mut home = Home::empty();
+    home.device = Some(name.into());
+    home
+}
+
+/// A machine that joins `first`'s drive with its config and root
+/// capability, as a user would.
+fn join(first: &Home, name: &str) -> Home {
+    let home = machine(name);
+    let root = home.file("root.txt");
+    std::fs::write(&root, first.root_cap()).unwrap();
+    let out = home.ok(&[
+        "recover",
+        "--root-cap-file",
+        root.to_str().unwrap(),
+        "--config",
+        first.file("config.toml").to_str().unwrap(),
+    ]);
+    assert!(out.contains("joined the drive"), "{out}");
+    std::fs::remove_file(root).unwrap();
+    home
+}
+
+/// Every file, directory and symlink under `dir`: path to content
+/// (directories and symlinks marked).
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    fn visit(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            let what = if meta.is_dir() {
+                visit(root, &p, out);
+                "<dir>".to_string()
+            } else if meta.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else {
+                String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned()
+            };
+            out.insert(rel, what);
+        }
+    }
+    let mut out = BTreeMap::new();
+    visit(dir, dir, &mut out);
+    out
+}
+
+/// Waits until `check` holds, or fails with what it last saw.
+fn until<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> T, check: impl Fn(&T) -> bool) -> T {
+    let start = Instant::now();
+    loop {
+        let seen = probe();
+        if check(&seen) {
+            return seen;
+        }
+        assert!(start.elapsed() < CONVERGE, "{what}: after {CONVERGE:?}, still {seen:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every mount shows one tree, and returns it.
+fn converged(mounts: &[&Mounted]) -> BTreeMap<String, String> {
+    until(
+        "machines converge",
+        || mounts.iter().map(|m| tree(m.path())).collect::<Vec<_>>(),
+        |trees| trees.windows(2).all(|w| w[0] == w[1]),
+    )
+    .remove(0)
+}
+
+fn write(m: &Mounted, name: &str, data: &str) {
+    std::fs::write(m.file(name), data).unwrap();
+}
+
+/// The scenario of issue 20: two machines mounted at once, each creating
+/// a file and editing one shared file from the same version. Both files
+/// and both edits are on both machines (the later edit as a conflict copy
+/// named by its machine), in `cairn versions`, and on a third machine
+/// that joins afterwards.
+#[test]
+fn two_machines_editing_at_once_lose_nothing_and_a_third_sees_it_all() {
+    let a = machine("desk");
+    let ma = a.mount(&["--writeback-delay", "0"]);
+    write(&ma, "shared.txt", "v0\n");
+    a.ok(&["sync"]);
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    assert_eq!(
+        converged(&[&ma, &mb]).get("shared.txt").map(String::as_str),
+        Some("v0\n")
+    );
+
+    write(&mb, "b1", "b1\n");
+    write(&mb, "shared.txt", "edited on B\n");
+    write(&ma, "a4", "a4\n");
+    write(&ma, "shared.txt", "edited on A\n");
+    a.ok(&["sync"]);
+    b.ok(&["sync"]);
+    let both = converged(&[&ma, &mb]);
+    assert_eq!(both.get("a4").map(String::as_str), Some("a4\n"), "{both:?}");
+    assert_eq!(both.get("b1").map(String::as_str), Some("b1\n"), "{both:?}");
+    let mut edits: Vec<&str> = both
+        .iter()
+        .filter(|(k, _)| k.starts_with("shared"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    edits.sort();
+    assert_eq!(edits, ["edited on A\n", "edited on B\n"], "{both:?}");
+    let copy = both
+        .keys()
+        .find(|k| k.starts_with("shared (conflict from "))
+        .unwrap_or_else(|| panic!("a conflict copy: {both:?}"))
+        .clone();
+    assert!(copy.ends_with(").txt"), "{copy}");
+    let by = if both["shared.txt"] == "edited on A\n" {
+        "laptop"
+    } else {
+        "desk"
+    };
+    assert!(copy.starts_with(&format!("shared (conflict from {by} ")), "{copy}");
+    // Both are files with history on both machines.
+    for (home, m) in [(&a, &ma), (&b, &mb)] {
+        for name in ["shared.txt", copy.as_str()] {
+            let out = home.ok(&["versions", "--json", m.file(name).to_str().unwrap()]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert!(!v["versions"].as_array().unwrap().is_empty(), "{name}: {out}");
+        }
+    }
+    let shared = a.ok(&["versions", "--json", ma.file("shared.txt").to_str().unwrap()]);
+    let shared: serde_json::Value = serde_json::from_str(&shared).unwrap();
+    assert!(
+        shared["versions"].as_array().unwrap().len() >= 2,
+        "v0 and an edit: {shared}"
+    );
+
+    // A third machine, joining later, has everything.
+    let c = join(&a, "office");
+    let mc = c.mount(&[]);
+    assert_eq!(converged(&[&ma, &mc]), both);
+    for m in [ma, mb, mc] {
+        assert!(m.unmount().success());
+    }
+}
+
+/// Renames, deletes, directories, symlinks, modes and extended attributes
+/// made on one machine show on the other, in the kernel's view too (the
+/// other machine had looked, so its kernel had cached the old names).
+#[test]
+fn names_attributes_and_links_propagate_both_ways() {
+    let a = machine("desk");
+    let ma = a.mount(&["--writeback-delay", "0"]);
+    std::fs::create_dir_all(ma.file("docs/old")).unwrap();
+    write(&ma, "docs/old/a.txt", "a");
+    write(&ma, "docs/gone.txt", "gone");
+    a.ok(&["sync"]);
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    converged(&[&ma, &mb]);
+
+    std::fs::rename(ma.file("docs/old"), ma.file("docs/new")).unwrap();
+    std::fs::remove_file(ma.file("docs/gone.txt")).unwrap();
+    std::os::unix::fs::symlink("new/a.txt", ma.file("docs/link")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ma.file("docs/new/a.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tagged = std::process::Command::new("setfattr")
+        .args(["-n", "user.colour", "-v", "blue"])
+        .arg(ma.file("docs/new/a.txt"))
+        .status();
+    let has_setfattr = tagged.is_ok_and(|s| s.success());
+    a.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert!(
+        !seen.contains_key("docs/old") && !seen.contains_key("docs/gone.txt"),
+        "{seen:?}"
+    );
+    assert_eq!(seen.get("docs/link").map(String::as_str), Some("-> new/a.txt"));
+    assert_eq!(seen.get("docs/new/a.txt").map(String::as_str), Some("a"));
+    let mode = std::fs::metadata(mb.file("docs/new/a.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    if has_setfattr {
+        let out = std::process::Command::new("getfattr")
+            .args(["--only-values", "-n", "user.colour"])
+            .arg(mb.file("docs/new/a.txt"))
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"blue");
+    }
+
+    // And back: B's rmdir and new file reach A.
+    std::fs::remove_file(mb.file("docs/new/a.txt")).unwrap();
+    std::fs::remove_dir(mb.file("docs/new")).unwrap();
+    write(&mb, "docs/from-b.txt", "b");
+    b.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert!(!seen.contains_key("docs/new"), "{seen:?}");
+    assert_eq!(seen.get("docs/from-b.txt").map(String::as_str), Some("b"));
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
+
+/// An edit on one machine against a delete on the other keeps the edit;
+/// `mkdir -p` of one path on both gives one directory with both files.
+/// B works offline (not mounted, `cairn put` into its catalog) while A
+/// deletes, so B's edit is made against the version it had.
+#[test]
+fn an_edit_beats_a_concurrent_delete_and_two_mkdirs_are_one_directory() {
+    let a = machine("desk");
+    let ma = a.mount(&["--writeback-delay", "0"]);
+    write(&ma, "keep.txt", "v0");
+    a.ok(&["sync"]);
+    let b = join(&a, "laptop");
+
+    std::fs::remove_file(ma.file("keep.txt")).unwrap();
+    std::fs::create_dir_all(ma.file("build/out")).unwrap();
+    write(&ma, "build/out/a.o", "a");
+    a.ok(&["sync"]);
+    assert!(!tree(ma.path()).contains_key("keep.txt"));
+
+    for (path, data) in [("/keep.txt", "edited on B"), ("/build/out/b.o", "b")] {
+        let local = b.file("local");
+        std::fs::write(&local, data).unwrap();
+        b.ok(&["put", local.to_str().unwrap(), path]);
+    }
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    b.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(
+        seen.get("keep.txt").map(String::as_str),
+        Some("edited on B"),
+        "{seen:?}"
+    );
+    assert_eq!(seen.get("build/out/a.o").map(String::as_str), Some("a"), "{seen:?}");
+    assert_eq!(seen.get("build/out/b.o").map(String::as_str), Some("b"), "{seen:?}");
+    assert_eq!(seen.len(), 5, "one build/out, no conflict names: {seen:?}");
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
