@@ -145,6 +145,12 @@ enum Command {
     },
     /// Print the root capability: with the server list, it rebuilds the drive.
     RootCap,
+    /// List the machines using this drive, as far as this one has merged
+    /// their changes, and when each was last seen.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild the namespace on a new machine from the root capability.
     /// The root capability comes from --root-cap-file, else $CAIRN_ROOT_CAP,
     /// else standard input (never a flag: command lines are visible to every
@@ -391,6 +397,7 @@ fn run(command: Command) -> Result<ExitCode> {
             Err(_) => publish_offline(&home, json),
         },
         Command::RootCap => root_cap(&home),
+        Command::Devices { json } => devices(&home, json),
         Command::Recover {
             config,
             root_cap_file,
@@ -529,6 +536,25 @@ fn root_cap(home: &Home) -> Result<ExitCode> {
     let catalog = home.catalog()?;
     let root = cairn::namespace::root_cap(&catalog)?;
     print_root_cap(&root);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn devices(home: &Home, json: bool) -> Result<ExitCode> {
+    home.config()?;
+    let catalog = home.catalog()?;
+    let root = cairn::namespace::root_cap(&catalog)?;
+    let list = cairn::sync::store::list(&catalog, &root)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for d in &list {
+        let when = match d.last_seen_ns {
+            None => "this machine".to_string(),
+            Some(ns) => format!("last seen {} UTC", mount::format_time(ns)),
+        };
+        println!("{:<24} {}  record {:<6} {when}", d.name, &d.id[..8], d.seq);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

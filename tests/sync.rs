@@ -49,7 +49,9 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
         for e in entries.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             let what = if meta.is_dir() {
                 visit(root, &p, out);
                 "<dir>".to_string()
@@ -153,6 +155,17 @@ fn two_machines_editing_at_once_lose_nothing_and_a_third_sees_it_all() {
         shared["versions"].as_array().unwrap().len() >= 2,
         "v0 and an edit: {shared}"
     );
+
+    // Each machine lists both, and when it last heard of the other.
+    let listed: serde_json::Value = serde_json::from_str(&a.ok(&["devices", "--json"])).unwrap();
+    let names: Vec<(&str, bool)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["this_machine"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(names, [("desk", true), ("laptop", false)], "{listed}");
+    assert!(listed[1]["last_seen_ns"].as_i64().unwrap() > 0, "{listed}");
 
     // A third machine, joining later, has everything.
     let c = join(&a, "office");

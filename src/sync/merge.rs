@@ -307,6 +307,11 @@ impl State {
         })
     }
 
+    /// Every device's name, as it enrolled.
+    pub fn device_names(&self) -> BTreeMap<DeviceId, String> {
+        self.names.iter().map(|(d, (_, n))| (*d, n.clone())).collect()
+    }
+
     /// What version `vid` holds, if it is known.
     pub fn content(&self, vid: Vid) -> Option<&Content> {
         self.versions.get(&vid).map(|(_, (_, _, c))| c)

@@ -5,9 +5,10 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::device::{Identity, PublicKey};
-use super::log::Link;
-use super::merge::{Attrs, DeviceId, Fid, Vid};
+use super::log::{self, Link};
+use super::merge::{Attrs, DeviceId, Fid, State, Vid};
 use crate::catalog::{Catalog, CatalogError, Ino};
+use crate::namespace::RootCap;
 
 const META_DEVICE_ID: &str = "device_id";
 const META_DEVICE_KEY: &str = "device_key";
@@ -311,4 +312,72 @@ pub fn put_device(cat: &Catalog, d: &Device) -> Result<(), CatalogError> {
             d.head_time_ns
         ])?;
     Ok(())
+}
+
+/// Every record kept here merged again, each checked as when it arrived
+/// (a damaged one is logged and left out); and the highest hybrid time
+/// among them.
+pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u64), CatalogError> {
+    let keys: std::collections::BTreeMap<DeviceId, PublicKey> =
+        devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
+    let mut merged = State::default();
+    let mut hlc = 0;
+    for (device, seq, bytes) in all_records(cat)? {
+        let key = if device == me.id {
+            Some(me.public())
+        } else {
+            keys.get(&device).copied()
+        };
+        match log::open_record(root, &bytes, device, seq, key.as_ref().filter(|_| seq > 1)) {
+            Ok(opened) => {
+                hlc = opened.record.ops.iter().map(|(t, _)| *t).fold(hlc, u64::max);
+                merged.apply(&opened.record);
+            }
+            Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept log record"),
+        }
+    }
+    Ok((merged, hlc))
+}
+
+/// A machine of the drive, as `cairn devices` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Listed {
+    pub id: String,
+    pub name: String,
+    pub this_machine: bool,
+    /// Its newest record merged here (this machine: written).
+    pub seq: u64,
+    /// When its newest head merged here was written, by its clock (this
+    /// machine: none).
+    pub last_seen_ns: Option<i64>,
+}
+
+/// This machine and every other one this catalog knows of.
+pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> {
+    let me = identity(cat)?;
+    let (merged, _) = rebuild(cat, root, &me)?;
+    let name_of = |id: DeviceId| {
+        merged
+            .device_names()
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| "(not named yet)".into())
+    };
+    let mut out = vec![Listed {
+        id: format!("{:032x}", me.id),
+        name: device_name(cat)?,
+        this_machine: true,
+        seq: last_record(cat, me.id)?.map_or(0, |r| r.0),
+        last_seen_ns: None,
+    }];
+    for d in devices(cat)? {
+        out.push(Listed {
+            id: format!("{:032x}", d.id),
+            name: name_of(d.id),
+            this_machine: false,
+            seq: d.merged_seq,
+            last_seen_ns: Some(d.head_time_ns),
+        });
+    }
+    Ok(out)
 }

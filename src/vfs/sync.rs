@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::*;
 use crate::namespace::RootCap;
 use crate::sync::apply::{self, Inval};
-use crate::sync::device::{self, Identity, PublicKey};
+use crate::sync::device::{self, Identity};
 use crate::sync::log::{self, Link, Payload, Seen, NO_LINK};
 use crate::sync::merge::{self, Content, DeviceId, Fid, Op, State as Merged, ROOT};
 use crate::sync::publish::{self, Local, Plan};
@@ -70,23 +70,7 @@ impl Devices {
     pub(super) fn open(catalog: &Catalog) -> VfsResult<Devices> {
         let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
         let me = store::identity(catalog)?;
-        let keys: BTreeMap<DeviceId, PublicKey> = store::devices(catalog)?.into_iter().map(|d| (d.id, d.key)).collect();
-        let mut merged = Merged::default();
-        let mut hlc = 0;
-        for (device, seq, bytes) in store::all_records(catalog)? {
-            let key = if device == me.id {
-                Some(me.public())
-            } else {
-                keys.get(&device).copied()
-            };
-            match log::open_record(&root, &bytes, device, seq, key.as_ref().filter(|_| seq > 1)) {
-                Ok(opened) => {
-                    hlc = opened.record.ops.iter().map(|(t, _)| *t).fold(hlc, u64::max);
-                    merged.apply(&opened.record);
-                }
-                Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept log record"),
-            }
-        }
+        let (merged, hlc) = store::rebuild(catalog, &root, &me)?;
         Ok(Devices {
             root,
             me,
