@@ -1098,7 +1098,8 @@ CREATE TABLE sync_nodes (
     name TEXT NOT NULL,
     attrs TEXT NOT NULL,
     xattrs TEXT NOT NULL,
-    content BLOB
+    content BLOB,
+    origin BLOB
 );
 CREATE TABLE sync_versions (
     ino INTEGER NOT NULL,

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::merge::{Entry, Fid, Kind, State, Tree, ROOT};
+use super::merge::{Entry, Fid, Kind, State, Tree, Vid, ROOT};
 use super::store::{self, Synced};
 use crate::catalog::{Catalog, CatalogError, Ino, NewNode, Node, VersionState, ORPHAN_PARENT, ROOT_INO};
 
@@ -183,6 +183,7 @@ pub fn apply(
                     continue;
                 }
                 let mut now = s.clone();
+                now.origin = e.origin;
                 now.parent = e.parent;
                 now.name = e.name.clone();
                 if !update(cat, s.ino, e, state, &mut now, in_use, &mut out)? {
@@ -253,6 +254,7 @@ fn create(
         attrs: e.attrs.clone(),
         xattrs: e.xattrs.clone(),
         content: content.map(|c| c.0),
+        origin: e.origin,
     };
     for (name, value) in &e.xattrs {
         cat.set_xattr(node.ino, name, value)?;
@@ -269,15 +271,25 @@ fn create(
 }
 
 /// The versions of `e`'s branch that `ino` does not have yet, as
-/// committed versions (their shares are on the grid), oldest first.
+/// committed versions (their shares are on the grid), oldest first; and
+/// its content as the newest (again, if a version this machine made
+/// lost its place to another's).
 fn add_history(cat: &mut Catalog, ino: Ino, e: &Entry, state: &State) -> Result<(), CatalogError> {
-    for vid in &e.history {
-        if store::local_version(cat, ino, *vid)?.is_some() {
-            continue;
-        }
-        if let Some(c) = state.content(*vid) {
+    let add = |cat: &mut Catalog, vid: Vid| -> Result<(), CatalogError> {
+        if let Some(c) = state.content(vid) {
             let num = cat.add_version(ino, c.size, &c.sha256, VersionState::Committed, Some(&c.cap), None)?;
-            store::set_vid(cat, ino, num, *vid)?;
+            store::set_vid(cat, ino, num, vid)?;
+        }
+        Ok(())
+    };
+    for vid in &e.history {
+        if store::local_version(cat, ino, *vid)?.is_none() {
+            add(cat, *vid)?;
+        }
+    }
+    if let Some(content) = e.content {
+        if store::latest_vid(cat, ino)? != Some(content) {
+            add(cat, content)?;
         }
     }
     Ok(())

@@ -60,7 +60,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
     let attrs = logged(now.kind, &now.attrs);
     let mut ops = Vec::new();
     let none = Xattrs::new();
-    let (fid, mut content, had) = match was {
+    let (fid, origin, mut content, had) = match was {
         None if now.kind == Kind::File && now.versions.is_empty() => return Plan::Wait,
         None => {
             ops.push(Op::Create {
@@ -70,7 +70,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
                 name: now.name.clone(),
                 attrs: attrs.clone(),
             });
-            (fresh, None, &none)
+            (fresh, fresh, None, &none)
         }
         Some(was) => {
             if (was.parent, was.name.as_str()) != (now.parent, now.name.as_str()) {
@@ -87,7 +87,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
                     attrs: attrs.clone(),
                 });
             }
-            (was.fid, was.content, &was.xattrs)
+            (was.fid, was.origin, was.content, &was.xattrs)
         }
     };
     for (name, value) in &now.xattrs {
@@ -106,9 +106,11 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
             value: None,
         });
     }
+    // A write to a conflict copy is a version of the file it branched
+    // from, made from the copy's content: it extends the copy's branch.
     for (vid, version) in &now.versions {
         ops.push(Op::Version {
-            fid,
+            fid: origin,
             vid: *vid,
             base: content,
             content: version.clone(),
@@ -125,6 +127,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
             attrs,
             xattrs: now.xattrs.clone(),
             content,
+            origin,
         }),
     }
 }
@@ -223,6 +226,24 @@ mod tests {
         assert!(matches!(&set[..], [Op::Xattr { value: Some(v), .. }] if v == b"blue"));
         let removed = ops(plan(Some(&local(Kind::File, "a", &[])), Some(&was), 0));
         assert!(matches!(&removed[..], [Op::Xattr { value: None, .. }]));
+        // A conflict copy's versions are its origin's.
+        let copy = Synced {
+            fid: 40,
+            origin: 9,
+            content: Some(3),
+            xattrs: Xattrs::new(),
+            ..was
+        };
+        let written = ops(plan(Some(&local(Kind::File, "a", &[5])), Some(&copy), 0));
+        assert!(matches!(
+            &written[..],
+            [Op::Version {
+                fid: 9,
+                vid: 5,
+                base: Some(3),
+                ..
+            }]
+        ));
         assert!(ops(plan(None, None, 0)).is_empty());
     }
 

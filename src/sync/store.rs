@@ -39,11 +39,14 @@ pub struct Synced {
     pub attrs: Attrs,
     pub xattrs: Xattrs,
     pub content: Option<Vid>,
+    /// The file whose versions it shows (itself, or for a conflict copy
+    /// the file it branched from): its versions are logged under it.
+    pub origin: Fid,
 }
 
 pub type Xattrs = std::collections::BTreeMap<String, Vec<u8>>;
 
-const SYNCED_COLUMNS: &str = "fid, ino, parent, name, attrs, xattrs, content";
+const SYNCED_COLUMNS: &str = "fid, ino, parent, name, attrs, xattrs, content, origin";
 
 fn row_to_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<Synced> {
     Ok(Synced {
@@ -54,6 +57,7 @@ fn row_to_synced(r: &rusqlite::Row<'_>) -> rusqlite::Result<Synced> {
         attrs: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
         xattrs: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
         content: r.get::<_, Option<Vec<u8>>>(6)?.map(blob_id).transpose()?,
+        origin: blob_id(r.get(7)?)?,
     })
 }
 
@@ -151,7 +155,7 @@ pub fn all_synced(cat: &Catalog) -> Result<Vec<Synced>, CatalogError> {
 pub fn put_synced(cat: &Catalog, s: &Synced) -> Result<(), CatalogError> {
     cat.batch()?
         .prepare_cached(&format!(
-            "INSERT OR REPLACE INTO sync_nodes ({SYNCED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            "INSERT OR REPLACE INTO sync_nodes ({SYNCED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
         ))?
         .execute(params![
             id_blob(s.fid),
@@ -160,7 +164,8 @@ pub fn put_synced(cat: &Catalog, s: &Synced) -> Result<(), CatalogError> {
             s.name,
             attrs_json(&s.attrs),
             serde_json::to_string(&s.xattrs).expect("extended attributes serialise"),
-            s.content.map(id_blob)
+            s.content.map(id_blob),
+            id_blob(s.origin)
         ])?;
     Ok(())
 }
@@ -213,6 +218,21 @@ pub fn local_version(cat: &Catalog, ino: Ino, vid: Vid) -> Result<Option<i64>, C
         .prepare_cached("SELECT num FROM sync_versions WHERE ino = ?1 AND vid = ?2")?
         .query_row(params![ino, id_blob(vid)], |r| r.get(0))
         .optional()?)
+}
+
+/// The shared id of `ino`'s newest version, if it has one.
+pub fn latest_vid(cat: &Catalog, ino: Ino) -> Result<Option<Vid>, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached(
+            "SELECT s.vid FROM versions v LEFT JOIN sync_versions s ON s.ino = v.ino AND s.num = v.num
+             WHERE v.ino = ?1 ORDER BY v.num DESC LIMIT 1",
+        )?
+        .query_row([ino], |r| r.get::<_, Option<Vec<u8>>>(0))
+        .optional()?
+        .flatten()
+        .map(blob_id)
+        .transpose()?)
 }
 
 /// Whether `ino` has versions sealed here and not yet uploaded.
