@@ -27,7 +27,7 @@ pub enum Plan {
     Wait,
     /// These operations, after which the node is published as `synced`
     /// (`None`: gone).
-    Log { ops: Vec<Op>, synced: Option<Synced> },
+    Log { ops: Vec<Op>, synced: Option<Box<Synced>> },
 }
 
 /// What is logged of a directory's attributes: not its mtime, which each
@@ -119,7 +119,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
     }
     Plan::Log {
         ops,
-        synced: Some(Synced {
+        synced: Some(Box::new(Synced {
             fid,
             ino: now.ino,
             parent: now.parent,
@@ -128,7 +128,7 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
             xattrs: now.xattrs.clone(),
             content,
             origin,
-        }),
+        })),
     }
 }
 
@@ -232,7 +232,7 @@ mod tests {
             origin: 9,
             content: Some(3),
             xattrs: Xattrs::new(),
-            ..was
+            ..*was
         };
         let written = ops(plan(Some(&local(Kind::File, "a", &[5])), Some(&copy), 0));
         assert!(matches!(
