@@ -155,6 +155,13 @@ impl<'a> Fields<'a> {
     fn array<const N: usize>(&mut self) -> [u8; N] {
         self.take(N).try_into().expect("N bytes")
     }
+    /// The rest, after its (already checked) length: decrypted.
+    fn decrypt(mut self, key: &Key) -> Vec<u8> {
+        self.u32();
+        let mut plain = self.0.to_vec();
+        apply_keystream(key, 0, &mut plain);
+        plain
+    }
 }
 
 /// Encrypts `plain` after `header` (which ends where its length goes),
@@ -228,13 +235,7 @@ pub fn open_record(
             found: format!("record {found_seq} of {found_device:032x}"),
         });
     }
-    f.u32();
-    let mut plain = f.0.to_vec();
-    apply_keystream(
-        &cipher_key(root, b"cairn-v1-log-enc", device, seq, &nonce),
-        0,
-        &mut plain,
-    );
+    let plain = f.decrypt(&cipher_key(root, b"cairn-v1-log-enc", device, seq, &nonce));
     // Record 1 names its key, so it is decrypted before its signature can
     // be checked; nothing of it is used until both hold.
     let payload: Result<Payload, _> = serde_json::from_slice(&plain);
@@ -329,13 +330,7 @@ pub fn open_head(root: &RootCap, bytes: &[u8], device: DeviceId, key: &PublicKey
             found: format!("head of {found:032x}"),
         });
     }
-    f.u32();
-    let mut plain = f.0.to_vec();
-    apply_keystream(
-        &cipher_key(root, b"cairn-v1-head-enc", device, seq, &nonce),
-        0,
-        &mut plain,
-    );
+    let plain = f.decrypt(&cipher_key(root, b"cairn-v1-head-enc", device, seq, &nonce));
     let body = serde_json::from_slice(&plain).map_err(|e| LogError::Payload(e.to_string()))?;
     Ok(Head {
         device,
