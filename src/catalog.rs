@@ -514,11 +514,13 @@ impl Catalog {
     pub fn create(&self, parent: Ino, name: &str, new: &NewNode<'_>) -> Result<Node, CatalogError> {
         let now = now_ns();
         // Inode numbers are never reused: a deleted file's versions stay on
-        // record under its number, and the kernel may still know it.
+        // record under its number, the kernel may still know it, and the
+        // numbers up to `sync_legacy_max_ino` name node ids.
         self.exec(
             "INSERT INTO nodes (ino, parent, name, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, target)
              VALUES ((SELECT MAX(m) + 1 FROM (SELECT MAX(ino) AS m FROM nodes UNION ALL SELECT MAX(ino) FROM versions
-                        UNION ALL SELECT MAX(ino) FROM sync_nodes)),
+                        UNION ALL SELECT MAX(ino) FROM sync_nodes
+                        UNION ALL SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'sync_legacy_max_ino')),
                      ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8)",
             params![
                 parent,

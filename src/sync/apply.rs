@@ -100,7 +100,9 @@ pub fn apply(
     gone.sort_by_key(|s| std::cmp::Reverse(depth_of_synced(&synced, s)));
     for s in gone {
         let node = cat.node(s.ino)?;
-        let busy = store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)?;
+        // Changed here, on its way up, or open (its writes would be lost
+        // with it): an edit the deleter had not seen.
+        let busy = store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)? || in_use(s.ino);
         let full = match &node {
             Some(n) if n.kind == Kind::Dir => cat.has_children(n.ino)?,
             _ => false,
@@ -339,6 +341,8 @@ fn place(
             return Ok(false);
         };
         cat.rename(&holder, ORPHAN_PARENT, &format!("{}", holder.ino), None)?;
+        // Parked by the apply, not changed by the user: its turn comes.
+        store::clear_dirty(cat, holder.ino)?;
         parked.insert(leaving.fid);
     }
     cat.rename(node, parent, name, None)?;

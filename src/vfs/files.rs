@@ -312,6 +312,12 @@ impl Vfs {
                 return Err(e.into());
             }
         }
+        self.sync_catalog(wal)
+    }
+
+    /// Makes every catalog commit so far durable: its WAL `wal` synced
+    /// without `state` (or, with no WAL, a full sync under it).
+    pub(super) fn sync_catalog(&self, wal: Option<PathBuf>) -> VfsResult<()> {
         let Some(wal) = wal else {
             return Ok(self.lock().catalog.sync_to_disk()?);
         };

@@ -18,6 +18,8 @@ use crate::sync::{remote, store};
 /// Meta key: how far this machine had applied each device's log, as its
 /// next record says it had seen (JSON list of `Seen`).
 const META_APPLIED: &str = "sync_applied";
+/// Meta key: the newest of this device's records its head names.
+const META_HEAD_SEQ: &str = "sync_head_seq";
 /// A full look at every device's head at least this often, even if no
 /// doorbell rang (a server may keep an old bell).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -77,7 +79,9 @@ impl Devices {
             merged: Mutex::new(merged),
             hlc: AtomicU64::new(hlc),
             heard: Mutex::new((BTreeSet::new(), None)),
-            again: Default::default(),
+            // Records kept by a pass that stopped before applying them
+            // are applied by the first.
+            again: std::sync::atomic::AtomicBool::new(true),
             pass: tokio::sync::Mutex::new(()),
         })
     }
@@ -261,19 +265,25 @@ impl Vfs {
     pub async fn sync_devices(self: &Arc<Self>) -> VfsResult<SyncReport> {
         let _one = self.devices.pass.lock().await;
         let mut report = SyncReport::default();
-        if !self.options.read_only {
-            self.publish_changes(&mut report).await?;
-        }
+        // Other machines' changes are merged even while this one's cannot
+        // be sent.
+        let published = match self.options.read_only {
+            false => self.publish_changes(&mut report).await,
+            true => Ok(()),
+        };
         self.pull_changes(&mut report).await?;
-        Ok(report)
+        published.map(|()| report)
     }
 
     async fn publish_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
         loop {
-            let (looked, logged, records, left) = self
+            let (looked, logged, records, left, wal) = self
                 .blocking(|vfs| {
                     let st = vfs.lock();
                     let cat = &st.catalog;
+                    // Its own commit: never one that would land planned
+                    // nodes before their record is kept.
+                    store::device_name(cat)?;
                     let mut ops = Vec::new();
                     let dirty = store::dirty(cat, NODES_PER_TURN)?;
                     for ino in &dirty {
@@ -287,9 +297,15 @@ impl Vfs {
                     };
                     let left = store::dirty(cat, NODES_PER_TURN)?;
                     cat.commit()?;
-                    Ok((dirty, logged, records, left))
+                    Ok((dirty, logged, records, left, cat.wal_path()))
                 })
                 .await?;
+            if records > 0 {
+                // On disk before any server has them: after a power loss,
+                // a number is never sealed again with other bytes (a fork
+                // every other machine would refuse).
+                self.blocking(move |vfs| vfs.sync_catalog(wal)).await?;
+            }
             report.logged += logged;
             report.records += records;
             // Done, or only nodes left that wait for a parent.
@@ -300,11 +316,7 @@ impl Vfs {
         let unplaced = self
             .blocking(|vfs| Ok(store::unplaced(&vfs.lock().catalog, vfs.devices.me.id)?))
             .await?;
-        if unplaced.is_empty() {
-            return Ok(());
-        }
         let (root, me) = (&self.devices.root, &self.devices.me);
-        let mut newest = None;
         for (seq, bytes) in unplaced {
             let placed = remote::put_all(&self.grid, &log::log_name(root, me.id, seq), &bytes).await;
             if placed < self.happy as usize {
@@ -315,30 +327,42 @@ impl Vfs {
             }
             self.blocking(move |vfs| Ok(store::set_placed(&vfs.lock().catalog, vfs.devices.me.id, seq)?))
                 .await?;
-            newest = Some((seq, log::link(&bytes)));
         }
-        if let Some((seq, link)) = newest {
-            let head = log::Head {
-                device: me.id,
-                seq,
-                link,
-                time_ns: crate::catalog::now_ns(),
-                body: Default::default(),
-            };
-            let placed = remote::put_all(
-                &self.grid,
-                &log::head_name(root, me.id),
-                &log::seal_head(root, me, &head),
-            )
-            .await;
-            if placed < self.happy as usize {
-                tracing::warn!(
-                    placed,
-                    "this device's head reached too few servers; others find its records later"
-                );
-            }
-            remote::ring(&self.grid, root).await;
+        // The head names the newest record: rewritten until it has (after a
+        // crash or a failed write too), so others find every record.
+        let (newest, headed) = self
+            .blocking(|vfs| {
+                let st = vfs.lock();
+                let newest = store::last_record(&st.catalog, vfs.devices.me.id)?;
+                let headed = st.catalog.meta(META_HEAD_SEQ)?.and_then(|v| v.parse::<u64>().ok());
+                Ok((newest, headed))
+            })
+            .await?;
+        let Some((seq, bytes)) = newest.filter(|(seq, _)| headed.is_none_or(|h| h < *seq)) else {
+            return Ok(());
+        };
+        let head = log::Head {
+            device: me.id,
+            seq,
+            link: log::link(&bytes),
+            time_ns: crate::catalog::now_ns(),
+            body: Default::default(),
+        };
+        let placed = remote::put_all(
+            &self.grid,
+            &log::head_name(root, me.id),
+            &log::seal_head(root, me, &head),
+        )
+        .await;
+        remote::ring(&self.grid, root).await;
+        if placed < self.happy as usize {
+            return Err(sync_err(format!(
+                "this device's head reached {placed} servers, {} needed; trying again",
+                self.happy
+            )));
         }
+        self.blocking(move |vfs| Ok(vfs.lock().catalog.set_meta(META_HEAD_SEQ, &seq.to_string())?))
+            .await?;
         Ok(())
     }
 
