@@ -69,6 +69,15 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// Machine "desk", mounted, with one file published.
+fn first_machine(name: &str, data: &str) -> (Home, Mounted) {
+    let a = machine("desk");
+    let ma = a.mount(&["--writeback-delay", "0"]);
+    write(&ma, name, data);
+    a.ok(&["sync"]);
+    (a, ma)
+}
+
 /// Waits until `check` holds, or fails with what it last saw.
 fn until<T: std::fmt::Debug>(what: &str, mut probe: impl FnMut() -> T, check: impl Fn(&T) -> bool) -> T {
     let start = Instant::now();
@@ -103,10 +112,7 @@ fn write(m: &Mounted, name: &str, data: &str) {
 /// that joins afterwards.
 #[test]
 fn two_machines_editing_at_once_lose_nothing_and_a_third_sees_it_all() {
-    let a = machine("desk");
-    let ma = a.mount(&["--writeback-delay", "0"]);
-    write(&ma, "shared.txt", "v0\n");
-    a.ok(&["sync"]);
+    let (a, ma) = first_machine("shared.txt", "v0\n");
     let b = join(&a, "laptop");
     let mb = b.mount(&["--writeback-delay", "0"]);
     assert_eq!(
@@ -243,10 +249,7 @@ fn names_attributes_and_links_propagate_both_ways() {
 /// deletes, so B's edit is made against the version it had.
 #[test]
 fn an_edit_beats_a_concurrent_delete_and_two_mkdirs_are_one_directory() {
-    let a = machine("desk");
-    let ma = a.mount(&["--writeback-delay", "0"]);
-    write(&ma, "keep.txt", "v0");
-    a.ok(&["sync"]);
+    let (a, ma) = first_machine("keep.txt", "v0");
     let b = join(&a, "laptop");
 
     std::fs::remove_file(ma.file("keep.txt")).unwrap();
