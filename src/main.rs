@@ -562,8 +562,24 @@ fn publish_offline(home: &Home, json: bool) -> Result<ExitCode> {
     let config = home.config()?;
     // Locked here, not by `home_use`: `sync` with a daemon must not be.
     let _lock = cairn::home::HomeLock::acquire(&home.dir, "sync")?;
-    let grid = home.grid()?;
     let catalog = home.catalog()?;
+    if !cairn::namespace::snapshots_due(&catalog)? {
+        // Device logs carry the namespace: one pass, as a mount makes.
+        drop(catalog);
+        let rt = runtime()?;
+        let report = rt.block_on(offline_vfs(home, &config, &rt)?.sync_devices())?;
+        if json {
+            let out = serde_json::json!({"ok": true, "synced": 0, "devices": report, "namespace_published": null});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!(
+                "{} changes published in {} records; {} records of other machines merged",
+                report.logged, report.records, report.merged
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let grid = home.grid()?;
     let published = match cairn::namespace::prepare(&catalog)? {
         None => None,
         Some(pending) => {
@@ -681,10 +697,10 @@ fn recover(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Joins a drive that machines publish device logs to: this home becomes
-/// one more device, and its catalog what every device's logs merge to.
-fn join(home: &Home, config: &Config, rt: &tokio::runtime::Runtime, json: bool) -> Result<ExitCode> {
-    let vfs = cairn::vfs::Vfs::new(
+/// The core over `home` for a command run without a mount (the caller
+/// holds the home's lock).
+fn offline_vfs(home: &Home, config: &Config, rt: &tokio::runtime::Runtime) -> Result<Arc<cairn::vfs::Vfs>> {
+    Ok(cairn::vfs::Vfs::new(
         cairn::vfs::VfsOptions {
             home: home.dir.clone(),
             writeback_delay: std::time::Duration::ZERO,
@@ -693,8 +709,13 @@ fn join(home: &Home, config: &Config, rt: &tokio::runtime::Runtime, json: bool) 
         },
         config,
         rt.handle().clone(),
-    )?;
-    let report = rt.block_on(vfs.sync_devices())?;
+    )?)
+}
+
+/// Joins a drive that machines publish device logs to: this home becomes
+/// one more device, and its catalog what every device's logs merge to.
+fn join(home: &Home, config: &Config, rt: &tokio::runtime::Runtime, json: bool) -> Result<ExitCode> {
+    let report = rt.block_on(offline_vfs(home, config, rt)?.sync_devices())?;
     let nodes = home.catalog()?.count_nodes()?;
     if json {
         let out = serde_json::json!({"ok": true, "joined": report, "nodes": nodes});

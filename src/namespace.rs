@@ -33,6 +33,9 @@ const MAC_LEN: usize = 32;
 const META_ROOT: &str = "root_cap";
 const META_SEQ: &str = "namespace_seq";
 const META_DIGEST: &str = "namespace_digest";
+/// Set once the last whole-namespace snapshot of a drive that moved to
+/// device logs is published.
+const META_RETIRED: &str = "namespace_snapshots_retired";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
@@ -304,6 +307,27 @@ pub fn record(catalog: &Catalog, published: &Published) -> Result<(), NamespaceE
     catalog.add_namespace(&published.namespace)?;
     catalog.set_meta(META_SEQ, &published.namespace.seq.to_string())?;
     catalog.set_meta(META_DIGEST, &published.digest)?;
+    up_to_date(catalog)
+}
+
+/// Whether whole-namespace snapshots are still published. Once device
+/// logs carry the namespace (this machine logged or merged a record) they
+/// are not, at any size of change: a drive that had snapshots gets one
+/// last one, so an older cairn recovering it gets its state at migration,
+/// and a drive that never had one gets none.
+pub fn snapshots_due(catalog: &Catalog) -> Result<bool, NamespaceError> {
+    if !crate::sync::store::any_record(catalog)? {
+        return Ok(true);
+    }
+    Ok(catalog.meta(META_SEQ)?.is_some() && catalog.meta(META_RETIRED)?.is_none())
+}
+
+/// The newest snapshot on the grid is the catalog's namespace: on a drive
+/// in device logs, it is the last one.
+pub fn up_to_date(catalog: &Catalog) -> Result<(), NamespaceError> {
+    if crate::sync::store::any_record(catalog)? {
+        catalog.set_meta(META_RETIRED, "1")?;
+    }
     Ok(())
 }
 

@@ -279,6 +279,68 @@ fn an_edit_beats_a_concurrent_delete_and_two_mkdirs_are_one_directory() {
     }
 }
 
+/// The whole-namespace snapshot pointers on the servers, by server.
+fn pointers(home: &Home) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for server in ["s1", "s2", "s3", "s4", "s5"] {
+        let dir = home.server_dir(server).join("records");
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("namespace-") {
+                out.push((server.to_string(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// Once device logs carry the namespace, a change publishes no
+/// whole-namespace snapshot (what made one small change cost 72 MiB at
+/// 100,000 files): a new drive never has one, and a drive that had them
+/// gets one last one, so an older cairn recovering it gets its state at
+/// the move. `cairn sync` without a mount then logs like a mount does.
+#[test]
+fn a_drive_in_device_logs_publishes_no_whole_namespace_snapshot() {
+    let (a, ma) = first_machine("one.txt", "1");
+    write(&ma, "two.txt", "2");
+    a.ok(&["sync"]);
+    assert_eq!(pointers(&a), vec![], "a new drive has no snapshot");
+    assert!(ma.unmount().success());
+
+    let old = Home::init(&[]);
+    let local = old.file("local");
+    std::fs::write(&local, "old").unwrap();
+    old.ok(&["put", local.to_str().unwrap(), "/old.txt"]);
+    old.ok(&["sync"]);
+    let first = pointers(&old);
+    assert_eq!(first.len(), 5, "the drive before device logs: {first:?}");
+    let mo = old.mount(&["--writeback-delay", "0"]);
+    write(&mo, "new.txt", "new");
+    old.ok(&["sync"]);
+    let last = pointers(&old);
+    assert_eq!(last.len(), 5);
+    assert_ne!(last, first, "one last snapshot, with the move");
+    for name in ["newer.txt", "newest.txt"] {
+        write(&mo, name, name);
+        old.ok(&["sync"]);
+        assert_eq!(pointers(&old), last, "no snapshot after the last");
+    }
+    assert!(mo.unmount().success());
+    std::fs::write(&local, "offline").unwrap();
+    old.ok(&["put", local.to_str().unwrap(), "/offline.txt"]);
+    let out = old.ok(&["sync"]);
+    assert!(out.contains("changes published in 1 records"), "{out}");
+    assert_eq!(pointers(&old), last, "nor without a mount");
+
+    let c = join(&old, "third");
+    let mc = c.mount(&[]);
+    let seen = tree(mc.path());
+    for name in ["old.txt", "new.txt", "newer.txt", "newest.txt", "offline.txt"] {
+        assert!(seen.contains_key(name), "{name}: {seen:?}");
+    }
+    assert_eq!(seen.get("offline.txt").map(String::as_str), Some("offline"));
+    assert!(mc.unmount().success());
+}
+
 /// What a random run wrote: each file's id, and each machine's last
 /// content of it (the one no later write of that machine superseded).
 #[derive(Default)]

@@ -269,6 +269,15 @@ pub fn unplaced(cat: &Catalog, device: DeviceId) -> Result<Vec<(u64, Vec<u8>)>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Whether any device's record is kept here: the drive's namespace is in
+/// device logs.
+pub fn any_record(cat: &Catalog) -> Result<bool, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT 1 FROM sync_log LIMIT 1")?
+        .exists([])?)
+}
+
 /// A device's newest record kept here.
 pub fn last_record(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, Vec<u8>)>, CatalogError> {
     Ok(cat

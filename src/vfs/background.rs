@@ -5,7 +5,8 @@ use super::*;
 
 impl Vfs {
     /// Publishes the namespace to the grid if it changed since the last
-    /// publication; returns its sequence number if it did.
+    /// publication and snapshots are still published
+    /// (`namespace::snapshots_due`); returns its sequence number if it did.
     pub async fn publish_namespace(self: &Arc<Self>) -> VfsResult<Option<u64>> {
         let _one = self.publishing.lock().await;
         let grid_err = |e: crate::namespace::NamespaceError| VfsError::Grid(e.into());
@@ -16,15 +17,25 @@ impl Vfs {
             .blocking(move |vfs| {
                 let st = vfs.lock();
                 st.catalog.commit()?;
-                crate::namespace::last_published(&st.catalog).map_err(grid_err)
+                match crate::namespace::snapshots_due(&st.catalog).map_err(grid_err)? {
+                    true => crate::namespace::last_published(&st.catalog)
+                        .map(Some)
+                        .map_err(grid_err),
+                    false => Ok(None),
+                }
             })
             .await?;
+        let Some(last) = last else {
+            return Ok(None);
+        };
         let prepared = self
             .blocking(move |vfs| {
                 vfs.read_catalog(|reader| crate::namespace::prepare_from(last, reader).map_err(grid_err))
             })
             .await?;
         let Some(pending) = prepared else {
+            self.blocking(move |vfs| crate::namespace::up_to_date(&vfs.lock().catalog).map_err(grid_err))
+                .await?;
             return Ok(None);
         };
         let published = crate::namespace::upload(&self.grid, self.params, self.happy, pending)
