@@ -18,8 +18,17 @@ use crate::vfs::Vfs;
 pub enum Request {
     Status,
     Sync,
-    Versions { path: String },
-    Restore { path: String, version: i64 },
+    Versions {
+        path: String,
+    },
+    Restore {
+        path: String,
+        version: i64,
+    },
+    /// `cairn devices revoke`: a machine's name or the start of its id.
+    Revoke {
+        device: String,
+    },
 }
 
 /// Longest request line the daemon reads.
@@ -55,6 +64,7 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
             },
             Err(e) => Err(e),
         },
+        Request::Revoke { device } => vfs.revoke_device(device).await.map(|r| json!({ "revoked": r })),
         Request::Versions { path } => {
             let path = drive_path(mountpoint, &path);
             let asked = path.clone();

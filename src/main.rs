@@ -148,6 +148,8 @@ enum Command {
     /// List the machines using this drive, as far as this one has merged
     /// their changes, and when each was last seen.
     Devices {
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
         #[arg(long)]
         json: bool,
     },
@@ -321,6 +323,20 @@ fn home_use(command: &Command) -> Option<(bool, Option<&'static str>)> {
     })
 }
 
+#[derive(clap::Subcommand)]
+enum DevicesAction {
+    /// Revoke a machine's write access (a lost or retired one): its changes
+    /// after the last one merged here count nowhere, on every machine.
+    /// It keeps the root capability, so it can still read the drive.
+    Revoke {
+        /// Its name, or the start of its id (8 hex digits or more), as
+        /// `cairn devices` shows them.
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn run(command: Command) -> Result<ExitCode> {
     let home = Home::locate()?;
     let mut _lock = None;
@@ -397,7 +413,11 @@ fn run(command: Command) -> Result<ExitCode> {
             Err(_) => publish_offline(&home, json),
         },
         Command::RootCap => root_cap(&home),
-        Command::Devices { json } => devices(&home, json),
+        Command::Devices { action: None, json } => devices(&home, json),
+        Command::Devices {
+            action: Some(DevicesAction::Revoke { device, json }),
+            ..
+        } => revoke(&home, device, json),
         Command::Recover {
             config,
             root_cap_file,
@@ -553,7 +573,41 @@ fn devices(home: &Home, json: bool) -> Result<ExitCode> {
             None => "this machine".to_string(),
             Some(ns) => format!("last seen {} UTC", mount::format_time(ns)),
         };
-        println!("{:<24} {}  record {:<6} {when}", d.name, &d.id[..8], d.seq);
+        let revoked = match d.revoked_after {
+            Some(after) => format!("  REVOKED after record {after}"),
+            None => String::new(),
+        };
+        println!("{:<24} {}  record {:<6} {when}{revoked}", d.name, &d.id[..8], d.seq);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn devices revoke`: through the daemon if one runs, else with the
+/// home's lock.
+fn revoke(home: &Home, device: String, json: bool) -> Result<ExitCode> {
+    let config = home.config()?;
+    let reply = match cairn::control::request(&home.dir, &cairn::control::Request::Status) {
+        Ok(_) => cairn::control::request(&home.dir, &cairn::control::Request::Revoke { device })?,
+        Err(_) => {
+            let _lock = cairn::home::HomeLock::acquire(&home.dir, "devices")?;
+            let rt = runtime()?;
+            let revoked = rt.block_on(offline_vfs(home, &config, &rt)?.revoke_device(device))?;
+            serde_json::json!({"ok": true, "revoked": revoked})
+        }
+    };
+    if reply["ok"] != true {
+        bail!("{}", reply["error"].as_str().unwrap_or("the daemon refused"));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        let r = &reply["revoked"];
+        println!(
+            "revoked {} ({}): its records after {} count nowhere, on every machine that merges this one's",
+            r["name"].as_str().unwrap_or("?"),
+            r["id"].as_str().unwrap_or("?"),
+            r["after"]
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

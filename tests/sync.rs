@@ -341,6 +341,75 @@ fn a_drive_in_device_logs_publishes_no_whole_namespace_snapshot() {
     assert!(mc.unmount().success());
 }
 
+/// `cairn devices revoke`: the revoked machine's changes after the last
+/// one the revoker had merged count nowhere: not on the revoker, not on a
+/// machine joining later; what it published before stays. The revoked
+/// machine is told, publishes nothing more, and keeps its files.
+#[test]
+fn a_revoked_machine_s_later_changes_count_nowhere() {
+    let (a, ma) = first_machine("shared.txt", "v0");
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    write(&mb, "before.txt", "published before");
+    b.ok(&["sync"]);
+    assert!(converged(&[&ma, &mb]).contains_key("before.txt"));
+    assert!(mb.unmount().success());
+
+    let out = a.ok(&["devices", "revoke", "laptop"]);
+    assert!(out.starts_with("revoked laptop"), "{out}");
+    let listed = a.ok(&["devices"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("laptop") && l.contains("REVOKED after record")),
+        "{listed}"
+    );
+    // The laptop, offline meanwhile, writes and publishes before it hears.
+    let local = b.file("local");
+    std::fs::write(&local, "after").unwrap();
+    b.ok(&["put", local.to_str().unwrap(), "/after.txt"]);
+    let out = b.ok(&["sync"]);
+    assert!(out.contains("changes published in 1 records"), "{out}");
+    let refused = b.cairn(&["sync"]);
+    assert!(!refused.status.success());
+    assert!(
+        common::stderr(&refused).contains("revoked this one"),
+        "{}",
+        common::stderr(&refused)
+    );
+    assert_eq!(
+        std::fs::read_to_string(b.file("local")).unwrap(),
+        "after",
+        "nothing of the laptop's is touched"
+    );
+
+    // A has merged the laptop's later record, and shows none of it.
+    until(
+        "A merges the laptop's record after the cut",
+        || {
+            a.ok(&["sync"]);
+            let listed: serde_json::Value = serde_json::from_str(&a.ok(&["devices", "--json"])).unwrap();
+            let laptop = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == "laptop")
+                .cloned();
+            laptop.map(|d| (d["seq"].as_u64(), d["revoked_after"].as_u64()))
+        },
+        |d| matches!(d, Some((Some(seq), Some(after))) if seq > after),
+    );
+    let c = join(&a, "third");
+    let mc = c.mount(&[]);
+    for seen in [tree(ma.path()), tree(mc.path())] {
+        assert!(seen.contains_key("before.txt"), "{seen:?}");
+        assert!(!seen.contains_key("after.txt"), "{seen:?}");
+    }
+    for m in [ma, mc] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// What a random run wrote: each file's id, and each machine's last
 /// content of it (the one no later write of that machine superseded).
 #[derive(Default)]

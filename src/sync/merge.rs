@@ -39,7 +39,12 @@
 //! - Versions and creates carry what other machines need to show them
 //!   (the content's capability, a symlink's target).
 //!
-//! Not yet here: revoked devices.
+//! - **Revocation**: a device's write access revoked after its record N
+//!   ([`Op::Revoke`]) makes its later records count for nothing, as if
+//!   never written; what it wrote up to N stays. Revocations count in
+//!   `Ts` order, and one made in a record its own device no longer counts
+//!   (revoked before it) counts for nothing, so of two machines revoking
+//!   each other the earlier revocation stands.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -124,6 +129,9 @@ pub enum Op {
         name: String,
         value: Option<Vec<u8>>,
     },
+    /// `device`'s write access revoked: its records after `after` do not
+    /// count.
+    Revoke { device: DeviceId, after: u64 },
 }
 
 /// How far a device had merged each other device's log: the highest
@@ -170,6 +178,27 @@ pub struct State {
     attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
     /// Each extended attribute's latest value per device.
     xattrs: BTreeMap<(Fid, String, DeviceId), (Ts, XattrValue)>,
+    /// Every revocation heard, from any record, even one that does not
+    /// count itself: whether it does depends on the others.
+    revokes: BTreeMap<Ts, (DeviceId, u64)>,
+    /// What they cut ([`cutoffs`]): each revoked device's last record that
+    /// counts.
+    cut: BTreeMap<DeviceId, u64>,
+}
+
+/// Each revoked device's last record that counts: revocations in `Ts`
+/// order, each counting unless made in a record of its device that an
+/// earlier one cut off; the lowest cut of a device wins.
+pub fn cutoffs(revokes: &BTreeMap<Ts, (DeviceId, u64)>) -> BTreeMap<DeviceId, u64> {
+    let mut cut: BTreeMap<DeviceId, u64> = BTreeMap::new();
+    for (ts, (device, after)) in revokes {
+        if cut.get(&ts.device).is_some_and(|last| ts.seq > *last) {
+            continue;
+        }
+        let last = cut.entry(*device).or_insert(*after);
+        *last = (*last).min(*after);
+    }
+    cut
 }
 
 /// Keeps the entry of `map` at `key` with the smaller (`first`) or larger
@@ -204,7 +233,34 @@ fn add_delete(deletes: &mut BTreeMap<(Fid, Ts), Seen>, key: (Fid, Ts), seen: &Se
 }
 
 impl State {
-    pub fn apply(&mut self, record: &Record) {
+    /// Adds a record. `false` if it brought a revocation that changes
+    /// which records count: operations already merged may then not count,
+    /// so the state must be made again, [`State::restarted`] and every
+    /// record applied anew.
+    #[must_use]
+    pub fn apply(&mut self, record: &Record) -> bool {
+        let mut revoked = false;
+        for (idx, (hlc, op)) in record.ops.iter().enumerate() {
+            if let Op::Revoke { device, after } = op {
+                let ts = Ts {
+                    hlc: *hlc,
+                    device: record.device,
+                    seq: record.seq,
+                    idx: idx as u32,
+                };
+                revoked |= self.revokes.insert(ts, (*device, *after)).is_none();
+            }
+        }
+        if revoked {
+            let cut = cutoffs(&self.revokes);
+            if cut != self.cut {
+                self.cut = cut;
+                return false;
+            }
+        }
+        if !self.counts(record.device, record.seq) {
+            return true;
+        }
         for (idx, (hlc, op)) in record.ops.iter().enumerate() {
             let ts = Ts {
                 hlc: *hlc,
@@ -213,6 +269,7 @@ impl State {
                 idx: idx as u32,
             };
             match op {
+                Op::Revoke { .. } => {}
                 Op::Enroll { name } => keep(&mut self.names, record.device, ts, name, false),
                 // The root is made by no one and moves nowhere.
                 Op::Create { fid: ROOT, .. } | Op::Move { fid: ROOT, .. } => {}
@@ -259,9 +316,32 @@ impl State {
                 } => keep(&mut self.versions, *vid, ts, &(*fid, *base, content.clone()), true),
             }
         }
+        true
     }
 
-    /// Everything `other` knows, added to this state.
+    /// Whether record `seq` of `device` counts (its device was not
+    /// revoked before it).
+    pub fn counts(&self, device: DeviceId, seq: u64) -> bool {
+        self.cut.get(&device).is_none_or(|last| seq <= *last)
+    }
+
+    /// Each revoked device's last record that counts.
+    pub fn revoked(&self) -> &BTreeMap<DeviceId, u64> {
+        &self.cut
+    }
+
+    /// An empty state that knows every revocation this one does: every
+    /// record applied to it again gives the state with only what counts.
+    pub fn restarted(&self) -> State {
+        State {
+            revokes: self.revokes.clone(),
+            cut: self.cut.clone(),
+            ..State::default()
+        }
+    }
+
+    /// Everything `other` knows, added to this state. Exact for states
+    /// that know the same revocations; otherwise apply the records again.
     pub fn join(&mut self, other: &State) {
         for (device, (ts, name)) in &other.names {
             keep(&mut self.names, *device, *ts, name, false);
@@ -284,6 +364,8 @@ impl State {
         for (key, (ts, value)) in &other.xattrs {
             keep(&mut self.xattrs, key.clone(), *ts, value, false);
         }
+        self.revokes.extend(other.revokes.iter().map(|(k, v)| (*k, *v)));
+        self.cut = cutoffs(&self.revokes);
     }
 
     /// The extended attributes of `fid`: each name's latest write, unless
@@ -342,10 +424,18 @@ impl State {
 }
 
 /// The state of `records`, in whatever order.
-pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record>) -> State {
+pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
     let mut state = State::default();
-    for r in records {
-        state.apply(r);
+    let mut again = false;
+    for r in records.clone() {
+        again |= !state.apply(r);
+    }
+    if again {
+        // Every revocation is known now: the second pass changes no cut.
+        state = state.restarted();
+        for r in records {
+            let _ = state.apply(r);
+        }
     }
     state
 }
@@ -863,6 +953,61 @@ mod tests {
         let mut shuffled: Vec<&Record> = all.iter().rev().chain(all.iter()).collect();
         shuffled.rotate_left(3);
         assert_eq!(render(&merge(shuffled)), tree);
+    }
+
+    #[test]
+    fn a_revoked_device_counts_up_to_its_cut_in_any_order() {
+        const C: DeviceId = 0xC << 96;
+        let b1 = record(B, 1, &[], vec![file(1, "before"), version(1, 10, None)]);
+        let b2 = record(
+            B,
+            2,
+            &[],
+            vec![file(2, "after"), version(1, 11, Some(10)), Op::Delete { fid: 1 }],
+        );
+        let revoke = record(A, 1, &[(B, 1)], vec![Op::Revoke { device: B, after: 1 }]);
+        let all = [b1.clone(), b2.clone(), revoke.clone()];
+        let tree = render(&merge(&all));
+        assert_eq!(names(&tree), ["before"], "B's record 2 never happened");
+        assert_eq!(tree[&1].content, Some(10));
+        for order in [[&revoke, &b1, &b2], [&b2, &revoke, &b1], [&b1, &revoke, &b2]] {
+            assert_eq!(render(&merge(order)), tree);
+        }
+        // Applied one by one, the revocation asks for the state again.
+        let mut state = State::default();
+        assert!(state.apply(&b1) && state.apply(&b2));
+        assert!(!state.apply(&revoke), "B's record 2 is in the state");
+        let mut again = state.restarted();
+        for r in &all {
+            assert!(again.apply(r));
+        }
+        assert_eq!(render(&again), tree);
+        assert_eq!(again.revoked(), &BTreeMap::from([(B, 1)]));
+
+        // A revocation in a record that no longer counts counts for
+        // nothing: B, cut after 1, cannot revoke C in its record 2.
+        let c1 = record(C, 1, &[], vec![file(3, "c")]);
+        let b_revokes_c = record(B, 2, &[], vec![Op::Revoke { device: C, after: 0 }]);
+        let state = merge([&b1, &b_revokes_c, &revoke, &c1]);
+        assert_eq!(state.revoked(), &BTreeMap::from([(B, 1)]));
+        assert!(state.counts(C, 1) && !state.counts(B, 2));
+    }
+
+    #[test]
+    fn of_two_machines_revoking_each_other_the_earlier_revocation_stands() {
+        // Each cuts the other where it had seen it; A's is earlier (its
+        // record's time), so B's, in B's record 2 past A's cut, is void.
+        let a1 = record(A, 1, &[], vec![file(1, "a")]);
+        let b1 = record(B, 1, &[], vec![file(2, "b")]);
+        let a_revokes = record(A, 2, &[(B, 1)], vec![Op::Revoke { device: B, after: 1 }]);
+        let mut b_revokes = record(B, 2, &[(A, 1)], vec![Op::Revoke { device: A, after: 1 }]);
+        b_revokes.ops[0].0 = a_revokes.ops[0].0 + 1;
+        let all = [&a1, &b1, &a_revokes, &b_revokes];
+        let state = merge(all);
+        assert_eq!(state.revoked(), &BTreeMap::from([(B, 1)]));
+        let mut reversed = all;
+        reversed.reverse();
+        assert_eq!(merge(reversed).revoked(), state.revoked());
     }
 
     #[test]

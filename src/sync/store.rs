@@ -347,10 +347,23 @@ pub fn put_device(cat: &Catalog, d: &Device) -> Result<(), CatalogError> {
 /// (a damaged one is logged and left out); and the highest hybrid time
 /// among them.
 pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u64), CatalogError> {
+    let mut merged = State::default();
+    let (hlc, again) = replay(cat, root, me, &mut merged)?;
+    if again {
+        // A revocation changed what counts: every record again, with every
+        // revocation known.
+        merged = merged.restarted();
+        replay(cat, root, me, &mut merged)?;
+    }
+    Ok((merged, hlc))
+}
+
+/// Applies every record kept to `merged`: the highest hybrid time, and
+/// whether a revocation asked for the state to be made again.
+fn replay(cat: &Catalog, root: &RootCap, me: &Identity, merged: &mut State) -> Result<(u64, bool), CatalogError> {
     let keys: std::collections::BTreeMap<DeviceId, PublicKey> =
         devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
-    let mut merged = State::default();
-    let mut hlc = 0;
+    let (mut hlc, mut again) = (0, false);
     for (device, seq, bytes) in all_records(cat)? {
         let key = if device == me.id {
             Some(me.public())
@@ -360,12 +373,12 @@ pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u
         match log::open_record(root, &bytes, device, seq, key.as_ref().filter(|_| seq > 1)) {
             Ok(opened) => {
                 hlc = opened.record.ops.iter().map(|(t, _)| *t).fold(hlc, u64::max);
-                merged.apply(&opened.record);
+                again |= !merged.apply(&opened.record);
             }
             Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept log record"),
         }
     }
-    Ok((merged, hlc))
+    Ok((hlc, again))
 }
 
 /// A machine of the drive, as `cairn devices` shows it.
@@ -379,6 +392,8 @@ pub struct Listed {
     /// When its newest head merged here was written, by its clock (this
     /// machine: none).
     pub last_seen_ns: Option<i64>,
+    /// Revoked: its last record that counts.
+    pub revoked_after: Option<u64>,
 }
 
 /// This machine and every other one this catalog knows of.
@@ -398,6 +413,7 @@ pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> 
         this_machine: true,
         seq: last_record(cat, me.id)?.map_or(0, |r| r.0),
         last_seen_ns: None,
+        revoked_after: merged.revoked().get(&me.id).copied(),
     }];
     for d in devices(cat)? {
         out.push(Listed {
@@ -406,6 +422,7 @@ pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> 
             this_machine: false,
             seq: d.merged_seq,
             last_seen_ns: Some(d.head_time_ns),
+            revoked_after: merged.revoked().get(&d.id).copied(),
         });
     }
     Ok(out)

@@ -20,6 +20,9 @@ use crate::sync::{remote, store};
 const META_APPLIED: &str = "sync_applied";
 /// Meta key: the newest of this device's records its head names.
 const META_HEAD_SEQ: &str = "sync_head_seq";
+/// Meta key: revocations asked for here and not yet logged (JSON list of
+/// `[device, after]`).
+const META_REVOKE: &str = "sync_revoke";
 /// A full look at every device's head at least this often, even if no
 /// doorbell rang (a server may keep an old bell).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -42,6 +45,14 @@ pub(super) struct Devices {
     again: std::sync::atomic::AtomicBool,
     /// One pass at a time.
     pass: tokio::sync::Mutex<()>,
+}
+
+/// A revocation: the device, and its last record that still counts.
+#[derive(Debug, Serialize)]
+pub struct Revoked {
+    pub id: String,
+    pub name: String,
+    pub after: u64,
 }
 
 /// What one pass did.
@@ -245,15 +256,68 @@ impl Devices {
                 log::seal_record(&self.root, &self.me, seq, &prev, &payload).map_err(|e| sync_err(e.to_string()))?;
             prev = log::link(&bytes);
             store::keep_record(cat, self.me.id, seq, &bytes, false)?;
-            self.merged().apply(&crate::sync::merge::Record {
+            let counted = self.merged().apply(&crate::sync::merge::Record {
                 device: self.me.id,
                 seq,
                 seen: payload.seen.iter().map(|s| (s.device, s.seq)).collect(),
                 ops: payload.ops,
             });
+            if !counted {
+                self.remerge(cat)?;
+            }
             made += 1;
         }
         Ok(made)
+    }
+
+    /// Makes the merged state again from every record kept (a revocation
+    /// changed which count), and has the next pass apply it.
+    fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
+        *self.merged() = store::rebuild(cat, &self.root, &self.me)?.0;
+        self.again.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A revocation of the device named `who` (its name, or the start of
+    /// its id), to be logged by the next pass: its records after the last
+    /// one merged here stop counting.
+    fn ask_revoke(&self, cat: &Catalog, who: &str) -> VfsResult<Revoked> {
+        let names = self.merged().device_names();
+        let known = store::devices(cat)?;
+        let matching: Vec<&store::Device> = known
+            .iter()
+            .filter(|d| {
+                names.get(&d.id).is_some_and(|n| n == who)
+                    || (who.len() >= 8 && format!("{:032x}", d.id).starts_with(&who.to_ascii_lowercase()))
+            })
+            .collect();
+        let d = match matching[..] {
+            [d] => d,
+            [] if names.get(&self.me.id).is_some_and(|n| n == who) => {
+                return Err(sync_err("that is this machine: revoke it from another one".into()))
+            }
+            [] => {
+                return Err(sync_err(format!(
+                    "no other machine of this drive is named {who:?} (see cairn devices)"
+                )))
+            }
+            _ => {
+                return Err(sync_err(format!(
+                    "several machines are named {who:?}: give the start of its id (cairn devices)"
+                )))
+            }
+        };
+        let mut pending: Vec<(DeviceId, u64)> = cat
+            .meta(META_REVOKE)?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        pending.push((d.id, d.merged_seq));
+        cat.set_meta(META_REVOKE, &serde_json::to_string(&pending).expect("serialises"))?;
+        Ok(Revoked {
+            id: format!("{:032x}", d.id),
+            name: names.get(&d.id).cloned().unwrap_or_default(),
+            after: d.merged_seq,
+        })
     }
 }
 
@@ -264,6 +328,15 @@ impl Vfs {
     /// machines published.
     pub async fn sync_devices(self: &Arc<Self>) -> VfsResult<SyncReport> {
         let _one = self.devices.pass.lock().await;
+        if let Some(after) = self.devices.merged().revoked().get(&self.devices.me.id) {
+            // Its later changes count nowhere: merging more would undo
+            // them here too. They stay in this home's catalog.
+            return Err(sync_err(format!(
+                "another machine revoked this one after its record {after}: nothing is published or merged \
+                 any more. Its files stay readable here; to go on, join the drive into a new CAIRN_HOME \
+                 (cairn recover) and copy over what changed"
+            )));
+        }
         let mut report = SyncReport::default();
         // Other machines' changes are merged even while this one's cannot
         // be sent.
@@ -284,7 +357,16 @@ impl Vfs {
                     // Its own commit: never one that would land planned
                     // nodes before their record is kept.
                     store::device_name(cat)?;
-                    let mut ops = Vec::new();
+                    let mut ops: Vec<Op> = cat
+                        .meta(META_REVOKE)?
+                        .and_then(|v| serde_json::from_str::<Vec<(DeviceId, u64)>>(&v).ok())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(device, after)| Op::Revoke { device, after })
+                        .collect();
+                    if !ops.is_empty() {
+                        cat.set_meta(META_REVOKE, "[]")?;
+                    }
                     let dirty = store::dirty(cat, NODES_PER_TURN)?;
                     for ino in &dirty {
                         vfs.devices.plan_node(cat, *ino, &mut ops)?;
@@ -438,7 +520,9 @@ impl Vfs {
                 .await?;
                 let hlc = opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0);
                 self.devices.hlc.fetch_max(hlc, Ordering::Relaxed);
-                self.devices.merged().apply(&opened.record);
+                if !self.devices.merged().apply(&opened.record) {
+                    self.blocking(|vfs| vfs.devices.remerge(&vfs.lock().catalog)).await?;
+                }
                 report.merged += 1;
                 merged_any = true;
             }
@@ -447,6 +531,25 @@ impl Vfs {
             self.apply_merged(report).await?;
         }
         Ok(())
+    }
+
+    /// Revokes the write access of the machine named `who` (`cairn devices
+    /// revoke`), and publishes it at once.
+    pub async fn revoke_device(self: &Arc<Self>, who: String) -> VfsResult<Revoked> {
+        let revoked = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                let revoked = vfs.devices.ask_revoke(&st.catalog, &who)?;
+                st.catalog.commit()?;
+                Ok(revoked)
+            })
+            .await?;
+        self.sync_devices().await.map_err(|e| {
+            sync_err(format!(
+                "the revocation is kept here and published by the next pass that can: {e}"
+            ))
+        })?;
+        Ok(revoked)
     }
 
     /// Renders the merged state and makes the catalog show it.
