@@ -486,6 +486,22 @@ fn random_op(rng: &mut impl rand::Rng, m: &Mounted, on: usize, step: usize, w: &
 /// fourth machine joining sees the same. CAIRN_SYNC_SEED repeats a run.
 #[test]
 fn three_machines_under_random_operations_a_kill_and_a_cut_off_converge_and_lose_nothing() {
+    random_run(machine("a"));
+}
+
+/// The same on a grid of five real S3 servers (s3s-fs on 127.0.0.1).
+#[test]
+fn three_machines_on_s3_servers_under_random_operations_converge_and_lose_nothing() {
+    let servers = common::s3::S3Servers::start(5);
+    let args = servers.init_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Home::init_with_env(&args, &servers.secret_env());
+    a.device = Some("a".into());
+    random_run(a);
+}
+
+/// Three machines on `a`'s grid (`a` the first), as above.
+fn random_run(a: Home) {
     use rand::SeedableRng;
     let seed: u64 = std::env::var("CAIRN_SYNC_SEED")
         .ok()
@@ -499,7 +515,6 @@ fn three_machines_under_random_operations_a_kill_and_a_cut_off_converge_and_lose
     eprintln!("CAIRN_SYNC_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let a = machine("a");
     let first = a.mount(&["--writeback-delay", "0"]);
     write(&first, "start", "0:start");
     a.ok(&["sync"]);
