@@ -55,6 +55,8 @@ pub enum LogError {
     Payload(String),
     #[error("payload of {0} bytes, more than a record holds ({MAX_PAYLOAD})")]
     TooLarge(usize),
+    #[error("an operation no machine of this drive logs: {0}")]
+    BadOp(String),
 }
 
 /// How record 1 makes its device's key known.
@@ -251,6 +253,9 @@ pub fn open_record(
     let payload = payload.map_err(|e| LogError::Payload(e.to_string()))?;
     if seq != 1 && payload.enrol.is_some() {
         return Err(LogError::LateEnrolment);
+    }
+    for (_, op) in &payload.ops {
+        crate::sync::merge::check(op).map_err(LogError::BadOp)?;
     }
     let record = Record {
         device,
@@ -466,6 +471,30 @@ mod tests {
         assert_ne!(log_name(&root, me.id, 1), log_name(&root, me.id + 1, 1));
         assert!(!log_name(&root, me.id, 1).contains(&format!("{:x}", me.id)));
         assert!(head_name(&root, me.id).starts_with(&head_prefix(&root)));
+    }
+
+    #[test]
+    fn a_signed_record_with_an_operation_no_machine_logs_is_refused() {
+        let root = RootCap::generate();
+        let me = Identity::generate();
+        let mut p = payload(&me, &root, 2);
+        p.ops.push((9, Op::Delete { fid: 5 }));
+        let fine = seal_record(&root, &me, 2, &NO_LINK, &p).unwrap();
+        assert!(open_record(&root, &fine, me.id, 2, Some(&me.public())).is_ok());
+        p.ops.push((
+            10,
+            Op::Move {
+                fid: 5,
+                parent: 0,
+                name: "../../etc".into(),
+                from: (0, "a".into()),
+            },
+        ));
+        let bad = seal_record(&root, &me, 2, &NO_LINK, &p).unwrap();
+        assert!(matches!(
+            open_record(&root, &bad, me.id, 2, Some(&me.public())),
+            Err(LogError::BadOp(_))
+        ));
     }
 
     #[test]

@@ -134,6 +134,52 @@ pub enum Op {
     Revoke { device: DeviceId, after: u64 },
 }
 
+/// Longest name an operation may carry: 255 UTF-16 units of a Windows
+/// name, 4 bytes each at most in UTF-8.
+pub const MAX_NAME: usize = 1020;
+/// Longest symlink target (Linux's PATH_MAX) and extended attribute value
+/// (XATTR_SIZE_MAX).
+const MAX_TARGET: usize = 4096;
+const MAX_XATTR_VALUE: usize = 64 << 10;
+
+/// Whether `op` is one a machine of this drive could have logged: every
+/// name one a file system could hold, extended attributes only in the
+/// `user.` namespace (the only one a mount stores), sizes within bounds.
+/// A record with another is refused whole (its signer holds the root
+/// capability, so this is what a bug or a hostile holder would send).
+pub fn check(op: &Op) -> Result<(), String> {
+    fn name(n: &str) -> Result<(), String> {
+        match n {
+            "" | "." | ".." => Err(format!("the name {n:?}")),
+            _ if n.len() > MAX_NAME => Err(format!("a name of {} bytes", n.len())),
+            _ if n.contains(['/', '\0']) => Err(format!("the name {n:?} (a slash or NUL)")),
+            _ => Ok(()),
+        }
+    }
+    fn attrs(a: &Attrs) -> Result<(), String> {
+        match &a.target {
+            Some(t) if t.len() > MAX_TARGET || t.contains('\0') => Err("a symlink target too long or with NUL".into()),
+            _ => Ok(()),
+        }
+    }
+    match op {
+        Op::Enroll { name: n } => name(n),
+        Op::Create { name: n, attrs: a, .. } => name(n).and(attrs(a)),
+        Op::Move { name: n, from, .. } => name(n).and(name(&from.1)),
+        Op::Attrs { attrs: a, .. } => attrs(a),
+        Op::Xattr { name: n, value, .. } => {
+            if !n.starts_with("user.") || n.len() > 255 || n.contains('\0') {
+                Err(format!("the extended attribute {n:?} (only user.*)"))
+            } else if value.as_ref().is_some_and(|v| v.len() > MAX_XATTR_VALUE) {
+                Err(format!("an extended attribute value over {MAX_XATTR_VALUE} bytes"))
+            } else {
+                Ok(())
+            }
+        }
+        Op::Delete { .. } | Op::Version { .. } | Op::Revoke { .. } => Ok(()),
+    }
+}
+
 /// How far a device had merged each other device's log: the highest
 /// record number of each.
 pub type Seen = BTreeMap<DeviceId, u64>;
@@ -1008,6 +1054,44 @@ mod tests {
         let mut reversed = all;
         reversed.reverse();
         assert_eq!(merge(reversed).revoked(), state.revoked());
+    }
+
+    #[test]
+    fn only_names_a_file_system_holds_and_user_attributes_pass_the_check() {
+        assert_eq!(check(&file(1, "report (2).docx")), Ok(()));
+        assert_eq!(check(&file(1, &"\u{6587}".repeat(255))), Ok(()), "a long Windows name");
+        for bad in ["", ".", "..", "a/b", "nul\0", &"x".repeat(MAX_NAME + 1)] {
+            assert!(check(&file(1, bad)).is_err(), "{bad:?}");
+            let moved = Op::Move {
+                fid: 1,
+                parent: ROOT,
+                name: bad.into(),
+                from: (ROOT, "a".into()),
+            };
+            assert!(check(&moved).is_err(), "{bad:?}");
+        }
+        let xattr = |name: &str, len: usize| Op::Xattr {
+            fid: 1,
+            name: name.into(),
+            value: Some(vec![0; len]),
+        };
+        assert_eq!(check(&xattr("user.colour", 10)), Ok(()));
+        for (name, len) in [
+            ("security.capability", 10),
+            ("trusted.x", 1),
+            ("user.big", MAX_XATTR_VALUE + 1),
+        ] {
+            assert!(check(&xattr(name, len)).is_err(), "{name}");
+        }
+        let link = |target: &str| Op::Attrs {
+            fid: 1,
+            attrs: Attrs {
+                target: Some(target.into()),
+                ..Attrs::default()
+            },
+        };
+        assert_eq!(check(&link("../a")), Ok(()));
+        assert!(check(&link(&"a/".repeat(MAX_TARGET))).is_err());
     }
 
     #[test]

@@ -72,6 +72,15 @@ fn sync_err(what: String) -> VfsError {
     VfsError::Grid(GridError::Sync(what))
 }
 
+/// A hybrid time heard from another device, as far as this clock follows
+/// it: at most a day ahead of this machine's, so a record with a time near
+/// 2^64 (a bug, a hostile root-capability holder) cannot run this clock to
+/// its end. Its own operations still order by the time they carry.
+fn clamp_heard(hlc: u64) -> u64 {
+    const DAY_NS: u64 = 86_400_000_000_000;
+    hlc.min((crate::catalog::now_ns().max(0) as u64).saturating_add(DAY_NS))
+}
+
 fn vid_of(root: &RootCap, cap: &str) -> merge::Vid {
     let h = root.derive(b"cairn-v1-version-id", &[cap.as_bytes()]);
     u128::from_be_bytes(h[..16].try_into().expect("16 bytes"))
@@ -84,6 +93,7 @@ impl Devices {
         let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
         let me = store::identity(catalog)?;
         let (merged, hlc) = store::rebuild(catalog, &root, &me)?;
+        let hlc = clamp_heard(hlc);
         Ok(Devices {
             root,
             me,
@@ -101,7 +111,7 @@ impl Devices {
         let now = crate::catalog::now_ns().max(0) as u64;
         let mut prev = self.hlc.load(Ordering::Relaxed);
         loop {
-            let next = now.max(prev + 1);
+            let next = now.max(prev.saturating_add(1));
             match self
                 .hlc
                 .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -519,7 +529,7 @@ impl Vfs {
                 })
                 .await?;
                 let hlc = opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0);
-                self.devices.hlc.fetch_max(hlc, Ordering::Relaxed);
+                self.devices.hlc.fetch_max(clamp_heard(hlc), Ordering::Relaxed);
                 if !self.devices.merged().apply(&opened.record) {
                     self.blocking(|vfs| vfs.devices.remerge(&vfs.lock().catalog)).await?;
                 }
