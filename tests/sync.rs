@@ -279,6 +279,42 @@ fn an_edit_beats_a_concurrent_delete_and_two_mkdirs_are_one_directory() {
     }
 }
 
+/// `cairn restore` on one machine is a new version like any edit: the
+/// others show the restored content, and the machine that restored keeps
+/// it after merging (a restore reuses the old version's capability, and
+/// once had its id, so a merge put the newest version back).
+#[test]
+fn a_restore_on_one_machine_is_the_content_on_every_machine() {
+    let (a, ma) = first_machine("notes.txt", "first");
+    write(&ma, "notes.txt", "second");
+    a.ok(&["sync"]);
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    assert_eq!(
+        converged(&[&ma, &mb]).get("notes.txt").map(String::as_str),
+        Some("second")
+    );
+
+    a.ok(&["restore", ma.file("notes.txt").to_str().unwrap(), "--version", "1"]);
+    a.ok(&["sync"]);
+    until(
+        "B shows the restored content",
+        || std::fs::read_to_string(mb.file("notes.txt")).unwrap(),
+        |got| got == "first",
+    );
+    // B writes something else, so A merges at least once more.
+    write(&mb, "other.txt", "o");
+    b.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(seen.get("notes.txt").map(String::as_str), Some("first"), "{seen:?}");
+    assert_eq!(seen.len(), 2, "no conflict copy: {seen:?}");
+    let versions = b.versions(mb.file("notes.txt").to_str().unwrap());
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// The whole-namespace snapshot pointers on the servers, by server.
 fn pointers(home: &Home) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();

@@ -175,9 +175,10 @@ impl Devices {
                     store::mark_dirty(cat, ino)?;
                     return Ok(());
                 };
-                let versions = store::unpublished_versions(cat, ino)?
+                let versions = self
+                    .version_ids(cat, ino)?
                     .into_iter()
-                    .map(|(_, cap, size, sha256)| (vid_of(&self.root, &cap), Content { cap, size, sha256 }))
+                    .map(|(_, vid, (_, cap, size, sha256))| (vid, Content { cap, size, sha256 }))
                     .collect();
                 Some(Local {
                     ino,
@@ -205,8 +206,8 @@ impl Devices {
             // Its first committed version marks it again.
             Plan::Wait => {}
             Plan::Log { ops: new, synced } => {
-                for (num, cap, ..) in store::unpublished_versions(cat, ino)? {
-                    store::set_vid(cat, ino, num, vid_of(&self.root, &cap))?;
+                for (num, vid, _) in self.version_ids(cat, ino)? {
+                    store::set_vid(cat, ino, num, vid)?;
                 }
                 match synced {
                     Some(s) => store::put_synced(cat, &s)?,
@@ -220,6 +221,28 @@ impl Devices {
             }
         }
         Ok(())
+    }
+
+    /// The ids `ino`'s unpublished versions get, oldest first: derived
+    /// from the capability (so machines that recovered one snapshot agree),
+    /// unless an earlier version of the file already has that one (a
+    /// restore reuses the old version's capability), then from the
+    /// capability and the version's number too.
+    fn version_ids(&self, cat: &Catalog, ino: Ino) -> VfsResult<Vec<(i64, merge::Vid, store::Unpublished)>> {
+        let mut taken = BTreeSet::new();
+        let mut out = Vec::new();
+        for v in store::unpublished_versions(cat, ino)? {
+            let mut vid = vid_of(&self.root, &v.1);
+            if taken.contains(&vid) || store::local_version(cat, ino, vid)?.is_some() {
+                let h = self
+                    .root
+                    .derive(b"cairn-v1-version-id-again", &[v.1.as_bytes(), &v.0.to_be_bytes()]);
+                vid = u128::from_be_bytes(h[..16].try_into().expect("16 bytes"));
+            }
+            taken.insert(vid);
+            out.push((v.0, vid, v));
+        }
+        Ok(out)
     }
 
     /// Cuts `ops` into sealed records after this device's newest, kept in
