@@ -403,6 +403,62 @@ fn servers_that_roll_back_damage_forge_or_withhold_records_lose_nothing() {
     }
 }
 
+/// A file kept open on one machine holds back only the changes to it: a
+/// delete there still removes what it was shown. (It once claimed to have
+/// seen nothing of a pass that left anything waiting, so a file made by
+/// the record before the open file's edit, merged in the same pass and
+/// deleted, came back.)
+#[test]
+fn a_file_kept_open_holds_back_only_its_own_changes() {
+    let (a, ma) = first_machine("open.txt", "v0");
+    let b = join(&a, "laptop");
+    // B's servers hang while this file exists, so it merges A's next two
+    // records in one pass.
+    let cut = b.file("cut-off");
+    b.edit_config(|config| {
+        config.grid.timeout_secs = 2;
+        for s in &mut config.servers {
+            s.faults.get_or_insert_with(Default::default).stall_flag = Some(cut.clone());
+        }
+    });
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    converged(&[&ma, &mb]);
+    let held = std::fs::File::open(mb.file("open.txt")).unwrap();
+
+    std::fs::write(&cut, b"").unwrap();
+    write(&ma, "made.txt", "made on A");
+    a.ok(&["sync"]);
+    write(&ma, "open.txt", "v1 from A");
+    a.ok(&["sync"]);
+    std::fs::remove_file(&cut).unwrap();
+    until("B shows A's new file", || mb.file("made.txt").exists(), |e| *e);
+    assert_eq!(
+        std::fs::read_to_string(mb.file("open.txt")).unwrap(),
+        "v0",
+        "open here: waits"
+    );
+
+    std::fs::remove_file(mb.file("made.txt")).unwrap();
+    b.ok(&["sync"]);
+    until(
+        "B's delete reaches A and stays",
+        || {
+            a.ok(&["sync"]);
+            b.ok(&["sync"]);
+            ma.file("made.txt").exists() || mb.file("made.txt").exists()
+        },
+        |e| !*e,
+    );
+    drop(held);
+    b.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(seen.get("open.txt").map(String::as_str), Some("v1 from A"), "{seen:?}");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// The whole-namespace snapshot pointers on the servers, by server.
 fn pointers(home: &Home) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();

@@ -27,7 +27,16 @@ pub struct Applied {
     pub inval: Vec<Inval>,
     /// Changes left for later (a node changed or open here): apply again.
     pub skipped: usize,
+    /// The nodes they are of.
+    pub waiting: BTreeSet<Fid>,
     pub changed: usize,
+}
+
+impl Applied {
+    fn skip(&mut self, fid: Fid) {
+        self.skipped += 1;
+        self.waiting.insert(fid);
+    }
 }
 
 /// Where the nodes of the tree sit in the catalog, by node id.
@@ -108,7 +117,7 @@ pub fn apply(
             _ => false,
         };
         if busy || full {
-            out.skipped += 1;
+            out.skip(s.fid);
             continue;
         }
         if let Some(node) = node.filter(|n| n.parent != ORPHAN_PARENT) {
@@ -134,7 +143,7 @@ pub fn apply(
         pending.remove(&fid);
         let e = &tree[&fid];
         let Some(parent) = ino_of(&synced, e.parent) else {
-            out.skipped += 1;
+            out.skip(fid);
             continue;
         };
         match synced.get(&fid).cloned() {
@@ -142,7 +151,7 @@ pub fn apply(
                 Some(s) => {
                     synced.insert(fid, s);
                 }
-                None => out.skipped += 1,
+                None => out.skip(fid),
             },
             Some(s) => {
                 let same = (s.parent, s.name.as_str()) == (e.parent, e.name.as_str())
@@ -156,11 +165,11 @@ pub fn apply(
                 // Changed here, or a version sealed here on its way up:
                 // the local change is published first, then merged.
                 if store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)? {
-                    out.skipped += 1;
+                    out.skip(fid);
                     continue;
                 }
                 let Some(node) = cat.node(s.ino)? else {
-                    out.skipped += 1;
+                    out.skip(fid);
                     continue;
                 };
                 let was_parked = parked.remove(&fid);
@@ -172,7 +181,7 @@ pub fn apply(
                 };
                 if moved && !place(cat, &node, &to, &synced, tree, &mut parked, &mut out)? {
                     if !was_parked {
-                        out.skipped += 1;
+                        out.skip(fid);
                         continue;
                     }
                     // Parked for a swap, and its new name was taken since
@@ -181,7 +190,7 @@ pub fn apply(
                     let aside = format!("{} ({})", e.name, node.ino);
                     cat.rename(&node, parent, &aside, None)?;
                     out.inval.push(Inval::Node(parent));
-                    out.skipped += 1;
+                    out.skip(fid);
                     continue;
                 }
                 let mut now = s.clone();
@@ -189,7 +198,7 @@ pub fn apply(
                 now.parent = e.parent;
                 now.name = e.name.clone();
                 if !update(cat, s.ino, e, state, &mut now, in_use, &mut out)? {
-                    out.skipped += 1;
+                    out.skip(fid);
                 }
                 store::put_synced(cat, &now)?;
                 store::clear_dirty(cat, s.ino)?;

@@ -371,6 +371,40 @@ impl State {
         self.cut.get(&device).is_none_or(|last| seq <= *last)
     }
 
+    /// For each device, its first record after `seen` with an operation
+    /// on any of `fids`; `None` if one of them is not in the state at all
+    /// (nothing can then be said of what waits).
+    pub fn first_unseen(&self, fids: &BTreeSet<Fid>, seen: &Seen) -> Option<BTreeMap<DeviceId, u64>> {
+        let mut first: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        let mut found: BTreeSet<Fid> = BTreeSet::new();
+        let mut note = |fid: Fid, ts: &Ts| {
+            if fids.contains(&fid) {
+                found.insert(fid);
+                if seen.get(&ts.device).is_none_or(|s| ts.seq > *s) {
+                    let at = first.entry(ts.device).or_insert(ts.seq);
+                    *at = (*at).min(ts.seq);
+                }
+            }
+        };
+        for (fid, (ts, _)) in &self.creates {
+            note(*fid, ts);
+        }
+        let located = self.locs.iter().map(|((fid, _), (ts, _))| (fid, ts));
+        for (fid, ts) in located.chain(self.attrs.iter().map(|((fid, _), (ts, _))| (fid, ts))) {
+            note(*fid, ts);
+        }
+        for (fid, ts) in self.deletes.keys() {
+            note(*fid, ts);
+        }
+        for (ts, (fid, ..)) in self.versions.values() {
+            note(*fid, ts);
+        }
+        for ((fid, ..), (ts, _)) in &self.xattrs {
+            note(*fid, ts);
+        }
+        (found.len() == fids.len()).then_some(first)
+    }
+
     /// Each revoked device's last record that counts.
     pub fn revoked(&self) -> &BTreeMap<DeviceId, u64> {
         &self.cut
@@ -1092,6 +1126,29 @@ mod tests {
         };
         assert_eq!(check(&link("../a")), Ok(()));
         assert!(check(&link(&"a/".repeat(MAX_TARGET))).is_err());
+    }
+
+    #[test]
+    fn what_waits_holds_back_only_the_records_that_touched_it() {
+        let a1 = record(A, 1, &[], vec![file(1, "open"), version(1, 10, None)]);
+        let a2 = record(A, 2, &[], vec![file(2, "made"), version(2, 20, None)]);
+        let a3 = record(A, 3, &[], vec![version(1, 11, Some(10))]);
+        let b1 = record(B, 1, &[], vec![file(3, "b")]);
+        let state = merge([&a1, &a2, &a3, &b1]);
+        let waiting = BTreeSet::from([1]);
+        // Seen A up to 1: A's first later record on node 1 is 3; B never
+        // touched it.
+        let first = state.first_unseen(&waiting, &Seen::from([(A, 1)])).unwrap();
+        assert_eq!(first, BTreeMap::from([(A, 3)]));
+        assert_eq!(
+            state.first_unseen(&waiting, &Seen::new()),
+            Some(BTreeMap::from([(A, 1)]))
+        );
+        assert_eq!(
+            state.first_unseen(&BTreeSet::from([1, 99]), &Seen::new()),
+            None,
+            "unknown node"
+        );
     }
 
     #[test]

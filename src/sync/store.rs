@@ -278,6 +278,15 @@ pub fn any_record(cat: &Catalog) -> Result<bool, CatalogError> {
         .exists([])?)
 }
 
+/// Record `seq` of `device`, if kept here.
+pub fn record(cat: &Catalog, device: DeviceId, seq: u64) -> Result<Option<Vec<u8>>, CatalogError> {
+    Ok(cat
+        .conn()
+        .prepare_cached("SELECT bytes FROM sync_log WHERE device = ?1 AND seq = ?2")?
+        .query_row(params![id_blob(device), seq as i64], |r| r.get(0))
+        .optional()?)
+}
+
 /// A device's newest record kept here.
 pub fn last_record(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, Vec<u8>)>, CatalogError> {
     Ok(cat

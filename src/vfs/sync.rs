@@ -303,6 +303,60 @@ impl Devices {
         Ok(made)
     }
 
+    /// What this machine's next record says it has seen, after an apply:
+    /// each device's log as far as it was merged, but, for changes left
+    /// waiting (a file open here, a node changed here), only up to the
+    /// record before the first that touched a waiting node, so a delete
+    /// here never claims what the user was not shown, and one waiting
+    /// node does not hold back all the rest. `None`: no better than before.
+    fn applied_seen(
+        &self,
+        cat: &Catalog,
+        devices: &[store::Device],
+        applied: &apply::Applied,
+        tree: &merge::Tree,
+    ) -> VfsResult<Option<Vec<Seen>>> {
+        let before: Vec<Seen> = cat
+            .meta(META_APPLIED)?
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default();
+        let had: BTreeMap<DeviceId, &Seen> = before.iter().map(|s| (s.device, s)).collect();
+        // A conflict copy's changes are its origin's.
+        let fids = applied
+            .waiting
+            .iter()
+            .map(|f| tree.get(f).map_or(*f, |e| e.origin))
+            .collect();
+        let seen_before = had.iter().map(|(d, s)| (*d, s.seq)).collect();
+        let Some(first) = self.merged().first_unseen(&fids, &seen_before) else {
+            return Ok(None);
+        };
+        let mut seen = Vec::new();
+        for d in devices {
+            let was = had.get(&d.id).map_or(0, |s| s.seq);
+            let upto = match first.get(&d.id) {
+                Some(f) => (f - 1).min(d.merged_seq).max(was),
+                None => d.merged_seq,
+            };
+            let link = if upto == d.merged_seq {
+                Some(d.merged_link)
+            } else if upto == was {
+                had.get(&d.id).map(|s| s.link)
+            } else {
+                store::record(cat, d.id, upto)?.map(|bytes| log::link(&bytes))
+            };
+            match link {
+                Some(link) if upto > 0 => seen.push(Seen {
+                    device: d.id,
+                    seq: upto,
+                    link,
+                }),
+                _ => seen.extend(had.get(&d.id).map(|s| (*s).clone())),
+            }
+        }
+        Ok(Some(seen))
+    }
+
     /// Makes the merged state again from every record kept (a revocation
     /// changed which count), and has the next pass apply it.
     fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
@@ -595,17 +649,7 @@ impl Vfs {
                 let in_use = |ino: Ino| vfs.files().get(&ino).is_some_and(OpenFile::in_use);
                 // `state`, then the merged state (docs/ARCHITECTURE.md).
                 let applied = apply::apply(&mut st.catalog, &tree, &vfs.devices.merged(), &in_use)?;
-                if applied.skipped == 0 {
-                    // Everything merged is now in the catalog: the next
-                    // record says this machine has seen it.
-                    let seen: Vec<Seen> = devices
-                        .iter()
-                        .map(|d| Seen {
-                            device: d.id,
-                            seq: d.merged_seq,
-                            link: d.merged_link,
-                        })
-                        .collect();
+                if let Some(seen) = vfs.devices.applied_seen(&st.catalog, &devices, &applied, &tree)? {
                     st.catalog
                         .set_meta(META_APPLIED, &serde_json::to_string(&seen).expect("serialises"))?;
                 }
