@@ -69,6 +69,20 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// The file whose existence cuts `home` off: its servers hang while it
+/// exists (the fault-injecting stall flag), and a hung request gives up
+/// after 2 s.
+fn cut_off_by_flag(home: &Home) -> std::path::PathBuf {
+    let cut = home.file("cut-off");
+    home.edit_config(|config| {
+        config.grid.timeout_secs = 2;
+        for s in &mut config.servers {
+            s.faults.get_or_insert_with(Default::default).stall_flag = Some(cut.clone());
+        }
+    });
+    cut
+}
+
 /// Machine "desk", mounted, with one file published.
 fn first_machine(name: &str, data: &str) -> (Home, Mounted) {
     let a = machine("desk");
@@ -412,15 +426,8 @@ fn servers_that_roll_back_damage_forge_or_withhold_records_lose_nothing() {
 fn a_file_kept_open_holds_back_only_its_own_changes() {
     let (a, ma) = first_machine("open.txt", "v0");
     let b = join(&a, "laptop");
-    // B's servers hang while this file exists, so it merges A's next two
-    // records in one pass.
-    let cut = b.file("cut-off");
-    b.edit_config(|config| {
-        config.grid.timeout_secs = 2;
-        for s in &mut config.servers {
-            s.faults.get_or_insert_with(Default::default).stall_flag = Some(cut.clone());
-        }
-    });
+    // B merges A's next two records in one pass.
+    let cut = cut_off_by_flag(&b);
     let mb = b.mount(&["--writeback-delay", "0"]);
     converged(&[&ma, &mb]);
     let held = std::fs::File::open(mb.file("open.txt")).unwrap();
@@ -700,15 +707,7 @@ fn random_run(a: Home) {
     a.ok(&["sync"]);
     let b = join(&a, "b");
     let c = join(&a, "c");
-    // C's servers hang while this file exists; a hung request gives up
-    // after 2 s.
-    let cut = c.file("cut-off");
-    c.edit_config(|config| {
-        config.grid.timeout_secs = 2;
-        for s in &mut config.servers {
-            s.faults.get_or_insert_with(Default::default).stall_flag = Some(cut.clone());
-        }
-    });
+    let cut = cut_off_by_flag(&c);
     let homes = [&a, &b, &c];
     let mut mounts: Vec<Option<Mounted>> = vec![Some(first)];
     for h in &homes[1..] {
