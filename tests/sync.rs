@@ -332,11 +332,17 @@ fn a_restore_on_one_machine_is_the_content_on_every_machine() {
 /// Device-log records of `home`'s grid on `server`: (name, path), oldest
 /// first (a device's record names sort by number).
 fn log_records(home: &Home, server: &str) -> Vec<(String, std::path::PathBuf)> {
+    records(home, server, "log-")
+}
+
+/// Records named `prefix...` on `server`: (name, path), sorted by name.
+fn records(home: &Home, server: &str, prefix: &str) -> Vec<(String, std::path::PathBuf)> {
     let mut out: Vec<_> = std::fs::read_dir(home.server_dir(server).join("records"))
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-        .filter(|(n, _)| n.starts_with("log-"))
+        .filter(|(n, _)| n.starts_with(prefix))
         .collect();
     out.sort();
     out
@@ -350,14 +356,7 @@ fn log_records(home: &Home, server: &str) -> Vec<(String, std::path::PathBuf)> {
 #[test]
 fn servers_that_roll_back_damage_forge_or_withhold_records_lose_nothing() {
     let (a, ma) = first_machine("f1", "1");
-    let head_path = |server: &str| {
-        std::fs::read_dir(a.server_dir(server).join("records"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("head-"))
-            .unwrap()
-    };
+    let head_path = |server: &str| records(&a, server, "head-").remove(0).1;
     let old_head = std::fs::read(head_path("s1")).unwrap();
     for name in ["f2", "f3"] {
         write(&ma, name, name);
@@ -470,11 +469,8 @@ fn a_file_kept_open_holds_back_only_its_own_changes() {
 fn pointers(home: &Home) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for server in ["s1", "s2", "s3", "s4", "s5"] {
-        let dir = home.server_dir(server).join("records");
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("namespace-") {
-                out.push((server.to_string(), std::fs::read(e.path()).unwrap()));
-            }
+        for (_, path) in records(home, server, "namespace-") {
+            out.push((server.to_string(), std::fs::read(path).unwrap()));
         }
     }
     out

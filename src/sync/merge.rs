@@ -196,6 +196,21 @@ pub struct Record {
     pub ops: Vec<(u64, Op)>,
 }
 
+impl Record {
+    /// Each operation with its place in the order of all.
+    fn stamped(&self) -> impl Iterator<Item = (Ts, &Op)> {
+        self.ops.iter().enumerate().map(|(idx, (hlc, op))| {
+            let ts = Ts {
+                hlc: *hlc,
+                device: self.device,
+                seq: self.seq,
+                idx: idx as u32,
+            };
+            (ts, op)
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Loc {
     parent: Fid,
@@ -286,14 +301,8 @@ impl State {
     #[must_use]
     pub fn apply(&mut self, record: &Record) -> bool {
         let mut revoked = false;
-        for (idx, (hlc, op)) in record.ops.iter().enumerate() {
+        for (ts, op) in record.stamped() {
             if let Op::Revoke { device, after } = op {
-                let ts = Ts {
-                    hlc: *hlc,
-                    device: record.device,
-                    seq: record.seq,
-                    idx: idx as u32,
-                };
                 revoked |= self.revokes.insert(ts, (*device, *after)).is_none();
             }
         }
@@ -307,13 +316,7 @@ impl State {
         if !self.counts(record.device, record.seq) {
             return true;
         }
-        for (idx, (hlc, op)) in record.ops.iter().enumerate() {
-            let ts = Ts {
-                hlc: *hlc,
-                device: record.device,
-                seq: record.seq,
-                idx: idx as u32,
-            };
+        for (ts, op) in record.stamped() {
             match op {
                 Op::Revoke { .. } => {}
                 Op::Enroll { name } => keep(&mut self.names, record.device, ts, name, false),

@@ -169,16 +169,23 @@ impl Devices {
         // Cleared first: a directory planned for its child is not planned
         // again, and a loop of parents (none should exist) ends.
         store::clear_dirty(cat, ino)?;
+        let ids = self.version_ids(cat, ino)?;
         let local = match node {
             Some(n) => {
                 let Some(parent) = self.fid_of_dir(cat, n.parent, ops)? else {
                     store::mark_dirty(cat, ino)?;
                     return Ok(());
                 };
-                let versions = self
-                    .version_ids(cat, ino)?
-                    .into_iter()
-                    .map(|(_, vid, (_, cap, size, sha256))| (vid, Content { cap, size, sha256 }))
+                let versions = ids
+                    .iter()
+                    .map(|(vid, (_, cap, size, sha256))| {
+                        let content = Content {
+                            cap: cap.clone(),
+                            size: *size,
+                            sha256: sha256.clone(),
+                        };
+                        (*vid, content)
+                    })
                     .collect();
                 Some(Local {
                     ino,
@@ -206,8 +213,8 @@ impl Devices {
             // Its first committed version marks it again.
             Plan::Wait => {}
             Plan::Log { ops: new, synced } => {
-                for (num, vid, _) in self.version_ids(cat, ino)? {
-                    store::set_vid(cat, ino, num, vid)?;
+                for (vid, (num, ..)) in &ids {
+                    store::set_vid(cat, ino, *num, *vid)?;
                 }
                 match synced {
                     Some(s) => store::put_synced(cat, &s)?,
@@ -228,7 +235,7 @@ impl Devices {
     /// unless an earlier version of the file already has that one (a
     /// restore reuses the old version's capability), then from the
     /// capability and the version's number too.
-    fn version_ids(&self, cat: &Catalog, ino: Ino) -> VfsResult<Vec<(i64, merge::Vid, store::Unpublished)>> {
+    fn version_ids(&self, cat: &Catalog, ino: Ino) -> VfsResult<Vec<(merge::Vid, store::Unpublished)>> {
         let mut taken = BTreeSet::new();
         let mut out = Vec::new();
         for v in store::unpublished_versions(cat, ino)? {
@@ -240,7 +247,7 @@ impl Devices {
                 vid = u128::from_be_bytes(h[..16].try_into().expect("16 bytes"));
             }
             taken.insert(vid);
-            out.push((v.0, vid, v));
+            out.push((vid, v));
         }
         Ok(out)
     }
