@@ -11,13 +11,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::vfs::Vfs;
+use crate::vfs::{Synced, Vfs};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
-    Sync,
+    /// Waits until everything closed is committed, then publishes; with
+    /// `wait_secs`, answers by then with what still waits (the client asks
+    /// again, showing why).
+    Sync {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_secs: Option<f64>,
+    },
     Versions {
         path: String,
     },
@@ -54,16 +60,24 @@ async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
             .blocking(|vfs| vfs.status())
             .await
             .map(|s| json!({ "mountpoint": mountpoint, "status": s })),
-        Request::Sync => match vfs.sync().await {
-            Ok(n) => match vfs.sync_devices().await {
-                Ok(devices) => vfs
-                    .publish_namespace()
-                    .await
-                    .map(|seq| json!({ "synced": n, "devices": devices, "namespace_published": seq })),
+        Request::Sync { wait_secs } => {
+            // A bad or huge wait from a client means "no answer before done".
+            let deadline = wait_secs
+                .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+                .and_then(|d| std::time::Instant::now().checked_add(d));
+            match vfs.sync(deadline).await {
+                Ok(Synced::Done(n)) => match vfs.sync_devices().await {
+                    Ok(devices) => vfs.publish_namespace().await.map(
+                        |seq| json!({ "committed": true, "synced": n, "devices": devices, "namespace_published": seq }),
+                    ),
+                    Err(e) => Err(e),
+                },
+                Ok(Synced::Waiting { versions, last_error }) => {
+                    Ok(json!({ "committed": false, "waiting": versions, "last_error": last_error }))
+                }
                 Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        },
+            }
+        }
         Request::Revoke { device } => vfs.revoke_device(device).await.map(|r| json!({ "revoked": r })),
         Request::Versions { path } => {
             let path = drive_path(mountpoint, &path);

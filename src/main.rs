@@ -138,8 +138,13 @@ enum Command {
         json: bool,
     },
     /// Wait until every closed file is committed on the grid, then publish
-    /// the namespace (without a mount: publish it from the catalog).
+    /// the namespace (without a mount: publish it from the catalog). While
+    /// uploads fail (servers down, say) it shows why, and keeps waiting.
     Sync {
+        /// Give up after this many seconds (exit 1, saying what waits); the
+        /// versions stay queued and upload once the grid takes them.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
         #[arg(long)]
         json: bool,
     },
@@ -407,8 +412,8 @@ fn run(command: Command) -> Result<ExitCode> {
             },
         ),
         Command::Status { json } => mount::status(&home.dir, json),
-        Command::Sync { json } => match cairn::control::request(&home.dir, &cairn::control::Request::Status) {
-            Ok(_) => mount::sync(&home.dir, json),
+        Command::Sync { timeout, json } => match cairn::control::request(&home.dir, &cairn::control::Request::Status) {
+            Ok(_) => mount::sync(&home.dir, timeout, json),
             // No daemon: nothing is waiting to upload; publish the catalog.
             Err(_) => publish_offline(&home, json),
         },

@@ -9,7 +9,7 @@ mod common;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
-use common::{bytes, sha256_hex, Home};
+use common::{bytes, sha256_hex, stderr, Home};
 
 /// The kernel releases a file (which seals it) just after close returns.
 fn wait_for_versions(home: &Home, path: &str, n: usize) {
@@ -457,6 +457,14 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
         "staged",
         "not committed without happiness: {all:?}"
     );
+    // `sync` with a bound gives up, saying why, and loses nothing.
+    let out = home.cairn(&["sync", "--timeout", "1"]);
+    assert!(!out.status.success(), "sync returned while nothing could commit");
+    assert!(
+        stderr(&out).contains("within 1 s") && stderr(&out).contains("happiness"),
+        "{}",
+        stderr(&out)
+    );
     // The servers come back; the retry (with backoff) commits it.
     home.servers_back(&["s1", "s2"]);
     home.ok(&["sync"]);
@@ -470,6 +478,30 @@ fn a_failed_upload_is_retried_until_the_grid_takes_it() {
         assert_eq!(left, 0, "{s}: staging files left");
     }
     assert!(mnt.unmount().success());
+}
+
+#[test]
+fn writing_over_a_file_needs_none_of_its_old_bytes() {
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    for name in ["f", "g"] {
+        std::fs::write(mnt.file(name), bytes(300_000, 5)).unwrap();
+    }
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success());
+    // Only the grid has the old bytes, and three of five servers are gone:
+    // they cannot be read, yet `> f` (open with O_TRUNC) needs none of them.
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    home.servers_away(&["s1", "s2", "s3"]);
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    assert!(std::fs::read(mnt.file("g")).is_err(), "g read with 2 of 5 servers");
+    std::fs::write(mnt.file("f"), b"new").unwrap();
+    assert_eq!(std::fs::read(mnt.file("f")).unwrap(), b"new");
+    home.servers_back(&["s1", "s2", "s3"]);
+    home.ok(&["sync"]);
+    assert_eq!(home.versions("/f").len(), 2);
+    assert!(mnt.unmount().success());
+    assert_eq!(home.get_bytes("/f").unwrap(), b"new");
 }
 
 #[test]

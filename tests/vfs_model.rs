@@ -326,7 +326,7 @@ fn apply(vfs: &Arc<Vfs>, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op
             }
         }
         Op::Sync => {
-            rt.block_on(vfs.sync()).unwrap();
+            rt.block_on(vfs.sync(None)).unwrap();
         }
     }
     Ok(())
@@ -347,7 +347,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for slot in 0..SLOTS {
         apply(&vfs, &rt, &mut model, Op::Close { slot })?;
     }
-    rt.block_on(vfs.sync()).unwrap();
+    rt.block_on(vfs.sync(None)).unwrap();
     drop(vfs);
     drop(rt);
 
@@ -502,7 +502,7 @@ fn a_file_deleted_while_its_last_release_seals_leaves_nothing_behind() {
             vfs.release(reader).unwrap();
         }
         sealer.join().unwrap().unwrap();
-        rt.block_on(vfs.sync()).unwrap();
+        rt.block_on(vfs.sync(None)).unwrap();
         assert!(lookup(&vfs, "a").is_err());
         assert_eq!(cached_of(home.path(), ino), Vec::<String>::new(), "round {round}");
     }

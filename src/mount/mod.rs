@@ -237,17 +237,61 @@ fn console_is_terminal() -> bool {
     std::io::stdout().is_terminal()
 }
 
-pub fn sync(home: &Path, json: bool) -> Result<ExitCode> {
+/// How long one `sync` request waits before the daemon says what still
+/// waits (shown on the spinner while the client asks again).
+const SYNC_POLL: Duration = Duration::from_secs(2);
+
+pub fn sync(home: &Path, timeout: Option<f64>, json: bool) -> Result<ExitCode> {
+    let limit = timeout
+        .map(|t| Duration::try_from_secs_f64(t).map_err(|_| anyhow::anyhow!("--timeout {t}: not a number of seconds")))
+        .transpose()?;
+    let started = std::time::Instant::now();
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message("waiting for the grid");
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let reply = control::request(home, &Request::Sync)?;
-    spinner.finish_and_clear();
-    if json {
-        return print_json(&reply);
+    let mut told = false;
+    loop {
+        let left = limit.map(|l| l.saturating_sub(started.elapsed()));
+        let wait = left.map_or(SYNC_POLL, |l| l.min(SYNC_POLL));
+        let reply = control::request(
+            home,
+            &Request::Sync {
+                wait_secs: Some(wait.as_secs_f64()),
+            },
+        )?;
+        // An older daemon ignores the wait and answers once done.
+        if reply["committed"] != false {
+            spinner.finish_and_clear();
+            if json {
+                return print_json(&reply);
+            }
+            println!("every closed file is committed on the grid");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let waiting = reply["waiting"].as_u64().unwrap_or(0);
+        let why = match reply["last_error"].as_str() {
+            Some(e) => format!("{waiting} version(s) not committed; the last upload attempt failed: {e}"),
+            None => format!("{waiting} version(s) uploading"),
+        };
+        if left.is_some_and(|l| l <= wait) {
+            spinner.finish_and_clear();
+            let t = timeout.unwrap_or_default();
+            if json {
+                let mut reply = reply;
+                reply["ok"] = false.into();
+                reply["error"] = format!("not committed within {t} s").into();
+                print_json(&reply)?;
+                return Ok(ExitCode::FAILURE);
+            }
+            bail!("not everything closed is committed within {t} s: {why} (they stay queued and upload once the grid takes them)");
+        }
+        spinner.set_message(format!("waiting for the grid: {why}"));
+        // Without a terminal the spinner is hidden: say once why it waits.
+        if !told && reply["last_error"].is_string() && !console_is_terminal() {
+            eprintln!("cairn sync: still waiting: {why}");
+            told = true;
+        }
     }
-    println!("every closed file is committed on the grid");
-    Ok(ExitCode::SUCCESS)
 }
 
 /// A path as the user meant it: relative to the user's working directory

@@ -153,7 +153,7 @@ impl Vfs {
             self.copy_lock(&mut st, ino)
         };
         let mut guard = write_copy(&copy);
-        let truncated = self.ensure_working(ino, &mut guard).and_then(|()| {
+        let truncated = self.ensure_working(ino, &mut guard, false).and_then(|()| {
             let work = guard.as_mut().expect("ensured");
             work.truncate(0)?;
             Ok(work)
@@ -174,8 +174,19 @@ impl Vfs {
 
     /// Makes sure `ino` has a working copy, over its newest version, in
     /// `copy` (the held lock). A base not fully in the cache is fetched
-    /// first; `state` is taken only to read the catalog.
-    pub(super) fn ensure_working(&self, ino: Ino, copy: &mut Option<WorkingCopy>) -> VfsResult<()> {
+    /// first; `state` is taken only to read the catalog. Without
+    /// `keep_base` (the caller is about to truncate to zero) a new copy
+    /// starts empty: `> file` needs none of the old bytes, so it works
+    /// while they are out of reach on the grid.
+    pub(super) fn ensure_working(&self, ino: Ino, copy: &mut Option<WorkingCopy>, keep_base: bool) -> VfsResult<()> {
+        if copy.is_none() && !keep_base {
+            let work = self.new_working_copy(ino, None)?;
+            if let Some(file) = self.files().get_mut(&ino) {
+                file.working = Some(Working::of(&work));
+            }
+            *copy = Some(work);
+            return Ok(());
+        }
         while copy.is_none() {
             let latest = self.lock().catalog.latest(ino)?;
             let missing = match &latest {
@@ -217,6 +228,7 @@ impl Vfs {
     pub(super) fn modify(
         &self,
         ino: Ino,
+        keep_base: bool,
         change: impl FnOnce(&mut WorkingCopy) -> std::io::Result<()>,
     ) -> VfsResult<()> {
         let copy = {
@@ -232,7 +244,7 @@ impl Vfs {
             self.copy_lock(&mut st, ino)
         };
         let mut guard = write_copy(&copy);
-        let result = self.ensure_working(ino, &mut guard).and_then(|()| {
+        let result = self.ensure_working(ino, &mut guard, keep_base).and_then(|()| {
             let work = guard.as_mut().expect("ensured");
             change(work)?;
             if self.changed(ino, work)? == 0 {
@@ -265,7 +277,7 @@ impl Vfs {
         let (ino, copy) = self.handle(fh, true)?;
         self.ensure_space(data.len() as u64)?;
         let mut guard = write_copy(&copy);
-        self.ensure_working(ino, &mut guard)?;
+        self.ensure_working(ino, &mut guard, true)?;
         let work = guard.as_mut().expect("ensured");
         work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);

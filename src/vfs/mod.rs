@@ -28,7 +28,7 @@ mod xattr;
 pub use error::{ErrorKind, GridError, VfsError, VfsResult};
 pub use namespace::StatFs;
 pub use sync::SyncReport;
-pub use uploads::{QueueEntry, Status};
+pub use uploads::{QueueEntry, Status, Synced};
 
 use namespace::ToFree;
 

@@ -70,7 +70,7 @@ impl Vfs {
         // count as a write: the kernel sends it after creating with O_TRUNC).
         let resize = set.size.filter(|size| self.getattr(ino).is_ok_and(|a| a.size != *size));
         if let Some(size) = resize {
-            self.modify(ino, |work| work.truncate(size))?;
+            self.modify(ino, size > 0, |work| work.truncate(size))?;
         }
         let st = self.lock();
         let mut node = Self::node(&st.catalog, ino)?;

@@ -23,6 +23,19 @@ pub(super) fn queued(queue: &Queue, ino: Ino) -> impl Iterator<Item = (i64, &Pen
         .map(|((_, num), p)| (*num, p))
 }
 
+/// How far `sync` got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// Every version closed before it is committed: how many there were.
+    Done(usize),
+    /// Its time was up first: versions not yet committed, and the last
+    /// reason an upload of one failed (none if they are merely under way).
+    Waiting {
+        versions: usize,
+        last_error: Option<String>,
+    },
+}
+
 /// One entry of `cairn status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct QueueEntry {
@@ -149,8 +162,9 @@ impl Vfs {
     }
 
     /// Skips the write-back delay for everything queued and waits until
-    /// every sealed version is committed (or superseded, or its file gone).
-    pub async fn sync(self: &Arc<Self>) -> VfsResult<usize> {
+    /// every sealed version is committed (or superseded, or its file gone),
+    /// or until `deadline`: then says what still waits, and why.
+    pub async fn sync(self: &Arc<Self>, deadline: Option<Instant>) -> VfsResult<Synced> {
         // The kernel releases a closed file (which seals it) asynchronously,
         // so versions may still arrive while we wait: every round marks the
         // whole queue, and waits for handles closed just before `sync`.
@@ -166,7 +180,20 @@ impl Vfs {
                 .await?;
             seen = back;
             if let Some(synced) = round? {
-                return Ok(synced);
+                return Ok(Synced::Done(synced));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let queue = self.queue();
+                // The newest failure is the one a user can act on.
+                let last_error = queue
+                    .values()
+                    .filter(|p| p.last_error.is_some())
+                    .max_by_key(|p| p.attempts)
+                    .and_then(|p| p.last_error.clone());
+                return Ok(Synced::Waiting {
+                    versions: queue.len(),
+                    last_error,
+                });
             }
             self.upload_wake.notify_one();
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
