@@ -179,16 +179,11 @@ impl Vfs {
     /// starts empty: `> file` needs none of the old bytes, so it works
     /// while they are out of reach on the grid.
     pub(super) fn ensure_working(&self, ino: Ino, copy: &mut Option<WorkingCopy>, keep_base: bool) -> VfsResult<()> {
-        if copy.is_none() && !keep_base {
-            let work = self.new_working_copy(ino, None)?;
-            if let Some(file) = self.files().get_mut(&ino) {
-                file.working = Some(Working::of(&work));
-            }
-            *copy = Some(work);
-            return Ok(());
-        }
         while copy.is_none() {
-            let latest = self.lock().catalog.latest(ino)?;
+            let latest = match keep_base {
+                true => self.lock().catalog.latest(ino)?,
+                false => None,
+            };
             let missing = match &latest {
                 Some(v) => self.chunks_to_fetch(v, None)?,
                 None => Vec::new(),

@@ -184,7 +184,8 @@ impl Vfs {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let queue = self.queue();
-                // The newest failure is the one a user can act on.
+                // The version retried most: its error is the one that
+                // keeps happening, so the one a user can act on.
                 let last_error = queue
                     .values()
                     .filter(|p| p.last_error.is_some())
