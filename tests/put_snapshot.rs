@@ -17,8 +17,6 @@ use common::{stderr, Home};
 
 const SIZE: usize = 8 << 20;
 const CHUNK: usize = 64 << 10;
-/// A chunk write (with the gap before it) at least this long is a stall.
-const STALL: Duration = Duration::from_millis(2);
 
 #[test]
 fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
@@ -43,9 +41,20 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
     // in it (descheduled on a loaded machine: seen in CI), and `put` rightly
     // uploads a state that stayed quiet through its snapshot. So the writer
     // notes every chunk whose write, with the gap before it, took longer
-    // than STALL: a torn upload must fall in such a chunk. (Shorter than
-    // one tick of the coarse clock `put` checks ctime against, plus the
-    // copy of 8 MiB, nothing can pass for a stable state.)
+    // than `stall`: a torn upload must fall in such a chunk. A snapshot is
+    // trusted only if the source stayed quiet from a clock tick before it
+    // began until its copy of 8 MiB ended, so a pause shorter than one copy
+    // cannot pass for a stable state; `stall` is half the fastest copy
+    // measured here, so this machine's speed sets it.
+    let stall = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::fs::copy(&src, home.file("probe.bin")).unwrap();
+            t.elapsed()
+        })
+        .min()
+        .unwrap()
+        / 2;
     let stop = Arc::new(AtomicBool::new(false));
     let stalls = Arc::new(Mutex::new(HashSet::<(u8, usize)>::new()));
     let writer = {
@@ -58,13 +67,16 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
                 let busy_until = Instant::now() + Duration::from_millis(40);
                 while Instant::now() < busy_until {
                     f.seek(SeekFrom::Start(0)).unwrap();
+                    // One clock reading per chunk, so every moment between
+                    // two writes' returns is charged to one chunk.
                     let mut last = Instant::now();
                     for chunk in 0..SIZE / CHUNK {
                         f.write_all(&[generation; CHUNK]).unwrap();
-                        if last.elapsed() >= STALL {
+                        let now = Instant::now();
+                        if now - last >= stall {
                             stalls.lock().unwrap().insert((generation, chunk));
                         }
-                        last = Instant::now();
+                        last = now;
                     }
                     generation = generation.wrapping_add(1).max(1);
                 }
@@ -104,10 +116,15 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
             continue;
         };
         // One rewrite caught where it stalled: `first` up to `torn`, the
-        // generation before from there on.
+        // generation before from there on. A pause inside chunk c's write,
+        // or before it, is charged to c; one just after chunk c-1's write
+        // returned, before its clock reading, is charged to c-1.
         let rest = bytes[torn];
-        let stalled =
-            bytes[torn..].iter().all(|&b| b == rest) && stalls.lock().unwrap().contains(&(first, torn / CHUNK));
+        let chunk = torn / CHUNK;
+        let stalled = bytes[torn..].iter().all(|&b| b == rest) && {
+            let stalls = stalls.lock().unwrap();
+            stalls.contains(&(first, chunk)) || (torn % CHUNK == 0 && stalls.contains(&(first, chunk - 1)))
+        };
         assert!(
             stalled,
             "put {i} uploaded a torn file: byte {first} then {rest} at {torn}, where the writer did not stall"
@@ -118,7 +135,7 @@ fn a_file_rewritten_during_put_is_uploaded_as_one_whole_state() {
     writer.join().unwrap();
     assert!(uploaded > 0, "no put found a stable moment");
     if stalled_states > 0 {
-        eprintln!("{stalled_states} upload(s) caught the writer stalled mid-rewrite");
+        eprintln!("{stalled_states} upload(s) caught the writer stalled (over {stall:?}) mid-rewrite");
     }
     // Proves the race was actually exercised, so this test could fail.
     assert!(retries_seen > 0, "no snapshot ever overlapped a rewrite");
