@@ -1159,6 +1159,22 @@ fn migrate(db: &Connection) -> Result<(), CatalogError> {
              COMMIT;"
         ))?;
     }
+    // Checkpoints (sync::checkpoint): this machine's own that are on the
+    // servers (`dropped`: to be removed from them), and the newest read of
+    // each other device; `state` is kept only for the newest of each.
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS sync_checkpoints (
+            device BLOB NOT NULL,
+            seq INTEGER NOT NULL,
+            link BLOB NOT NULL,
+            cap TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            made_ns INTEGER NOT NULL,
+            state BLOB,
+            dropped INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (device, seq)
+        )",
+    )?;
     let has = |column: &str| -> rusqlite::Result<bool> {
         let mut stmt = db.prepare("SELECT name FROM pragma_table_info('versions') WHERE name = ?1")?;
         stmt.exists([column])

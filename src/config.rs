@@ -68,18 +68,28 @@ pub struct SyncConfig {
     /// changes are published on the same beat.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// This machine checkpoints its own log (sync::checkpoint) once its
+    /// records since the last checkpoint hold this many KiB, or a tenth of
+    /// that checkpoint's size if more.
+    #[serde(default = "default_checkpoint_kib")]
+    pub checkpoint_kib: u64,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
             poll_ms: default_poll_ms(),
+            checkpoint_kib: default_checkpoint_kib(),
         }
     }
 }
 
 fn default_poll_ms() -> u64 {
     1000
+}
+
+fn default_checkpoint_kib() -> u64 {
+    1024
 }
 
 /// Which committed versions `cairn gc` keeps: each file's newest always,
@@ -321,6 +331,7 @@ impl Config {
             ("grid.memory_budget_mib", g.memory_budget_mib, 1 << 20),
             ("grid.hedge_after_ms", g.hedge_after_ms.max(1), 3_600_000),
             ("grid.spill_limit_mib", g.spill_limit_mib.unwrap_or(1).max(1), 1 << 30),
+            ("sync.checkpoint_kib", self.sync.checkpoint_kib, 1 << 30),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(field(name, format!("{value} must be between 1 and {max}")));

@@ -593,6 +593,78 @@ fn a_revoked_machine_s_later_changes_count_nowhere() {
     }
 }
 
+/// Each device's log record numbers on `server`, by the device's tag in
+/// the record names.
+fn log_numbers(home: &Home, server: &str) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (name, _) in log_records(home, server) {
+        let parts: Vec<&str> = name.split('-').collect();
+        out.entry(parts[2].into())
+            .or_default()
+            .push(u64::from_str_radix(parts[3], 16).unwrap());
+    }
+    out
+}
+
+/// Checkpoints: a machine whose log has grown past `[sync] checkpoint_kib`
+/// stores the state of its own records as a version, names it in its head
+/// and removes the records it covers from the servers (all but record 1,
+/// which makes its key known). A machine that had merged only the first
+/// records, and one that joins afterwards, read the checkpoint and see
+/// everything, and the log goes on after it.
+#[test]
+fn a_checkpoint_replaces_the_records_it_covers_for_machines_behind_and_new() {
+    let (a, ma) = first_machine("first.txt", "1");
+    assert!(ma.unmount().success());
+    a.edit_config(|config| {
+        config.sync.checkpoint_kib = 4;
+        // Only the newest checkpoint is kept, so its records go at once.
+        config.retention.keep_days = 0;
+    });
+    let ma = a.mount(&["--writeback-delay", "0"]);
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    assert!(converged(&[&ma, &mb]).contains_key("first.txt"));
+    assert!(mb.unmount().success());
+
+    // Many small publications while the laptop is away.
+    for i in 0..30 {
+        std::fs::create_dir(ma.file(&format!("d{i}"))).unwrap();
+        write(&ma, &format!("d{i}/f.txt"), &format!("file {i}"));
+        a.ok(&["sync"]);
+    }
+    let logs = log_numbers(&a, "s1");
+    let (desk, seqs) = logs.iter().max_by_key(|(_, s)| s.last()).unwrap();
+    let newest = *seqs.last().unwrap();
+    assert!(newest >= 30, "{logs:?}");
+    assert_eq!(seqs[0], 1, "record 1 stays: {seqs:?}");
+    assert!(
+        seqs.len() < 10 && !seqs.contains(&2),
+        "records covered by the checkpoint are gone from the servers: {desk} {seqs:?}"
+    );
+    let want = tree(ma.path());
+    assert_eq!(want.len(), 61, "{want:?}");
+
+    // The laptop merged the desk's first records only: they are gone now.
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    assert_eq!(converged(&[&ma, &mb]), want);
+    let c = join(&a, "third");
+    let mc = c.mount(&["--writeback-delay", "0"]);
+    assert_eq!(converged(&[&ma, &mc]), want);
+    // After the checkpoint, the desk's log goes on, and an edit on a
+    // machine that read it reaches the others.
+    write(&ma, "after.txt", "after the checkpoint");
+    a.ok(&["sync"]);
+    write(&mc, "d3/f.txt", "edited by the third");
+    c.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb, &mc]);
+    assert_eq!(seen["after.txt"], "after the checkpoint");
+    assert_eq!(seen["d3/f.txt"], "edited by the third");
+    for m in [ma, mb, mc] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// What a random run wrote: each file's id, and each machine's last
 /// content of it (the one no later write of that machine superseded).
 #[derive(Default)]

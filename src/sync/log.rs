@@ -274,16 +274,50 @@ pub fn open_record(
 /// What a head's encrypted part says.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadBody {
-    /// The device's newest checkpoint, if any: the merged state as of
-    /// its record `seq`, stored as a version.
+    /// The device's newest checkpoint, if any: the state of its own
+    /// records up to `seq`, stored as a version (sync::checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// Its older checkpoints still kept (one a day), newest first: for a
+    /// machine that must stop before the newest (a revocation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub older: Vec<Checkpoint>,
+    /// Its records 2 to `pruned` are gone from the servers (retention):
+    /// a machine that has merged fewer reads a checkpoint instead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pruned: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A checkpoint as its device's head names it: signed there, so its
+/// capability (which pins its bytes) is the device's word.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub seq: u64,
+    /// The link of record `seq`, so record `seq + 1` chains on.
+    #[serde(with = "hex_link")]
+    pub link: Link,
     pub cap: String,
+}
+
+mod hex_link {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(link: &super::Link, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::hex(link))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Link, D::Error> {
+        let text = String::deserialize(d)?;
+        data_encoding::HEXLOWER
+            .decode(text.as_bytes())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("a link is 64 hex digits"))
+    }
 }
 
 /// A device's newest record, as its head says.
@@ -596,8 +630,11 @@ mod tests {
             body: HeadBody {
                 checkpoint: Some(Checkpoint {
                     seq: 8,
+                    link: [3; 32],
                     cap: "cairn:chk:x".into(),
                 }),
+                older: vec![],
+                pruned: 7,
             },
         };
         let bytes = seal_head(&root, &me, &head);

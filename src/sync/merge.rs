@@ -61,7 +61,7 @@ pub const ROOT: Fid = 0;
 
 /// An operation's place in the order of all operations: hybrid logical
 /// time first, then who and where in its log (so no two are equal).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Ts {
     pub hlc: u64,
     pub device: DeviceId,
@@ -148,35 +148,39 @@ const MAX_XATTR_VALUE: usize = 64 << 10;
 /// A record with another is refused whole (its signer holds the root
 /// capability, so this is what a bug or a hostile holder would send).
 pub fn check(op: &Op) -> Result<(), String> {
-    fn name(n: &str) -> Result<(), String> {
-        match n {
-            "" | "." | ".." => Err(format!("the name {n:?}")),
-            _ if n.len() > MAX_NAME => Err(format!("a name of {} bytes", n.len())),
-            _ if n.contains(['/', '\0']) => Err(format!("the name {n:?} (a slash or NUL)")),
-            _ => Ok(()),
-        }
-    }
-    fn attrs(a: &Attrs) -> Result<(), String> {
-        match &a.target {
-            Some(t) if t.len() > MAX_TARGET || t.contains('\0') => Err("a symlink target too long or with NUL".into()),
-            _ => Ok(()),
-        }
-    }
     match op {
-        Op::Enroll { name: n } => name(n),
-        Op::Create { name: n, attrs: a, .. } => name(n).and(attrs(a)),
-        Op::Move { name: n, from, .. } => name(n).and(name(&from.1)),
-        Op::Attrs { attrs: a, .. } => attrs(a),
-        Op::Xattr { name: n, value, .. } => {
-            if !n.starts_with("user.") || n.len() > 255 || n.contains('\0') {
-                Err(format!("the extended attribute {n:?} (only user.*)"))
-            } else if value.as_ref().is_some_and(|v| v.len() > MAX_XATTR_VALUE) {
-                Err(format!("an extended attribute value over {MAX_XATTR_VALUE} bytes"))
-            } else {
-                Ok(())
-            }
-        }
+        Op::Enroll { name: n } => check_name(n),
+        Op::Create { name: n, attrs: a, .. } => check_name(n).and(check_attrs(a)),
+        Op::Move { name: n, from, .. } => check_name(n).and(check_name(&from.1)),
+        Op::Attrs { attrs: a, .. } => check_attrs(a),
+        Op::Xattr { name: n, value, .. } => check_xattr(n, value),
         Op::Delete { .. } | Op::Version { .. } | Op::Revoke { .. } => Ok(()),
+    }
+}
+
+fn check_name(n: &str) -> Result<(), String> {
+    match n {
+        "" | "." | ".." => Err(format!("the name {n:?}")),
+        _ if n.len() > MAX_NAME => Err(format!("a name of {} bytes", n.len())),
+        _ if n.contains(['/', '\0']) => Err(format!("the name {n:?} (a slash or NUL)")),
+        _ => Ok(()),
+    }
+}
+
+fn check_attrs(a: &Attrs) -> Result<(), String> {
+    match &a.target {
+        Some(t) if t.len() > MAX_TARGET || t.contains('\0') => Err("a symlink target too long or with NUL".into()),
+        _ => Ok(()),
+    }
+}
+
+fn check_xattr(n: &str, value: &XattrValue) -> Result<(), String> {
+    if !n.starts_with("user.") || n.len() > 255 || n.contains('\0') {
+        Err(format!("the extended attribute {n:?} (only user.*)"))
+    } else if value.as_ref().is_some_and(|v| v.len() > MAX_XATTR_VALUE) {
+        Err(format!("an extended attribute value over {MAX_XATTR_VALUE} bytes"))
+    } else {
+        Ok(())
     }
 }
 
@@ -211,7 +215,7 @@ impl Record {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 struct Loc {
     parent: Fid,
     name: String,
@@ -225,26 +229,57 @@ type XattrValue = Option<Vec<u8>>;
 type VersionOf = (Fid, Option<Vid>, Content);
 
 /// Everything known of the namespace: a join-semilattice (see the module).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serialised in checkpoints (docs/FORMAT.md): each table as a list of
+/// pairs, since JSON keys are strings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct State {
+    #[serde(with = "pairs")]
     names: BTreeMap<DeviceId, (Ts, String)>,
     /// With what its device had seen: two `mkdir`s of one name neither
     /// had seen are one directory.
+    #[serde(with = "pairs")]
     creates: BTreeMap<Fid, (Ts, (Loc, Kind, Seen))>,
     /// Each node's latest location per device.
+    #[serde(with = "pairs")]
     locs: BTreeMap<(Fid, DeviceId), (Ts, Loc)>,
+    #[serde(with = "pairs")]
     deletes: BTreeMap<(Fid, Ts), Seen>,
+    #[serde(with = "pairs")]
     versions: BTreeMap<Vid, (Ts, VersionOf)>,
     /// Each node's latest attributes per device.
+    #[serde(with = "pairs")]
     attrs: BTreeMap<(Fid, DeviceId), (Ts, Attrs)>,
     /// Each extended attribute's latest value per device.
+    #[serde(with = "pairs")]
     xattrs: BTreeMap<(Fid, String, DeviceId), (Ts, XattrValue)>,
     /// Every revocation heard, from any record, even one that does not
     /// count itself: whether it does depends on the others.
+    #[serde(with = "pairs")]
     revokes: BTreeMap<Ts, (DeviceId, u64)>,
     /// What they cut ([`cutoffs`]): each revoked device's last record that
-    /// counts.
+    /// counts. Not stored: made again from `revokes`.
+    #[serde(skip)]
     cut: BTreeMap<DeviceId, u64>,
+}
+
+/// A map as a list of (key, value) pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// Each revoked device's last record that counts: revocations in `Ts`
@@ -421,6 +456,47 @@ impl State {
             cut: self.cut.clone(),
             ..State::default()
         }
+    }
+
+    /// The state of one device's records up to `seq` alone, as read from
+    /// a checkpoint: refused unless every entry is that device's, from
+    /// those records, and one a record could have carried ([`check`]); its
+    /// cuts are made again from its revocations.
+    pub fn checked_as(mut self, device: DeviceId, seq: u64) -> Result<State, String> {
+        let mut stamps: Vec<&Ts> = Vec::new();
+        stamps.extend(self.names.values().map(|(ts, _)| ts));
+        stamps.extend(self.creates.values().map(|(ts, _)| ts));
+        stamps.extend(self.locs.values().map(|(ts, _)| ts));
+        stamps.extend(self.deletes.keys().map(|(_, ts)| ts));
+        stamps.extend(self.versions.values().map(|(ts, _)| ts));
+        stamps.extend(self.attrs.values().map(|(ts, _)| ts));
+        stamps.extend(self.xattrs.values().map(|(ts, _)| ts));
+        stamps.extend(self.revokes.keys());
+        if let Some(ts) = stamps
+            .into_iter()
+            .find(|ts| ts.device != device || ts.seq > seq || ts.seq == 0)
+        {
+            return Err(format!("an entry of device {:032x} record {}", ts.device, ts.seq));
+        }
+        let keyed_by_author = self.names.keys().all(|d| *d == device)
+            && self.locs.keys().chain(self.attrs.keys()).all(|(_, d)| *d == device)
+            && self.xattrs.keys().all(|(_, _, d)| *d == device);
+        if !keyed_by_author {
+            return Err("an entry kept under another device".into());
+        }
+        self.names.values().try_for_each(|(_, n)| check_name(n))?;
+        for (_, (loc, _, _)) in self.creates.values() {
+            check_name(&loc.name)?;
+        }
+        for (_, loc) in self.locs.values() {
+            check_name(&loc.name).and(check_name(&loc.from.1))?;
+        }
+        self.attrs.values().try_for_each(|(_, a)| check_attrs(a))?;
+        for ((_, name, _), (_, value)) in &self.xattrs {
+            check_xattr(name, value)?;
+        }
+        self.cut = cutoffs(&self.revokes);
+        Ok(self)
     }
 
     /// Everything `other` knows, added to this state. Exact for states

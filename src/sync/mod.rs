@@ -10,6 +10,7 @@
 //! mount is `vfs::sync`.
 
 pub mod apply;
+pub mod checkpoint;
 pub mod device;
 pub mod log;
 pub mod merge;

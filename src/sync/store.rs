@@ -2,8 +2,11 @@
 //! rest): what this machine last published or applied of each node, its
 //! log records and everything it has of other devices.
 
+use std::collections::BTreeMap;
+
 use rusqlite::{params, OptionalExtension};
 
+use super::checkpoint;
 use super::device::{Identity, PublicKey};
 use super::log::{self, Link};
 use super::merge::{Attrs, DeviceId, Fid, State, Vid};
@@ -269,6 +272,17 @@ pub fn unplaced(cat: &Catalog, device: DeviceId) -> Result<Vec<(u64, Vec<u8>)>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// `device`'s records after `seq` that are on the servers, oldest first.
+pub fn placed_after(cat: &Catalog, device: DeviceId, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, CatalogError> {
+    let mut stmt = cat
+        .conn()
+        .prepare_cached("SELECT seq, bytes FROM sync_log WHERE device = ?1 AND seq > ?2 AND placed = 1 ORDER BY seq")?;
+    let rows = stmt.query_map(params![id_blob(device), seq as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Whether any device's record is kept here: the drive's namespace is in
 /// device logs.
 pub fn any_record(cat: &Catalog) -> Result<bool, CatalogError> {
@@ -356,24 +370,64 @@ pub fn put_device(cat: &Catalog, d: &Device) -> Result<(), CatalogError> {
 /// (a damaged one is logged and left out); and the highest hybrid time
 /// among them.
 pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u64), CatalogError> {
+    let bases = checkpoint_bases(cat)?;
     let mut merged = State::default();
-    let (hlc, again) = replay(cat, root, me, &mut merged)?;
+    let (hlc, again) = replay(cat, root, me, &bases, &mut merged)?;
     if again {
         // A revocation changed what counts: every record again, with every
         // revocation known.
         merged = merged.restarted();
-        replay(cat, root, me, &mut merged)?;
+        replay(cat, root, me, &bases, &mut merged)?;
+    }
+    for (device, (seq, _)) in &bases {
+        if let Some(cut) = merged.revoked().get(device).filter(|cut| *cut < seq) {
+            // Its checkpoint cannot be cut: SEVERAL_MACHINES.md, gaps.
+            tracing::warn!(
+                device = format!("{device:032x}"),
+                cut,
+                checkpoint = seq,
+                "a device revoked before the checkpoint this machine read of it: its records up to the checkpoint count here"
+            );
+        }
     }
     Ok((merged, hlc))
 }
 
-/// Applies every record kept to `merged`: the highest hybrid time, and
-/// whether a revocation asked for the state to be made again.
-fn replay(cat: &Catalog, root: &RootCap, me: &Identity, merged: &mut State) -> Result<(u64, bool), CatalogError> {
-    let keys: std::collections::BTreeMap<DeviceId, PublicKey> =
-        devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
+/// The checkpoint each device's state starts from here: the newest read,
+/// for a device whose records up to it are not all kept here (a machine
+/// that read the checkpoint instead).
+fn checkpoint_bases(cat: &Catalog) -> Result<BTreeMap<DeviceId, (u64, State)>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT c.device FROM sync_checkpoints c WHERE c.state IS NOT NULL
+         AND (SELECT COUNT(*) FROM sync_log l WHERE l.device = c.device AND l.seq <= c.seq) < c.seq",
+    )?;
+    let read: Vec<DeviceId> = stmt.query_map([], |r| blob_id(r.get(0)?))?.collect::<Result<_, _>>()?;
+    let mut bases = BTreeMap::new();
+    for device in read {
+        bases.extend(checkpoint_states(cat, Some(device))?);
+    }
+    Ok(bases)
+}
+
+/// Applies every checkpoint in `bases` and every record kept after them
+/// to `merged`: the highest hybrid time, and whether a revocation asked
+/// for the state to be made again.
+fn replay(
+    cat: &Catalog,
+    root: &RootCap,
+    me: &Identity,
+    bases: &BTreeMap<DeviceId, (u64, State)>,
+    merged: &mut State,
+) -> Result<(u64, bool), CatalogError> {
+    let keys: BTreeMap<DeviceId, PublicKey> = devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
+    for (_, state) in bases.values() {
+        merged.join(state);
+    }
     let (mut hlc, mut again) = (0, false);
     for (device, seq, bytes) in all_records(cat)? {
+        if bases.get(&device).is_some_and(|(base, _)| seq <= *base) {
+            continue;
+        }
         let key = if device == me.id {
             Some(me.public())
         } else {
@@ -435,4 +489,133 @@ pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> 
         });
     }
     Ok(out)
+}
+
+/// A checkpoint kept on record here (sync::checkpoint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptCheckpoint {
+    pub seq: u64,
+    pub link: Link,
+    pub cap: String,
+    pub size: u64,
+    pub made_ns: i64,
+}
+
+/// Keeps a checkpoint of `device` with its state, which only the newest of
+/// each device keeps.
+pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, state: &[u8]) -> Result<(), CatalogError> {
+    let tx = cat.batch()?;
+    tx.prepare_cached("UPDATE sync_checkpoints SET state = NULL WHERE device = ?1")?
+        .execute([id_blob(device)])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO sync_checkpoints (device, seq, link, cap, size, made_ns, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        id_blob(device),
+        cp.seq as i64,
+        cp.link,
+        cp.cap,
+        cp.size as i64,
+        cp.made_ns,
+        state
+    ])?;
+    Ok(())
+}
+
+/// `device`'s checkpoints kept on record here, newest first.
+pub fn checkpoints(cat: &Catalog, device: DeviceId) -> Result<Vec<KeptCheckpoint>, CatalogError> {
+    checkpoints_where(cat, device, false)
+}
+
+/// This device's checkpoints dropped by retention whose shares may still
+/// be on the servers.
+pub fn dropped_checkpoints(cat: &Catalog, device: DeviceId) -> Result<Vec<KeptCheckpoint>, CatalogError> {
+    checkpoints_where(cat, device, true)
+}
+
+fn checkpoints_where(cat: &Catalog, device: DeviceId, dropped: bool) -> Result<Vec<KeptCheckpoint>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT seq, link, cap, size, made_ns FROM sync_checkpoints WHERE device = ?1 AND dropped = ?2
+         ORDER BY seq DESC",
+    )?;
+    let rows = stmt.query_map(params![id_blob(device), dropped], |r| {
+        Ok(KeptCheckpoint {
+            seq: r.get::<_, i64>(0)? as u64,
+            link: r
+                .get::<_, Vec<u8>>(1)?
+                .try_into()
+                .map_err(|_| rusqlite::Error::InvalidColumnType(1, "link".into(), rusqlite::types::Type::Blob))?,
+            cap: r.get(2)?,
+            size: r.get::<_, i64>(3)? as u64,
+            made_ns: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Dropped by retention: no longer named, its shares to be removed.
+pub fn drop_checkpoint(cat: &Catalog, device: DeviceId, seq: u64) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("UPDATE sync_checkpoints SET dropped = 1, state = NULL WHERE device = ?1 AND seq = ?2")?
+        .execute(params![id_blob(device), seq as i64])?;
+    Ok(())
+}
+
+pub fn forget_checkpoint(cat: &Catalog, device: DeviceId, seq: u64) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached("DELETE FROM sync_checkpoints WHERE device = ?1 AND seq = ?2")?
+        .execute(params![id_blob(device), seq as i64])?;
+    Ok(())
+}
+
+/// The newest checkpoint of each device (or of one) whose state is kept
+/// here, opened and checked as when it arrived (a damaged one is logged
+/// and left out).
+fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<BTreeMap<DeviceId, (u64, State)>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT device, seq, link, state FROM sync_checkpoints
+         WHERE state IS NOT NULL AND (?1 IS NULL OR device = ?1)",
+    )?;
+    let rows = stmt.query_map([only.map(id_blob)], |r| {
+        Ok((
+            blob_id(r.get(0)?)?,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, Vec<u8>>(2)?,
+            r.get::<_, Vec<u8>>(3)?,
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (device, seq, link, bytes) = row?;
+        let opened = Link::try_from(link)
+            .map_err(|_| "a link of another length".to_string())
+            .and_then(|link| checkpoint::open(&bytes, device, seq, &link));
+        match opened {
+            Ok(state) => {
+                out.insert(device, (seq, state));
+            }
+            Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept checkpoint"),
+        }
+    }
+    Ok(out)
+}
+
+/// `device`'s newest checkpoint whose state is kept here: its number and
+/// state.
+pub fn checkpoint_state(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, State)>, CatalogError> {
+    Ok(checkpoint_states(cat, Some(device))?.remove(&device))
+}
+
+/// How many bytes `device`'s records on the servers hold after its newest
+/// checkpoint kept here (all of them if none).
+pub fn bytes_since_checkpoint(cat: &Catalog, device: DeviceId) -> Result<u64, CatalogError> {
+    let since: i64 = cat
+        .conn()
+        .prepare_cached(
+            "SELECT COALESCE(SUM(LENGTH(bytes)), 0) FROM sync_log WHERE device = ?1 AND placed = 1
+             AND seq > (SELECT COALESCE(MAX(seq), 0) FROM sync_checkpoints WHERE device = ?1)",
+        )?
+        .query_row([id_blob(device)], |r| r.get(0))?;
+    Ok(since as u64)
 }

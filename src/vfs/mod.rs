@@ -418,7 +418,7 @@ impl Vfs {
             tracing::info!(versions = queue.len(), "resuming uploads left from the last mount");
         }
         let spares = Arc::new(SpareDirs::new(cache.join("work")));
-        let devices = sync::Devices::open(&catalog)?;
+        let devices = sync::Devices::open(&catalog, config)?;
         Ok(Arc::new(Vfs {
             state: Mutex::new(State {
                 catalog,

@@ -13,13 +13,20 @@ use crate::sync::device::{self, Identity};
 use crate::sync::log::{self, Link, Payload, Seen, NO_LINK};
 use crate::sync::merge::{self, Content, DeviceId, Fid, Op, State as Merged, ROOT};
 use crate::sync::publish::{self, Local, Plan};
-use crate::sync::{remote, store};
+use crate::sync::{checkpoint, remote, store};
 
 /// Meta key: how far this machine had applied each device's log, as its
 /// next record says it had seen (JSON list of `Seen`).
 const META_APPLIED: &str = "sync_applied";
-/// Meta key: the newest of this device's records its head names.
-const META_HEAD_SEQ: &str = "sync_head_seq";
+/// Meta key: what this device's head last said (its newest record and
+/// body, JSON).
+const META_HEAD: &str = "sync_head";
+/// Meta keys: this device's records 2 to this one may leave the servers
+/// (its head says so), and have left them.
+const META_PRUNED: &str = "sync_pruned";
+const META_PRUNED_DONE: &str = "sync_pruned_done";
+/// Records removed from the servers per pass at most.
+const PRUNE_PER_PASS: u64 = 1024;
 /// Meta key: revocations asked for here and not yet logged (JSON list of
 /// `[device, after]`).
 const META_REVOKE: &str = "sync_revoke";
@@ -45,6 +52,10 @@ pub(super) struct Devices {
     again: std::sync::atomic::AtomicBool,
     /// One pass at a time.
     pass: tokio::sync::Mutex<()>,
+    /// `[sync] checkpoint_kib`, in bytes.
+    checkpoint_min: u64,
+    /// `[retention] keep_days`: how long a day's checkpoint is kept.
+    keep_days: u32,
 }
 
 /// A revocation: the device, and its last record that still counts.
@@ -68,6 +79,10 @@ pub struct SyncReport {
     pub waiting: usize,
 }
 
+fn meta_u64(cat: &Catalog, key: &str) -> VfsResult<u64> {
+    Ok(cat.meta(key)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
 fn sync_err(what: String) -> VfsError {
     VfsError::Grid(GridError::Sync(what))
 }
@@ -89,7 +104,7 @@ fn vid_of(root: &RootCap, cap: &str) -> merge::Vid {
 impl Devices {
     /// The room of `catalog`'s drive: its identity, and every record kept
     /// here merged again (checked as when they arrived).
-    pub(super) fn open(catalog: &Catalog) -> VfsResult<Devices> {
+    pub(super) fn open(catalog: &Catalog, config: &crate::config::Config) -> VfsResult<Devices> {
         let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
         let me = store::identity(catalog)?;
         let (merged, hlc) = store::rebuild(catalog, &root, &me)?;
@@ -104,6 +119,8 @@ impl Devices {
             // are applied by the first.
             again: std::sync::atomic::AtomicBool::new(true),
             pass: tokio::sync::Mutex::new(()),
+            checkpoint_min: config.sync.checkpoint_kib << 10,
+            keep_days: config.retention.keep_days,
         })
     }
 
@@ -366,6 +383,43 @@ impl Devices {
 
     /// Makes the merged state again from every record kept (a revocation
     /// changed which count), and has the next pass apply it.
+    /// This device's checkpoint, if one is due: the number and link of
+    /// its newest record on the servers, and the checkpoint's bytes (its
+    /// last checkpoint's state and every record since).
+    fn own_checkpoint(&self, cat: &Catalog) -> VfsResult<Option<(u64, Link, Vec<u8>)>> {
+        let me = self.me.id;
+        let since = store::bytes_since_checkpoint(cat, me)?;
+        let last = store::checkpoints(cat, me)?.first().map(|c| c.size);
+        if !checkpoint::due(since, last, self.checkpoint_min) {
+            return Ok(None);
+        }
+        let base = store::checkpoint_state(cat, me)?;
+        let after = base.as_ref().map_or(0, |(seq, _)| *seq);
+        let mut records = Vec::new();
+        let mut newest = None;
+        for (seq, bytes) in store::placed_after(cat, me, after)? {
+            let opened = log::open_record(&self.root, &bytes, me, seq, Some(&self.me.public()).filter(|_| seq > 1))
+                .map_err(|e| sync_err(format!("this device's record {seq}: {e}")))?;
+            newest = Some((seq, opened.link));
+            records.push(opened.record);
+        }
+        let Some((seq, link)) = newest else {
+            return Ok(None);
+        };
+        let base = base.map(|(_, state)| state).unwrap_or_default();
+        let mut state = base.clone();
+        if !records.iter().all(|r| state.apply(r)) {
+            // A revocation among them changed what counts: all again.
+            let mut again = state.restarted();
+            again.join(&base);
+            for r in &records {
+                let _ = again.apply(r);
+            }
+            state = again;
+        }
+        Ok(Some((seq, link, checkpoint::seal(me, seq, link, &state))))
+    }
+
     fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
         *self.merged() = store::rebuild(cat, &self.root, &self.me)?.0;
         self.again.store(true, Ordering::Relaxed);
@@ -439,7 +493,18 @@ impl Vfs {
             true => Ok(()),
         };
         self.pull_changes(&mut report).await?;
-        published.map(|()| report)
+        published?;
+        if !self.options.read_only {
+            // Checkpoints only save reading and space: a failure is told,
+            // and tried again next pass.
+            if let Err(e) = self.checkpoint_own().await {
+                tracing::warn!(error = %e, "checkpoint of this device's log");
+            }
+            if let Err(e) = self.prune_own().await {
+                tracing::warn!(error = %e, "pruning this device's log");
+            }
+        }
+        Ok(report)
     }
 
     async fn publish_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
@@ -504,25 +569,48 @@ impl Vfs {
             self.blocking(move |vfs| Ok(store::set_placed(&vfs.lock().catalog, vfs.devices.me.id, seq)?))
                 .await?;
         }
-        // The head names the newest record: rewritten until it has (after a
-        // crash or a failed write too), so others find every record.
-        let (newest, headed) = self
+        self.write_head().await
+    }
+
+    /// Writes this device's head if it does not yet say what it must: the
+    /// newest record, the checkpoints kept and how far records are
+    /// pruned. Rewritten until it has (after a crash or a failed write
+    /// too), so others find every record.
+    async fn write_head(self: &Arc<Self>) -> VfsResult<()> {
+        let (root, me) = (&self.devices.root, &self.devices.me);
+        let (newest, body, headed) = self
             .blocking(|vfs| {
                 let st = vfs.lock();
-                let newest = store::last_record(&st.catalog, vfs.devices.me.id)?;
-                let headed = st.catalog.meta(META_HEAD_SEQ)?.and_then(|v| v.parse::<u64>().ok());
-                Ok((newest, headed))
+                let cat = &st.catalog;
+                let newest = store::last_record(cat, vfs.devices.me.id)?;
+                let mut kept = store::checkpoints(cat, vfs.devices.me.id)?
+                    .into_iter()
+                    .map(|c| log::Checkpoint {
+                        seq: c.seq,
+                        link: c.link,
+                        cap: c.cap,
+                    });
+                let body = log::HeadBody {
+                    checkpoint: kept.next(),
+                    older: kept.collect(),
+                    pruned: meta_u64(cat, META_PRUNED)?,
+                };
+                Ok((newest, body, cat.meta(META_HEAD)?))
             })
             .await?;
-        let Some((seq, bytes)) = newest.filter(|(seq, _)| headed.is_none_or(|h| h < *seq)) else {
+        let Some((seq, bytes)) = newest else {
             return Ok(());
         };
+        let says = serde_json::to_string(&(seq, &body)).expect("serialises");
+        if headed.as_ref() == Some(&says) {
+            return Ok(());
+        }
         let head = log::Head {
             device: me.id,
             seq,
             link: log::link(&bytes),
             time_ns: crate::catalog::now_ns(),
-            body: Default::default(),
+            body,
         };
         let placed = remote::put_all(
             &self.grid,
@@ -537,9 +625,127 @@ impl Vfs {
                 self.happy
             )));
         }
-        self.blocking(move |vfs| Ok(vfs.lock().catalog.set_meta(META_HEAD_SEQ, &seq.to_string())?))
+        self.blocking(move |vfs| Ok(vfs.lock().catalog.set_meta(META_HEAD, &says)?))
             .await?;
         Ok(())
+    }
+
+    /// Makes a checkpoint of this device's own records when they have grown
+    /// enough ([`checkpoint::due`]), names it in the head, and thins the
+    /// older ones and the records they cover ([`checkpoint::retain`]).
+    async fn checkpoint_own(self: &Arc<Self>) -> VfsResult<()> {
+        let made = self
+            .blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.own_checkpoint(cat)))
+            .await?;
+        let Some((seq, link, bytes)) = made else {
+            return Ok(());
+        };
+        let size = bytes.len() as u64;
+        let source = crate::upload::Source {
+            reader: Box::new(std::io::Cursor::new(bytes.clone())),
+            size,
+        };
+        let report = crate::upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            rand::random(),
+            Arc::new(()),
+        )
+        .await
+        .map_err(|e| sync_err(format!("checkpoint {seq}: {e}")))?;
+        let kept = store::KeptCheckpoint {
+            seq,
+            link,
+            cap: report.cap.to_string(),
+            size,
+            made_ns: crate::catalog::now_ns(),
+        };
+        let keep_days = self.devices.keep_days;
+        self.blocking(move |vfs| {
+            let st = vfs.lock();
+            let cat = &st.catalog;
+            let me = vfs.devices.me.id;
+            store::put_checkpoint(cat, me, &kept, &bytes)?;
+            let all = store::checkpoints(cat, me)?;
+            let times: Vec<(u64, i64)> = all.iter().map(|c| (c.seq, c.made_ns)).collect();
+            let keep = checkpoint::retain(&times, kept.made_ns, keep_days);
+            for old in all.iter().filter(|c| !keep.contains(&c.seq)) {
+                store::drop_checkpoint(cat, me, old.seq)?;
+            }
+            let pruned_to = keep.first().copied().unwrap_or(0).max(meta_u64(cat, META_PRUNED)?);
+            cat.set_meta(META_PRUNED, &pruned_to.to_string())?;
+            cat.commit()?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(seq, bytes = size, "checkpoint of this device's log");
+        // Others learn of the new checkpoint, and stop being pointed at the
+        // dropped ones and the pruned records, before any of them go.
+        self.write_head().await
+    }
+
+    /// Removes from the servers what this device's head no longer names:
+    /// dropped checkpoints, and records up to the one it says are pruned
+    /// ([`PRUNE_PER_PASS`] of them a pass, so a pass stays short).
+    async fn prune_own(self: &Arc<Self>) -> VfsResult<()> {
+        let me = self.devices.me.id;
+        let (dropped, pruned_to, done) = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                let cat = &st.catalog;
+                // As far as the head on the servers says, no further.
+                let headed = cat
+                    .meta(META_HEAD)?
+                    .and_then(|v| serde_json::from_str::<(u64, log::HeadBody)>(&v).ok())
+                    .map_or(0, |(_, body)| body.pruned);
+                Ok((
+                    store::dropped_checkpoints(cat, me)?,
+                    headed,
+                    meta_u64(cat, META_PRUNED_DONE)?.max(1),
+                ))
+            })
+            .await?;
+        for old in dropped {
+            if let Ok(cap) = old.cap.parse::<crate::codec::Capability>() {
+                if crate::gc::delete_shares(&self.grid, cap.storage_index()).await.is_err() {
+                    continue;
+                }
+            }
+            self.blocking(move |vfs| {
+                let st = vfs.lock();
+                store::forget_checkpoint(&st.catalog, me, old.seq)?;
+                st.catalog.commit()?;
+                Ok(())
+            })
+            .await?;
+        }
+        let upto = pruned_to.min(done + PRUNE_PER_PASS);
+        if upto <= done {
+            return Ok(());
+        }
+        let root = &self.devices.root;
+        let names: Vec<String> = (done + 1..=upto).map(|seq| log::log_name(root, me, seq)).collect();
+        for batch in names.chunks(64) {
+            let deletes = batch.iter().flat_map(|name| {
+                self.grid
+                    .servers
+                    .iter()
+                    .map(move |s| self.grid.timed(s.server.delete_record(name)))
+            });
+            if futures::future::join_all(deletes).await.iter().any(Result::is_err) {
+                // Tried again next pass.
+                return Ok(());
+            }
+        }
+        self.blocking(move |vfs| {
+            let st = vfs.lock();
+            st.catalog.set_meta(META_PRUNED_DONE, &upto.to_string())?;
+            st.catalog.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn pull_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
@@ -586,7 +792,29 @@ impl Vfs {
                     continue;
                 }
             };
+            let cut = self.devices.merged().revoked().get(&device).copied();
+            let mut from = from;
             let mut prev: Link = at.1;
+            if let Some(cp) =
+                checkpoint::pick(&head.body, cut).filter(|cp| checkpoint::read_instead(at.0, cp.seq, head.body.pruned))
+            {
+                match self.read_checkpoint(device, key, head.time_ns, cp).await? {
+                    Ok(()) => {
+                        tracing::info!(
+                            device = format!("{device:032x}"),
+                            seq = cp.seq,
+                            merged = at.0,
+                            "read a device's checkpoint instead of its records"
+                        );
+                        (from, prev) = (cp.seq + 1, cp.link);
+                        report.merged += 1;
+                        merged_any = true;
+                    }
+                    Err(why) => {
+                        tracing::warn!(device = format!("{device:032x}"), seq = cp.seq, %why, "a device's checkpoint is unreadable; reading its records");
+                    }
+                }
+            }
             for seq in from..=to {
                 let got = remote::record(&self.grid, root, device, seq, Some(&key).filter(|_| seq > 1), &prev).await;
                 let (opened, bytes) = match got {
@@ -625,6 +853,65 @@ impl Vfs {
             self.apply_merged(report).await?;
         }
         Ok(())
+    }
+
+    /// Reads `device`'s checkpoint `cp` (named by its head, written at
+    /// `head_time_ns`), keeps it and merges it; `Err` if no server gave
+    /// one that checks out.
+    async fn read_checkpoint(
+        self: &Arc<Self>,
+        device: DeviceId,
+        key: device::PublicKey,
+        head_time_ns: i64,
+        cp: &log::Checkpoint,
+    ) -> VfsResult<Result<(), String>> {
+        let fetched = async {
+            let cap: crate::codec::Capability = cp.cap.parse().map_err(|e| format!("its capability: {e}"))?;
+            if cap.layout.size > checkpoint::MAX_BYTES {
+                return Err(format!("{} bytes, more than a checkpoint may hold", cap.layout.size));
+            }
+            let bytes = crate::download::download_to_vec(self.grid.clone(), cap)
+                .await
+                .map_err(|e| e.to_string())?;
+            let state = checkpoint::open(&bytes, device, cp.seq, &cp.link)?;
+            Ok((bytes, state))
+        };
+        let (bytes, state) = match fetched.await {
+            Ok(got) => got,
+            Err(why) => return Ok(Err(why)),
+        };
+        let kept = store::KeptCheckpoint {
+            seq: cp.seq,
+            link: cp.link,
+            cap: cp.cap.clone(),
+            size: bytes.len() as u64,
+            made_ns: head_time_ns,
+        };
+        let row = store::Device {
+            id: device,
+            key,
+            merged_seq: cp.seq,
+            merged_link: cp.link,
+            head_time_ns,
+        };
+        self.blocking(move |vfs| {
+            let st = vfs.lock();
+            store::put_checkpoint(&st.catalog, device, &kept, &bytes)?;
+            store::put_device(&st.catalog, &row)?;
+            st.catalog.commit()?;
+            Ok(())
+        })
+        .await?;
+        let cuts_changed = {
+            let mut merged = self.devices.merged();
+            let before = merged.revoked().clone();
+            merged.join(&state);
+            merged.revoked() != &before
+        };
+        if cuts_changed {
+            self.blocking(|vfs| vfs.devices.remerge(&vfs.lock().catalog)).await?;
+        }
+        Ok(Ok(()))
     }
 
     /// Revokes the write access of the machine named `who` (`cairn devices

@@ -1,0 +1,276 @@
+//! Checkpoints: a device's own records up to some number, compacted into
+//! one [`State`] and stored as an ordinary version, so a machine that
+//! joins (or fell far behind) reads one version per device instead of
+//! every record, and old records can leave the servers.
+//!
+//! A checkpoint holds only its device's operations, so it is that
+//! device's word as much as its signed records are: its head (signed)
+//! names it by capability (which pins its bytes), and a reader refuses one
+//! with any entry of another device or of a later record
+//! ([`State::checked_as`]). States join exactly, so the checkpoints of
+//! every device, and the records after them, make the same state as all
+//! the records (docs/SEVERAL_MACHINES.md, "Checkpoints").
+//!
+//! The rules of when to make one, when to read one and what to keep are
+//! plain functions here; the room that runs them is `vfs::sync`.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::log::{Checkpoint, HeadBody, Link};
+use super::merge::{DeviceId, State};
+
+/// The checkpoint format this cairn writes and reads (docs/FORMAT.md).
+pub const FORMAT: u32 = 1;
+/// The largest checkpoint read (about 4 million files): a capability
+/// naming more is refused before anything is fetched.
+pub const MAX_BYTES: u64 = 2 << 30;
+/// A machine this many records behind a device reads its checkpoint
+/// rather than the records.
+pub const SKIP_RECORDS: u64 = 256;
+
+const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    format: u32,
+    device: String,
+    seq: u64,
+    #[serde(with = "hex32")]
+    link: Link,
+    state: State,
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(link: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&data_encoding::HEXLOWER.encode(link))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        data_encoding::HEXLOWER
+            .decode(text.as_bytes())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("a link is 64 hex digits"))
+    }
+}
+
+/// The bytes of `device`'s checkpoint at its record `seq` (whose link is
+/// `link`): `state` must be of that device's records up to `seq` alone.
+pub fn seal(device: DeviceId, seq: u64, link: Link, state: &State) -> Vec<u8> {
+    serde_json::to_vec(&Body {
+        format: FORMAT,
+        device: format!("{device:032x}"),
+        seq,
+        link,
+        state: state.clone(),
+    })
+    .expect("checkpoints serialise")
+}
+
+/// The state in `bytes`, if it is the checkpoint its head named: of
+/// `device` at `seq` with `link`, and only that device's.
+pub fn open(bytes: &[u8], device: DeviceId, seq: u64, link: &Link) -> Result<State, String> {
+    let body: Body = serde_json::from_slice(bytes).map_err(|e| format!("not a checkpoint: {e}"))?;
+    if body.format != FORMAT {
+        return Err(format!("checkpoint format {} (this cairn reads {FORMAT})", body.format));
+    }
+    if body.device != format!("{device:032x}") || body.seq != seq || body.link != *link {
+        return Err(format!(
+            "the checkpoint is of device {} record {}, not the one its head names",
+            body.device, body.seq
+        ));
+    }
+    body.state.checked_as(device, seq)
+}
+
+/// Whether to make a checkpoint now: the device's records since its last
+/// one hold `since` bytes, and that one was `last` bytes (none yet:
+/// `None`). At least `min` bytes, and a tenth of the last, so the
+/// checkpoints' bytes stay within ten times the log's.
+pub fn due(since: u64, last: Option<u64>, min: u64) -> bool {
+    since >= min.max(last.unwrap_or(0) / 10)
+}
+
+/// Whether a machine that has merged `device` up to `merged` reads its
+/// checkpoint at `checkpoint` instead of the records after `merged`: the
+/// records are gone (up to `pruned`), or many.
+pub fn read_instead(merged: u64, checkpoint: u64, pruned: u64) -> bool {
+    checkpoint > merged && (merged < pruned || checkpoint - merged >= SKIP_RECORDS)
+}
+
+/// The checkpoint of a device to read, of those its head names: the
+/// newest, or for a device revoked after its record `cut`, the newest not
+/// past the cut (its later records must not count, and a checkpoint
+/// cannot be cut).
+pub fn pick(head: &HeadBody, cut: Option<u64>) -> Option<&Checkpoint> {
+    head.checkpoint
+        .iter()
+        .chain(&head.older)
+        .find(|c| cut.is_none_or(|cut| c.seq <= cut))
+}
+
+/// Which of a device's own checkpoints `(seq, made at)` to keep: the
+/// newest, and the newest of each day younger than `keep_days`. Records
+/// up to the oldest kept may leave the servers (all but record 1, which
+/// makes the device's key known).
+pub fn retain(checkpoints: &[(u64, i64)], now_ns: i64, keep_days: u32) -> BTreeSet<u64> {
+    let mut keep = BTreeSet::new();
+    let mut days = BTreeSet::new();
+    let mut newest_first = checkpoints.to_vec();
+    newest_first.sort_by(|a, b| b.cmp(a));
+    for (i, (seq, at)) in newest_first.into_iter().enumerate() {
+        let age = (now_ns - at).max(0) / NS_PER_DAY;
+        let first_of_day = days.insert(age);
+        if i == 0 || (age < keep_days as i64 && first_of_day) {
+            keep.insert(seq);
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::merge::{self, Attrs, Kind, Op, Record};
+
+    fn record(device: DeviceId, seq: u64, ops: Vec<Op>) -> Record {
+        Record {
+            device,
+            seq,
+            seen: Default::default(),
+            ops: ops.into_iter().map(|op| (seq * 10, op)).collect(),
+        }
+    }
+
+    fn create(fid: u128, name: &str) -> Op {
+        Op::Create {
+            fid,
+            kind: Kind::File,
+            parent: merge::ROOT,
+            name: name.into(),
+            attrs: Attrs::default(),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_opens_only_as_the_one_its_head_names() {
+        let records = [
+            record(7, 1, vec![Op::Enroll { name: "laptop".into() }]),
+            record(7, 2, vec![create(5, "a"), create(6, "b")]),
+        ];
+        let state = merge::merge(&records);
+        let bytes = seal(7, 2, [1; 32], &state);
+        assert_eq!(open(&bytes, 7, 2, &[1; 32]), Ok(state.clone()));
+        assert!(open(&bytes, 8, 2, &[1; 32]).is_err(), "another device");
+        assert!(open(&bytes, 7, 3, &[1; 32]).is_err(), "another number");
+        assert!(open(&bytes, 7, 2, &[2; 32]).is_err(), "another link");
+        assert!(open(&bytes[1..], 7, 2, &[1; 32]).is_err());
+        let newer = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replace("\"format\":1", "\"format\":2");
+        assert!(open(newer.as_bytes(), 7, 2, &[1; 32]).unwrap_err().contains("format 2"));
+        // An entry of another device's, or of a later record, makes the
+        // whole checkpoint refused: a device vouches only for its own.
+        let with_other = merge::merge(records.iter().chain([&record(9, 1, vec![create(8, "c")])]));
+        assert!(open(&seal(7, 2, [1; 32], &with_other), 7, 2, &[1; 32]).is_err());
+        let with_later = merge::merge(records.iter().chain([&record(7, 3, vec![create(8, "c")])]));
+        assert!(open(&seal(7, 2, [1; 32], &with_later), 7, 2, &[1; 32]).is_err());
+        // A name no record could carry.
+        let bad = String::from_utf8(bytes).unwrap().replace("\"a\"", "\"..\"");
+        assert!(open(bad.as_bytes(), 7, 2, &[1; 32]).unwrap_err().contains("\"..\""));
+    }
+
+    #[test]
+    fn checkpoints_of_every_device_and_the_records_after_make_the_whole_state() {
+        let a = [
+            record(1, 1, vec![Op::Enroll { name: "a".into() }]),
+            record(1, 2, vec![create(10, "x")]),
+            record(1, 3, vec![Op::Delete { fid: 10 }]),
+        ];
+        let b = [
+            record(2, 1, vec![Op::Enroll { name: "b".into() }]),
+            record(2, 2, vec![create(11, "y")]),
+            record(2, 3, vec![Op::Revoke { device: 1, after: 2 }]),
+        ];
+        let all = merge::merge(a.iter().chain(&b));
+        let mut joined = merge::merge(&a[..2]);
+        joined.join(&merge::merge(&b[..2]));
+        for r in [&a[2], &b[2]] {
+            if !joined.apply(r) {
+                let mut again = joined.restarted();
+                again.join(&merge::merge(&a[..2]));
+                again.join(&merge::merge(&b[..2]));
+                for r in [&a[2], &b[2]] {
+                    let _ = again.apply(r);
+                }
+                joined = again;
+            }
+        }
+        assert_eq!(merge::render(&joined), merge::render(&all));
+    }
+
+    #[test]
+    fn checkpoints_come_when_the_log_has_grown_by_a_tenth() {
+        assert!(!due(100, None, 1 << 20));
+        assert!(due(1 << 20, None, 1 << 20));
+        assert!(!due(2 << 20, Some(40 << 20), 1 << 20));
+        assert!(due(4 << 20, Some(40 << 20), 1 << 20));
+    }
+
+    #[test]
+    fn a_checkpoint_is_read_when_records_are_gone_or_many() {
+        assert!(!read_instead(10, 10, 0));
+        assert!(!read_instead(10, 20, 0));
+        assert!(read_instead(10, 20, 11));
+        assert!(read_instead(0, SKIP_RECORDS, 0));
+        assert!(
+            !read_instead(30, 20, 25),
+            "the checkpoint is older than what was merged"
+        );
+    }
+
+    #[test]
+    fn a_revoked_device_is_read_from_a_checkpoint_before_its_cut() {
+        let cp = |seq| Checkpoint {
+            seq,
+            link: [0; 32],
+            cap: String::new(),
+        };
+        let head = HeadBody {
+            checkpoint: Some(cp(30)),
+            older: vec![cp(20), cp(10)],
+            pruned: 10,
+        };
+        assert_eq!(pick(&head, None).map(|c| c.seq), Some(30));
+        assert_eq!(pick(&head, Some(30)).map(|c| c.seq), Some(30));
+        assert_eq!(pick(&head, Some(25)).map(|c| c.seq), Some(20));
+        assert_eq!(pick(&head, Some(5)), None);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_one_a_day() {
+        let day = NS_PER_DAY;
+        let now = 100 * day;
+        // Made at: 40 days ago, yesterday (two), today (three).
+        let cps = [
+            (10, now - 40 * day),
+            (50, now - day - 10),
+            (60, now - day - 5),
+            (70, now - 3),
+            (80, now - 2),
+            (99, now - 1),
+        ];
+        assert_eq!(retain(&cps, now, 30), BTreeSet::from([60, 99]));
+        assert_eq!(retain(&cps, now, 0), BTreeSet::from([99]));
+        assert_eq!(
+            retain(&cps[..1], now, 30),
+            BTreeSet::from([10]),
+            "the newest stays, however old"
+        );
+    }
+}
