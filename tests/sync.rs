@@ -665,6 +665,52 @@ fn a_checkpoint_replaces_the_records_it_covers_for_machines_behind_and_new() {
     }
 }
 
+/// A stolen laptop goes on writing and checkpointing after the desk last
+/// heard from it; the desk, offline meanwhile, revokes it after what it
+/// had merged. A machine that joins afterwards finds the laptop's newest
+/// checkpoint holding the later writes, and a checkpoint cannot be cut:
+/// it reads the laptop's log again up to the cut instead, so none of the
+/// later writes count there either.
+#[test]
+fn a_machine_revoked_before_its_newest_checkpoint_counts_only_up_to_the_cut() {
+    let (a, ma) = first_machine("shared.txt", "v0");
+    let b = join(&a, "laptop");
+    b.edit_config(|config| config.sync.checkpoint_kib = 1);
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    write(&mb, "before.txt", "published before");
+    b.ok(&["sync"]);
+    assert!(converged(&[&ma, &mb]).contains_key("before.txt"));
+    assert!(ma.unmount().success());
+    // More records than a joining machine reads one by one
+    // (checkpoint::SKIP_RECORDS), so it reads the checkpoint.
+    for i in 0..70 {
+        write(&mb, &format!("stolen-{i}.txt"), "written after the theft");
+        b.ok(&["sync"]);
+    }
+    assert!(mb.unmount().success());
+    let listed: serde_json::Value = serde_json::from_str(&b.ok(&["devices", "--json"])).unwrap();
+    let laptop = &listed[0];
+    assert_eq!(laptop["this_machine"], true);
+    let (seq, checkpoint) = (laptop["seq"].as_u64().unwrap(), laptop["checkpoint"].as_u64());
+    assert!(
+        checkpoint.is_some_and(|c| c + 3 >= seq && c > 64),
+        "the laptop checkpointed its later writes: {laptop}"
+    );
+    let out = a.ok(&["devices", "revoke", "laptop"]);
+    assert!(out.starts_with("revoked laptop"), "{out}");
+
+    let c = join(&a, "third");
+    let mc = c.mount(&[]);
+    let seen = tree(mc.path());
+    assert!(seen.contains_key("before.txt"), "{seen:?}");
+    assert!(!seen.keys().any(|k| k.starts_with("stolen")), "{seen:?}");
+    let ma = a.mount(&[]);
+    assert_eq!(converged(&[&ma, &mc]), seen);
+    for m in [ma, mc] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// What a random run wrote: each file's id, and each machine's last
 /// content of it (the one no later write of that machine superseded).
 #[derive(Default)]

@@ -27,8 +27,8 @@ pub const FORMAT: u32 = 1;
 /// naming more is refused before anything is fetched.
 pub const MAX_BYTES: u64 = 2 << 30;
 /// A machine this many records behind a device reads its checkpoint
-/// rather than the records.
-pub const SKIP_RECORDS: u64 = 256;
+/// rather than the records (each record is one more round trip).
+pub const SKIP_RECORDS: u64 = 64;
 
 const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
@@ -114,23 +114,40 @@ pub fn pick(head: &HeadBody, cut: Option<u64>) -> Option<&Checkpoint> {
         .find(|c| cut.is_none_or(|cut| c.seq <= cut))
 }
 
+/// What retention keeps of a device's own checkpoints.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Retained {
+    pub keep: BTreeSet<u64>,
+    /// Its records 2 to this one may leave the servers.
+    pub prune_to: u64,
+}
+
 /// Which of a device's own checkpoints `(seq, made at)` to keep: the
-/// newest, and the newest of each day younger than `keep_days`. Records
-/// up to the oldest kept may leave the servers (all but record 1, which
-/// makes the device's key known).
-pub fn retain(checkpoints: &[(u64, i64)], now_ns: i64, keep_days: u32) -> BTreeSet<u64> {
-    let mut keep = BTreeSet::new();
+/// newest, the newest of each day younger than `keep_days`, and the
+/// newest older than that (the anchor). Records up to the anchor may leave
+/// the servers (all but record 1, which makes the device's key known), so
+/// every record of the last `keep_days` stays, with a checkpoint a day
+/// before it: a revocation of that age is exact ([`pick`]).
+pub fn retain(checkpoints: &[(u64, i64)], now_ns: i64, keep_days: u32) -> Retained {
+    let mut out = Retained {
+        keep: BTreeSet::new(),
+        prune_to: 0,
+    };
     let mut days = BTreeSet::new();
     let mut newest_first = checkpoints.to_vec();
     newest_first.sort_by(|a, b| b.cmp(a));
     for (i, (seq, at)) in newest_first.into_iter().enumerate() {
         let age = (now_ns - at).max(0) / NS_PER_DAY;
         let first_of_day = days.insert(age);
-        if i == 0 || (age < keep_days as i64 && first_of_day) {
-            keep.insert(seq);
+        let anchor = age >= keep_days as i64 && out.prune_to == 0;
+        if anchor {
+            out.prune_to = seq;
+        }
+        if i == 0 || anchor || (age < keep_days as i64 && first_of_day) {
+            out.keep.insert(seq);
         }
     }
-    keep
+    out
 }
 
 #[cfg(test)]
@@ -253,11 +270,12 @@ mod tests {
     }
 
     #[test]
-    fn retention_keeps_the_newest_and_one_a_day() {
+    fn retention_keeps_the_newest_one_a_day_and_one_older() {
         let day = NS_PER_DAY;
         let now = 100 * day;
-        // Made at: 40 days ago, yesterday (two), today (three).
+        // Made at: 50 and 40 days ago, yesterday (two), today (three).
         let cps = [
+            (5, now - 50 * day),
             (10, now - 40 * day),
             (50, now - day - 10),
             (60, now - day - 5),
@@ -265,11 +283,20 @@ mod tests {
             (80, now - 2),
             (99, now - 1),
         ];
-        assert_eq!(retain(&cps, now, 30), BTreeSet::from([60, 99]));
-        assert_eq!(retain(&cps, now, 0), BTreeSet::from([99]));
+        let kept = |k: &[u64], prune_to| Retained {
+            keep: k.iter().copied().collect(),
+            prune_to,
+        };
+        assert_eq!(retain(&cps, now, 30), kept(&[10, 60, 99], 10));
+        assert_eq!(retain(&cps, now, 0), kept(&[99], 99), "nothing kept back");
+        assert_eq!(
+            retain(&cps[2..], now, 30),
+            kept(&[60, 99], 0),
+            "no record is old enough to go"
+        );
         assert_eq!(
             retain(&cps[..1], now, 30),
-            BTreeSet::from([10]),
+            kept(&[5], 5),
             "the newest stays, however old"
         );
     }

@@ -393,6 +393,29 @@ pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u
     Ok((merged, hlc))
 }
 
+/// Each device whose state here starts from a checkpoint read of it, and
+/// that checkpoint's number.
+pub fn read_bases(cat: &Catalog) -> Result<BTreeMap<DeviceId, u64>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT c.device, c.seq FROM sync_checkpoints c WHERE c.state IS NOT NULL
+         AND (SELECT COUNT(*) FROM sync_log l WHERE l.device = c.device AND l.seq <= c.seq) < c.seq",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((blob_id(r.get(0)?)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Forgets the checkpoints read of `device` and how far its log was
+/// merged, so the next pass reads it again from the start (its records
+/// kept here stay).
+pub fn forget_read(cat: &Catalog, device: DeviceId) -> Result<(), CatalogError> {
+    let tx = cat.batch()?;
+    tx.prepare_cached("DELETE FROM sync_checkpoints WHERE device = ?1")?
+        .execute([id_blob(device)])?;
+    tx.prepare_cached("UPDATE sync_devices SET merged_seq = 0, merged_link = ?2 WHERE device = ?1")?
+        .execute(params![id_blob(device), log::NO_LINK])?;
+    Ok(())
+}
+
 /// The checkpoint each device's state starts from here: the newest read,
 /// for a device whose records up to it are not all kept here (a machine
 /// that read the checkpoint instead).
@@ -457,6 +480,9 @@ pub struct Listed {
     pub last_seen_ns: Option<i64>,
     /// Revoked: its last record that counts.
     pub revoked_after: Option<u64>,
+    /// Its newest checkpoint: this machine's own on the servers, another's
+    /// as read here (none: its records were read).
+    pub checkpoint: Option<u64>,
 }
 
 /// This machine and every other one this catalog knows of.
@@ -477,6 +503,7 @@ pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> 
         seq: last_record(cat, me.id)?.map_or(0, |r| r.0),
         last_seen_ns: None,
         revoked_after: merged.revoked().get(&me.id).copied(),
+        checkpoint: checkpoints(cat, me.id)?.first().map(|c| c.seq),
     }];
     for d in devices(cat)? {
         out.push(Listed {
@@ -486,6 +513,7 @@ pub fn list(cat: &Catalog, root: &RootCap) -> Result<Vec<Listed>, CatalogError> 
             seq: d.merged_seq,
             last_seen_ns: Some(d.head_time_ns),
             revoked_after: merged.revoked().get(&d.id).copied(),
+            checkpoint: checkpoints(cat, d.id)?.first().map(|c| c.seq),
         });
     }
     Ok(out)

@@ -79,6 +79,14 @@ pub struct SyncReport {
     pub waiting: usize,
 }
 
+/// Whether `device`'s head offers its records up to `cut` exactly: a
+/// checkpoint not past the cut, or every record still on the servers.
+fn heads_offer_cut(heads: &BTreeMap<DeviceId, (log::Head, device::PublicKey)>, device: DeviceId, cut: u64) -> bool {
+    heads
+        .get(&device)
+        .is_some_and(|(head, _)| checkpoint::pick(&head.body, Some(cut)).is_some() || head.body.pruned <= 1)
+}
+
 fn meta_u64(cat: &Catalog, key: &str) -> VfsResult<u64> {
     Ok(cat.meta(key)?.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
@@ -670,11 +678,11 @@ impl Vfs {
             store::put_checkpoint(cat, me, &kept, &bytes)?;
             let all = store::checkpoints(cat, me)?;
             let times: Vec<(u64, i64)> = all.iter().map(|c| (c.seq, c.made_ns)).collect();
-            let keep = checkpoint::retain(&times, kept.made_ns, keep_days);
-            for old in all.iter().filter(|c| !keep.contains(&c.seq)) {
+            let retained = checkpoint::retain(&times, kept.made_ns, keep_days);
+            for old in all.iter().filter(|c| !retained.keep.contains(&c.seq)) {
                 store::drop_checkpoint(cat, me, old.seq)?;
             }
-            let pruned_to = keep.first().copied().unwrap_or(0).max(meta_u64(cat, META_PRUNED)?);
+            let pruned_to = retained.prune_to.max(meta_u64(cat, META_PRUNED)?);
             cat.set_meta(META_PRUNED, &pruned_to.to_string())?;
             cat.commit()?;
             Ok(())
@@ -749,7 +757,7 @@ impl Vfs {
     }
 
     async fn pull_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
-        let (root, me) = (&self.devices.root, &self.devices.me);
+        let root = &self.devices.root;
         let bells = remote::bells(&self.grid, root).await;
         let again = self.devices.again.swap(false, Ordering::Relaxed);
         {
@@ -760,22 +768,73 @@ impl Vfs {
             }
             *heard = (bells, Some(Instant::now()));
         }
+        let keys = self
+            .blocking(|vfs| Ok(store::devices(&vfs.lock().catalog)?))
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d.key))
+            .collect();
+        let heads = remote::heads(&self.grid, root, &keys).await;
+        let mut merged_any = again | self.merge_heads(&heads, report).await?;
+        // A revocation just heard may cut a device inside the checkpoint
+        // read of it: read it again up to the cut, before anything is
+        // applied, where its head still offers a way.
+        let redo = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                let cuts = vfs.devices.merged().revoked().clone();
+                let mut redo = Vec::new();
+                for (device, base) in store::read_bases(&st.catalog)? {
+                    let Some(cut) = cuts.get(&device).copied().filter(|cut| *cut < base) else {
+                        continue;
+                    };
+                    if heads_offer_cut(&heads, device, cut) {
+                        store::forget_read(&st.catalog, device)?;
+                        redo.push(device);
+                    }
+                }
+                if !redo.is_empty() {
+                    st.catalog.commit()?;
+                    vfs.devices.remerge(&st.catalog)?;
+                }
+                Ok((redo, heads))
+            })
+            .await?;
+        let (redo, heads) = redo;
+        if !redo.is_empty() {
+            tracing::info!(devices = redo.len(), "reading revoked devices again up to their cut");
+            merged_any |= self.merge_heads(&heads, report).await?;
+        }
+        if merged_any {
+            self.apply_merged(report).await?;
+        }
+        Ok(())
+    }
+
+    /// Merges what `heads` say is new of every other device: records, or
+    /// a checkpoint instead where [`checkpoint::read_instead`] says so.
+    /// Whether anything was merged.
+    async fn merge_heads(
+        self: &Arc<Self>,
+        heads: &BTreeMap<DeviceId, (log::Head, device::PublicKey)>,
+        report: &mut SyncReport,
+    ) -> VfsResult<bool> {
+        let (root, me) = (&self.devices.root, &self.devices.me);
         let known: BTreeMap<DeviceId, store::Device> = self
             .blocking(|vfs| Ok(store::devices(&vfs.lock().catalog)?))
             .await?
             .into_iter()
             .map(|d| (d.id, d))
             .collect();
-        let keys = known.iter().map(|(id, d)| (*id, d.key)).collect();
-        let heads = remote::heads(&self.grid, root, &keys).await;
-        let mut merged_any = again;
-        for (device, (head, key)) in heads {
+        let mut merged_any = false;
+        for (&device, (head, key)) in heads {
+            let key = *key;
             if device == me.id {
                 continue;
             }
             let was = known.get(&device);
             let at = was.map_or((0, NO_LINK), |d| (d.merged_seq, d.merged_link));
-            let (from, to) = match log::news(at, &head) {
+            let (from, to) = match log::news(at, head) {
                 log::News::Ahead { from, to } => (from, to),
                 log::News::Nothing => continue,
                 log::News::Stale => {
@@ -849,10 +908,7 @@ impl Vfs {
                 merged_any = true;
             }
         }
-        if merged_any {
-            self.apply_merged(report).await?;
-        }
-        Ok(())
+        Ok(merged_any)
     }
 
     /// Reads `device`'s checkpoint `cp` (named by its head, written at
