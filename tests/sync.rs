@@ -651,6 +651,10 @@ fn a_checkpoint_replaces_the_records_it_covers_for_machines_behind_and_new() {
     let c = join(&a, "third");
     let mc = c.mount(&["--writeback-delay", "0"]);
     assert_eq!(converged(&[&ma, &mc]), want);
+    // Its state starts from the checkpoint after a restart too.
+    assert!(mc.unmount().success());
+    let mc = c.mount(&["--writeback-delay", "0"]);
+    assert_eq!(tree(mc.path()), want);
     // After the checkpoint, the desk's log goes on, and an edit on a
     // machine that read it reaches the others.
     write(&ma, "after.txt", "after the checkpoint");
@@ -667,10 +671,10 @@ fn a_checkpoint_replaces_the_records_it_covers_for_machines_behind_and_new() {
 
 /// A stolen laptop goes on writing and checkpointing after the desk last
 /// heard from it; the desk, offline meanwhile, revokes it after what it
-/// had merged. A machine that joins afterwards finds the laptop's newest
-/// checkpoint holding the later writes, and a checkpoint cannot be cut:
-/// it reads the laptop's log again up to the cut instead, so none of the
-/// later writes count there either.
+/// had merged. The laptop's newest checkpoint holds the later writes, and
+/// a checkpoint cannot be cut: a machine that had read it reads the
+/// laptop's log again up to the cut when it hears, and one that joins
+/// afterwards reads only that far, so the later writes count nowhere.
 #[test]
 fn a_machine_revoked_before_its_newest_checkpoint_counts_only_up_to_the_cut() {
     let (a, ma) = first_machine("shared.txt", "v0");
@@ -688,25 +692,47 @@ fn a_machine_revoked_before_its_newest_checkpoint_counts_only_up_to_the_cut() {
         b.ok(&["sync"]);
     }
     assert!(mb.unmount().success());
-    let listed: serde_json::Value = serde_json::from_str(&b.ok(&["devices", "--json"])).unwrap();
-    let laptop = &listed[0];
-    assert_eq!(laptop["this_machine"], true);
-    let (seq, checkpoint) = (laptop["seq"].as_u64().unwrap(), laptop["checkpoint"].as_u64());
+    let laptop_of = |home: &Home| {
+        let listed: serde_json::Value = serde_json::from_str(&home.ok(&["devices", "--json"])).unwrap();
+        let laptop = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "laptop")
+            .cloned();
+        laptop.unwrap()
+    };
+    let laptop = laptop_of(&b);
     assert!(
-        checkpoint.is_some_and(|c| c + 3 >= seq && c > 64),
+        laptop["checkpoint"].as_u64().is_some_and(|c| c > 64),
         "the laptop checkpointed its later writes: {laptop}"
     );
+
+    // The third machine joins before the revocation: it reads the
+    // laptop's checkpoint and shows the later writes, for now.
+    let c = join(&a, "third");
+    let mc = c.mount(&["--writeback-delay", "0"]);
+    let read = laptop_of(&c)["checkpoint"].as_u64();
+    assert!(read.is_some_and(|c| c > 64), "{read:?}");
+    assert!(tree(mc.path()).contains_key("stolen-0.txt"));
     let out = a.ok(&["devices", "revoke", "laptop"]);
     assert!(out.starts_with("revoked laptop"), "{out}");
+    let cut = laptop_of(&a)["revoked_after"].as_u64().unwrap();
+    until(
+        "the third machine drops the laptop's writes after the cut",
+        || tree(mc.path()).keys().filter(|k| k.starts_with("stolen")).count(),
+        |n| *n == 0,
+    );
+    let now = laptop_of(&c);
+    assert!(now["checkpoint"].as_u64().is_none_or(|seq| seq <= cut), "{now} {cut}");
 
-    let c = join(&a, "third");
-    let mc = c.mount(&[]);
-    let seen = tree(mc.path());
+    let d = join(&a, "fourth");
+    let md = d.mount(&[]);
+    let ma = a.mount(&[]);
+    let seen = converged(&[&ma, &mc, &md]);
     assert!(seen.contains_key("before.txt"), "{seen:?}");
     assert!(!seen.keys().any(|k| k.starts_with("stolen")), "{seen:?}");
-    let ma = a.mount(&[]);
-    assert_eq!(converged(&[&ma, &mc]), seen);
-    for m in [ma, mc] {
+    for m in [ma, mc, md] {
         assert!(m.unmount().success());
     }
 }

@@ -18,14 +18,15 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::log::{Checkpoint, HeadBody, Link};
+use super::log::{Checkpoint, Head, Link};
 use super::merge::{DeviceId, State};
 
 /// The checkpoint format this cairn writes and reads (docs/FORMAT.md).
 pub const FORMAT: u32 = 1;
-/// The largest checkpoint read (about 4 million files): a capability
+/// The largest checkpoint made or read (about 800,000 files; below
+/// SQLite's largest value, where checkpoints read are kept): a capability
 /// naming more is refused before anything is fetched.
-pub const MAX_BYTES: u64 = 2 << 30;
+pub const MAX_BYTES: u64 = 512 << 20;
 /// A machine this many records behind a device reads its checkpoint
 /// rather than the records (each record is one more round trip).
 pub const SKIP_RECORDS: u64 = 64;
@@ -107,10 +108,14 @@ pub fn read_instead(merged: u64, checkpoint: u64, pruned: u64) -> bool {
 /// newest, or for a device revoked after its record `cut`, the newest not
 /// past the cut (its later records must not count, and a checkpoint
 /// cannot be cut).
-pub fn pick(head: &HeadBody, cut: Option<u64>) -> Option<&Checkpoint> {
-    head.checkpoint
+pub fn pick(head: &Head, cut: Option<u64>) -> Option<&Checkpoint> {
+    let body = &head.body;
+    body.checkpoint
         .iter()
-        .chain(&head.older)
+        .chain(&body.older)
+        // Of a record the head has (a head naming more is its device's
+        // bug or forgery: not a reason to skip records).
+        .filter(|c| (1..=head.seq).contains(&c.seq))
         .find(|c| cut.is_none_or(|cut| c.seq <= cut))
 }
 
@@ -258,15 +263,27 @@ mod tests {
             link: [0; 32],
             cap: String::new(),
         };
-        let head = HeadBody {
-            checkpoint: Some(cp(30)),
-            older: vec![cp(20), cp(10)],
-            pruned: 10,
+        let head = Head {
+            device: 1,
+            seq: 35,
+            link: [0; 32],
+            time_ns: 0,
+            body: crate::sync::log::HeadBody {
+                checkpoint: Some(cp(30)),
+                older: vec![cp(20), cp(10)],
+                pruned: 10,
+            },
         };
         assert_eq!(pick(&head, None).map(|c| c.seq), Some(30));
         assert_eq!(pick(&head, Some(30)).map(|c| c.seq), Some(30));
         assert_eq!(pick(&head, Some(25)).map(|c| c.seq), Some(20));
         assert_eq!(pick(&head, Some(5)), None);
+        let ahead = Head { seq: 25, ..head };
+        assert_eq!(
+            pick(&ahead, None).map(|c| c.seq),
+            Some(20),
+            "none past the head's record"
+        );
     }
 
     #[test]

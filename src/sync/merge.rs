@@ -484,8 +484,15 @@ impl State {
         if !keyed_by_author {
             return Err("an entry kept under another device".into());
         }
+        if self.creates.contains_key(&ROOT) || self.locs.keys().any(|(fid, _)| *fid == ROOT) {
+            return Err("the root made or moved".into());
+        }
         self.names.values().try_for_each(|(_, n)| check_name(n))?;
         for (_, (loc, _, _)) in self.creates.values() {
+            // As a create makes it: it came from where it was made.
+            if loc.from != (loc.parent, loc.name.clone()) {
+                return Err(format!("a create of {:?} that came from elsewhere", loc.name));
+            }
             check_name(&loc.name)?;
         }
         for (_, loc) in self.locs.values() {
@@ -497,6 +504,24 @@ impl State {
         }
         self.cut = cutoffs(&self.revokes);
         Ok(self)
+    }
+
+    /// The stamp of every entry.
+    fn stamps(&self) -> impl Iterator<Item = &Ts> {
+        (self.names.values().map(|(ts, _)| ts))
+            .chain(self.creates.values().map(|(ts, _)| ts))
+            .chain(self.locs.values().map(|(ts, _)| ts))
+            .chain(self.deletes.keys().map(|(_, ts)| ts))
+            .chain(self.versions.values().map(|(ts, _)| ts))
+            .chain(self.attrs.values().map(|(ts, _)| ts))
+            .chain(self.xattrs.values().map(|(ts, _)| ts))
+            .chain(self.revokes.keys())
+    }
+
+    /// The latest hybrid time of any entry: a machine that read this state
+    /// must never stamp a change before it.
+    pub fn max_hlc(&self) -> u64 {
+        self.stamps().map(|ts| ts.hlc).max().unwrap_or(0)
     }
 
     /// Everything `other` knows, added to this state. Exact for states

@@ -128,7 +128,10 @@ pub async fn heads(
                 // A head under another device's name is as good as its
                 // own: it is signed.
                 Ok((head, key)) => {
-                    if best.get(&head.device).is_none_or(|(b, _)| head.seq > b.seq) {
+                    // Of one number, the later (a checkpoint or pruning
+                    // since, said in a head some server missed).
+                    let newer = |b: &Head| (head.seq, head.time_ns) > (b.seq, b.time_ns);
+                    if best.get(&head.device).is_none_or(|(b, _)| newer(b)) {
                         best.insert(head.device, (head, key));
                     }
                 }

@@ -420,14 +420,18 @@ pub fn forget_read(cat: &Catalog, device: DeviceId) -> Result<(), CatalogError> 
 /// for a device whose records up to it are not all kept here (a machine
 /// that read the checkpoint instead).
 fn checkpoint_bases(cat: &Catalog) -> Result<BTreeMap<DeviceId, (u64, State)>, CatalogError> {
-    let mut stmt = cat.conn().prepare_cached(
-        "SELECT c.device FROM sync_checkpoints c WHERE c.state IS NOT NULL
-         AND (SELECT COUNT(*) FROM sync_log l WHERE l.device = c.device AND l.seq <= c.seq) < c.seq",
-    )?;
-    let read: Vec<DeviceId> = stmt.query_map([], |r| blob_id(r.get(0)?))?.collect::<Result<_, _>>()?;
     let mut bases = BTreeMap::new();
-    for device in read {
-        bases.extend(checkpoint_states(cat, Some(device))?);
+    for device in read_bases(cat)?.into_keys() {
+        let (opened, failed) = checkpoint_states(cat, Some(device))?;
+        bases.extend(opened);
+        for device in failed {
+            // Its records up to the checkpoint are not here: read its log
+            // again from the start (a connection that cannot write leaves
+            // that to the next that can).
+            if let Err(e) = forget_read(cat, device) {
+                tracing::warn!(device = format!("{device:032x}"), error = %e, "a checkpoint to read again");
+            }
+        }
     }
     Ok(bases)
 }
@@ -443,10 +447,12 @@ fn replay(
     merged: &mut State,
 ) -> Result<(u64, bool), CatalogError> {
     let keys: BTreeMap<DeviceId, PublicKey> = devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
+    let mut hlc = 0;
     for (_, state) in bases.values() {
         merged.join(state);
+        hlc = hlc.max(state.max_hlc());
     }
-    let (mut hlc, mut again) = (0, false);
+    let mut again = false;
     for (device, seq, bytes) in all_records(cat)? {
         if bases.get(&device).is_some_and(|(base, _)| seq <= *base) {
             continue;
@@ -530,11 +536,9 @@ pub struct KeptCheckpoint {
 }
 
 /// Keeps a checkpoint of `device` with its state, which only the newest of
-/// each device keeps.
+/// each device keeps. If it fails, nothing changed.
 pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, state: &[u8]) -> Result<(), CatalogError> {
     let tx = cat.batch()?;
-    tx.prepare_cached("UPDATE sync_checkpoints SET state = NULL WHERE device = ?1")?
-        .execute([id_blob(device)])?;
     tx.prepare_cached(
         "INSERT OR REPLACE INTO sync_checkpoints (device, seq, link, cap, size, made_ns, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -548,26 +552,33 @@ pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, stat
         cp.made_ns,
         state
     ])?;
+    tx.prepare_cached("UPDATE sync_checkpoints SET state = NULL WHERE device = ?1 AND seq != ?2")?
+        .execute(params![id_blob(device), cp.seq as i64])?;
     Ok(())
 }
 
 /// `device`'s checkpoints kept on record here, newest first.
 pub fn checkpoints(cat: &Catalog, device: DeviceId) -> Result<Vec<KeptCheckpoint>, CatalogError> {
-    checkpoints_where(cat, device, false)
+    checkpoints_where(cat, device, 0, 0)
 }
 
-/// This device's checkpoints dropped by retention whose shares may still
-/// be on the servers.
-pub fn dropped_checkpoints(cat: &Catalog, device: DeviceId) -> Result<Vec<KeptCheckpoint>, CatalogError> {
-    checkpoints_where(cat, device, true)
+/// This device's checkpoints dropped by retention before `before_ns`,
+/// whose shares may still be on the servers.
+pub fn dropped_checkpoints(
+    cat: &Catalog,
+    device: DeviceId,
+    before_ns: i64,
+) -> Result<Vec<KeptCheckpoint>, CatalogError> {
+    checkpoints_where(cat, device, 1, before_ns)
 }
 
-fn checkpoints_where(cat: &Catalog, device: DeviceId, dropped: bool) -> Result<Vec<KeptCheckpoint>, CatalogError> {
+/// Those dropped in `from..=to` (0: not dropped).
+fn checkpoints_where(cat: &Catalog, device: DeviceId, from: i64, to: i64) -> Result<Vec<KeptCheckpoint>, CatalogError> {
     let mut stmt = cat.conn().prepare_cached(
-        "SELECT seq, link, cap, size, made_ns FROM sync_checkpoints WHERE device = ?1 AND dropped = ?2
-         ORDER BY seq DESC",
+        "SELECT seq, link, cap, size, made_ns FROM sync_checkpoints
+         WHERE device = ?1 AND dropped BETWEEN ?2 AND ?3 ORDER BY seq DESC",
     )?;
-    let rows = stmt.query_map(params![id_blob(device), dropped], |r| {
+    let rows = stmt.query_map(params![id_blob(device), from, to], |r| {
         Ok(KeptCheckpoint {
             seq: r.get::<_, i64>(0)? as u64,
             link: r
@@ -582,11 +593,12 @@ fn checkpoints_where(cat: &Catalog, device: DeviceId, dropped: bool) -> Result<V
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Dropped by retention: no longer named, its shares to be removed.
-pub fn drop_checkpoint(cat: &Catalog, device: DeviceId, seq: u64) -> Result<(), CatalogError> {
+/// Dropped by retention at `now_ns`: no longer named, its shares to be
+/// removed.
+pub fn drop_checkpoint(cat: &Catalog, device: DeviceId, seq: u64, now_ns: i64) -> Result<(), CatalogError> {
     cat.batch()?
-        .prepare_cached("UPDATE sync_checkpoints SET dropped = 1, state = NULL WHERE device = ?1 AND seq = ?2")?
-        .execute(params![id_blob(device), seq as i64])?;
+        .prepare_cached("UPDATE sync_checkpoints SET dropped = ?3, state = NULL WHERE device = ?1 AND seq = ?2")?
+        .execute(params![id_blob(device), seq as i64, now_ns.max(1)])?;
     Ok(())
 }
 
@@ -598,9 +610,11 @@ pub fn forget_checkpoint(cat: &Catalog, device: DeviceId, seq: u64) -> Result<()
 }
 
 /// The newest checkpoint of each device (or of one) whose state is kept
-/// here, opened and checked as when it arrived (a damaged one is logged
-/// and left out).
-fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<BTreeMap<DeviceId, (u64, State)>, CatalogError> {
+/// here, opened and checked as when it arrived; and the devices whose
+/// checkpoint did not open (logged).
+type Opened = (BTreeMap<DeviceId, (u64, State)>, Vec<DeviceId>);
+
+fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, CatalogError> {
     let mut stmt = cat.conn().prepare_cached(
         "SELECT device, seq, link, state FROM sync_checkpoints
          WHERE state IS NOT NULL AND (?1 IS NULL OR device = ?1)",
@@ -613,7 +627,7 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<BTreeMap<D
             r.get::<_, Vec<u8>>(3)?,
         ))
     })?;
-    let mut out = BTreeMap::new();
+    let (mut out, mut failed) = (BTreeMap::new(), Vec::new());
     for row in rows {
         let (device, seq, link, bytes) = row?;
         let opened = Link::try_from(link)
@@ -623,16 +637,20 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<BTreeMap<D
             Ok(state) => {
                 out.insert(device, (seq, state));
             }
-            Err(e) => tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept checkpoint"),
+            Err(e) => {
+                tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept checkpoint");
+                failed.push(device);
+            }
         }
     }
-    Ok(out)
+    Ok((out, failed))
 }
 
 /// `device`'s newest checkpoint whose state is kept here: its number and
 /// state.
 pub fn checkpoint_state(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, State)>, CatalogError> {
-    Ok(checkpoint_states(cat, Some(device))?.remove(&device))
+    // One that does not open: made again from every record (all are kept).
+    Ok(checkpoint_states(cat, Some(device))?.0.remove(&device))
 }
 
 /// How many bytes `device`'s records on the servers hold after its newest

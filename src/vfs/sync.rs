@@ -25,6 +25,9 @@ const META_HEAD: &str = "sync_head";
 /// (its head says so), and have left them.
 const META_PRUNED: &str = "sync_pruned";
 const META_PRUNED_DONE: &str = "sync_pruned_done";
+/// How long a dropped checkpoint's shares stay, for machines reading it
+/// from an older head.
+const DROPPED_GRACE: Duration = Duration::from_secs(600);
 /// Records removed from the servers per pass at most.
 const PRUNE_PER_PASS: u64 = 1024;
 /// Meta key: revocations asked for here and not yet logged (JSON list of
@@ -56,6 +59,9 @@ pub(super) struct Devices {
     checkpoint_min: u64,
     /// `[retention] keep_days`: how long a day's checkpoint is kept.
     keep_days: u32,
+    /// The log bytes since the last checkpoint when one came out too large
+    /// to make (checkpoint::MAX_BYTES): not tried again until they double.
+    too_large_at: AtomicU64,
 }
 
 /// A revocation: the device, and its last record that still counts.
@@ -84,7 +90,7 @@ pub struct SyncReport {
 fn heads_offer_cut(heads: &BTreeMap<DeviceId, (log::Head, device::PublicKey)>, device: DeviceId, cut: u64) -> bool {
     heads
         .get(&device)
-        .is_some_and(|(head, _)| checkpoint::pick(&head.body, Some(cut)).is_some() || head.body.pruned <= 1)
+        .is_some_and(|(head, _)| checkpoint::pick(head, Some(cut)).is_some() || head.body.pruned <= 1)
 }
 
 fn meta_u64(cat: &Catalog, key: &str) -> VfsResult<u64> {
@@ -129,6 +135,7 @@ impl Devices {
             pass: tokio::sync::Mutex::new(()),
             checkpoint_min: config.sync.checkpoint_kib << 10,
             keep_days: config.retention.keep_days,
+            too_large_at: AtomicU64::new(0),
         })
     }
 
@@ -398,7 +405,8 @@ impl Devices {
         let me = self.me.id;
         let since = store::bytes_since_checkpoint(cat, me)?;
         let last = store::checkpoints(cat, me)?.first().map(|c| c.size);
-        if !checkpoint::due(since, last, self.checkpoint_min) {
+        let refused = self.too_large_at.load(Ordering::Relaxed);
+        if !checkpoint::due(since, last, self.checkpoint_min) || since < refused.saturating_mul(2) {
             return Ok(None);
         }
         let base = store::checkpoint_state(cat, me)?;
@@ -425,7 +433,16 @@ impl Devices {
             }
             state = again;
         }
-        Ok(Some((seq, link, checkpoint::seal(me, seq, link, &state))))
+        let bytes = checkpoint::seal(me, seq, link, &state);
+        if bytes.len() as u64 > checkpoint::MAX_BYTES {
+            tracing::error!(
+                bytes = bytes.len(),
+                "this device's checkpoint would be larger than any machine reads; its records stay on the servers"
+            );
+            self.too_large_at.store(since.max(1), Ordering::Relaxed);
+            return Ok(None);
+        }
+        Ok(Some((seq, link, bytes)))
     }
 
     fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
@@ -680,7 +697,7 @@ impl Vfs {
             let times: Vec<(u64, i64)> = all.iter().map(|c| (c.seq, c.made_ns)).collect();
             let retained = checkpoint::retain(&times, kept.made_ns, keep_days);
             for old in all.iter().filter(|c| !retained.keep.contains(&c.seq)) {
-                store::drop_checkpoint(cat, me, old.seq)?;
+                store::drop_checkpoint(cat, me, old.seq, kept.made_ns)?;
             }
             let pruned_to = retained.prune_to.max(meta_u64(cat, META_PRUNED)?);
             cat.set_meta(META_PRUNED, &pruned_to.to_string())?;
@@ -703,16 +720,25 @@ impl Vfs {
             .blocking(move |vfs| {
                 let st = vfs.lock();
                 let cat = &st.catalog;
-                // As far as the head on the servers says, no further.
+                // As far as the head on the servers says, no further; and
+                // what it still names stays.
                 let headed = cat
                     .meta(META_HEAD)?
                     .and_then(|v| serde_json::from_str::<(u64, log::HeadBody)>(&v).ok())
-                    .map_or(0, |(_, body)| body.pruned);
-                Ok((
-                    store::dropped_checkpoints(cat, me)?,
-                    headed,
-                    meta_u64(cat, META_PRUNED_DONE)?.max(1),
-                ))
+                    .map(|(_, body)| body)
+                    .unwrap_or_default();
+                let named: BTreeSet<&str> = headed
+                    .checkpoint
+                    .iter()
+                    .chain(&headed.older)
+                    .map(|c| c.cap.as_str())
+                    .collect();
+                let grace = crate::catalog::now_ns() - DROPPED_GRACE.as_nanos() as i64;
+                let dropped = store::dropped_checkpoints(cat, me, grace)?
+                    .into_iter()
+                    .filter(|c| !named.contains(c.cap.as_str()))
+                    .collect::<Vec<_>>();
+                Ok((dropped, headed.pruned, meta_u64(cat, META_PRUNED_DONE)?.max(1)))
             })
             .await?;
         for old in dropped {
@@ -777,38 +803,127 @@ impl Vfs {
         let heads = remote::heads(&self.grid, root, &keys).await;
         let mut merged_any = again | self.merge_heads(&heads, report).await?;
         // A revocation just heard may cut a device inside the checkpoint
-        // read of it: read it again up to the cut, before anything is
-        // applied, where its head still offers a way.
-        let redo = self
-            .blocking(move |vfs| {
-                let st = vfs.lock();
-                let cuts = vfs.devices.merged().revoked().clone();
-                let mut redo = Vec::new();
-                for (device, base) in store::read_bases(&st.catalog)? {
-                    let Some(cut) = cuts.get(&device).copied().filter(|cut| *cut < base) else {
-                        continue;
-                    };
-                    if heads_offer_cut(&heads, device, cut) {
-                        store::forget_read(&st.catalog, device)?;
-                        redo.push(device);
-                    }
+        // read of it: read it again up to the cut, where its head still
+        // offers a way, and swap that in before anything is applied.
+        let bases = self.blocking(|vfs| Ok(store::read_bases(&vfs.lock().catalog)?)).await?;
+        let cuts = self.devices.merged().revoked().clone();
+        for (device, base) in bases {
+            let Some(cut) = cuts.get(&device).copied().filter(|cut| *cut < base) else {
+                continue;
+            };
+            let Some((head, key)) = heads.get(&device).filter(|_| heads_offer_cut(&heads, device, cut)) else {
+                continue;
+            };
+            match self.reread_to_cut(device, head, *key, cut).await? {
+                Ok(()) => {
+                    tracing::info!(
+                        device = format!("{device:032x}"),
+                        cut,
+                        checkpoint = base,
+                        "read a revoked device again up to its cut"
+                    );
+                    merged_any = true;
                 }
-                if !redo.is_empty() {
-                    st.catalog.commit()?;
-                    vfs.devices.remerge(&st.catalog)?;
+                Err(why) => {
+                    tracing::warn!(device = format!("{device:032x}"), cut, %why, "a revoked device's log up to its cut is not readable yet; tried again next pass")
                 }
-                Ok((redo, heads))
-            })
-            .await?;
-        let (redo, heads) = redo;
-        if !redo.is_empty() {
-            tracing::info!(devices = redo.len(), "reading revoked devices again up to their cut");
-            merged_any |= self.merge_heads(&heads, report).await?;
+            }
         }
-        if merged_any {
+        // A device whose log is being read again from the start (a kept
+        // checkpoint that no longer opens) would show as deleted.
+        let starting = self
+            .blocking(|vfs| Ok(store::devices(&vfs.lock().catalog)?))
+            .await?
+            .iter()
+            .any(|d| d.merged_seq == 0);
+        if starting {
+            tracing::warn!("a device's log is read again from its start: nothing is applied until it is");
+            self.devices.again.store(true, Ordering::Relaxed);
+        } else if merged_any {
             self.apply_merged(report).await?;
         }
         Ok(())
+    }
+
+    /// `device`'s checkpoint `cp`, fetched and checked.
+    async fn fetch_checkpoint(&self, device: DeviceId, cp: &log::Checkpoint) -> Result<(Vec<u8>, Merged), String> {
+        let cap: crate::codec::Capability = cp.cap.parse().map_err(|e| format!("its capability: {e}"))?;
+        if cap.layout.size > checkpoint::MAX_BYTES {
+            return Err(format!("{} bytes, more than a checkpoint may hold", cap.layout.size));
+        }
+        let bytes = crate::download::download_to_vec(self.grid.clone(), cap)
+            .await
+            .map_err(|e| e.to_string())?;
+        let state = checkpoint::open(&bytes, device, cp.seq, &cp.link)?;
+        Ok((bytes, state))
+    }
+
+    /// Reads revoked `device`'s log again so that nothing past `cut`
+    /// counts: from a checkpoint not past it (or record 1), every record
+    /// up to its head; then, in one transaction, forgets the checkpoints
+    /// read of it and keeps these, and merges everything again. Nothing
+    /// changes unless all of it was read.
+    async fn reread_to_cut(
+        self: &Arc<Self>,
+        device: DeviceId,
+        head: &log::Head,
+        key: device::PublicKey,
+        cut: u64,
+    ) -> VfsResult<Result<(), String>> {
+        let root = &self.devices.root;
+        let (mut prev, mut from, mut base) = (NO_LINK, 1, None);
+        if let Some(cp) = checkpoint::pick(head, Some(cut)) {
+            match self.fetch_checkpoint(device, cp).await {
+                Ok((bytes, _)) => {
+                    (prev, from) = (cp.link, cp.seq + 1);
+                    base = Some((cp.clone(), bytes));
+                }
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        let mut records = Vec::new();
+        for seq in from..=head.seq {
+            match remote::record(&self.grid, root, device, seq, Some(&key).filter(|_| seq > 1), &prev).await {
+                Ok((opened, bytes)) => {
+                    prev = opened.link;
+                    records.push((seq, bytes));
+                }
+                Err(why) => return Ok(Err(why)),
+            }
+        }
+        let row = store::Device {
+            id: device,
+            key,
+            merged_seq: head.seq,
+            merged_link: prev,
+            head_time_ns: head.time_ns,
+        };
+        let made_ns = head.time_ns;
+        self.blocking(move |vfs| {
+            let st = vfs.lock();
+            let cat = &st.catalog;
+            store::forget_read(cat, device)?;
+            if let Some((cp, bytes)) = &base {
+                let kept = store::KeptCheckpoint {
+                    seq: cp.seq,
+                    link: cp.link,
+                    cap: cp.cap.clone(),
+                    size: bytes.len() as u64,
+                    made_ns,
+                };
+                store::put_checkpoint(cat, device, &kept, bytes)?;
+            }
+            for (seq, bytes) in &records {
+                store::keep_record(cat, device, *seq, bytes, true)?;
+            }
+            store::put_device(cat, &row)?;
+            cat.commit()?;
+            Ok(())
+        })
+        .await?;
+        self.blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.remerge(cat)))
+            .await?;
+        Ok(Ok(()))
     }
 
     /// Merges what `heads` say is new of every other device: records, or
@@ -855,7 +970,7 @@ impl Vfs {
             let mut from = from;
             let mut prev: Link = at.1;
             if let Some(cp) =
-                checkpoint::pick(&head.body, cut).filter(|cp| checkpoint::read_instead(at.0, cp.seq, head.body.pruned))
+                checkpoint::pick(head, cut).filter(|cp| checkpoint::read_instead(at.0, cp.seq, head.body.pruned))
             {
                 match self.read_checkpoint(device, key, head.time_ns, cp).await? {
                     Ok(()) => {
@@ -921,18 +1036,7 @@ impl Vfs {
         head_time_ns: i64,
         cp: &log::Checkpoint,
     ) -> VfsResult<Result<(), String>> {
-        let fetched = async {
-            let cap: crate::codec::Capability = cp.cap.parse().map_err(|e| format!("its capability: {e}"))?;
-            if cap.layout.size > checkpoint::MAX_BYTES {
-                return Err(format!("{} bytes, more than a checkpoint may hold", cap.layout.size));
-            }
-            let bytes = crate::download::download_to_vec(self.grid.clone(), cap)
-                .await
-                .map_err(|e| e.to_string())?;
-            let state = checkpoint::open(&bytes, device, cp.seq, &cp.link)?;
-            Ok((bytes, state))
-        };
-        let (bytes, state) = match fetched.await {
+        let (bytes, state) = match self.fetch_checkpoint(device, cp).await {
             Ok(got) => got,
             Err(why) => return Ok(Err(why)),
         };
@@ -950,14 +1054,22 @@ impl Vfs {
             merged_link: cp.link,
             head_time_ns,
         };
-        self.blocking(move |vfs| {
-            let st = vfs.lock();
-            store::put_checkpoint(&st.catalog, device, &kept, &bytes)?;
-            store::put_device(&st.catalog, &row)?;
-            st.catalog.commit()?;
-            Ok(())
-        })
-        .await?;
+        let kept_here = self
+            .blocking(move |vfs| {
+                let st = vfs.lock();
+                // put_checkpoint changes nothing if it fails (so other
+                // changes in the batch are not rolled back with it).
+                Ok(store::put_checkpoint(&st.catalog, device, &kept, &bytes)
+                    .and_then(|()| store::put_device(&st.catalog, &row))
+                    .and_then(|()| st.catalog.commit()))
+            })
+            .await?;
+        if let Err(e) = kept_here {
+            return Ok(Err(format!("keeping it here: {e}")));
+        }
+        self.devices
+            .hlc
+            .fetch_max(clamp_heard(state.max_hlc()), Ordering::Relaxed);
         let cuts_changed = {
             let mut merged = self.devices.merged();
             let before = merged.revoked().clone();
@@ -965,7 +1077,8 @@ impl Vfs {
             merged.revoked() != &before
         };
         if cuts_changed {
-            self.blocking(|vfs| vfs.devices.remerge(&vfs.lock().catalog)).await?;
+            self.blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.remerge(cat)))
+                .await?;
         }
         Ok(Ok(()))
     }
