@@ -651,10 +651,39 @@ fn a_checkpoint_replaces_the_records_it_covers_for_machines_behind_and_new() {
     let c = join(&a, "third");
     let mc = c.mount(&["--writeback-delay", "0"]);
     assert_eq!(converged(&[&ma, &mc]), want);
-    // Its state starts from the checkpoint after a restart too.
+    // Its state starts from the checkpoint after a restart too; and a kept
+    // checkpoint damaged on disk is read again from the servers, with
+    // nothing shown as deleted meanwhile.
     assert!(mc.unmount().success());
     let mc = c.mount(&["--writeback-delay", "0"]);
     assert_eq!(tree(mc.path()), want);
+    assert!(mc.unmount().success());
+    let db = rusqlite::Connection::open(c.path().join("catalog.db")).unwrap();
+    let damaged = db
+        .execute(
+            "UPDATE sync_checkpoints SET state = CAST('{}' AS BLOB) WHERE state IS NOT NULL",
+            [],
+        )
+        .unwrap();
+    assert_eq!(damaged, 1);
+    drop(db);
+    let mc = c.mount(&["--writeback-delay", "0"]);
+    c.ok(&["sync"]);
+    assert_eq!(tree(mc.path()), want);
+    let db = rusqlite::Connection::open(c.path().join("catalog.db")).unwrap();
+    let states: Vec<Vec<u8>> = db
+        .prepare("SELECT state FROM sync_checkpoints WHERE state IS NOT NULL")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        states.len() == 1 && states[0].len() > 1000,
+        "read again: {} bytes",
+        states[0].len()
+    );
+    drop(db);
     // After the checkpoint, the desk's log goes on, and an edit on a
     // machine that read it reaches the others.
     write(&ma, "after.txt", "after the checkpoint");

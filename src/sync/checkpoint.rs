@@ -202,9 +202,21 @@ mod tests {
         assert!(open(&seal(7, 2, [1; 32], &with_other), 7, 2, &[1; 32]).is_err());
         let with_later = merge::merge(records.iter().chain([&record(7, 3, vec![create(8, "c")])]));
         assert!(open(&seal(7, 2, [1; 32], &with_later), 7, 2, &[1; 32]).is_err());
-        // A name no record could carry.
-        let bad = String::from_utf8(bytes).unwrap().replace("\"a\"", "\"..\"");
+        // A name no record could carry, or a create that came from
+        // elsewhere (where `render` would put it back).
+        let text = String::from_utf8(bytes).unwrap();
+        let bad = text.replace("\"a\"", "\"..\"");
         assert!(open(bad.as_bytes(), 7, 2, &[1; 32]).unwrap_err().contains("\"..\""));
+        let moved = text.replacen("[0,\"a\"]", "[0,\"..\"]", 1);
+        assert_ne!(moved, text);
+        assert!(open(moved.as_bytes(), 7, 2, &[1; 32])
+            .unwrap_err()
+            .contains("came from elsewhere"));
+        let makes_root = text.replacen("[5,[{", "[0,[{", 1);
+        assert_ne!(makes_root, text);
+        assert!(open(makes_root.as_bytes(), 7, 2, &[1; 32])
+            .unwrap_err()
+            .contains("root"));
     }
 
     #[test]
