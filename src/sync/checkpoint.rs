@@ -15,6 +15,7 @@
 //! plain functions here; the room that runs them is `vfs::sync`.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -90,12 +91,21 @@ pub fn open(bytes: &[u8], device: DeviceId, seq: u64, link: &Link) -> Result<Sta
 }
 
 /// Whether to make a checkpoint now: the device's records since its last
-/// one hold `since` bytes, and that one was `last` bytes (none yet:
-/// `None`). At least `min` bytes, and a tenth of the last, so the
-/// checkpoints' bytes stay within ten times the log's.
-pub fn due(since: u64, last: Option<u64>, min: u64) -> bool {
-    since >= min.max(last.unwrap_or(0) / 10)
+/// one hold `since` bytes, and that one was `last` bytes, made `age` ago
+/// (none yet: `None`). At least `min` bytes and a tenth of the last, so a
+/// machine joining reads at most a tenth more in records; and at most one
+/// every [`SPACING`] unless the log has grown by the whole last one, so a
+/// namespace published in one go (each checkpoint larger than the one
+/// before) makes a few, not one per tenth.
+pub fn due(since: u64, last: Option<(u64, Duration)>, min: u64) -> bool {
+    match last {
+        None => since >= min,
+        Some((size, age)) => since >= min.max(size) || (since >= min.max(size / 10) && age >= SPACING),
+    }
 }
+
+/// The least time between two checkpoints of a growing log.
+pub const SPACING: Duration = Duration::from_secs(600);
 
 /// Whether a machine that has merged `device` up to `merged` reads its
 /// checkpoint at `checkpoint` instead of the records after `merged`: the
@@ -249,11 +259,15 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_come_when_the_log_has_grown_by_a_tenth() {
-        assert!(!due(100, None, 1 << 20));
-        assert!(due(1 << 20, None, 1 << 20));
-        assert!(!due(2 << 20, Some(40 << 20), 1 << 20));
-        assert!(due(4 << 20, Some(40 << 20), 1 << 20));
+    fn checkpoints_come_when_the_log_has_grown_by_a_tenth_or_doubled() {
+        let (mib, later, soon) = (1 << 20, SPACING, Duration::from_secs(5));
+        assert!(!due(100, None, mib));
+        assert!(due(mib, None, mib));
+        assert!(!due(2 * mib, Some((40 * mib, later)), mib));
+        assert!(due(4 * mib, Some((40 * mib, later)), mib));
+        assert!(!due(4 * mib, Some((40 * mib, soon)), mib), "not twice in ten minutes");
+        assert!(due(40 * mib, Some((40 * mib, soon)), mib), "unless the log doubled");
+        assert!(due(mib, Some((100, soon)), mib));
     }
 
     #[test]

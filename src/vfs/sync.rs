@@ -404,7 +404,10 @@ impl Devices {
     fn own_checkpoint(&self, cat: &Catalog) -> VfsResult<Option<(u64, Link, Vec<u8>)>> {
         let me = self.me.id;
         let since = store::bytes_since_checkpoint(cat, me)?;
-        let last = store::checkpoints(cat, me)?.first().map(|c| c.size);
+        let now = crate::catalog::now_ns();
+        let last = store::checkpoints(cat, me)?
+            .first()
+            .map(|c| (c.size, Duration::from_nanos((now - c.made_ns).max(0) as u64)));
         let refused = self.too_large_at.load(Ordering::Relaxed);
         if !checkpoint::due(since, last, self.checkpoint_min) || since < refused.saturating_mul(2) {
             return Ok(None);
