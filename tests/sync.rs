@@ -571,16 +571,10 @@ fn a_revoked_machine_s_later_changes_count_nowhere() {
         "A merges the laptop's record after the cut",
         || {
             a.ok(&["sync"]);
-            let listed: serde_json::Value = serde_json::from_str(&a.ok(&["devices", "--json"])).unwrap();
-            let laptop = listed
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["name"] == "laptop")
-                .cloned();
-            laptop.map(|d| (d["seq"].as_u64(), d["revoked_after"].as_u64()))
+            let laptop = device_named(&a, "laptop");
+            (laptop["seq"].as_u64(), laptop["revoked_after"].as_u64())
         },
-        |d| matches!(d, Some((Some(seq), Some(after))) if seq > after),
+        |d| matches!(d, (Some(seq), Some(after)) if seq > after),
     );
     let c = join(&a, "third");
     let mc = c.mount(&[]);
@@ -591,6 +585,13 @@ fn a_revoked_machine_s_later_changes_count_nowhere() {
     for m in [ma, mc] {
         assert!(m.unmount().success());
     }
+}
+
+/// The machine named `name`, as `cairn devices --json` on `home` shows it.
+fn device_named(home: &Home, name: &str) -> serde_json::Value {
+    let listed: serde_json::Value = serde_json::from_str(&home.ok(&["devices", "--json"])).unwrap();
+    let found = listed.as_array().unwrap().iter().find(|d| d["name"] == name).cloned();
+    found.unwrap_or_else(|| panic!("no machine {name} in {listed}"))
 }
 
 /// Each device's log record numbers on `server`, by the device's tag in
@@ -714,16 +715,7 @@ fn a_machine_revoked_before_its_newest_checkpoint_counts_only_up_to_the_cut() {
     b.ok(&["sync"]);
     assert!(converged(&[&ma, &mb]).contains_key("before.txt"));
     assert!(ma.unmount().success());
-    let laptop_of = |home: &Home| {
-        let listed: serde_json::Value = serde_json::from_str(&home.ok(&["devices", "--json"])).unwrap();
-        let laptop = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == "laptop")
-            .cloned();
-        laptop.unwrap()
-    };
+    let laptop_of = |home: &Home| device_named(home, "laptop");
     // Until its checkpoint is more records than a joining machine reads
     // one by one (checkpoint::SKIP_RECORDS), so one reads the checkpoint.
     let mut i = 0;

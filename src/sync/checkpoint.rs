@@ -39,26 +39,9 @@ struct Body {
     format: u32,
     device: String,
     seq: u64,
-    #[serde(with = "hex32")]
+    #[serde(with = "super::log::hex_link")]
     link: Link,
     state: State,
-}
-
-mod hex32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(link: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&data_encoding::HEXLOWER.encode(link))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
-        let text = String::deserialize(d)?;
-        data_encoding::HEXLOWER
-            .decode(text.as_bytes())
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| serde::de::Error::custom("a link is 64 hex digits"))
-    }
 }
 
 /// The bytes of `device`'s checkpoint at its record `seq` (whose link is

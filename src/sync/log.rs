@@ -303,7 +303,8 @@ pub struct Checkpoint {
     pub cap: String,
 }
 
-mod hex_link {
+/// A link as 64 hex digits (heads, checkpoints).
+pub(super) mod hex_link {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(link: &super::Link, s: S) -> Result<S::Ok, S::Error> {

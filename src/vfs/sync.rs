@@ -669,20 +669,10 @@ impl Vfs {
             return Ok(());
         };
         let size = bytes.len() as u64;
-        let source = crate::upload::Source {
-            reader: Box::new(std::io::Cursor::new(bytes.clone())),
-            size,
-        };
-        let report = crate::upload::upload(
-            &self.grid,
-            self.params,
-            self.happy,
-            source,
-            rand::random(),
-            Arc::new(()),
-        )
-        .await
-        .map_err(|e| sync_err(format!("checkpoint {seq}: {e}")))?;
+        let report = self
+            .upload_bytes(bytes.clone())
+            .await
+            .map_err(|e| sync_err(format!("checkpoint {seq}: {e}")))?;
         let kept = store::KeptCheckpoint {
             seq,
             link,

@@ -402,6 +402,24 @@ impl Vfs {
     /// be read is left out (and fails); a failed pack puts every member back
     /// for a retry, in a new pack under new keys (its partial shares are
     /// cleaned at the next mount).
+    /// Bytes in memory as a new version, under a fresh key (a pack, a
+    /// checkpoint).
+    pub(super) async fn upload_bytes(&self, bytes: Vec<u8>) -> Result<upload::UploadReport, upload::UploadError> {
+        let source = upload::Source {
+            size: bytes.len() as u64,
+            reader: Box::new(std::io::Cursor::new(bytes)),
+        };
+        upload::upload(
+            &self.grid,
+            self.params,
+            self.happy,
+            source,
+            rand::random(),
+            Arc::new(()),
+        )
+        .await
+    }
+
     pub(super) async fn upload_pack(self: &Arc<Self>, members: Vec<QueuedVersion>) {
         let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
         let assembled = tokio::task::spawn_blocking(move || {
@@ -439,19 +457,7 @@ impl Vfs {
         if going.is_empty() {
             return;
         }
-        let source = upload::Source {
-            size: packed.bytes.len() as u64,
-            reader: Box::new(std::io::Cursor::new(packed.bytes)),
-        };
-        let result = upload::upload(
-            &self.grid,
-            self.params,
-            self.happy,
-            source,
-            rand::random(),
-            Arc::new(()),
-        )
-        .await;
+        let result = self.upload_bytes(packed.bytes).await;
         let report = match result {
             Ok(report) => report,
             Err(e) => {
