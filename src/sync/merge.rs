@@ -609,7 +609,12 @@ impl State {
 
 /// The state of `records`, in whatever order.
 pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
-    let mut state = State::default();
+    merge_onto(&State::default(), records)
+}
+
+/// `base` (a checkpoint's state) with `records` added, in whatever order.
+pub fn merge_onto<'a>(base: &State, records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
+    let mut state = base.clone();
     let mut again = false;
     for r in records.clone() {
         again |= !state.apply(r);
@@ -617,6 +622,7 @@ pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record> + Clone) -> State
     if again {
         // Every revocation is known now: the second pass changes no cut.
         state = state.restarted();
+        state.join(base);
         for r in records {
             let _ = state.apply(r);
         }

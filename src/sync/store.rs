@@ -557,6 +557,25 @@ pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, stat
     Ok(())
 }
 
+/// Keeps checkpoint `cp` of another device, read from the servers
+/// (`state`: its bytes) and named by a head written at `made_ns`.
+pub fn put_read_checkpoint(
+    cat: &Catalog,
+    device: DeviceId,
+    cp: &log::Checkpoint,
+    state: &[u8],
+    made_ns: i64,
+) -> Result<(), CatalogError> {
+    let kept = KeptCheckpoint {
+        seq: cp.seq,
+        link: cp.link,
+        cap: cp.cap.clone(),
+        size: state.len() as u64,
+        made_ns,
+    };
+    put_checkpoint(cat, device, &kept, state)
+}
+
 /// `device`'s checkpoints kept on record here, newest first.
 pub fn checkpoints(cat: &Catalog, device: DeviceId) -> Result<Vec<KeptCheckpoint>, CatalogError> {
     checkpoints_where(cat, device, 0, 0)

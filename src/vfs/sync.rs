@@ -426,16 +426,7 @@ impl Devices {
             return Ok(None);
         };
         let base = base.map(|(_, state)| state).unwrap_or_default();
-        let mut state = base.clone();
-        if !records.iter().all(|r| state.apply(r)) {
-            // A revocation among them changed what counts: all again.
-            let mut again = state.restarted();
-            again.join(&base);
-            for r in &records {
-                let _ = again.apply(r);
-            }
-            state = again;
-        }
+        let state = merge::merge_onto(&base, &records);
         let bytes = checkpoint::seal(me, seq, link, &state);
         if bytes.len() as u64 > checkpoint::MAX_BYTES {
             tracing::error!(
@@ -897,14 +888,7 @@ impl Vfs {
             let cat = &st.catalog;
             store::forget_read(cat, device)?;
             if let Some((cp, bytes)) = &base {
-                let kept = store::KeptCheckpoint {
-                    seq: cp.seq,
-                    link: cp.link,
-                    cap: cp.cap.clone(),
-                    size: bytes.len() as u64,
-                    made_ns,
-                };
-                store::put_checkpoint(cat, device, &kept, bytes)?;
+                store::put_read_checkpoint(cat, device, cp, bytes, made_ns)?;
             }
             for (seq, bytes) in &records {
                 store::keep_record(cat, device, *seq, bytes, true)?;
@@ -1033,13 +1017,6 @@ impl Vfs {
             Ok(got) => got,
             Err(why) => return Ok(Err(why)),
         };
-        let kept = store::KeptCheckpoint {
-            seq: cp.seq,
-            link: cp.link,
-            cap: cp.cap.clone(),
-            size: bytes.len() as u64,
-            made_ns: head_time_ns,
-        };
         let row = store::Device {
             id: device,
             key,
@@ -1047,14 +1024,17 @@ impl Vfs {
             merged_link: cp.link,
             head_time_ns,
         };
+        let cp = cp.clone();
         let kept_here = self
             .blocking(move |vfs| {
                 let st = vfs.lock();
                 // put_checkpoint changes nothing if it fails (so other
                 // changes in the batch are not rolled back with it).
-                Ok(store::put_checkpoint(&st.catalog, device, &kept, &bytes)
-                    .and_then(|()| store::put_device(&st.catalog, &row))
-                    .and_then(|()| st.catalog.commit()))
+                Ok(
+                    store::put_read_checkpoint(&st.catalog, device, &cp, &bytes, head_time_ns)
+                        .and_then(|()| store::put_device(&st.catalog, &row))
+                        .and_then(|()| st.catalog.commit()),
+                )
             })
             .await?;
         if let Err(e) = kept_here {
