@@ -59,7 +59,7 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
     home.ok(&["sync"]);
     std::fs::write(mnt.file("notes.txt"), b"second version").unwrap();
     std::os::unix::fs::symlink("a/f1", tree.join("link")).unwrap();
-    xattr_set(&mnt.file("notes.txt"), "user.colour", b"blue");
+    common::xattr_set(&mnt.file("notes.txt"), "user.colour", b"blue");
     let out = home.ok(&["sync", "--json"]);
     assert!(out.contains("\"namespace_published\": "), "{out}");
     let root = home.root_cap();
@@ -102,29 +102,10 @@ fn a_new_machine_recovers_every_file_from_the_root_capability() {
         std::fs::read_link(mnt.file("tree/link")).unwrap().to_str(),
         Some("a/f1")
     );
-    assert_eq!(xattr_get(&mnt.file("notes.txt"), "user.colour"), b"blue");
+    assert_eq!(common::xattr_get(&mnt.file("notes.txt"), "user.colour"), b"blue");
     let versions = home.versions("/notes.txt");
     assert_eq!(versions.len(), 2, "both versions, each readable");
     assert!(mnt.unmount().success());
-}
-
-fn xattr_set(path: &Path, name: &str, value: &[u8]) {
-    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: NUL-terminated strings and a buffer of the given length.
-    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
-}
-
-fn xattr_get(path: &Path, name: &str) -> Vec<u8> {
-    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 256];
-    // SAFETY: as above.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0, "getxattr: {}", std::io::Error::last_os_error());
-    buf.truncate(r as usize);
-    buf
 }
 
 fn put(home: &Home, path: &str, data: &[u8]) {

@@ -416,6 +416,41 @@ fn servers_that_roll_back_damage_forge_or_withhold_records_lose_nothing() {
     }
 }
 
+/// An extended attribute of 64 KiB (the most Linux allows) is one
+/// operation longer than a server record: its record is stored in parts,
+/// and it reaches a machine joining even with one server's part damaged
+/// and another's missing. It once made publication fail for good, and
+/// every later change with it.
+#[test]
+fn an_operation_longer_than_a_server_record_is_logged_in_parts() {
+    let (a, ma) = first_machine("f1", "1");
+    let value = common::bytes(64 << 10, 7);
+    common::xattr_set(&ma.file("f1"), "user.big", &value);
+    write(&ma, "after", "after");
+    a.ok(&["sync"]);
+    let parts = records(&a, "s1", "logpart-");
+    assert!(parts.len() >= 3, "{parts:?}");
+    let (_, first) = &parts[0];
+    let bytes = std::fs::read(first).unwrap();
+    std::fs::write(first, &bytes[..bytes.len() - 1]).unwrap();
+    let mut flipped = bytes.clone();
+    flipped[100] ^= 1;
+    std::fs::write(a.server_dir("s2").join("records").join(&parts[0].0), flipped).unwrap();
+    std::fs::remove_file(a.server_dir("s3").join("records").join(&parts[1].0)).unwrap();
+
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(seen.get("after").map(String::as_str), Some("after"));
+    assert!(
+        common::xattr_get(&mb.file("f1"), "user.big") == value,
+        "the attribute differs"
+    );
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// A file kept open on one machine holds back only the changes to it: a
 /// delete there still removes what it was shown. (It once claimed to have
 /// seen nothing of a pass that left anything waiting, so a file made by

@@ -24,14 +24,22 @@ use crate::namespace::RootCap;
 const LOG_MAGIC: &[u8; 8] = b"CAIRNLG1";
 const HEAD_MAGIC: &[u8; 8] = b"CAIRNDH1";
 const BELL_MAGIC: &[u8; 8] = b"CAIRNBL1";
+/// A stub at a long record's name: its length follows.
+const STUB_MAGIC: &[u8; 8] = b"CAIRNLS1";
+const STUB_LEN: usize = 8 + 8;
 const NONCE_LEN: usize = 16;
 /// Magic, device, number, link, nonce, length.
 const LOG_HEADER: usize = 8 + 16 + 8 + 32 + NONCE_LEN + 4;
 /// Magic, device, number, link, time, nonce, length.
 const HEAD_HEADER: usize = 8 + 16 + 8 + 32 + 8 + NONCE_LEN + 4;
-/// The most a record's payload may hold; larger ones are stored as a
-/// version and named from the record.
+/// The most a record's payload holds when the record is to fit in one
+/// server record; records are filled up to this.
 pub const MAX_PAYLOAD: usize = MAX_RECORD as usize - LOG_HEADER - SIGNATURE_LEN;
+/// The longest record: one operation alone can need more than
+/// [`MAX_PAYLOAD`] (a 64 KiB extended attribute is up to 256 KiB as JSON).
+/// Such a record is stored in parts of [`MAX_RECORD`] bytes.
+pub const MAX_LONG_RECORD: usize = 4 << 20;
+const MAX_LONG_PAYLOAD: usize = MAX_LONG_RECORD - LOG_HEADER - SIGNATURE_LEN;
 
 /// The hash that chains a record to the next (and that heads and other
 /// devices' records name it by).
@@ -53,7 +61,7 @@ pub enum LogError {
     LateEnrolment,
     #[error("payload: {0}")]
     Payload(String),
-    #[error("payload of {0} bytes, more than a record holds ({MAX_PAYLOAD})")]
+    #[error("payload of {0} bytes, more than a record holds ({MAX_LONG_PAYLOAD})")]
     TooLarge(usize),
     #[error("an operation no machine of this drive logs: {0}")]
     BadOp(String),
@@ -116,6 +124,73 @@ fn device_tag(root: &RootCap, device: DeviceId) -> String {
 
 pub fn log_name(root: &RootCap, device: DeviceId, seq: u64) -> String {
     format!("log-{}-{}-{seq:016x}", drive_tag(root), device_tag(root, device))
+}
+
+/// Part `i` (from 0) of long record `seq`.
+fn part_name(root: &RootCap, device: DeviceId, seq: u64, i: usize) -> String {
+    format!(
+        "logpart-{}-{}-{seq:016x}-{i:04}",
+        drive_tag(root),
+        device_tag(root, device)
+    )
+}
+
+/// What holds record `seq` (sealed `bytes`) on a server, in the order
+/// to write it: the record alone at its name if it fits in one server
+/// record; else its parts, then (last, so no server has a stub without
+/// its parts) a stub at its name saying how long it is. Nothing of a
+/// stub or a part is trusted: the reassembled record is checked whole.
+pub fn stored_as(root: &RootCap, device: DeviceId, seq: u64, bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let name = log_name(root, device, seq);
+    if bytes.len() as u64 <= MAX_RECORD {
+        return vec![(name, bytes.to_vec())];
+    }
+    let mut out: Vec<_> = bytes
+        .chunks(MAX_RECORD as usize)
+        .enumerate()
+        .map(|(i, part)| (part_name(root, device, seq, i), part.to_vec()))
+        .collect();
+    let mut stub = STUB_MAGIC.to_vec();
+    stub.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    out.push((name, stub));
+    out
+}
+
+/// If `stored` (read at record `seq`'s name) is a long record's stub: the
+/// names and lengths of its parts, in order. A stub naming a length no
+/// cairn writes is refused.
+pub fn parts(
+    root: &RootCap,
+    device: DeviceId,
+    seq: u64,
+    stored: &[u8],
+) -> Result<Option<Vec<(String, usize)>>, LogError> {
+    if !stored.starts_with(STUB_MAGIC) {
+        return Ok(None);
+    }
+    let len = match stored.get(8..STUB_LEN) {
+        Some(b) if stored.len() == STUB_LEN => u64::from_be_bytes(b.try_into().expect("8 bytes")),
+        _ => return Err(LogError::NotOne("long record's stub")),
+    };
+    if len <= MAX_RECORD || len > MAX_LONG_RECORD as u64 {
+        return Err(LogError::NotOne("long record's stub"));
+    }
+    let (len, part) = (len as usize, MAX_RECORD as usize);
+    Ok(Some(
+        (0..len.div_ceil(part))
+            .map(|i| (part_name(root, device, seq, i), part.min(len - i * part)))
+            .collect(),
+    ))
+}
+
+/// The names a record may occupy, for deleting it: its own and, if it was
+/// `len` bytes long, its parts'.
+pub fn names_of(root: &RootCap, device: DeviceId, seq: u64, len: usize) -> Vec<String> {
+    let mut names = vec![log_name(root, device, seq)];
+    if len as u64 > MAX_RECORD {
+        names.extend((0..len.div_ceil(MAX_RECORD as usize)).map(|i| part_name(root, device, seq, i)));
+    }
+    names
 }
 
 /// The names of every head of this drive start with this.
@@ -205,7 +280,7 @@ pub fn seal_record(
     payload: &Payload,
 ) -> Result<Vec<u8>, LogError> {
     let plain = serde_json::to_vec(payload).expect("payloads serialise");
-    if plain.len() > MAX_PAYLOAD {
+    if plain.len() > MAX_LONG_PAYLOAD {
         return Err(LogError::TooLarge(plain.len()));
     }
     let nonce: [u8; NONCE_LEN] = rand::random();
@@ -228,6 +303,9 @@ pub fn open_record(
     seq: u64,
     key_of_device: Option<&PublicKey>,
 ) -> Result<Opened, LogError> {
+    if bytes.len() > MAX_LONG_RECORD {
+        return Err(LogError::NotOne("log record"));
+    }
     let (signed, signature) = framed(bytes, LOG_MAGIC, LOG_HEADER, "log record")?;
     let mut f = Fields(&signed[8..]);
     let (found_device, found_seq, prev, nonce) = (f.u128(), f.u64(), f.array::<32>(), f.array::<NONCE_LEN>());
@@ -605,18 +683,65 @@ mod tests {
     }
 
     #[test]
-    fn a_payload_too_large_for_a_record_is_refused_at_seal() {
+    fn a_long_record_is_stored_in_parts_and_one_too_long_is_refused_at_seal() {
         let root = RootCap::generate();
         let me = Identity::generate();
         let mut p = payload(&me, &root, 2);
-        p.ops = vec![(1, Op::Delete { fid: 1 }); MAX_PAYLOAD / 20];
+        // Filled as seal_records fills: one server record.
+        p.ops = vec![(1, Op::Delete { fid: 1 }); MAX_PAYLOAD / 40];
+        let short = seal_record(&root, &me, 2, &NO_LINK, &p).unwrap();
+        assert_eq!(
+            stored_as(&root, me.id, 2, &short),
+            vec![(log_name(&root, me.id, 2), short.clone())]
+        );
+        assert_eq!(parts(&root, me.id, 2, &short), Ok(None));
+        assert_eq!(names_of(&root, me.id, 2, short.len()).len(), 1);
+
+        // One operation longer than a server record: parts, then the stub.
+        p.ops = vec![(
+            1,
+            Op::Xattr {
+                fid: 1,
+                name: "user.big".into(),
+                value: Some(vec![200; 64 << 10]),
+            },
+        )];
+        let long = seal_record(&root, &me, 2, &NO_LINK, &p).unwrap();
+        assert!(long.len() > 3 * MAX_RECORD as usize);
+        let stored = stored_as(&root, me.id, 2, &long);
+        let (stub_name, stub) = stored.last().unwrap();
+        assert_eq!(*stub_name, log_name(&root, me.id, 2));
+        let wanted = parts(&root, me.id, 2, stub).unwrap().unwrap();
+        assert_eq!(wanted.len(), stored.len() - 1);
+        let mut joined = Vec::new();
+        for ((name, len), (put_name, bytes)) in wanted.iter().zip(&stored) {
+            assert_eq!((name, *len), (put_name, bytes.len()));
+            assert!(bytes.len() as u64 <= MAX_RECORD);
+            joined.extend_from_slice(bytes);
+        }
+        assert_eq!(
+            open_record(&root, &joined, me.id, 2, Some(&me.public()))
+                .unwrap()
+                .payload,
+            p
+        );
+        let names = names_of(&root, me.id, 2, long.len());
+        assert_eq!(names.len(), stored.len());
+        assert!(stored.iter().all(|(n, _)| names.contains(n)));
+        // Stubs a server made up are refused.
+        for bad in [
+            [STUB_MAGIC.as_slice(), &MAX_RECORD.to_be_bytes()].concat(),
+            [STUB_MAGIC.as_slice(), &(MAX_LONG_RECORD as u64 + 1).to_be_bytes()].concat(),
+            [STUB_MAGIC.as_slice(), &[1; 9]].concat(),
+        ] {
+            assert!(parts(&root, me.id, 2, &bad).is_err());
+        }
+
+        p.ops = vec![(1, Op::Delete { fid: 1 }); MAX_LONG_PAYLOAD / 20];
         assert!(matches!(
             seal_record(&root, &me, 2, &NO_LINK, &p),
             Err(LogError::TooLarge(_))
         ));
-        p.ops.truncate(MAX_PAYLOAD / 40);
-        let bytes = seal_record(&root, &me, 2, &NO_LINK, &p).unwrap();
-        assert!(bytes.len() as u64 <= MAX_RECORD);
     }
 
     #[test]

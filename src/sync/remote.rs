@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::device::PublicKey;
 use super::log::{self, Head, LogError, Opened};
 use super::merge::DeviceId;
-use crate::grid::Grid;
+use crate::grid::{Grid, GridServer};
 use crate::namespace::RootCap;
 
 /// Writes one record to every server; returns how many took it.
@@ -22,14 +22,34 @@ pub async fn put_all(grid: &Grid, name: &str, bytes: &[u8]) -> usize {
         .count()
 }
 
+/// Writes record `seq` of `device` to every server (in parts if it is
+/// long, `log::stored_as`); returns how many took all of it.
+pub async fn put_log_record(grid: &Grid, root: &RootCap, device: DeviceId, seq: u64, bytes: &[u8]) -> usize {
+    let objects = log::stored_as(root, device, seq, bytes);
+    let writes = grid.servers.iter().map(|s| {
+        let objects = &objects;
+        async move {
+            for (name, bytes) in objects {
+                grid.timed(s.server.put_record(name, bytes.clone())).await?;
+            }
+            Ok::<_, crate::grid::ServerError>(())
+        }
+    });
+    futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count()
+}
+
 /// Every server's copy of record `name` (those that answered with one).
-async fn copies(grid: &Grid, name: &str) -> Vec<(String, Vec<u8>)> {
+async fn copies<'g>(grid: &'g Grid, name: &str) -> Vec<(&'g GridServer, Vec<u8>)> {
     let reads = grid.servers.iter().map(|s| grid.timed(s.server.get_record(name)));
     grid.servers
         .iter()
         .zip(futures::future::join_all(reads).await)
         .filter_map(|(s, got)| match got {
-            Ok(Some(bytes)) => Some((s.name.clone(), bytes)),
+            Ok(Some(bytes)) => Some((s, bytes)),
             Ok(None) => None,
             Err(e) => {
                 tracing::debug!(server = %s.name, record = name, error = %e, "record unreadable");
@@ -72,7 +92,16 @@ pub async fn record(
 ) -> Result<(Opened, Vec<u8>), String> {
     let name = log::log_name(root, device, seq);
     let mut why = Vec::new();
-    for (server, bytes) in copies(grid, &name).await {
+    for (s, stored) in copies(grid, &name).await {
+        let server = &s.name;
+        let bytes = match whole(grid, s, root, device, seq, stored).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(%server, record = %name, error = %e, "refusing a device log record");
+                why.push(format!("{server}: {e}"));
+                continue;
+            }
+        };
         match log::open_record(root, &bytes, device, seq, key) {
             Ok(opened) if opened.prev == *prev => return Ok((opened, bytes)),
             Ok(_) => why.push(format!("{server}: not chained to record {}", seq - 1)),
@@ -87,6 +116,32 @@ pub async fn record(
     } else {
         why.join("; ")
     })
+}
+
+/// The record a server stored as `stored` at its name: itself, or, for a
+/// long record's stub, its parts from that server joined (each the length
+/// the stub says, so no more is held than a record may be long).
+async fn whole(
+    grid: &Grid,
+    s: &GridServer,
+    root: &RootCap,
+    device: DeviceId,
+    seq: u64,
+    stored: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    let Some(parts) = log::parts(root, device, seq, &stored).map_err(|e| e.to_string())? else {
+        return Ok(stored);
+    };
+    let mut bytes = Vec::with_capacity(parts.iter().map(|(_, len)| len).sum());
+    for (name, len) in parts {
+        match grid.timed(s.server.get_record(&name)).await {
+            Ok(Some(part)) if part.len() == len => bytes.extend_from_slice(&part),
+            Ok(Some(part)) => return Err(format!("part {name} is {} bytes, not {len}", part.len())),
+            Ok(None) => return Err(format!("part {name} is missing")),
+            Err(e) => return Err(format!("part {name}: {e}")),
+        }
+    }
+    Ok(bytes)
 }
 
 /// Whether any server lists a device head of this drive (a drive that
@@ -116,7 +171,8 @@ pub async fn heads(
     let mut best: BTreeMap<DeviceId, (Head, PublicKey)> = BTreeMap::new();
     let mut keys = known.clone();
     for name in names {
-        for (server, bytes) in copies(grid, &name).await {
+        for (s, bytes) in copies(grid, &name).await {
+            let server = &s.name;
             let opened = match log::head_device(&bytes) {
                 Ok(device) => match key_of(grid, root, device, &mut keys).await {
                     Some(key) => log::open_head(root, &bytes, device, &key).map(|h| (h, key)),

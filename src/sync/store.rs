@@ -301,6 +301,24 @@ pub fn record(cat: &Catalog, device: DeviceId, seq: u64) -> Result<Option<Vec<u8
         .optional()?)
 }
 
+/// `device`'s records `from..=to` longer than `over` bytes, with their
+/// lengths (a long record has parts on the servers to delete too).
+pub fn long_records(
+    cat: &Catalog,
+    device: DeviceId,
+    from: u64,
+    to: u64,
+    over: u64,
+) -> Result<Vec<(u64, usize)>, CatalogError> {
+    let mut stmt = cat.conn().prepare_cached(
+        "SELECT seq, length(bytes) FROM sync_log WHERE device = ?1 AND seq BETWEEN ?2 AND ?3 AND length(bytes) > ?4",
+    )?;
+    let rows = stmt.query_map(params![id_blob(device), from as i64, to as i64, over as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as usize))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// A device's newest record kept here.
 pub fn last_record(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, Vec<u8>)>, CatalogError> {
     Ok(cat

@@ -578,7 +578,7 @@ impl Vfs {
             .await?;
         let (root, me) = (&self.devices.root, &self.devices.me);
         for (seq, bytes) in unplaced {
-            let placed = remote::put_all(&self.grid, &log::log_name(root, me.id, seq), &bytes).await;
+            let placed = remote::put_log_record(&self.grid, root, me.id, seq, &bytes).await;
             if placed < self.happy as usize {
                 return Err(sync_err(format!(
                     "log record {seq} reached {placed} servers, {} needed; trying again",
@@ -743,8 +743,18 @@ impl Vfs {
         if upto <= done {
             return Ok(());
         }
+        let long: BTreeMap<u64, usize> = self
+            .blocking(move |vfs| {
+                let cat = &vfs.lock().catalog;
+                Ok(store::long_records(cat, me, done + 1, upto, crate::grid::MAX_RECORD)?)
+            })
+            .await?
+            .into_iter()
+            .collect();
         let root = &self.devices.root;
-        let names: Vec<String> = (done + 1..=upto).map(|seq| log::log_name(root, me, seq)).collect();
+        let names: Vec<String> = (done + 1..=upto)
+            .flat_map(|seq| log::names_of(root, me, seq, long.get(&seq).copied().unwrap_or(0)))
+            .collect();
         for batch in names.chunks(64) {
             let deletes = batch.iter().flat_map(|name| {
                 self.grid

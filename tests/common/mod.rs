@@ -278,6 +278,26 @@ pub fn walk_count(dir: &Path) -> usize {
     n
 }
 
+pub fn xattr_set(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated strings and a buffer of the given length.
+    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+/// Extended attribute `name` of `path` (of any length Linux allows).
+pub fn xattr_get(path: &Path, name: &str) -> Vec<u8> {
+    let p = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: as above.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "getxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
