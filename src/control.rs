@@ -57,9 +57,9 @@ fn drive_path(mountpoint: &Path, path: &str) -> String {
 async fn answer(vfs: &Arc<Vfs>, mountpoint: &Path, req: Request) -> Value {
     let result = match req {
         Request::Status => vfs
-            .blocking(|vfs| vfs.status())
+            .blocking(|vfs| Ok((vfs.status()?, vfs.sync_stopped()?)))
             .await
-            .map(|s| json!({ "mountpoint": mountpoint, "status": s })),
+            .map(|(s, stopped)| json!({ "mountpoint": mountpoint, "status": s, "sync_stopped": stopped })),
         Request::Sync { wait_secs } => {
             // A bad or huge wait from a client means "no answer before done".
             let deadline = wait_secs

@@ -163,6 +163,9 @@ fn spawn_background(
     );
 }
 
+/// How often a background duty failing the same way says so again.
+const REPEAT_LOGGED: Duration = Duration::from_secs(300);
+
 /// Runs `job` every `period` for the life of the runtime, logging failures.
 fn every<F, Fut>(runtime: &tokio::runtime::Runtime, vfs: &Arc<Vfs>, period: Duration, what: &'static str, job: F)
 where
@@ -171,10 +174,24 @@ where
 {
     let vfs = vfs.clone();
     runtime.spawn(async move {
+        // The same failure again (a revoked machine, a server down for an
+        // hour) is logged once, then once every `REPEAT_LOGGED`.
+        let mut last: Option<(String, tokio::time::Instant)> = None;
         loop {
             tokio::time::sleep(period).await;
-            if let Err(e) = job(vfs.clone()).await {
-                tracing::warn!(error = %e, "{what}");
+            match job(vfs.clone()).await {
+                Err(e) => {
+                    let e = e.to_string();
+                    let now = tokio::time::Instant::now();
+                    if last
+                        .as_ref()
+                        .is_none_or(|(was, at)| *was != e || now - *at >= REPEAT_LOGGED)
+                    {
+                        tracing::warn!(error = %e, "{what}");
+                        last = Some((e, now));
+                    }
+                }
+                Ok(()) => last = None,
             }
         }
     });
@@ -192,6 +209,9 @@ pub fn status(home: &Path, json: bool) -> Result<ExitCode> {
     }
     let status: Status = serde_json::from_value(reply["status"].clone())?;
     println!("mounted at {}", reply["mountpoint"].as_str().unwrap_or("?"));
+    if let Some(why) = reply["sync_stopped"].as_str() {
+        println!("NOT SYNCING with the drive's other machines: {why}");
+    }
     for path in &status.open_for_write {
         println!("  writing    {path}");
     }

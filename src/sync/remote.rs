@@ -144,6 +144,48 @@ async fn whole(
     Ok(bytes)
 }
 
+/// This device's newest head as the servers have it, checked with its
+/// own key: one it did not write means another machine signs as it.
+pub async fn own_head(grid: &Grid, root: &RootCap, device: DeviceId, key: &PublicKey) -> Option<Head> {
+    copies(grid, &log::head_name(root, device))
+        .await
+        .into_iter()
+        .filter_map(|(_, bytes)| log::open_head(root, &bytes, device, key).ok())
+        .max_by_key(|h| (h.seq, h.time_ns))
+}
+
+/// Whether some server holds, under record `seq` of `device`, a record
+/// signed with `key` other than `bytes`: then another machine signs as
+/// this one. A copy that does not verify is a server's doing, not that.
+pub async fn signed_by_another(
+    grid: &Grid,
+    root: &RootCap,
+    device: DeviceId,
+    key: &PublicKey,
+    seq: u64,
+    bytes: &[u8],
+) -> Option<String> {
+    for (s, stored) in copies(grid, &log::log_name(root, device, seq)).await {
+        let Ok(theirs) = whole(grid, s, root, device, seq, stored).await else {
+            continue;
+        };
+        if theirs == bytes {
+            continue;
+        }
+        let signed = match log::open_record(root, &theirs, device, seq, Some(key)) {
+            Ok(opened) => seq > 1 || opened.payload.enrol.is_some_and(|e| e.key == *key),
+            Err(_) => false,
+        };
+        if signed {
+            return Some(format!(
+                "server {} holds another record {seq} signed as this machine",
+                s.name
+            ));
+        }
+    }
+    None
+}
+
 /// Whether any server lists a device head of this drive (a drive that
 /// machines publish logs to, not only snapshots).
 pub async fn any_device(grid: &Grid, root: &RootCap) -> bool {

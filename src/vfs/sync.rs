@@ -33,6 +33,9 @@ const PRUNE_PER_PASS: u64 = 1024;
 /// Meta key: revocations asked for here and not yet logged (JSON list of
 /// `[device, after]`).
 const META_REVOKE: &str = "sync_revoke";
+/// Why this machine stopped publishing: another signs as it (a copied or
+/// restored home). Set once, never cleared: the fix is a new home.
+const META_CLONED: &str = "sync_cloned";
 /// A full look at every device's head at least this often, even if no
 /// doorbell rang (a server may keep an old bell).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -99,6 +102,23 @@ fn meta_u64(cat: &Catalog, key: &str) -> VfsResult<u64> {
 
 fn sync_err(what: String) -> VfsError {
     VfsError::Grid(GridError::Sync(what))
+}
+
+fn revoked_err(after: u64) -> VfsError {
+    sync_err(format!(
+        "another machine revoked this one after its record {after}: nothing is published or merged \
+         any more. Its files stay readable here; to go on, join the drive into a new CAIRN_HOME \
+         (cairn recover) and copy over what changed"
+    ))
+}
+
+fn cloned_err(why: &str) -> VfsError {
+    sync_err(format!(
+        "another machine signs as this one ({why}): this home was copied, or restored from an older \
+         backup. Nothing more is published from here, so neither overwrites the other's changes; its \
+         files stay readable here. To go on, join the drive into a new CAIRN_HOME (cairn recover) and \
+         copy over what changed here"
+    ))
 }
 
 /// A hybrid time heard from another device, as far as this clock follows
@@ -498,11 +518,7 @@ impl Vfs {
         if let Some(after) = self.devices.merged().revoked().get(&self.devices.me.id) {
             // Its later changes count nowhere: merging more would undo
             // them here too. They stay in this home's catalog.
-            return Err(sync_err(format!(
-                "another machine revoked this one after its record {after}: nothing is published or merged \
-                 any more. Its files stay readable here; to go on, join the drive into a new CAIRN_HOME \
-                 (cairn recover) and copy over what changed"
-            )));
+            return Err(revoked_err(*after));
         }
         let mut report = SyncReport::default();
         // Other machines' changes are merged even while this one's cannot
@@ -513,6 +529,8 @@ impl Vfs {
         };
         self.pull_changes(&mut report).await?;
         published?;
+        // Found out while pulling.
+        self.not_cloned().await?;
         if !self.options.read_only {
             // Checkpoints only save reading and space: a failure is told,
             // and tried again next pass.
@@ -526,7 +544,83 @@ impl Vfs {
         Ok(report)
     }
 
+    /// Refuses, from then on, to write this device's log or head once
+    /// another machine signs as it (its home copied, or restored from an
+    /// older backup): both would write one record number with other
+    /// bytes, and every other machine stops at such a fork. Its own head
+    /// on the servers says a record this machine does not have, or
+    /// `next` (the record about to be placed) is already there, signed,
+    /// with other bytes.
+    async fn alone_as_me(self: &Arc<Self>, next: Option<(u64, &[u8])>) -> VfsResult<()> {
+        self.not_cloned().await?;
+        let (root, me) = (&self.devices.root, &self.devices.me);
+        let mut why = match remote::own_head(&self.grid, root, me.id, &me.public()).await {
+            Some(head) => self.not_my_head(&head).await?,
+            None => None,
+        };
+        if let (None, Some((seq, bytes))) = (&why, next) {
+            why = remote::signed_by_another(&self.grid, root, me.id, &me.public(), seq, bytes).await;
+        }
+        match why {
+            Some(why) => Err(self.found_cloned(why).await?),
+            None => Ok(()),
+        }
+    }
+
+    /// Why this machine no longer publishes (revoked, or another machine
+    /// signs as it), for `cairn status`; `None` while it does.
+    pub fn sync_stopped(&self) -> VfsResult<Option<String>> {
+        if let Some(after) = self.devices.merged().revoked().get(&self.devices.me.id) {
+            return Ok(Some(revoked_err(*after).to_string()));
+        }
+        let why = self.lock().catalog.meta(META_CLONED)?;
+        Ok(why.map(|why| cloned_err(&why).to_string()))
+    }
+
+    async fn not_cloned(self: &Arc<Self>) -> VfsResult<()> {
+        match self.blocking(|vfs| Ok(vfs.lock().catalog.meta(META_CLONED)?)).await? {
+            Some(why) => Err(cloned_err(&why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why `head`, signed with this device's key, is not one this machine
+    /// wrote: it names a record this machine never sealed, or another
+    /// record under a number it has.
+    async fn not_my_head(self: &Arc<Self>, head: &log::Head) -> VfsResult<Option<String>> {
+        let (seq, link) = (head.seq, head.link);
+        self.blocking(move |vfs| {
+            let cat = &vfs.lock().catalog;
+            let me = vfs.devices.me.id;
+            let last = store::last_record(cat, me)?.map_or(0, |(seq, _)| seq);
+            Ok(if seq > last {
+                Some(format!(
+                    "its head on the servers names record {seq}; this machine has sealed {last}"
+                ))
+            } else {
+                store::record(cat, me, seq)?
+                    .filter(|bytes| log::link(bytes) != link)
+                    .map(|_| format!("its head on the servers names another record {seq} than this machine's"))
+            })
+        })
+        .await
+    }
+
+    async fn found_cloned(self: &Arc<Self>, why: String) -> VfsResult<VfsError> {
+        tracing::error!(%why, "another machine signs as this one");
+        let kept = why.clone();
+        self.blocking(move |vfs| {
+            let st = vfs.lock();
+            st.catalog.set_meta(META_CLONED, &kept)?;
+            st.catalog.commit()?;
+            Ok(())
+        })
+        .await?;
+        Ok(cloned_err(&why))
+    }
+
     async fn publish_changes(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
+        self.not_cloned().await?;
         loop {
             let (looked, logged, records, left, wal) = self
                 .blocking(|vfs| {
@@ -577,6 +671,9 @@ impl Vfs {
             .blocking(|vfs| Ok(store::unplaced(&vfs.lock().catalog, vfs.devices.me.id)?))
             .await?;
         let (root, me) = (&self.devices.root, &self.devices.me);
+        if let Some((seq, bytes)) = unplaced.first() {
+            self.alone_as_me(Some((*seq, bytes))).await?;
+        }
         for (seq, bytes) in unplaced {
             let placed = remote::put_log_record(&self.grid, root, me.id, seq, &bytes).await;
             if placed < self.happy as usize {
@@ -624,6 +721,7 @@ impl Vfs {
         if headed.as_ref() == Some(&says) {
             return Ok(());
         }
+        self.alone_as_me(None).await?;
         let head = log::Head {
             device: me.id,
             seq,
@@ -932,6 +1030,9 @@ impl Vfs {
         for (&device, (head, key)) in heads {
             let key = *key;
             if device == me.id {
+                if let Some(why) = self.not_my_head(head).await? {
+                    self.found_cloned(why).await?;
+                }
                 continue;
             }
             let was = known.get(&device);
