@@ -251,6 +251,13 @@ impl FromStr for Capability {
 /// capability carries, then opens only other members' ciphertexts. `pack1`
 /// members (`member_key: None`) lie in the pack as plaintext; they stay
 /// readable.
+///
+/// `map1` (a `Mapped` version) is a list of segments, each held by some
+/// encoded version: the segments that changed since the version it was
+/// made from are in its own encoded version (`own`), followed there by
+/// the manifest (`crate::manifest`) at `manifest_at`, which names where
+/// every other segment lies. `own`'s root pins the manifest, and the
+/// manifest pins every other object's root and every segment's hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileCap {
     Whole(Capability),
@@ -260,16 +267,22 @@ pub enum FileCap {
         len: u64,
         member_key: Option<Key>,
     },
+    Mapped {
+        size: u64,
+        manifest_at: u64,
+        own: Capability,
+    },
 }
 
 const PACK1_PREFIX: &str = "cairn:pack1:";
 const PACK2_PREFIX: &str = "cairn:pack2:";
+const MAP1_PREFIX: &str = "cairn:map1:";
 
 impl FileCap {
     /// The encoded version on the grid that holds the bytes.
     pub fn stored(&self) -> &Capability {
         match self {
-            FileCap::Whole(cap) | FileCap::Packed { pack: cap, .. } => cap,
+            FileCap::Whole(cap) | FileCap::Packed { pack: cap, .. } | FileCap::Mapped { own: cap, .. } => cap,
         }
     }
 
@@ -277,18 +290,20 @@ impl FileCap {
         match self {
             FileCap::Whole(cap) => cap.layout.size,
             FileCap::Packed { len, .. } => *len,
+            FileCap::Mapped { size, .. } => *size,
         }
     }
 
     /// Where the file's bytes `[from, from + len)` lie in the stored
-    /// version's plaintext.
-    pub fn stored_range(&self, from: u64, len: u64) -> (u64, u64) {
+    /// version's plaintext (`None` for a mapped version: its manifest says).
+    pub fn stored_range(&self, from: u64, len: u64) -> Option<(u64, u64)> {
         let size = self.size();
         let from = from.min(size);
         let len = len.min(size - from);
         match self {
-            FileCap::Whole(_) => (from, len),
-            FileCap::Packed { offset, .. } => (offset + from, len),
+            FileCap::Whole(_) => Some((from, len)),
+            FileCap::Packed { offset, .. } => Some((offset + from, len)),
+            FileCap::Mapped { .. } => None,
         }
     }
 
@@ -322,6 +337,7 @@ impl fmt::Display for FileCap {
                 len,
                 member_key: Some(key),
             } => write!(f, "{PACK2_PREFIX}{offset}:{len}:{}:{pack}", b32(key)),
+            FileCap::Mapped { size, manifest_at, own } => write!(f, "{MAP1_PREFIX}{size}:{manifest_at}:{own}"),
         }
     }
 }
@@ -330,6 +346,9 @@ impl FromStr for FileCap {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Self, CodecError> {
         let s = s.trim();
+        if let Some(rest) = s.strip_prefix(MAP1_PREFIX) {
+            return parse_mapped(rest);
+        }
         let (rest, version) = match (s.strip_prefix(PACK1_PREFIX), s.strip_prefix(PACK2_PREFIX)) {
             (Some(rest), _) => (rest, 1),
             (_, Some(rest)) => (rest, 2),
@@ -342,13 +361,8 @@ impl FromStr for FileCap {
             ))
         };
         let mut parts = rest.splitn(if version == 2 { 4 } else { 3 }, ':');
-        let mut num = |what: &str| {
-            parts
-                .next()
-                .and_then(|p| p.parse::<u64>().ok())
-                .ok_or_else(|| bad(what))
-        };
-        let (offset, len) = (num("bad offset")?, num("bad length")?);
+        let offset = next_num(&mut parts, || bad("bad offset"))?;
+        let len = next_num(&mut parts, || bad("bad length"))?;
         let member_key = match version {
             2 => Some(
                 parts
@@ -370,6 +384,29 @@ impl FromStr for FileCap {
             member_key,
         })
     }
+}
+
+/// The next `:`-separated field of a capability, as a decimal number.
+fn next_num<'a>(
+    parts: &mut impl Iterator<Item = &'a str>,
+    bad: impl FnOnce() -> CodecError,
+) -> Result<u64, CodecError> {
+    parts.next().and_then(|p| p.parse::<u64>().ok()).ok_or_else(bad)
+}
+
+fn parse_mapped(rest: &str) -> Result<FileCap, CodecError> {
+    let bad = |what: &str| CodecError::Capability(format!("{what} (expected {MAP1_PREFIX}SIZE:MANIFEST-AT:CAP)"));
+    let mut parts = rest.splitn(3, ':');
+    let size = next_num(&mut parts, || bad("bad size"))?;
+    let manifest_at = next_num(&mut parts, || bad("bad manifest offset"))?;
+    let own: Capability = parts.next().ok_or_else(|| bad("no capability"))?.parse()?;
+    if manifest_at >= own.layout.size {
+        return Err(bad("manifest outside the version"));
+    }
+    if size.div_ceil(own.layout.params.segment_size as u64) > MAX_SEGMENTS {
+        return Err(bad("too many segments"));
+    }
+    Ok(FileCap::Mapped { size, manifest_at, own })
 }
 
 /// Names a version's shares on servers. Derived from the key by a one-way

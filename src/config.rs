@@ -92,9 +92,11 @@ fn default_checkpoint_kib() -> u64 {
     1024
 }
 
-/// Which committed versions `cairn gc` keeps: each file's newest always,
-/// its last `keep_versions`, and every version younger than `keep_days`
-/// (deleted files' versions too, for that long).
+/// Which committed versions `cairn gc` keeps, as backup tools thin:
+/// each file's newest always and its last `keep_versions`; every version
+/// younger than `keep_all_minutes`, then the newest of each hour for
+/// `keep_hourly_hours`, then the newest of each day for `keep_days`
+/// (deleted files' versions alike). No window reaches past `keep_days`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
@@ -102,6 +104,10 @@ pub struct RetentionConfig {
     pub keep_versions: u32,
     #[serde(default = "default_keep_days")]
     pub keep_days: u32,
+    #[serde(default = "default_keep_all_minutes")]
+    pub keep_all_minutes: u32,
+    #[serde(default = "default_keep_hourly_hours")]
+    pub keep_hourly_hours: u32,
 }
 
 impl Default for RetentionConfig {
@@ -109,8 +115,17 @@ impl Default for RetentionConfig {
         RetentionConfig {
             keep_versions: default_keep_versions(),
             keep_days: default_keep_days(),
+            keep_all_minutes: default_keep_all_minutes(),
+            keep_hourly_hours: default_keep_hourly_hours(),
         }
     }
+}
+
+fn default_keep_all_minutes() -> u32 {
+    60
+}
+fn default_keep_hourly_hours() -> u32 {
+    24
 }
 
 fn default_keep_versions() -> u32 {
@@ -340,6 +355,16 @@ impl Config {
         // Days become nanoseconds in gc's plan: 100 years keeps far from i64's end.
         for (name, value, max) in [
             ("retention.keep_days", u64::from(self.retention.keep_days), 36_500),
+            (
+                "retention.keep_all_minutes",
+                u64::from(self.retention.keep_all_minutes),
+                36_500 * 1440,
+            ),
+            (
+                "retention.keep_hourly_hours",
+                u64::from(self.retention.keep_hourly_hours),
+                36_500 * 24,
+            ),
             ("namespace.interval_secs", self.namespace.interval_secs, 86_400 * 365),
             ("sync.poll_ms", self.sync.poll_ms, 3_600_000),
         ] {

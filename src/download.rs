@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::{Capability, FileCap, Hash, StorageIndex, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
+use crate::manifest::Manifest;
 
 /// Segments fetched ahead of the one being written out.
 pub const READ_AHEAD: usize = 16;
@@ -90,6 +91,8 @@ pub enum DownloadError {
     },
     #[error("decoded content does not match the SHA-256 recorded at upload; nothing was written")]
     PlaintextMismatch,
+    #[error("segment {segment} does not match the SHA-256 its manifest records")]
+    SegmentMismatch { segment: u64 },
     #[error("writing {path}: {source}")]
     Output { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -334,7 +337,7 @@ pub async fn download_to_file(
     out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
-    let reader = GridReader::open(grid, cap.stored().clone()).await?;
+    let reader = FileReader::open(grid, cap.clone()).await?;
     let output_err = output_error(out);
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
@@ -349,10 +352,11 @@ pub async fn download_to_file(
         .tempfile_in(&dir)
         .map_err(&output_err)?;
     let sha = match &cap {
-        FileCap::Whole(_) => write_verified(&reader, tmp.as_file_mut(), out, progress)
+        FileCap::Whole(_) => write_verified(&reader.own, tmp.as_file_mut(), out, progress)
             .await
-            .map(|()| reader.plaintext_sha256())?,
-        FileCap::Packed { .. } => write_packed(&reader, &cap, tmp.as_file_mut(), out, progress).await?,
+            .map(|()| reader.own.plaintext_sha256())?,
+        FileCap::Packed { .. } => write_packed(&reader.own, &cap, tmp.as_file_mut(), out, progress).await?,
+        FileCap::Mapped { .. } => write_mapped(&reader, tmp.as_file_mut(), out, progress).await?,
     };
     tmp.as_file().sync_all().map_err(&output_err)?;
     #[cfg(unix)]
@@ -372,6 +376,36 @@ fn output_error(path: &Path) -> impl Fn(std::io::Error) -> DownloadError + '_ {
     }
 }
 
+/// A mapped version into `file`, segment by segment (fetched ahead);
+/// succeeds only if the whole matches the manifest's SHA-256.
+async fn write_mapped(
+    reader: &FileReader,
+    file: &mut std::fs::File,
+    out: &Path,
+    progress: Arc<dyn crate::upload::Progress>,
+) -> Result<Hash, DownloadError> {
+    let (m, manifest) = match (&reader.map, reader.manifest()) {
+        (Some(m), Some(manifest)) => (m, manifest),
+        _ => unreachable!("a mapped version has a manifest"),
+    };
+    let recent = RecentSegments::new(READ_AHEAD);
+    let mut hasher = Sha256::new();
+    let mut stream = futures::stream::iter(0..manifest.segments.len() as u64)
+        .map(|j| reader.segment(m, j, &recent))
+        .buffered(READ_AHEAD);
+    while let Some(segment) = stream.next().await {
+        let segment = segment?;
+        hasher.update(&segment);
+        file.write_all(&segment).map_err(output_error(out))?;
+        progress.advance(segment.len() as u64);
+    }
+    let actual: Hash = hasher.finalize().into();
+    if actual != manifest.sha256 {
+        return Err(DownloadError::PlaintextMismatch);
+    }
+    Ok(actual)
+}
+
 /// A packed version (small by construction) into `file`; returns its SHA-256.
 async fn write_packed(
     reader: &GridReader,
@@ -380,7 +414,7 @@ async fn write_packed(
     out: &Path,
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
-    let (offset, len) = cap.stored_range(0, u64::MAX);
+    let (offset, len) = cap.stored_range(0, u64::MAX).expect("a packed version");
     let mut bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
     cap.open_stored(offset, &mut bytes);
     file.write_all(&bytes).map_err(output_error(out))?;
@@ -388,26 +422,138 @@ async fn write_packed(
     Ok(Sha256::digest(&bytes).into())
 }
 
-/// Chunk `index` of a file version: its bytes from `index * chunk_size`,
-/// `chunk_size` of them (the last chunk shorter), verified. `reader` reads
-/// the version's stored capability.
-pub async fn read_chunk(
-    reader: &GridReader,
-    cap: &FileCap,
-    index: u64,
-    chunk_size: u64,
-    recent: &RecentSegments,
-) -> Result<Vec<u8>, DownloadError> {
-    match cap {
-        FileCap::Whole(whole) if whole.layout.params.segment_size as u64 == chunk_size => {
-            reader.read_segment(index).await
+/// An open file version, whatever its capability: its bytes read chunk
+/// by chunk, each verified. A mapped version's manifest is read and
+/// checked at open; the other encoded versions it names are opened when
+/// first needed.
+pub struct FileReader {
+    cap: FileCap,
+    own: Arc<GridReader>,
+    map: Option<Mapped>,
+}
+
+struct Mapped {
+    grid: Arc<Grid>,
+    manifest: Manifest,
+    objects: Vec<tokio::sync::OnceCell<Arc<GridReader>>>,
+}
+
+impl FileReader {
+    pub async fn open(grid: Arc<Grid>, cap: FileCap) -> Result<Self, DownloadError> {
+        let own = Arc::new(GridReader::open(grid.clone(), cap.stored().clone()).await?);
+        let map = match &cap {
+            FileCap::Mapped {
+                size,
+                manifest_at,
+                own: c,
+            } => {
+                let bytes =
+                    read_range(&own, *manifest_at, c.layout.size - manifest_at, &RecentSegments::new(1)).await?;
+                let manifest = Manifest::parse(&bytes, c, *manifest_at)?;
+                if manifest.size != *size {
+                    return Err(DownloadError::Codec(crate::codec::CodecError::Capability(format!(
+                        "the manifest is of {} bytes, the capability says {size}",
+                        manifest.size
+                    ))));
+                }
+                let objects = manifest.objects.iter().map(|_| tokio::sync::OnceCell::new()).collect();
+                Some(Mapped {
+                    grid,
+                    manifest,
+                    objects,
+                })
+            }
+            _ => None,
+        };
+        Ok(FileReader { cap, own, map })
+    }
+
+    pub fn cap(&self) -> &FileCap {
+        &self.cap
+    }
+
+    /// A reader of `cap`, another file in this one's pack, at no cost:
+    /// the pack is open already.
+    pub fn sharing(&self, cap: &FileCap) -> Option<FileReader> {
+        let same_pack = !matches!(cap, FileCap::Mapped { .. }) && cap.stored() == self.cap.stored();
+        same_pack.then(|| FileReader {
+            cap: cap.clone(),
+            own: self.own.clone(),
+            map: None,
+        })
+    }
+
+    /// A mapped version's manifest.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.map.as_ref().map(|m| &m.manifest)
+    }
+
+    /// Every encoded version the file's bytes lie in, its own first.
+    pub fn objects(&self) -> Vec<Capability> {
+        let mut out = vec![self.cap.stored().clone()];
+        if let Some(m) = &self.map {
+            out.extend(m.manifest.objects.iter().cloned());
         }
-        _ => {
-            let (offset, len) = cap.stored_range(index * chunk_size, chunk_size);
-            let mut bytes = read_range(reader, offset, len, recent).await?;
-            cap.open_stored(offset, &mut bytes);
-            Ok(bytes)
+        out
+    }
+
+    /// Chunk `index`: the file's bytes from `index * chunk_size`,
+    /// `chunk_size` of them (the last chunk shorter), verified.
+    pub async fn read_chunk(
+        &self,
+        index: u64,
+        chunk_size: u64,
+        recent: &RecentSegments,
+    ) -> Result<Vec<u8>, DownloadError> {
+        match (&self.cap, &self.map) {
+            (FileCap::Whole(whole), _) if whole.layout.params.segment_size as u64 == chunk_size => {
+                self.own.read_segment(index).await
+            }
+            (_, Some(m)) if m.manifest.segment_size as u64 == chunk_size => self.segment(m, index, recent).await,
+            (_, Some(m)) => {
+                // Another chunk size than the segments': gather the range.
+                let s = m.manifest.segment_size as u64;
+                let (from, to) = (index * chunk_size, ((index + 1) * chunk_size).min(m.manifest.size));
+                let mut out = Vec::with_capacity(to.saturating_sub(from) as usize);
+                for j in from / s..to.div_ceil(s) {
+                    let seg = self.segment(m, j, recent).await?;
+                    let start = j * s;
+                    out.extend_from_slice(
+                        &seg[(from.max(start) - start) as usize..(to.min(start + s) - start) as usize],
+                    );
+                }
+                Ok(out)
+            }
+            (cap, None) => {
+                let (offset, len) = cap.stored_range(index * chunk_size, chunk_size).expect("not mapped");
+                let mut bytes = read_range(&self.own, offset, len, recent).await?;
+                cap.open_stored(offset, &mut bytes);
+                Ok(bytes)
+            }
         }
+    }
+
+    /// Segment `j` of a mapped version, from the object holding it,
+    /// checked against the manifest's hash of it.
+    async fn segment(&self, m: &Mapped, j: u64, recent: &RecentSegments) -> Result<Vec<u8>, DownloadError> {
+        let e = m.manifest.segments[j as usize];
+        let reader = match e.object {
+            0 => self.own.clone(),
+            i => {
+                let i = i as usize - 1;
+                let open = || async {
+                    GridReader::open(m.grid.clone(), m.manifest.objects[i].clone())
+                        .await
+                        .map(Arc::new)
+                };
+                m.objects[i].get_or_try_init(open).await?.clone()
+            }
+        };
+        let bytes = read_range(&reader, e.offset, m.manifest.segment_len(j), recent).await?;
+        if <[u8; 32]>::from(Sha256::digest(&bytes)) != e.sha256 {
+            return Err(DownloadError::SegmentMismatch { segment: j });
+        }
+        Ok(bytes)
     }
 }
 
@@ -596,6 +742,45 @@ pub async fn check(grid: Arc<Grid>, cap: Capability) -> CheckReport {
         servers_with_valid_shares: holding,
         findings,
     }
+}
+
+/// `check` of every encoded version a file version's bytes lie in (one,
+/// unless it is mapped), as one report: as healthy as the least healthy.
+pub async fn check_file(grid: Arc<Grid>, cap: FileCap) -> CheckReport {
+    let mut report = check(grid.clone(), cap.stored().clone()).await;
+    if !matches!(cap, FileCap::Mapped { .. }) || !report.recoverable {
+        return report;
+    }
+    let objects = match FileReader::open(grid.clone(), cap).await {
+        Ok(reader) => reader.objects(),
+        Err(e) => {
+            report.healthy = false;
+            report.recoverable = false;
+            report
+                .findings
+                .unreachable_servers
+                .push(("manifest".into(), e.to_string()));
+            return report;
+        }
+    };
+    for object in objects.into_iter().skip(1) {
+        let other = check(grid.clone(), object).await;
+        report.healthy &= other.healthy;
+        report.recoverable &= other.recoverable;
+        report.servers_with_valid_shares = report.servers_with_valid_shares.min(other.servers_with_valid_shares);
+        for s in other.missing_shares {
+            if !report.missing_shares.contains(&s) {
+                report.missing_shares.push(s);
+            }
+        }
+        report.findings.shares.extend(other.findings.shares);
+        report
+            .findings
+            .unreachable_servers
+            .extend(other.findings.unreachable_servers);
+    }
+    report.missing_shares.sort();
+    report
 }
 
 async fn verify_whole_share(grid: &Grid, idx: usize, cap: &Capability, share: u16) -> ShareState {

@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod gc;
 pub mod grid;
 pub mod home;
+pub mod manifest;
 pub mod namespace;
 pub mod repair;
 pub mod stage;

@@ -118,7 +118,23 @@ proptest! {
         prop_assert!(text.starts_with(prefix));
         prop_assert_eq!(text.parse::<FileCap>().unwrap(), member.clone());
         prop_assert_eq!(member.stored(), &pack);
-        prop_assert_eq!(member.stored_range(0, u64::MAX), (offset, end - offset));
+        prop_assert_eq!(member.stored_range(0, u64::MAX), Some((offset, end - offset)));
+    }
+
+    #[test]
+    fn mapped_capability_round_trips(p in params(), len in 1usize..4 * SEG as usize, key: [u8; 16], size: u64, at: prop::sample::Index) {
+        let (own, _) = encode_all(p, key, &data(len, 4));
+        let manifest_at = at.index(len) as u64;
+        let size = size % (SEG as u64 * (1 << 20));
+        let mapped = FileCap::Mapped { size, manifest_at, own: own.clone() };
+        let text = mapped.to_string();
+        prop_assert!(text.starts_with("cairn:map1:"));
+        prop_assert_eq!(text.parse::<FileCap>().unwrap(), mapped.clone());
+        prop_assert_eq!(mapped.stored(), &own);
+        prop_assert_eq!(mapped.size(), size);
+        // A manifest at or past the end of its version is refused.
+        let past = format!("cairn:map1:{size}:{len}:{own}");
+        prop_assert!(past.parse::<FileCap>().is_err());
     }
 }
 

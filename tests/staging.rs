@@ -315,39 +315,32 @@ fn small_sealed_versions_upload_as_one_pack_and_read_back_each() {
 
 #[test]
 fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
-    use cairn::download::{read_chunk, GridReader, RecentSegments};
+    use cairn::download::{FileReader, RecentSegments};
 
     let up = uploaded_pack(&[3000, 5000, 7000]);
     let chunk = up.config.grid.segment_size as u64;
     let reader = up
         .rt
-        .block_on(GridReader::open(up.grid.clone(), up.pack.clone()))
+        .block_on(FileReader::open(up.grid.clone(), up.member_cap(0)))
         .unwrap();
     let recent = RecentSegments::new(8);
-    let first = up
-        .rt
-        .block_on(read_chunk(&reader, &up.member_cap(0), 0, chunk, &recent));
+    let first = up.rt.block_on(reader.read_chunk(0, chunk, &recent));
     assert_eq!(first.unwrap(), up.contents[0]);
     // Every share gone from every server (real files removed): the other
-    // files of that segment can now come only from what was just decoded.
+    // files of that segment can now come only from what was just decoded,
+    // through readers sharing the pack's.
     for server in &up.config.servers {
         let dir = server.path.as_ref().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
         std::fs::create_dir_all(dir).unwrap();
     }
     for i in 1..3 {
-        let again = up
-            .rt
-            .block_on(read_chunk(&reader, &up.member_cap(i), 0, chunk, &recent));
+        let member = reader.sharing(&up.member_cap(i)).expect("in the same pack");
+        let again = up.rt.block_on(member.read_chunk(0, chunk, &recent));
         assert_eq!(again.unwrap(), up.contents[i], "member {i}");
     }
-    let uncached = up.rt.block_on(read_chunk(
-        &reader,
-        &up.member_cap(1),
-        0,
-        chunk,
-        &RecentSegments::new(1),
-    ));
+    let member = reader.sharing(&up.member_cap(1)).unwrap();
+    let uncached = up.rt.block_on(member.read_chunk(0, chunk, &RecentSegments::new(1)));
     assert!(uncached.is_err(), "the shares really are gone");
 }
 

@@ -970,6 +970,20 @@ fn three_machines_on_s3_servers_under_random_operations_converge_and_lose_nothin
     random_run(a);
 }
 
+/// The same on a real 3-node Garage cluster, which ignores conditional
+/// PUT: integration/garage-check starts it and gives the init arguments
+/// and the key's secret in the environment.
+#[test]
+#[ignore = "needs a Garage cluster: run by integration/garage-check"]
+fn three_machines_on_garage_under_random_operations_converge_and_lose_nothing() {
+    let args = std::env::var("CAIRN_GARAGE_INIT").expect("CAIRN_GARAGE_INIT: set by integration/garage-check");
+    let secret = std::env::var("CAIRN_GARAGE_SECRET").expect("CAIRN_GARAGE_SECRET: set by integration/garage-check");
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let mut a = Home::init_with_env(&args, &[("CAIRN_S3_SECRET_ACCESS_KEY", &secret)]);
+    a.device = Some("a".into());
+    random_run(a);
+}
+
 /// Three machines on `a`'s grid (`a` the first), as above.
 fn random_run(a: Home) {
     use rand::SeedableRng;

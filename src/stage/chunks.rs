@@ -158,9 +158,15 @@ impl SealedVersion {
 
     /// A sequential reader over the whole version, for the uploader.
     pub fn reader(&self) -> SealedReader {
+        self.ranges(vec![(0, self.size)])
+    }
+
+    /// A sequential reader over the byte ranges `(offset, len)` of the
+    /// version, one after the other (the segments an upload sends).
+    pub fn ranges(&self, ranges: Vec<(u64, u64)>) -> SealedReader {
         SealedReader {
             version: self.clone(),
-            offset: 0,
+            ranges: ranges.into(),
         }
     }
 
@@ -205,7 +211,8 @@ fn read_range(
 
 pub struct SealedReader {
     version: SealedVersion,
-    offset: u64,
+    /// What is left to read: (offset, len), in order.
+    ranges: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Read for SealedReader {
@@ -213,15 +220,27 @@ impl Read for SealedReader {
     /// the very bytes it returns against the chunk's sum.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let v = &self.version;
-        let (index, within) = (self.offset / v.chunk_size, self.offset % v.chunk_size);
+        let Some(&(offset, left)) = self.ranges.iter().find(|(_, len)| *len > 0) else {
+            return Ok(0);
+        };
+        let take = (left as usize).min(buf.len());
+        let buf = &mut buf[..take];
+        let (index, within) = (offset / v.chunk_size, offset % v.chunk_size);
         let len = v.chunk_len(index) as usize;
         let n = if within == 0 && len > 0 && buf.len() >= len {
             v.read_chunk_into(index, &mut buf[..len])?;
             len
         } else {
-            v.read_at(self.offset, buf)?
+            v.read_at(offset, buf)?
         };
-        self.offset += n as u64;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "sealed version cut short"));
+        }
+        while self.ranges.front().is_some_and(|(_, len)| *len == 0) {
+            self.ranges.pop_front();
+        }
+        let front = self.ranges.front_mut().expect("a range with bytes left");
+        *front = (front.0 + n as u64, front.1 - n as u64);
         Ok(n)
     }
 }

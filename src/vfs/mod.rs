@@ -45,7 +45,7 @@ use tokio::sync::Notify;
 
 use crate::catalog::{Catalog, CatalogError, Ino, Kind, NewNode, Node, NodeFacts, Version, VersionState};
 use crate::codec::{FileCap, Params, StorageIndex};
-use crate::download::{read_chunk, GridReader, RecentSegments};
+use crate::download::{FileReader, RecentSegments};
 use crate::grid::Grid;
 use crate::stage::chunks::{ChunkState, SealedVersion, WorkingCopy};
 use crate::stage::recovery::{version_dir, version_dir_key};
@@ -323,7 +323,7 @@ pub struct Vfs {
     upload_wake: Notify,
     /// Signalled whenever a version leaves the queue.
     queue_changed: Notify,
-    readers: Mutex<HashMap<StorageIndex, Arc<GridReader>>>,
+    readers: Mutex<HashMap<StorageIndex, Arc<FileReader>>>,
     /// Segments of packs just read, so the next small file in the same
     /// segment is not fetched again (8 segments: 8 MiB by default).
     recent_segments: Arc<RecentSegments>,

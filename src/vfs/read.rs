@@ -119,9 +119,10 @@ impl Vfs {
         Ok(self.sealed(v).read_at(offset, buf)?)
     }
 
-    /// A reader of the encoded version holding `v`'s bytes (its own, or
-    /// its pack, shared by every file in the pack), with `v`'s capability.
-    pub(super) fn grid_reader(&self, v: &Version) -> VfsResult<(Arc<GridReader>, FileCap)> {
+    /// A reader of `v`'s bytes on the grid (kept by the storage index of
+    /// the encoded version holding them: its own, its pack's or its
+    /// manifest's).
+    pub(super) fn grid_reader(&self, v: &Version) -> VfsResult<Arc<FileReader>> {
         let (ino, num) = (v.ino, v.num);
         let cap: FileCap = v
             .cap
@@ -131,11 +132,16 @@ impl Vfs {
             .map_err(|source| GridError::BadCap { ino, num, source })?;
         let index = cap.stored().storage_index();
         if let Some(r) = self.readers.lock().expect("readers").get(&index) {
-            return Ok((r.clone(), cap));
+            if *r.cap() == cap {
+                return Ok(r.clone());
+            }
+            if let Some(member) = r.sharing(&cap) {
+                return Ok(Arc::new(member));
+            }
         }
         let reader = self
             .runtime
-            .block_on(GridReader::open(self.grid.clone(), cap.stored().clone()))
+            .block_on(FileReader::open(self.grid.clone(), cap))
             .map_err(GridError::from)?;
         let reader = Arc::new(reader);
         let mut readers = self.readers.lock().expect("readers");
@@ -143,21 +149,15 @@ impl Vfs {
             readers.clear();
         }
         readers.insert(index, reader.clone());
-        Ok((reader, cap))
+        Ok(reader)
     }
 
     /// Downloads, verifies and caches one chunk of a version.
     pub(super) fn fetch_chunk(&self, v: &Version, index: u64) -> VfsResult<()> {
-        let (reader, cap) = self.grid_reader(v)?;
+        let reader = self.grid_reader(v)?;
         let segment = self
             .runtime
-            .block_on(read_chunk(
-                &reader,
-                &cap,
-                index,
-                self.chunk_size(),
-                &self.recent_segments,
-            ))
+            .block_on(reader.read_chunk(index, self.chunk_size(), &self.recent_segments))
             .map_err(GridError::from)?;
         store_chunk(&self.cache, v, index, &segment)?;
         self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
@@ -180,7 +180,7 @@ impl Vfs {
         let done = move |index: u64, v: &Version| {
             inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
         };
-        let Ok((reader, cap)) = self.grid_reader(v) else {
+        let Ok(reader) = self.grid_reader(v) else {
             wanted.iter().for_each(|&i| done(i, v));
             return;
         };
@@ -191,7 +191,7 @@ impl Vfs {
             let mut failed = false;
             for index in wanted {
                 if !failed {
-                    match read_chunk(&reader, &cap, index, chunk_size, &recent).await {
+                    match reader.read_chunk(index, chunk_size, &recent).await {
                         Ok(segment) => {
                             if store_chunk(&cache, &v, index, &segment).is_ok() {
                                 growth.fetch_add(segment.len() as u64, Ordering::Relaxed);

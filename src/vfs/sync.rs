@@ -61,7 +61,7 @@ pub(super) struct Devices {
     /// `[sync] checkpoint_kib`, in bytes.
     checkpoint_min: u64,
     /// `[retention] keep_days`: how long a day's checkpoint is kept.
-    keep_days: u32,
+    pub(super) keep_days: u32,
     /// The log bytes since the last checkpoint when one came out too large
     /// to make (checkpoint::MAX_BYTES): not tried again until they double.
     too_large_at: AtomicU64,

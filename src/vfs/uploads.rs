@@ -2,6 +2,8 @@
 //! packed, retries, and recording what the grid holds.
 
 use super::*;
+use crate::codec::Capability;
+use crate::manifest::{self, Manifest};
 use crate::upload::schedule::Queued;
 
 /// Uploads running at once.
@@ -599,9 +601,35 @@ impl Vfs {
                 );
             }
         };
+        let base = self.delta_base(&job).await;
+        let segment = self.params.segment_size;
+        let version = job.version.clone();
+        let summed = tokio::task::spawn_blocking(move || segment_sums(&version, segment as u64)).await;
+        let (sums, sha256) = match summed {
+            Ok(Ok(summed)) => summed,
+            Ok(Err(e)) => {
+                let damaged = is_damage(&e);
+                let why = format!("reading the sealed version: {e}");
+                return Self::upload_failed(&mut self.queue(), job.key(), &why, damaged);
+            }
+            Err(e) => return Self::upload_failed(&mut self.queue(), job.key(), &e.to_string(), false),
+        };
+        let size = job.version.size;
+        let base = base.as_ref().map(|(m, own)| (m, own));
+        let plan = manifest::plan(size, segment, &sums, base.map(|(m, _)| m));
+        let manifest = manifest::build(size, segment, sha256, &sums, &plan, base).to_bytes();
+        let ranges: Vec<(u64, u64)> = plan
+            .fresh
+            .iter()
+            .map(|&j| (j * segment as u64, (size - j * segment as u64).min(segment as u64)))
+            .collect();
+        let manifest_at: u64 = ranges.iter().map(|(_, len)| len).sum();
         let source = upload::Source {
-            reader: Box::new(job.version.reader()),
-            size: job.version.size,
+            size: manifest_at + manifest.len() as u64,
+            reader: Box::new(std::io::Read::chain(
+                job.version.ranges(ranges),
+                std::io::Cursor::new(manifest),
+            )),
         };
         let result = upload::upload(
             &self.grid,
@@ -615,12 +643,20 @@ impl Vfs {
         match result {
             Ok(report) => {
                 let degraded = report.placed.len() < self.params.total as usize;
-                let cap = FileCap::Whole(report.cap);
-                if self
-                    .record_committed(vec![(job.key(), cap, report.plaintext_sha256)], degraded)
-                    .await
-                {
-                    tracing::info!(ino = job.ino, num = job.num, shares = report.placed.len(), "committed");
+                let cap = FileCap::Mapped {
+                    size,
+                    manifest_at,
+                    own: report.cap,
+                };
+                if self.record_committed(vec![(job.key(), cap, sha256)], degraded).await {
+                    tracing::info!(
+                        ino = job.ino,
+                        num = job.num,
+                        segments = plan.fresh.len(),
+                        of = sums.len(),
+                        shares = report.placed.len(),
+                        "committed"
+                    );
                 }
             }
             Err(e) => {
@@ -629,4 +665,64 @@ impl Vfs {
             }
         }
     }
+
+    /// The version a new upload of `job`'s file takes unchanged segments
+    /// from, with its manifest: the newest earlier committed mapped one
+    /// made less than half of `keep_days` ago. `cairn gc` (on any machine)
+    /// collects only versions older than `keep_days`, so the segments
+    /// shared stay on the grid at least that long again, long enough for
+    /// this version to be committed and known. None (every segment is
+    /// sent) if there is none or its manifest cannot be read now.
+    async fn delta_base(self: &Arc<Self>, job: &QueuedVersion) -> Option<(Manifest, Capability)> {
+        let (ino, num) = job.key();
+        let young_ns = self.devices.keep_days as i64 * 86_400 * 1_000_000_000 / 2;
+        let base = self
+            .blocking(move |vfs| {
+                let versions = vfs.lock().catalog.versions(ino)?;
+                let now = crate::catalog::now_ns();
+                Ok(versions
+                    .into_iter()
+                    .filter(|v| v.num < num && v.state == VersionState::Committed && now - v.created_ns < young_ns)
+                    .filter_map(|v| v.cap?.parse::<FileCap>().ok())
+                    .rfind(|cap| matches!(cap, FileCap::Mapped { .. })))
+            })
+            .await
+            .ok()??;
+        match FileReader::open(self.grid.clone(), base.clone()).await {
+            Ok(reader) => Some((reader.manifest()?.clone(), base.stored().clone())),
+            Err(e) => {
+                tracing::debug!(ino, num, error = %e, "the previous version's manifest is not readable: sending every segment");
+                None
+            }
+        }
+    }
+}
+
+/// The SHA-256 of every `segment`-byte piece of `version`, and of the
+/// whole, from its bytes as read (checked against the cache's sums).
+fn segment_sums(version: &SealedVersion, segment: u64) -> std::io::Result<(Vec<manifest::Hash>, manifest::Hash)> {
+    use sha2::Digest;
+    let mut whole = sha2::Sha256::new();
+    let mut sums = Vec::with_capacity(version.size.div_ceil(segment) as usize);
+    let mut buf = vec![0; segment as usize];
+    let mut at = 0;
+    while at < version.size {
+        let len = (version.size - at).min(segment) as usize;
+        let mut done = 0;
+        while done < len {
+            match version.read_at(at + done as u64, &mut buf[done..len])? {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "sealed version cut short",
+                    ))
+                }
+                n => done += n,
+            }
+        }
+        whole.update(&buf[..len]);
+        sums.push(sha2::Sha256::digest(&buf[..len]).into());
+        at += len as u64;
+    }
+    Ok((sums, whole.finalize().into()))
 }
