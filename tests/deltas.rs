@@ -1,3 +1,4 @@
+#![cfg(unix)]
 //! Versions that cost what changed (issue 21): an upload sends only the
 //! segments that differ from the file's previous version, plus a manifest,
 //! and every version reads back from the grid alone.
