@@ -79,6 +79,20 @@ fn a_4k_edit_of_a_large_file_adds_two_segments_and_a_manifest() {
     let m = home.mount(&[]);
     assert!(std::fs::read(m.file("big")).unwrap() == data);
     assert!(m.unmount().success());
+
+    // A new machine recovering the drive reads it too.
+    let other = Home::empty();
+    let root = other.file("root.txt");
+    std::fs::write(&root, home.root_cap()).unwrap();
+    let config = home.file("config.toml");
+    other.ok(&[
+        "recover",
+        "--root-cap-file",
+        root.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(other.get_bytes("/big").unwrap() == data);
 }
 
 /// 100 random edits of a 64 MiB file (overwrites, appends, truncations),
