@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::{Capability, FileCap, Hash, StorageIndex, VersionDecoder, FOOTER_LEN};
 use crate::grid::Grid;
-use crate::manifest::Manifest;
+use crate::manifest::{self, Manifest};
 
 /// Segments fetched ahead of the one being written out.
 pub const READ_AHEAD: usize = 16;
@@ -447,8 +447,16 @@ impl FileReader {
                 manifest_at,
                 own: c,
             } => {
-                let bytes =
-                    read_range(&own, *manifest_at, c.layout.size - manifest_at, &RecentSegments::new(1)).await?;
+                // Its fixed part first: what it says bounds what is read.
+                let recent = RecentSegments::new(1);
+                let len = c.layout.size - manifest_at;
+                let fixed = read_range(&own, *manifest_at, len.min(manifest::FIXED_LEN as u64), &recent).await?;
+                if len > manifest::max_len(&fixed)? {
+                    return Err(DownloadError::Codec(crate::codec::CodecError::Capability(
+                        "the manifest is longer than its segments need".into(),
+                    )));
+                }
+                let bytes = read_range(&own, *manifest_at, len, &recent).await?;
                 let manifest = Manifest::parse(&bytes, c, *manifest_at)?;
                 if manifest.size != *size {
                     return Err(DownloadError::Codec(crate::codec::CodecError::Capability(format!(
@@ -536,7 +544,14 @@ impl FileReader {
     /// Segment `j` of a mapped version, from the object holding it,
     /// checked against the manifest's hash of it.
     async fn segment(&self, m: &Mapped, j: u64, recent: &RecentSegments) -> Result<Vec<u8>, DownloadError> {
-        let e = m.manifest.segments[j as usize];
+        // The catalog's size of a version (from another machine's record)
+        // may say more than its manifest.
+        let e = *m.manifest.segments.get(j as usize).ok_or_else(|| {
+            DownloadError::Codec(crate::codec::CodecError::Capability(format!(
+                "segment {j} is past the manifest's {} segments",
+                m.manifest.segments.len()
+            )))
+        })?;
         let reader = match e.object {
             0 => self.own.clone(),
             i => {

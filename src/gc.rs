@@ -91,21 +91,37 @@ pub fn plan(
             }
         }
     }
+    // A version whose own object a retained one uses cannot go: it stays
+    // whole, with every object it uses (which may hold more), so that
+    // every object left is some committed version's own, which repair
+    // walks, and every committed version stays readable.
+    let mut pending = candidates;
+    loop {
+        let before = pending.len();
+        let mut rest = Vec::new();
+        for (v, objects) in pending {
+            if !retained.contains(&own_object(v)) {
+                rest.push((v, objects));
+                continue;
+            }
+            match objects {
+                Some(objects) => retained.extend(objects.into_iter().map(|(o, _)| o)),
+                None => out.blocked.push(format!("file {} version {}", v.ino, v.num)),
+            }
+        }
+        pending = rest;
+        if pending.len() == before {
+            break;
+        }
+    }
     if !out.blocked.is_empty() {
         return out;
     }
-    // A version whose objects are unknown stays, with its own object, for
-    // a later gc.
-    for (v, _) in candidates.iter().filter(|(_, objects)| objects.is_none()) {
-        if let Some(Ok(cap)) = v.cap.as_deref().map(str::parse::<FileCap>) {
-            retained.insert(cap.stored().to_string());
-        }
-    }
     let mut caps: HashSet<String> = HashSet::new();
-    for (v, objects) in candidates {
-        let Some(objects) = objects else { continue };
-        // A pack goes only when no retained version lies in it; a version
-        // none of whose objects goes stays whole and readable.
+    for (v, objects) in pending {
+        // Its own object goes; what else it used is other versions' own,
+        // and goes (or stays) with them.
+        let objects = objects.unwrap_or_else(|| vec![(own_object(v), v.size)]);
         let going: Vec<String> = objects
             .into_iter()
             .filter(|(object, _)| !retained.contains(object))
@@ -116,9 +132,7 @@ pub fn plan(
                 object
             })
             .collect();
-        if !going.is_empty() {
-            out.versions.push((v.ino, v.num, going));
-        }
+        out.versions.push((v.ino, v.num, going));
     }
     for (i, ns) in namespaces.iter().enumerate() {
         // `namespaces` comes newest first.
@@ -130,6 +144,15 @@ pub fn plan(
     out.caps = caps.into_iter().collect();
     out.caps.sort();
     out
+}
+
+/// The encoded version a file version's capability names: its own, its
+/// pack, or a mapped version's own object.
+fn own_object(v: &Version) -> String {
+    let cap = v.cap.as_deref().expect("committed");
+    cap.parse::<FileCap>()
+        .map(|c| c.stored().to_string())
+        .unwrap_or_else(|_| cap.to_owned())
 }
 
 /// The encoded versions holding a file version's bytes (its own or its
@@ -402,20 +425,26 @@ mod tests {
         unknown.remove(&m3);
         let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &unknown);
         assert!(p.caps.is_empty() && !p.blocked.is_empty(), "{p:?}");
-        // ... while one that would go anyway stays, with its own object.
+        // ... while one that goes anyway goes with its own object.
         let mut unknown = mapped.clone();
         unknown.remove(&m1);
         let p = plan(&old, &|_| false, &[], &rules(1, 30), 1000 * NS_PER_DAY, &unknown);
-        assert_eq!(
-            p.caps,
-            [obj(2).0, obj(3).0]
-                .into_iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>(),
-            "{p:?}"
-        );
-        assert_eq!(p.versions.iter().map(|x| x.1).collect::<Vec<_>>(), vec![3, 2]);
+        assert_eq!(p.caps.len(), 3, "{p:?}");
+        assert_eq!(p.versions.len(), 3);
+        // A version whose own object a kept one uses stays whole, with
+        // what it takes from others: 3 is kept; 2 (whose object 3 uses)
+        // stays, and so does 1 (which 2 uses) ...
+        let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &mapped);
+        assert!(p.caps.is_empty() && p.versions.is_empty(), "{p:?}");
+        // ... but not when 2 takes nothing from 1.
+        let apart: MappedObjects = [
+            (m1.clone(), vec![obj(1)]),
+            (m2.clone(), vec![obj(2)]),
+            (m3.clone(), vec![obj(3), obj(2)]),
+        ]
+        .into();
+        let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &apart);
+        assert_eq!(p.caps, vec![obj(1).0], "{p:?}");
     }
 
     #[test]

@@ -797,6 +797,11 @@ fn gc(home: &Home, dry_run: bool, json: bool) -> Result<ExitCode> {
     let config = home.config()?;
     let grid = Arc::new(home.grid()?);
     let catalog = home.catalog()?;
+    // Its catalog no longer hears its twin's versions, which share the
+    // segments it would thin away.
+    if let Some(why) = catalog.meta(cairn::vfs::META_CLONED)? {
+        bail!("this machine no longer syncs ({why}): run gc on a machine that does");
+    }
     let report = runtime()?.block_on(cairn::gc::collect(&grid, &catalog, &config.retention, dry_run))?;
     catalog.commit()?;
     if json {
@@ -967,7 +972,7 @@ fn check(home: &Home, path: Option<String>, cap: Option<String>, json: bool) -> 
 }
 
 fn repair(home: &Home, path: Option<String>, cap: Option<String>, all: bool, json: bool) -> Result<ExitCode> {
-    // With --all, every object is some version's own.
+    // With --all: gc leaves no object that is not some committed version's own.
     let caps: Vec<FileCap> = if all {
         let versions = home.catalog()?.committed_versions()?;
         let mut seen = std::collections::HashSet::new();

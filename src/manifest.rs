@@ -16,7 +16,7 @@ use crate::codec::{Capability, CodecError, MAX_SEGMENTS};
 
 pub const MAGIC: &[u8; 8] = b"CAIRNMF1";
 /// Fixed part: magic, size, segment size, SHA-256, object count.
-const FIXED_LEN: usize = 8 + 8 + 4 + 32 + 4;
+pub const FIXED_LEN: usize = 8 + 8 + 4 + 32 + 4;
 const ENTRY_LEN: usize = 4 + 8 + 32;
 const MAX_CAP_LEN: usize = 512;
 
@@ -45,6 +45,25 @@ pub struct Manifest {
 
 fn bad(what: impl Into<String>) -> CodecError {
     CodecError::Capability(format!("manifest: {}", what.into()))
+}
+
+/// The most bytes a manifest whose fixed part is `fixed` can take: read
+/// before the rest, so a capability naming a huge "manifest" is refused
+/// before it is fetched.
+pub fn max_len(fixed: &[u8]) -> Result<u64, CodecError> {
+    let mut r = Reader { bytes: fixed, at: 0 };
+    if r.take(8)? != MAGIC {
+        return Err(bad("bad magic"));
+    }
+    let size = r.u64()?;
+    let segment_size = r.u32()?;
+    if segment_size == 0 {
+        return Err(bad("bad segment size"));
+    }
+    let count = size.div_ceil(segment_size as u64).min(MAX_SEGMENTS);
+    r.take(32)?;
+    let objects = (r.u32()? as u64).min(count);
+    Ok(FIXED_LEN as u64 + objects * (2 + MAX_CAP_LEN as u64) + count * ENTRY_LEN as u64)
 }
 
 impl Manifest {
@@ -96,7 +115,7 @@ impl Manifest {
         if n_objects > count {
             return Err(bad("more objects than segments"));
         }
-        let mut objects = Vec::with_capacity(n_objects as usize);
+        let mut objects = Vec::with_capacity((n_objects as usize).min(1024));
         for _ in 0..n_objects {
             let len = r.u16()? as usize;
             if len > MAX_CAP_LEN {
@@ -288,6 +307,10 @@ mod tests {
         };
         let bytes = m.to_bytes();
         assert_eq!(Manifest::parse(&bytes, &own, 6).unwrap(), m);
+        // Its fixed part bounds it, before the rest is fetched.
+        let bound = max_len(&bytes[..FIXED_LEN]).unwrap();
+        assert!(bytes.len() as u64 <= bound && bound < 1024, "{bound}");
+        assert!(max_len(&bytes[..FIXED_LEN - 1]).is_err());
     }
 
     #[test]

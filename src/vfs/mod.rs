@@ -27,7 +27,7 @@ mod xattr;
 
 pub use error::{ErrorKind, GridError, VfsError, VfsResult};
 pub use namespace::StatFs;
-pub use sync::SyncReport;
+pub use sync::{SyncReport, META_CLONED};
 pub use uploads::{QueueEntry, Status, Synced};
 
 use namespace::ToFree;

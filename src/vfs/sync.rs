@@ -35,7 +35,7 @@ const PRUNE_PER_PASS: u64 = 1024;
 const META_REVOKE: &str = "sync_revoke";
 /// Why this machine stopped publishing: another signs as it (a copied or
 /// restored home). Set once, never cleared: the fix is a new home.
-const META_CLONED: &str = "sync_cloned";
+pub const META_CLONED: &str = "sync_cloned";
 /// A full look at every device's head at least this often, even if no
 /// doorbell rang (a server may keep an old bell).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -61,7 +61,7 @@ pub(super) struct Devices {
     /// `[sync] checkpoint_kib`, in bytes.
     checkpoint_min: u64,
     /// `[retention] keep_days`: how long a day's checkpoint is kept.
-    pub(super) keep_days: u32,
+    keep_days: u32,
     /// The log bytes since the last checkpoint when one came out too large
     /// to make (checkpoint::MAX_BYTES): not tried again until they double.
     too_large_at: AtomicU64,
@@ -548,18 +548,32 @@ impl Vfs {
     /// another machine signs as it (its home copied, or restored from an
     /// older backup): both would write one record number with other
     /// bytes, and every other machine stops at such a fork. Its own head
-    /// on the servers says a record this machine does not have, or
-    /// `next` (the record about to be placed) is already there, signed,
-    /// with other bytes.
+    /// on the servers says a record this machine does not have, or the
+    /// record that head names or `next` (the record about to be placed)
+    /// is on some server, signed, with other bytes.
     async fn alone_as_me(self: &Arc<Self>, next: Option<(u64, &[u8])>) -> VfsResult<()> {
         self.not_cloned().await?;
         let (root, me) = (&self.devices.root, &self.devices.me);
-        let mut why = match remote::own_head(&self.grid, root, me.id, &me.public()).await {
-            Some(head) => self.not_my_head(&head).await?,
+        let head = remote::own_head(&self.grid, root, me.id, &me.public()).await;
+        let mut why = match &head {
+            Some(head) => self.not_my_head(head).await?,
             None => None,
         };
-        if let (None, Some((seq, bytes))) = (&why, next) {
-            why = remote::signed_by_another(&self.grid, root, me.id, &me.public(), seq, bytes).await;
+        // The record the head names, as each server holds it: two copies
+        // that both passed this check before either placed it leave a mix.
+        let named = match (&why, &head) {
+            (None, Some(head)) => {
+                let seq = head.seq;
+                self.blocking(move |vfs| Ok(store::record(&vfs.lock().catalog, vfs.devices.me.id, seq)?))
+                    .await?
+                    .map(|bytes| (seq, bytes))
+            }
+            _ => None,
+        };
+        for (seq, bytes) in named.iter().map(|(s, b)| (*s, b.as_slice())).chain(next) {
+            if why.is_none() {
+                why = remote::signed_by_another(&self.grid, root, me.id, &me.public(), seq, bytes).await;
+            }
         }
         match why {
             Some(why) => Err(self.found_cloned(why).await?),

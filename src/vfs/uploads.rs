@@ -624,12 +624,21 @@ impl Vfs {
             .map(|&j| (j * segment as u64, (size - j * segment as u64).min(segment as u64)))
             .collect();
         let manifest_at: u64 = ranges.iter().map(|(_, len)| len).sum();
+        let expect = plan
+            .fresh
+            .iter()
+            .zip(&ranges)
+            .map(|(&j, &(_, len))| (len, sums[j as usize]))
+            .collect();
+        let fresh = Checked {
+            inner: job.version.ranges(ranges),
+            expect,
+            hasher: sha2::Sha256::default(),
+            got: 0,
+        };
         let source = upload::Source {
             size: manifest_at + manifest.len() as u64,
-            reader: Box::new(std::io::Read::chain(
-                job.version.ranges(ranges),
-                std::io::Cursor::new(manifest),
-            )),
+            reader: Box::new(std::io::Read::chain(fresh, std::io::Cursor::new(manifest))),
         };
         let result = upload::upload(
             &self.grid,
@@ -667,24 +676,22 @@ impl Vfs {
     }
 
     /// The version a new upload of `job`'s file takes unchanged segments
-    /// from, with its manifest: the newest earlier committed mapped one
-    /// made less than half of `keep_days` ago. `cairn gc` (on any machine)
-    /// collects only versions older than `keep_days`, so the segments
-    /// shared stay on the grid at least that long again, long enough for
-    /// this version to be committed and known. None (every segment is
-    /// sent) if there is none or its manifest cannot be read now.
+    /// from, with its manifest: the file's newest committed version, if it
+    /// is mapped. gc keeps a live file's newest version whatever its age,
+    /// and every object any retained version uses; an older one (the file
+    /// went through packed versions since) may be thinned away meanwhile,
+    /// so then every segment is sent, as it is when the manifest cannot be
+    /// read now.
     async fn delta_base(self: &Arc<Self>, job: &QueuedVersion) -> Option<(Manifest, Capability)> {
         let (ino, num) = job.key();
-        let young_ns = self.devices.keep_days as i64 * 86_400 * 1_000_000_000 / 2;
         let base = self
             .blocking(move |vfs| {
                 let versions = vfs.lock().catalog.versions(ino)?;
-                let now = crate::catalog::now_ns();
                 Ok(versions
                     .into_iter()
-                    .filter(|v| v.num < num && v.state == VersionState::Committed && now - v.created_ns < young_ns)
-                    .filter_map(|v| v.cap?.parse::<FileCap>().ok())
-                    .rfind(|cap| matches!(cap, FileCap::Mapped { .. })))
+                    .rfind(|v| v.num < num && v.state == VersionState::Committed)
+                    .and_then(|v| v.cap?.parse::<FileCap>().ok())
+                    .filter(|cap| matches!(cap, FileCap::Mapped { .. })))
             })
             .await
             .ok()??;
@@ -695,6 +702,45 @@ impl Vfs {
                 None
             }
         }
+    }
+}
+
+/// The segments an upload sends, as it reads them, each checked against
+/// the hash its manifest records (taken by an earlier read): a chunk
+/// changed in the cache between the two reads fails the upload rather
+/// than commit a version its manifest contradicts.
+struct Checked {
+    inner: crate::stage::chunks::SealedReader,
+    /// (length, SHA-256) of each segment still to read, in order.
+    expect: std::collections::VecDeque<(u64, manifest::Hash)>,
+    hasher: sha2::Sha256,
+    got: u64,
+}
+
+impl std::io::Read for Checked {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            let Some(&(len, sum)) = self.expect.front() else {
+                return Err(std::io::Error::other("the sealed version holds more than its segments"));
+            };
+            let take = ((len - self.got) as usize).min(data.len());
+            self.hasher.update(&data[..take]);
+            (self.got, data) = (self.got + take as u64, &data[take..]);
+            if self.got == len {
+                if <[u8; 32]>::from(std::mem::take(&mut self.hasher).finalize()) != sum {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a segment of the sealed version changed while it was uploaded: the staging cache was damaged",
+                    ));
+                }
+                self.expect.pop_front();
+                self.got = 0;
+            }
+        }
+        Ok(n)
     }
 }
 
