@@ -189,3 +189,50 @@ fn random_edits_of_a_64_mib_file_read_back_and_gc_keeps_what_is_shared() {
     let again: serde_json::Value = serde_json::from_str(&home.ok(&["gc", "--json"])).unwrap();
     assert_eq!(again["plan"]["caps"].as_array().unwrap().len(), 0, "{again}");
 }
+
+/// A file stored whole by an older cairn (a `chk1` version, as `cairn put`
+/// still writes) is edited through the mount: the edit is sent whole once,
+/// as a mapped version, and both read back. A mapped version whose
+/// earlier object is gone from every server is an error, never other bytes.
+#[test]
+fn a_whole_version_edited_becomes_mapped_and_a_lost_segment_object_is_an_error() {
+    let home = Home::init(&[]);
+    let mut data = common::bytes(3 * MIB + 100, 9);
+    let local = home.file("local");
+    std::fs::write(&local, &data).unwrap();
+    home.ok(&["put", local.to_str().unwrap(), "/old.bin"]);
+    let m = home.mount(&["--writeback-delay", "0"]);
+    pwrite(&m.file("old.bin"), 10, b"edited");
+    data[10..16].copy_from_slice(b"edited");
+    home.ok(&["sync"]);
+    let caps: Vec<String> = home
+        .versions("/old.bin")
+        .iter()
+        .map(|v| v["cap"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        caps[0].starts_with("cairn:chk1:") && caps[1].starts_with("cairn:map1:"),
+        "{caps:?}"
+    );
+    // One more edit takes the other segments from the first mapped version.
+    pwrite(&m.file("old.bin"), (2 * MIB) as u64, b"again");
+    data[2 * MIB..2 * MIB + 5].copy_from_slice(b"again");
+    home.ok(&["sync"]);
+    assert!(m.unmount().success());
+    assert!(home.get_bytes("/old.bin").unwrap() == data);
+
+    // The first mapped version's own object holds segments 0 and 1 of the
+    // newest: with its shares gone everywhere, the newest cannot be read.
+    let shares = home.shares_of("/old.bin");
+    let first_mapped: cairn::codec::FileCap = caps[1].parse().unwrap();
+    let si = first_mapped.stored().storage_index().to_string();
+    let mut gone = 0;
+    for p in shares.iter().filter(|p| p.to_string_lossy().contains(&si)) {
+        std::fs::remove_file(p).unwrap();
+        gone += 1;
+    }
+    assert!(gone >= 3, "{gone} shares of {si} among {shares:?}");
+    let err = home.get_bytes("/old.bin").unwrap_err();
+    assert!(err.contains("valid shares"), "{err}");
+    assert!(!home.cairn(&["check", "/old.bin"]).status.success());
+}
