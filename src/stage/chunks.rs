@@ -223,6 +223,9 @@ impl Read for SealedReader {
         let Some(&(offset, left)) = self.ranges.iter().find(|(_, len)| *len > 0) else {
             return Ok(0);
         };
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let take = (left as usize).min(buf.len());
         let buf = &mut buf[..take];
         let (index, within) = (offset / v.chunk_size, offset % v.chunk_size);
