@@ -294,6 +294,11 @@ mod tests {
         }
     }
 
+    /// `plan` of live (or deleted) files' `versions` on day 1000.
+    fn planned(versions: &[Version], alive: bool, rules: &RetentionConfig, mapped: &MappedObjects) -> Plan {
+        plan(versions, &|_| alive, &[], rules, 1000 * NS_PER_DAY, mapped)
+    }
+
     fn rules(keep_versions: u32, keep_days: u32) -> RetentionConfig {
         RetentionConfig {
             keep_versions,
@@ -337,25 +342,11 @@ mod tests {
     #[test]
     fn keeps_the_newest_the_last_n_and_the_young() {
         let versions: Vec<Version> = (1..=6).map(|n| v(10, n, &format!("c{n}"), 100 - n)).collect();
-        let p = plan(
-            &versions,
-            &|_| true,
-            &[],
-            &rules(2, 96),
-            1000 * NS_PER_DAY,
-            &HashMap::new(),
-        );
+        let p = planned(&versions, true, &rules(2, 96), &HashMap::new());
         // 6 and 5 are the last two; 4 (96 days old) is not young; 5 and 6 are.
         let collected: Vec<i64> = p.versions.iter().map(|x| x.1).collect();
         assert_eq!(collected, vec![4, 3, 2, 1]);
-        let p = plan(
-            &versions,
-            &|_| true,
-            &[],
-            &rules(0, 0),
-            1000 * NS_PER_DAY,
-            &HashMap::new(),
-        );
+        let p = planned(&versions, true, &rules(0, 0), &HashMap::new());
         assert!(!p.versions.iter().any(|x| x.1 == 6), "the newest is always kept");
     }
 
@@ -363,14 +354,7 @@ mod tests {
     fn a_capability_still_used_by_a_retained_version_is_never_collected() {
         // Version 3 is a restore of version 1: same capability.
         let versions = vec![v(1, 1, "shared", 90), v(1, 2, "old", 80), v(1, 3, "shared", 1)];
-        let p = plan(
-            &versions,
-            &|_| true,
-            &[],
-            &rules(1, 30),
-            1000 * NS_PER_DAY,
-            &HashMap::new(),
-        );
+        let p = planned(&versions, true, &rules(1, 30), &HashMap::new());
         assert_eq!(p.caps, vec!["old".to_string()]);
         assert!(p.versions.iter().all(|x| x.2 != ["shared"]));
     }
@@ -378,14 +362,7 @@ mod tests {
     #[test]
     fn deleted_files_keep_only_young_versions() {
         let versions = vec![v(7, 1, "a", 40), v(7, 2, "b", 5)];
-        let p = plan(
-            &versions,
-            &|_| false,
-            &[],
-            &rules(10, 30),
-            1000 * NS_PER_DAY,
-            &HashMap::new(),
-        );
+        let p = planned(&versions, false, &rules(10, 30), &HashMap::new());
         assert_eq!(p.caps, vec!["a".to_string()]);
     }
 
@@ -413,28 +390,28 @@ mod tests {
         ]
         .into();
         let versions = vec![v(1, 1, &m1, 90), v(1, 2, &m2, 80), v(1, 3, &m3, 1)];
-        let p = plan(&versions, &|_| true, &[], &rules(1, 30), 1000 * NS_PER_DAY, &mapped);
+        let p = planned(&versions, true, &rules(1, 30), &mapped);
         assert!(p.caps.is_empty() && p.versions.is_empty(), "{p:?}");
         // The file deleted long ago: every object goes.
         let old = vec![v(1, 1, &m1, 90), v(1, 2, &m2, 80), v(1, 3, &m3, 70)];
-        let p = plan(&old, &|_| false, &[], &rules(1, 30), 1000 * NS_PER_DAY, &mapped);
+        let p = planned(&old, false, &rules(1, 30), &mapped);
         assert_eq!(p.caps.len(), 3);
         assert_eq!(p.bytes, 120);
         // A retained version whose manifest was not read blocks it all.
         let mut unknown = mapped.clone();
         unknown.remove(&m3);
-        let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &unknown);
+        let p = planned(&versions, true, &rules(0, 0), &unknown);
         assert!(p.caps.is_empty() && !p.blocked.is_empty(), "{p:?}");
         // ... while one that goes anyway goes with its own object.
         let mut unknown = mapped.clone();
         unknown.remove(&m1);
-        let p = plan(&old, &|_| false, &[], &rules(1, 30), 1000 * NS_PER_DAY, &unknown);
+        let p = planned(&old, false, &rules(1, 30), &unknown);
         assert_eq!(p.caps.len(), 3, "{p:?}");
         assert_eq!(p.versions.len(), 3);
         // A version whose own object a kept one uses stays whole, with
         // what it takes from others: 3 is kept; 2 (whose object 3 uses)
         // stays, and so does 1 (which 2 uses) ...
-        let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &mapped);
+        let p = planned(&versions, true, &rules(0, 0), &mapped);
         assert!(p.caps.is_empty() && p.versions.is_empty(), "{p:?}");
         // ... but not when 2 takes nothing from 1.
         let apart: MappedObjects = [
@@ -443,7 +420,7 @@ mod tests {
             (m3.clone(), vec![obj(3), obj(2)]),
         ]
         .into();
-        let p = plan(&versions, &|_| true, &[], &rules(0, 0), 1000 * NS_PER_DAY, &apart);
+        let p = planned(&versions, true, &rules(0, 0), &apart);
         assert_eq!(p.caps, vec![obj(1).0], "{p:?}");
     }
 

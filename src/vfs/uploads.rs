@@ -748,27 +748,16 @@ impl std::io::Read for Checked {
 /// whole, from its bytes as read (checked against the cache's sums).
 fn segment_sums(version: &SealedVersion, segment: u64) -> std::io::Result<(Vec<manifest::Hash>, manifest::Hash)> {
     use sha2::Digest;
+    use std::io::Read;
     let mut whole = sha2::Sha256::new();
     let mut sums = Vec::with_capacity(version.size.div_ceil(segment) as usize);
     let mut buf = vec![0; segment as usize];
-    let mut at = 0;
-    while at < version.size {
-        let len = (version.size - at).min(segment) as usize;
-        let mut done = 0;
-        while done < len {
-            match version.read_at(at + done as u64, &mut buf[done..len])? {
-                0 => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "sealed version cut short",
-                    ))
-                }
-                n => done += n,
-            }
-        }
-        whole.update(&buf[..len]);
-        sums.push(sha2::Sha256::digest(&buf[..len]).into());
-        at += len as u64;
+    let mut reader = version.reader();
+    for j in 0..version.size.div_ceil(segment) {
+        let piece = &mut buf[..(version.size - j * segment).min(segment) as usize];
+        reader.read_exact(piece)?;
+        whole.update(&piece[..]);
+        sums.push(sha2::Sha256::digest(&piece[..]).into());
     }
     Ok((sums, whole.finalize().into()))
 }
