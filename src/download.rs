@@ -400,7 +400,7 @@ async fn write_mapped(
         progress.advance(segment.len() as u64);
     }
     let actual: Hash = hasher.finalize().into();
-    if actual != manifest.sha256 {
+    if manifest.sha256.is_some_and(|whole| whole != actual) {
         return Err(DownloadError::PlaintextMismatch);
     }
     Ok(actual)

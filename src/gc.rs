@@ -54,6 +54,7 @@ pub fn plan(
     rules: &RetentionConfig,
     now_ns: i64,
     mapped: &MappedObjects,
+    pinned: &HashSet<(Ino, i64)>,
 ) -> Plan {
     let days = rules.keep_days as i64 * NS_PER_DAY;
     let young = |created_ns: i64| now_ns - created_ns < days;
@@ -83,7 +84,8 @@ pub fn plan(
             } else {
                 false
             };
-            let keep = by_time || (alive && (i == 0 || i < rules.keep_versions as usize));
+            let keep =
+                by_time || (alive && (i == 0 || i < rules.keep_versions as usize)) || pinned.contains(&(v.ino, v.num));
             match (keep, objects_of(v, mapped)) {
                 (true, Some(objects)) => retained.extend(objects.into_iter().map(|(o, _)| o)),
                 (true, None) => out.blocked.push(format!("file {} version {}", v.ino, v.num)),
@@ -207,6 +209,7 @@ pub async fn collect(
     grid: &Arc<Grid>,
     catalog: &Catalog,
     rules: &RetentionConfig,
+    pinned: &HashSet<(Ino, i64)>,
     dry_run: bool,
 ) -> Result<Report, CatalogError> {
     let versions = catalog.committed_versions()?;
@@ -219,6 +222,7 @@ pub async fn collect(
         rules,
         crate::catalog::now_ns(),
         &mapped,
+        pinned,
     );
     let mut report = Report::default();
     let mut done: HashSet<String> = HashSet::new();
@@ -296,7 +300,15 @@ mod tests {
 
     /// `plan` of live (or deleted) files' `versions` on day 1000.
     fn planned(versions: &[Version], alive: bool, rules: &RetentionConfig, mapped: &MappedObjects) -> Plan {
-        plan(versions, &|_| alive, &[], rules, 1000 * NS_PER_DAY, mapped)
+        plan(
+            versions,
+            &|_| alive,
+            &[],
+            rules,
+            1000 * NS_PER_DAY,
+            mapped,
+            &HashSet::new(),
+        )
     }
 
     fn rules(keep_versions: u32, keep_days: u32) -> RetentionConfig {
@@ -318,7 +330,15 @@ mod tests {
                 ..v(1, i + 1, &format!("c{i}"), 0)
             })
             .collect();
-        let p = plan(&versions, &|_| true, &[], &rules(10, 30), now, &HashMap::new());
+        let p = plan(
+            &versions,
+            &|_| true,
+            &[],
+            &rules(10, 30),
+            now,
+            &HashMap::new(),
+            &HashSet::new(),
+        );
         let kept = versions.len() - p.versions.len();
         // 60 of the last hour, one for each of the 23 hours before (the
         // hour the last 60 minutes began in counts once), one for each
@@ -335,7 +355,15 @@ mod tests {
             assert!(alive(*in_hour.iter().min().unwrap()), "the newest of hour {h}");
         }
         // With keep_days = 0 nothing is kept by age: only the newest 10.
-        let p = plan(&versions, &|_| true, &[], &rules(10, 0), now, &HashMap::new());
+        let p = plan(
+            &versions,
+            &|_| true,
+            &[],
+            &rules(10, 0),
+            now,
+            &HashMap::new(),
+            &HashSet::new(),
+        );
         assert_eq!(versions.len() - p.versions.len(), 10);
     }
 
@@ -434,7 +462,15 @@ mod tests {
                 created_ns: 0,
             })
             .collect();
-        let p = plan(&[], &|_| true, &ns, &rules(10, 30), 1000 * NS_PER_DAY, &HashMap::new());
+        let p = plan(
+            &[],
+            &|_| true,
+            &ns,
+            &rules(10, 30),
+            1000 * NS_PER_DAY,
+            &HashMap::new(),
+            &HashSet::new(),
+        );
         let seqs: Vec<u64> = p.namespaces.iter().map(|x| x.0).collect();
         assert_eq!(seqs, vec![3, 2, 1]);
     }

@@ -802,7 +802,23 @@ fn gc(home: &Home, dry_run: bool, json: bool) -> Result<ExitCode> {
     if let Some(why) = catalog.meta(cairn::vfs::META_CLONED)? {
         bail!("this machine no longer syncs ({why}): run gc on a machine that does");
     }
-    let report = runtime()?.block_on(cairn::gc::collect(&grid, &catalog, &config.retention, dry_run))?;
+    // A staged version that took chunks from a committed one the cache
+    // no longer holds reads them from the grid until its own upload.
+    let cache = home.dir.join("cache");
+    let mut pinned = std::collections::HashSet::new();
+    for v in catalog.staged()? {
+        let dir = cairn::stage::recovery::version_dir(&cache, v.ino, v.num);
+        let sealed = cairn::stage::chunks::SealedVersion::open(dir, v.size, config.params().segment_size as u64);
+        if let Some(layer) = sealed.layer()? {
+            pinned.extend(
+                layer
+                    .from
+                    .iter()
+                    .filter_map(|s| cairn::stage::recovery::version_dir_key(&s.dir)),
+            );
+        }
+    }
+    let report = runtime()?.block_on(cairn::gc::collect(&grid, &catalog, &config.retention, &pinned, dry_run))?;
     catalog.commit()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -15,6 +15,10 @@ use crate::codec::{Capability, CodecError, MAX_SEGMENTS};
 // (as a whole version: 4 TiB in 1 MiB segments), so about 185 MB.
 
 pub const MAGIC: &[u8; 8] = b"CAIRNMF1";
+/// The same layout, with no SHA-256 of the whole file (all zeros): written
+/// when the uploader never held every byte (an edit of a file not in the
+/// cache). Each segment is still checked by its own hash.
+pub const MAGIC_NO_WHOLE: &[u8; 8] = b"CAIRNMF2";
 /// Fixed part: magic, size, segment size, SHA-256, object count.
 pub const FIXED_LEN: usize = 8 + 8 + 4 + 32 + 4;
 const ENTRY_LEN: usize = 4 + 8 + 32;
@@ -36,8 +40,9 @@ pub struct Entry {
 pub struct Manifest {
     pub size: u64,
     pub segment_size: u32,
-    /// SHA-256 of the whole file.
-    pub sha256: Hash,
+    /// SHA-256 of the whole file, when the version was made with every
+    /// byte at hand.
+    pub sha256: Option<Hash>,
     /// Earlier encoded versions this one takes segments from.
     pub objects: Vec<Capability>,
     pub segments: Vec<Entry>,
@@ -52,9 +57,7 @@ fn bad(what: impl Into<String>) -> CodecError {
 /// before it is fetched.
 pub fn max_len(fixed: &[u8]) -> Result<u64, CodecError> {
     let mut r = Reader { bytes: fixed, at: 0 };
-    if r.take(8)? != MAGIC {
-        return Err(bad("bad magic"));
-    }
+    r.magic()?;
     let size = r.u64()?;
     let segment_size = r.u32()?;
     if segment_size == 0 {
@@ -74,10 +77,10 @@ impl Manifest {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(FIXED_LEN + self.segments.len() * ENTRY_LEN);
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(if self.sha256.is_some() { MAGIC } else { MAGIC_NO_WHOLE });
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.segment_size.to_le_bytes());
-        out.extend_from_slice(&self.sha256);
+        out.extend_from_slice(&self.sha256.unwrap_or_default());
         out.extend_from_slice(&(self.objects.len() as u32).to_le_bytes());
         for cap in &self.objects {
             let cap = cap.to_string();
@@ -98,9 +101,7 @@ impl Manifest {
     /// object, so nothing read through a manifest can be out of bounds.
     pub fn parse(bytes: &[u8], own: &Capability, own_data_len: u64) -> Result<Manifest, CodecError> {
         let mut r = Reader { bytes, at: 0 };
-        if r.take(8)? != MAGIC {
-            return Err(bad("bad magic"));
-        }
+        let whole = r.magic()?;
         let size = r.u64()?;
         let segment_size = r.u32()?;
         if segment_size == 0 || segment_size > crate::codec::MAX_SEGMENT_SIZE {
@@ -111,6 +112,7 @@ impl Manifest {
             return Err(bad("too many segments"));
         }
         let sha256: Hash = r.take(32)?.try_into().expect("32 bytes");
+        let sha256 = whole.then_some(sha256);
         let n_objects = r.u32()? as u64;
         if n_objects > count {
             return Err(bad("more objects than segments"));
@@ -171,6 +173,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Reads the magic: whether the manifest holds the whole file's SHA-256.
+    fn magic(&mut self) -> Result<bool, CodecError> {
+        match self.take(8)? {
+            m if m == MAGIC => Ok(true),
+            m if m == MAGIC_NO_WHOLE => Ok(false),
+            _ => Err(bad("bad magic")),
+        }
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or_else(|| bad("truncated"))?;
@@ -221,7 +231,7 @@ pub fn plan(size: u64, segment_size: u32, sums: &[Hash], base: Option<&Manifest>
 pub fn build(
     size: u64,
     segment_size: u32,
-    sha256: Hash,
+    sha256: Option<Hash>,
     sums: &[Hash],
     plan: &Plan,
     base: Option<(&Manifest, &Capability)>,
@@ -285,7 +295,7 @@ mod tests {
         let m = Manifest {
             size: 10,
             segment_size: 4,
-            sha256: [7; 32],
+            sha256: Some([7; 32]),
             objects: vec![cap(8, 2)],
             segments: vec![
                 Entry {
@@ -311,6 +321,12 @@ mod tests {
         let bound = max_len(&bytes[..FIXED_LEN]).unwrap();
         assert!(bytes.len() as u64 <= bound && bound < 1024, "{bound}");
         assert!(max_len(&bytes[..FIXED_LEN - 1]).is_err());
+        // Made without every byte at hand: no whole SHA-256, said by its magic.
+        let no_whole = Manifest { sha256: None, ..m };
+        let bytes = no_whole.to_bytes();
+        assert_eq!(&bytes[..8], MAGIC_NO_WHOLE);
+        assert_eq!(Manifest::parse(&bytes, &own, 6).unwrap(), no_whole);
+        assert!(max_len(&bytes[..FIXED_LEN]).is_ok());
     }
 
     #[test]
@@ -324,7 +340,7 @@ mod tests {
         let m = |segments| Manifest {
             size: 8,
             segment_size: 4,
-            sha256: [0; 32],
+            sha256: Some([0; 32]),
             objects: vec![cap(8, 2)],
             segments,
         };
@@ -353,7 +369,7 @@ mod tests {
         let first = plan(v1.len() as u64, s, &sums(&v1, 4), None);
         assert_eq!(first.fresh, vec![0, 1, 2, 3]);
         let own1 = cap(100, 1);
-        let m1 = build(14, s, [1; 32], &sums(&v1, 4), &first, None);
+        let m1 = build(14, s, Some([1; 32]), &sums(&v1, 4), &first, None);
         assert!(m1.objects.is_empty());
 
         // One byte changed in segment 1; the file grew by a byte (the last
@@ -361,7 +377,7 @@ mod tests {
         let v2 = b"aaaabXbbccccddd".to_vec();
         let p2 = plan(v2.len() as u64, s, &sums(&v2, 4), Some(&m1));
         assert_eq!(p2.fresh, vec![1, 3]);
-        let m2 = build(15, s, [2; 32], &sums(&v2, 4), &p2, Some((&m1, &own1)));
+        let m2 = build(15, s, None, &sums(&v2, 4), &p2, Some((&m1, &own1)));
         assert_eq!(m2.objects, vec![own1.clone()]);
         assert_eq!(
             m2.segments[0],
@@ -399,7 +415,7 @@ mod tests {
         let v3 = b"aaaabXbbCcccddd".to_vec();
         let p3 = plan(v3.len() as u64, s, &sums(&v3, 4), Some(&m2));
         assert_eq!(p3.fresh, vec![2]);
-        let m3 = build(15, s, [3; 32], &sums(&v3, 4), &p3, Some((&m2, &own2)));
+        let m3 = build(15, s, Some([3; 32]), &sums(&v3, 4), &p3, Some((&m2, &own2)));
         assert_eq!(m3.objects, vec![own1, own2]);
         assert_eq!(
             m3.segments[1],

@@ -95,6 +95,70 @@ fn a_4k_edit_of_a_large_file_adds_two_segments_and_a_manifest() {
     assert!(other.get_bytes("/big").unwrap() == data);
 }
 
+/// Bytes of the chunk files in the staging cache (what it fetched or
+/// wrote), each file once whatever its hard links.
+fn cached_chunk_bytes(home: &Home) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for area in ["versions", "work"] {
+        let Ok(dirs) = std::fs::read_dir(home.path().join("cache").join(area)) else {
+            continue;
+        };
+        for dir in dirs.flatten().filter(|d| d.path().is_dir()) {
+            for chunk in std::fs::read_dir(dir.path()).unwrap().flatten() {
+                let meta = chunk.metadata().unwrap();
+                if chunk.file_name().to_string_lossy().parse::<u64>().is_ok() && seen.insert(meta.ino()) {
+                    total += meta.len();
+                }
+            }
+        }
+    }
+    total
+}
+
+/// An edit of a file the cache does not hold fetches the segments it
+/// reads or changes, not the file; its upload sends those segments and
+/// takes the rest (and their hashes) from the previous version on the
+/// grid. With no whole file at hand the version has no whole SHA-256, and
+/// every segment is still checked by its own.
+#[test]
+fn an_edit_of_a_file_not_in_the_cache_fetches_only_the_segments_it_changes() {
+    let home = Home::init(&[]);
+    let m = home.mount(&["--writeback-delay", "0"]);
+    let mut data = common::bytes(32 * MIB, 3);
+    std::fs::write(m.file("big"), &data).unwrap();
+    home.ok(&["sync"]);
+    assert!(m.unmount().success());
+    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
+
+    let m = home.mount(&["--writeback-delay", "0"]);
+    let grid_before = grid_bytes(&home);
+    // 4 KiB across the boundary of segments 4 and 5, then 100 bytes in
+    // segment 20 (over the first edit's version, itself not all cached).
+    let at = 5 * MIB - 2048;
+    pwrite(&m.file("big"), at as u64, &[9; 4096]);
+    data[at..at + 4096].fill(9);
+    home.ok(&["sync"]);
+    pwrite(&m.file("big"), (20 * MIB + 7) as u64, &[5; 100]);
+    data[20 * MIB + 7..][..100].fill(5);
+    home.ok(&["sync"]);
+    // Segments 4, 5 and 20, each fetched once and copied on write once.
+    let cached = cached_chunk_bytes(&home);
+    assert!(cached <= (6 * MIB) as u64, "the edits cached {cached} bytes");
+    let added = grid_bytes(&home) - grid_before;
+    let goal = (3 * MIB * 5 / 3 + 2 * 64 * 1024) as u64;
+    assert!(added <= goal, "added {added} bytes, goal {goal}");
+    let versions = home.versions("/big");
+    assert_eq!(versions.last().unwrap()["sha256"].as_str(), Some(""), "{versions:?}");
+    assert!(std::fs::read(m.file("big")).unwrap() == data);
+    assert!(m.unmount().success());
+
+    std::fs::remove_dir_all(home.path().join("cache")).unwrap();
+    assert!(home.get_bytes("/big").unwrap() == data);
+    assert!(home.cairn(&["check", "/big"]).status.success());
+}
+
 /// 100 random edits of a 64 MiB file (overwrites, appends, truncations),
 /// each committed as its own version: every version reads back byte-exact
 /// from the grid alone. Then gc with retention of the newest half frees

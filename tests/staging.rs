@@ -99,7 +99,7 @@ proptest! {
                     // Each chunk's sum, kept up as it was written (or copied
                     // from the base), is that of the chunk sealed.
                     for index in 0..version.size.div_ceil(CHUNK) {
-                        let bytes = std::fs::read(version.chunk_path(index)).unwrap();
+                        let bytes = std::fs::read(version.locate(index).unwrap().held.unwrap()).unwrap();
                         prop_assert_eq!(sums::recorded(&version.dir, index).unwrap(), Some(sums::sum_of(&bytes)), "chunk {}", index);
                     }
                     work = WorkingCopy::create(fresh(), Some(version.clone()), CHUNK).unwrap();
@@ -117,6 +117,20 @@ proptest! {
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut version.reader(), &mut bytes).unwrap();
             prop_assert_eq!(&bytes, content, "a sealed version changed");
+        }
+        // Settled oldest first, no version needs another: each survives the
+        // removal of every older one (a superseded version is freed so).
+        for (version, _) in &sealed {
+            version.settle().unwrap();
+            prop_assert!(version.layer().unwrap().is_none(), "a settled version holding every chunk has no layer");
+        }
+        for (i, (version, _)) in sealed.iter().enumerate() {
+            std::fs::remove_dir_all(&version.dir).unwrap();
+            for (later, content) in &sealed[i + 1..] {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut later.reader(), &mut bytes).unwrap();
+                prop_assert_eq!(&bytes, content, "a version read through one removed after settling");
+            }
         }
     }
 }
@@ -157,11 +171,28 @@ fn a_small_edit_of_a_large_file_stores_one_chunk() {
     work.write_at(0, &data).unwrap();
     let v1 = seal(work, dir.path().join("v1"));
 
-    // Reopen, write 4 KiB in the middle, seal again.
+    // Reopen, write 4 KiB in the middle, seal again: the new version's
+    // directory holds that one chunk (O(changed), not O(file)) and reads
+    // the rest through its layer.
     let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1.clone()), chunk).unwrap();
     work.write_at(30 * chunk + 100, &[0xAA; 4096]).unwrap();
     let v2 = seal(work, dir.path().join("v2"));
+    let held: Vec<String> = std::fs::read_dir(&v2.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(held, vec!["30".to_owned()]);
+    assert!(v2.layer().unwrap().is_some());
+    let mut expected = data.clone();
+    expected[(30 * chunk + 100) as usize..][..4096].fill(0xAA);
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut v2.reader(), &mut got).unwrap();
+    assert!(got == expected, "v2 content through its layer");
 
+    // Settled, it shares the base's chunks by hard link and needs it no more.
+    v2.settle().unwrap();
+    assert!(v2.layer().unwrap().is_none());
     // Stable std on Windows has no file index to compare.
     #[cfg(unix)]
     {
@@ -176,14 +207,16 @@ fn a_small_edit_of_a_large_file_stores_one_chunk() {
         }
         assert_eq!(shared, 63, "every chunk but the edited one is shared");
     }
-    let mut expected = data.clone();
-    expected[(30 * chunk + 100) as usize..][..4096].fill(0xAA);
     let mut got = Vec::new();
     std::io::Read::read_to_end(&mut v2.reader(), &mut got).unwrap();
     assert!(got == expected, "v2 content");
     let mut old = Vec::new();
     std::io::Read::read_to_end(&mut v1.reader(), &mut old).unwrap();
     assert!(old == data, "v1 unchanged");
+    std::fs::remove_dir_all(&v1.dir).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut v2.reader(), &mut got).unwrap();
+    assert!(got == expected, "v2 content without its base");
 }
 
 #[test]

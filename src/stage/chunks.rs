@@ -1,12 +1,15 @@
 //! Chunked copy-on-write staging: working copies and sealed versions.
 //!
 //! A sealed version is a directory of chunk files `0`, `1`, ... each exactly
-//! `chunk_size` bytes except the last, plus nothing else; it never changes.
-//! A working copy starts from a sealed base (or from nothing) in O(1): it
-//! owns only the chunks written since it was opened, and reads every other
-//! chunk from the base. Sealing moves its own chunks into a new version
-//! directory and hard-links the base's unchanged chunks, so a 4 KiB edit of
-//! a 1 GiB file stores one new chunk and costs no copy of the rest.
+//! `chunk_size` bytes except the last; it never changes. A working copy
+//! starts from a sealed base (or from nothing) in O(1): it owns only the
+//! chunks written since it was opened, and reads every other chunk from the
+//! base. Sealing renames the copy's directory into place as the version,
+//! with a [`Layer`] naming the base for the chunks it did not write, so a
+//! 4 KiB edit of a 1 GiB file stores one new chunk and costs O(changed
+//! chunks), not O(file). [`SealedVersion::settle`], in the background, later
+//! hard-links the base's chunks in, so no version depends on another for
+//! long.
 //!
 //! The chunk size equals the codec's segment size, so the uploader reads a
 //! sealed version segment by segment, one chunk file each.
@@ -25,6 +28,78 @@ use super::sums::{self, Sum};
 use crate::sys::PositionalIo;
 use std::path::{Path, PathBuf};
 
+/// The file of a sealed version that does not hold every chunk itself:
+/// which of the rest it reads from which earlier version (see [`Layer`]).
+pub const LAYER_FILE: &str = "layer";
+/// A layer file is a few ranges per source; more than this is damage.
+const LAYER_MAX_BYTES: u64 = 16 << 20;
+/// Versions a read may pass through to find a chunk: settling keeps it at
+/// two, so more is damage (or a loop).
+const LAYER_MAX_DEPTH: usize = 64;
+
+/// Chunks a sealed version takes from an earlier version of its file in the
+/// cache rather than holding them: sealing an edit writes only the chunks
+/// it changed (O(changed), not O(file)). Each source is another version
+/// directory beside this one, with the half-open chunk ranges taken from
+/// it. Those chunks have the same length and bytes there, and their sums
+/// are copied into this version's `sums`, so a read through a layer is
+/// checked against this version's own record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layer {
+    pub from: Vec<LayerSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerSource {
+    pub dir: PathBuf,
+    pub size: u64,
+    pub chunks: Vec<(u64, u64)>,
+}
+
+impl Layer {
+    /// The version chunk `index` is read from, if this layer takes it.
+    fn source(&self, index: u64, chunk_size: u64) -> Option<SealedVersion> {
+        self.from
+            .iter()
+            .find(|s| s.chunks.iter().any(|&(start, end)| (start..end).contains(&index)))
+            .map(|s| SealedVersion::open(s.dir.clone(), s.size, chunk_size))
+    }
+
+    /// Adds chunk `index` from `source`, merging with the last range.
+    fn push(&mut self, source: &SealedVersion, index: u64) {
+        let entry = match self.from.iter_mut().position(|s| s.dir == source.dir) {
+            Some(i) => &mut self.from[i],
+            None => {
+                self.from.push(LayerSource {
+                    dir: source.dir.clone(),
+                    size: source.size,
+                    chunks: Vec::new(),
+                });
+                self.from.last_mut().expect("pushed")
+            }
+        };
+        match entry.chunks.last_mut() {
+            Some((_, end)) if *end == index => *end += 1,
+            _ => entry.chunks.push((index, index + 1)),
+        }
+    }
+
+    fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.from.iter().flat_map(|s| s.chunks.iter().flat_map(|&(a, b)| a..b))
+    }
+}
+
+/// Where a chunk of a sealed version is in the cache.
+#[derive(Debug)]
+pub struct Located {
+    /// The file holding it, if any version on the way holds it.
+    pub held: Option<PathBuf>,
+    /// The versions it is read through, this one first: the last one holds
+    /// it, or (`held` is none: evicted) is the one it was written in. Any
+    /// of them the grid holds gives it back.
+    pub chain: Vec<SealedVersion>,
+}
+
 /// An immutable version in the staging cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedVersion {
@@ -35,6 +110,22 @@ pub struct SealedVersion {
 
 fn chunk_count(size: u64, chunk_size: u64) -> u64 {
     size.div_ceil(chunk_size)
+}
+
+/// Writes `layer` as the layer of the version (or copy) in `dir`, whole or
+/// not at all; an empty one removes the file.
+fn write_layer(dir: &Path, layer: &Layer) -> io::Result<()> {
+    let path = dir.join(LAYER_FILE);
+    if layer.from.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    // Two settles of one version may race: each writes its own file.
+    let tmp = dir.join(format!("{LAYER_FILE}.{:016x}", rand::random::<u64>()));
+    std::fs::write(&tmp, serde_json::to_vec(layer).map_err(io::Error::other)?)?;
+    std::fs::rename(tmp, path)
 }
 
 /// Reads `buf.len()` bytes at `offset` of a chunk file, zero-filling past
@@ -69,7 +160,7 @@ impl SealedVersion {
         self.dir.join(index.to_string())
     }
 
-    fn chunk_len(&self, index: u64) -> u64 {
+    pub fn chunk_len(&self, index: u64) -> u64 {
         (self.size.saturating_sub(index * self.chunk_size)).min(self.chunk_size)
     }
 
@@ -96,10 +187,18 @@ impl SealedVersion {
         Ok(file)
     }
 
-    /// Opens chunk `index` once its length is found right.
+    /// Opens chunk `index` (here, or where its layer takes it from) once
+    /// its length is found right.
     fn open_chunk(&self, index: u64) -> io::Result<(PathBuf, File)> {
         let path = self.chunk_path(index);
-        let file = File::open(&path).map_err(|e| match e.kind() {
+        let opened = match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.locate(index)?.held {
+                Some(path) => File::open(&path).map(|f| (path, f)),
+                None => Err(e),
+            },
+            other => other.map(|f| (path, f)),
+        };
+        let (path, file) = opened.map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("chunk {index} of the sealed version {} is missing", self.dir.display()),
@@ -108,6 +207,115 @@ impl SealedVersion {
         })?;
         self.check_len(index, file.metadata()?.len())?;
         Ok((path, file))
+    }
+
+    /// This version's layer, if it does not hold every chunk itself;
+    /// checked to name only sibling versions and chunks this one has.
+    pub fn layer(&self) -> io::Result<Option<Layer>> {
+        let file = match File::open(self.dir.join(LAYER_FILE)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let damaged = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the layer of the sealed version {} {why}: the staging cache was damaged",
+                    self.dir.display()
+                ),
+            )
+        };
+        let mut bytes = Vec::new();
+        file.take(LAYER_MAX_BYTES + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > LAYER_MAX_BYTES {
+            return Err(damaged("is too long"));
+        }
+        let layer: Layer = serde_json::from_slice(&bytes).map_err(|_| damaged("is unreadable"))?;
+        let count = chunk_count(self.size, self.chunk_size);
+        for s in &layer.from {
+            if s.dir.parent() != self.dir.parent() || s.dir == self.dir {
+                return Err(damaged("names a source outside the cache"));
+            }
+            let theirs = chunk_count(s.size, self.chunk_size);
+            if s.chunks.iter().any(|&(a, b)| a >= b || b > count || b > theirs) {
+                return Err(damaged("names chunks it cannot take"));
+            }
+        }
+        Ok(Some(layer))
+    }
+
+    /// Where chunk `index` is in the cache: here, or in a version reached
+    /// through layers.
+    pub fn locate(&self, index: u64) -> io::Result<Located> {
+        let mut chain = Vec::new();
+        let mut at = self.clone();
+        loop {
+            let path = at.chunk_path(index);
+            if path.exists() {
+                chain.push(at);
+                return Ok(Located {
+                    held: Some(path),
+                    chain,
+                });
+            }
+            let next = at.layer()?.and_then(|l| l.source(index, self.chunk_size));
+            chain.push(at);
+            match next {
+                None => return Ok(Located { held: None, chain }),
+                Some(_) if chain.len() >= LAYER_MAX_DEPTH => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "chunk {index} of the sealed version {} is layered too deep: the staging cache was damaged",
+                            self.dir.display()
+                        ),
+                    ));
+                }
+                Some(next) => at = next,
+            }
+        }
+    }
+
+    /// Takes into this version's directory (a hard link each) every chunk
+    /// its layer names that a version on the way still holds, and names for
+    /// each other one the version it was written in (the grid holds that
+    /// one: its chunk was evicted), with its sum if a version on the way
+    /// has learnt it (they all hold the same bytes there). Afterwards no
+    /// version but those is needed to read this one, so any other may go;
+    /// a version holding all its chunks has no layer left. Idempotent.
+    pub fn settle(&self) -> io::Result<()> {
+        let Some(layer) = self.layer()? else {
+            return Ok(());
+        };
+        let count = chunk_count(self.size, self.chunk_size);
+        let ours = sums::read_all(&self.dir, count)?;
+        let mut rest = Layer::default();
+        for index in layer.chunks() {
+            let dest = self.chunk_path(index);
+            let found = self.locate(index)?;
+            match (found.held, found.chain.last()) {
+                (Some(path), _) if path == dest => {}
+                (Some(path), _) => match std::fs::hard_link(&path, &dest) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                },
+                (None, Some(written_in)) if written_in.dir != self.dir => {
+                    rest.push(written_in, index);
+                    if ours[index as usize].is_none() {
+                        for on_way in &found.chain[1..] {
+                            if let Some(sum) = sums::recorded(&on_way.dir, index)? {
+                                sums::record(&self.dir, index, &sum)?;
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Not ours to name: a read of it says it is missing.
+                _ => {}
+            }
+        }
+        write_layer(&self.dir, &rest)
     }
 
     /// Reads chunk `index` whole, checked against its length and sum.
@@ -127,7 +335,9 @@ impl SealedVersion {
     /// What the cache holds of chunk `index`: checked by length only, or
     /// with `deep` by its sum too (once per process).
     pub fn chunk_state(&self, index: u64, deep: bool) -> ChunkState {
-        let path = self.chunk_path(index);
+        let Ok(Located { held: Some(path), .. }) = self.locate(index) else {
+            return ChunkState::Absent;
+        };
         let Ok(file) = File::open(&path) else {
             return ChunkState::Absent;
         };
@@ -454,6 +664,10 @@ impl WorkingCopy {
     }
 
     /// The sealed version this copy reads unchanged chunks from.
+    pub fn base(&self) -> Option<&SealedVersion> {
+        self.base.as_ref()
+    }
+
     pub fn base_dir(&self) -> Option<&Path> {
         self.base.as_ref().map(|b| b.dir.as_path())
     }
@@ -644,21 +858,19 @@ impl WorkingCopy {
     /// Seals this working copy as the immutable version at `version_dir`
     /// (which must not exist). `record` is called once the version's bytes
     /// are final and must make the version known durably (the catalog row,
-    /// committed); a crash at any point loses nothing:
-    /// - a copy that takes nothing from its base (a new file, or one
-    ///   truncated to zero) is brought to exact chunk lengths in place,
-    ///   recorded, then renamed to `version_dir`: no byte is copied or
-    ///   linked. A crash between the record and the rename leaves a recorded
-    ///   copy that [`WorkingCopy::finish_seal`] moves into place;
-    /// - otherwise the version is built beside the copy (own chunks and
-    ///   unchanged base chunks hard-linked), recorded, and the copy removed.
-    ///   A crash before the record leaves an unrecorded version directory
-    ///   (removed at recovery) and the whole working copy.
+    /// committed); a crash at any point loses nothing. The copy is brought
+    /// to exact chunk lengths in place, with its sums and a [`Layer`] over
+    /// its base for the chunks it did not write (no chunk is copied or
+    /// linked: O(changed chunks)), recorded, then renamed to `version_dir`.
+    /// A crash before the record leaves a working copy that reads as before
+    /// (its state still names its base); one between the record and the
+    /// rename, a recorded copy that [`WorkingCopy::finish_seal`] moves into
+    /// place.
     ///
     /// Nothing is fsynced: a sealed version survives the daemon's crash at
     /// once, and a power loss once the staging disk is synced (fsync, or
-    /// the periodic sync). On failure the copy comes back unchanged, with
-    /// the error.
+    /// the periodic sync). On failure the copy comes back reading the same
+    /// bytes, with the error.
     pub fn seal<E: From<io::Error>>(
         mut self,
         version_dir: PathBuf,
@@ -669,109 +881,121 @@ impl WorkingCopy {
             size: self.size,
             chunk_size: self.chunk_size,
         };
-        if self.base_valid == 0 {
-            if let Err(e) = self.exact_chunks() {
-                return Err(Box::new((self, e.into())));
-            }
-            if let Err(e) = record(self.size) {
-                return Err(Box::new((self, e)));
-            }
-            return match Self::finish_seal(&self.dir, &version_dir) {
-                Ok(()) => Ok(sealed),
-                Err(e) => Err(Box::new((self, e.into()))),
-            };
-        }
-        if let Err(e) = self.link_version(&version_dir) {
-            let _ = std::fs::remove_dir_all(&version_dir);
+        if let Err(e) = self.prepare_seal() {
             return Err(Box::new((self, e.into())));
         }
         if let Err(e) = record(self.size) {
-            let _ = std::fs::remove_dir_all(&version_dir);
             return Err(Box::new((self, e)));
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a sealed working copy");
+        match Self::finish_seal(&self.dir, &version_dir) {
+            Ok(()) => Ok(sealed),
+            Err(e) => Err(Box::new((self, e.into()))),
         }
-        Ok(sealed)
     }
 
-    /// Brings every chunk file of a copy that owns all its bytes to its
-    /// exact length (holes become zero-filled files), writes their sums and
-    /// drops the state file: the directory is then exactly a sealed version.
-    fn exact_chunks(&mut self) -> io::Result<()> {
-        let mut all = Vec::new();
-        for index in 0..chunk_count(self.size, self.chunk_size) {
+    /// The base's chunks a seal reads (one the base holds only in part, cut
+    /// by a truncation or grown past) and the cache lacks: to be fetched
+    /// before sealing.
+    pub fn seal_needs(&self) -> io::Result<Vec<u64>> {
+        if self.base_valid.is_multiple_of(self.chunk_size) {
+            return Ok(Vec::new());
+        }
+        let index = self.base_valid / self.chunk_size;
+        if index >= chunk_count(self.size, self.chunk_size) {
+            return Ok(Vec::new());
+        }
+        self.missing_base(index * self.chunk_size, 1)
+    }
+
+    /// The chunks of `len` bytes at `offset` this copy reads from its base
+    /// and the cache lacks (evicted): to be fetched before they are read or
+    /// copied on write.
+    pub fn missing_base(&self, offset: u64, len: u64) -> io::Result<Vec<u64>> {
+        let Some(base) = &self.base else {
+            return Ok(Vec::new());
+        };
+        let end = (offset + len).min(self.base_valid);
+        let mut missing = Vec::new();
+        if offset < end {
+            for index in offset / self.chunk_size..end.div_ceil(self.chunk_size) {
+                if !self.own.contains(&index) && base.locate(index)?.held.is_none() {
+                    missing.push(index);
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Brings the copy to exactly what its sealed version holds: every own
+    /// chunk at its exact length; a chunk the base holds only in part, and
+    /// a hole past the base, made own; the sums of all; and the chunks left
+    /// (unchanged, of the same length) named in a layer over the base.
+    fn prepare_seal(&mut self) -> io::Result<()> {
+        let count = chunk_count(self.size, self.chunk_size);
+        let base_sums = match &self.base {
+            Some(base) => sums::read_all(&base.dir, count)?,
+            None => Vec::new(),
+        };
+        let mut all = Vec::with_capacity(count as usize);
+        let mut layer = Layer::default();
+        for index in 0..count {
             let want = (self.size - index * self.chunk_size).min(self.chunk_size);
-            let file = File::options()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(self.own_path(index))?;
+            if !self.own.contains(&index) {
+                match (self.base_chunk(index), &self.base) {
+                    // Unchanged and of the same length: taken, with its sum.
+                    (Some((_, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
+                        layer.push(base, index);
+                        all.push(base_sums.get(index as usize).copied().flatten());
+                        continue;
+                    }
+                    // The valid part of a base chunk, then zeros: written
+                    // under a temporary name, so a crash never leaves a
+                    // short own chunk that would read zeros.
+                    (Some((_, valid)), Some(base)) => {
+                        let mut bytes = base.read_chunk(index)?;
+                        bytes.truncate(valid as usize);
+                        bytes.resize(want as usize, 0);
+                        let tmp = self.dir.join(format!("{index}.cow"));
+                        std::fs::write(&tmp, &bytes)?;
+                        std::fs::rename(&tmp, self.own_path(index))?;
+                        self.own.insert(index);
+                        self.hashes
+                            .insert(index, ChunkHash::Running(Sha256::new_with_prefix(&bytes), want));
+                    }
+                    // A hole: zeros.
+                    _ => {
+                        drop(
+                            File::options()
+                                .write(true)
+                                .create(true)
+                                .truncate(false)
+                                .open(self.own_path(index))?,
+                        );
+                        self.own.insert(index);
+                        self.hashes.insert(index, ChunkHash::Running(Sha256::new(), 0));
+                    }
+                }
+            }
+            let file = File::options().write(true).open(self.own_path(index))?;
             if file.metadata()?.len() != want {
                 file.set_len(want)?;
             }
-            self.own.insert(index);
             all.push(Some(self.own_sum(index, want)?));
         }
         sums::write_all(&self.dir, &all)?;
-        match std::fs::remove_file(self.dir.join(STATE_FILE)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        write_layer(&self.dir, &layer)
     }
 
-    /// The last step of sealing a copy in place: a recorded copy becomes
-    /// its version directory. Also run by recovery after a crash.
+    /// The last step of sealing: a recorded copy becomes its version
+    /// directory (its state, which named its base and truncations for
+    /// recovery, goes: the layer says what it takes from its base). Also
+    /// run by recovery after a crash.
     pub fn finish_seal(copy_dir: &Path, version_dir: &Path) -> io::Result<()> {
-        std::fs::rename(copy_dir, version_dir)
-    }
-
-    /// Builds a version directory of hard links to own and base chunks,
-    /// each brought to its exact length, with their sums.
-    fn link_version(&mut self, version_dir: &Path) -> io::Result<()> {
-        std::fs::create_dir(version_dir)?;
-        let count = chunk_count(self.size, self.chunk_size);
-        let mut all = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let dest = version_dir.join(index.to_string());
-            let want = (self.size - index * self.chunk_size).min(self.chunk_size);
-            let set_len = |dest: &Path| -> io::Result<()> {
-                let file = File::options().write(true).open(dest)?;
-                if file.metadata()?.len() != want {
-                    file.set_len(want)?;
-                }
-                Ok(())
-            };
-            if self.own.contains(&index) {
-                std::fs::hard_link(self.own_path(index), &dest)?;
-                set_len(&dest)?;
-                all.push(Some(self.own_sum(index, want)?));
-                continue;
-            }
-            match (self.base_chunk(index), &self.base) {
-                // Unchanged and of the same length: share it, and its sum.
-                (Some((path, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
-                    std::fs::hard_link(path, &dest)?;
-                    all.push(sums::recorded(&base.dir, index)?);
-                }
-                // The valid part of a base chunk cut by a truncation.
-                (Some((_, valid)), Some(base)) => {
-                    let mut bytes = base.read_chunk(index)?;
-                    bytes.resize(valid as usize, 0);
-                    bytes.resize(want as usize, 0);
-                    std::fs::write(&dest, &bytes)?;
-                    all.push(Some(sums::sum_of(&bytes)));
-                }
-                _ => {
-                    drop(File::create_new(&dest)?);
-                    set_len(&dest)?;
-                    let mut hasher = Sha256::new();
-                    sums::hash_zeros(&mut hasher, want);
-                    all.push(Some(hasher.finalize().into()));
-                }
-            }
+        match std::fs::remove_file(copy_dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        sums::write_all(version_dir, &all)
+        std::fs::rename(copy_dir, version_dir)
     }
 
     /// Drops the working copy and its own chunks.

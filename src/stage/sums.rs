@@ -54,6 +54,23 @@ pub fn recorded(dir: &Path, index: u64) -> io::Result<Option<Sum>> {
     }
 }
 
+/// The sums recorded for the first `count` chunks of the version in `dir`.
+pub fn read_all(dir: &Path, count: u64) -> io::Result<Vec<Option<Sum>>> {
+    let file = match File::open(dir.join(SUMS_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![None; count as usize]),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, count * SUM_LEN), &mut bytes)?;
+    Ok((0..count as usize)
+        .map(|i| {
+            let sum: Option<Sum> = bytes.get(i * 32..i * 32 + 32).map(|b| b.try_into().expect("32 bytes"));
+            sum.filter(|s| *s != [0; 32])
+        })
+        .collect())
+}
+
 /// Records the sum of one chunk (a fetched one) in the version in `dir`.
 pub fn record(dir: &Path, index: u64, sum: &Sum) -> io::Result<()> {
     let file = File::options()

@@ -16,7 +16,7 @@ impl Vfs {
             self.cache_growth.fetch_add(growth, Ordering::Relaxed);
             return Ok(0);
         }
-        let (states, protected) = {
+        let (states, mut protected) = {
             let st = self.lock();
             let protected: std::collections::HashSet<PathBuf> = self
                 .files()
@@ -25,6 +25,20 @@ impl Vfs {
                 .collect();
             (st.catalog.version_states()?, protected)
         };
+        // What those bases and staged versions read through their layers
+        // is spared too (it would be fetched back, but from the grid).
+        let staged = states.iter().filter(|(_, s)| **s == VersionState::Staged);
+        let readers: Vec<PathBuf> = protected
+            .iter()
+            .cloned()
+            .chain(staged.map(|(&(ino, num), _)| version_dir(&self.cache, ino, num)))
+            .collect();
+        for dir in readers {
+            let layer = crate::stage::chunks::SealedVersion::open(dir, u64::MAX, self.chunk_size()).layer();
+            if let Ok(Some(layer)) = layer {
+                protected.extend(layer.from.into_iter().map(|s| s.dir));
+            }
+        }
         let (used, candidates) = crate::stage::evict::scan(&self.cache, |version| {
             !protected.contains(version)
                 // A directory without a row is being sealed or restored.

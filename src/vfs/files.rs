@@ -173,48 +173,24 @@ impl Vfs {
     }
 
     /// Makes sure `ino` has a working copy, over its newest version, in
-    /// `copy` (the held lock). A base not fully in the cache is fetched
-    /// first; `state` is taken only to read the catalog. Without
+    /// `copy` (the held lock). O(1): the base's chunks are fetched when the
+    /// copy first reads or changes them, not before (`fetch_base`). Without
     /// `keep_base` (the caller is about to truncate to zero) a new copy
-    /// starts empty: `> file` needs none of the old bytes, so it works
-    /// while they are out of reach on the grid.
+    /// starts empty: `> file` needs none of the old bytes.
     pub(super) fn ensure_working(&self, ino: Ino, copy: &mut Option<WorkingCopy>, keep_base: bool) -> VfsResult<()> {
-        while copy.is_none() {
-            let latest = match keep_base {
-                true => self.lock().catalog.latest(ino)?,
-                false => None,
-            };
-            let missing = match &latest {
-                Some(v) => self.chunks_to_fetch(v, None)?,
-                None => Vec::new(),
-            };
-            if missing.is_empty() {
-                let work = self.new_working_copy(ino, latest.as_ref().map(|v| self.sealed(v)))?;
-                if let Some(file) = self.files().get_mut(&ino) {
-                    file.working = Some(Working::of(&work));
-                }
-                // Eviction spares the base from now on; a chunk it took
-                // between the check above and now is fetched again.
-                let refetched = latest.as_ref().map_or(Ok(()), |v| {
-                    self.chunks_to_fetch(v, None)?
-                        .into_iter()
-                        .try_for_each(|index| self.fetch_chunk(v, index))
-                });
-                if let Err(e) = refetched {
-                    if let Some(file) = self.files().get_mut(&ino) {
-                        file.working = None;
-                    }
-                    let _ = work.discard();
-                    return Err(e);
-                }
-                *copy = Some(work);
-                return Ok(());
-            }
-            let latest = latest.expect("missing chunks imply a version");
-            for index in missing {
-                self.fetch_chunk(&latest, index)?;
-            }
+        if copy.is_some() {
+            return Ok(());
         }
+        let latest = match keep_base {
+            true => self.lock().catalog.latest(ino)?,
+            false => None,
+        };
+        let work = self.new_working_copy(ino, latest.as_ref().map(|v| self.sealed(v)))?;
+        // Eviction spares the base from now on.
+        if let Some(file) = self.files().get_mut(&ino) {
+            file.working = Some(Working::of(&work));
+        }
+        *copy = Some(work);
         Ok(())
     }
 
@@ -274,6 +250,7 @@ impl Vfs {
         let mut guard = write_copy(&copy);
         self.ensure_working(ino, &mut guard, true)?;
         let work = guard.as_mut().expect("ensured");
+        self.fetch_base(work, work.missing_base(offset, data.len() as u64)?)?;
         work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
         // No `state`: the file's name was committed when it was made.
@@ -451,6 +428,9 @@ impl Vfs {
             }
             st.catalog.next_version_num(ino)?
         };
+        if let Some(work) = copy.as_ref() {
+            self.fetch_base(work, work.seal_needs()?)?;
+        }
         let work = copy.take().expect("checked");
         let origin = work.dir().file_name().map(|n| n.to_string_lossy().into_owned());
         let sealed = work.seal(version_dir(&self.cache, ino, num), |size| -> VfsResult<()> {

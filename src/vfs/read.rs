@@ -30,24 +30,51 @@ impl Vfs {
         SealedVersion::open(version_dir(&self.cache, v.ino, v.num), v.size, self.chunk_size())
     }
 
-    /// The chunks of `v` among `range` (all of them: `None`) to fetch from
-    /// the grid before they are read: absent ones (evicted), and damaged
-    /// ones (of the wrong length; removed first). A version not yet on the
-    /// grid has nowhere to fetch from, so a missing or damaged chunk of it
-    /// is an error, never zeros.
-    pub(super) fn chunks_to_fetch(&self, v: &Version, range: Option<std::ops::Range<u64>>) -> VfsResult<Vec<u64>> {
+    /// The catalog's record of the sealed version in `dir`.
+    pub(super) fn version_at(&self, dir: &Path) -> VfsResult<Option<Version>> {
+        let Some((ino, num)) = version_dir_key(dir) else {
+            return Ok(None);
+        };
+        self.read_catalog(|catalog| Ok(catalog.versions(ino)?.into_iter().find(|v| v.num == num)))
+    }
+
+    /// The chunks among `indices` of `v` to fetch from the grid before they
+    /// are read, each with the version to fetch it from: absent ones
+    /// (evicted), and damaged ones (of the wrong length; removed first).
+    /// A chunk is fetched from the first version on its way (`v`, then the
+    /// versions its layers name) that the grid holds, into that version's
+    /// directory, where every version reading through it finds it. Where
+    /// none is on the grid, a missing or damaged chunk is an error, never
+    /// zeros. `deep` checks chunks against their sums too; a whole version
+    /// (a restore) is checked by length only: reading every chunk of a big
+    /// file would cost the whole file.
+    pub(super) fn chunks_to_fetch(
+        &self,
+        v: &Version,
+        indices: impl IntoIterator<Item = u64>,
+        deep: bool,
+    ) -> VfsResult<Vec<(Version, u64)>> {
         let sealed = self.sealed(v);
         let mut fetch = Vec::new();
-        // The chunks about to be read are checked against their sums too;
-        // a whole version (a base, a restore) by length only: reading every
-        // chunk of a big file to append to it would cost the whole file.
-        let deep = range.is_some();
-        for index in range.unwrap_or(0..v.size.div_ceil(self.chunk_size())) {
+        for index in indices {
             let state = sealed.chunk_state(index, deep);
             if state == ChunkState::Good {
                 continue;
             }
-            if v.cap.is_none() {
+            let found = sealed.locate(index)?;
+            let mut source = None;
+            for (i, on_way) in found.chain.iter().enumerate() {
+                let known = if i == 0 {
+                    Some(v.clone())
+                } else {
+                    self.version_at(&on_way.dir)?
+                };
+                if let Some(known) = known.filter(|k| k.cap.is_some()) {
+                    source = Some(known);
+                    break;
+                }
+            }
+            let Some(source) = source else {
                 // NotFound for a missing chunk: `read` retries, since the
                 // version may have been superseded (and freed) meanwhile.
                 let (what, kind) = match state {
@@ -61,19 +88,38 @@ impl Vfs {
                         v.num, v.ino
                     ),
                 )));
-            }
-            if state == ChunkState::Damaged {
+            };
+            if let (ChunkState::Damaged, Some(path)) = (state, &found.held) {
                 tracing::warn!(
                     ino = v.ino,
                     num = v.num,
                     index,
                     "a cached chunk was damaged; fetching it again"
                 );
-                let _ = std::fs::remove_file(sealed.chunk_path(index));
+                let _ = std::fs::remove_file(path);
             }
-            fetch.push(index);
+            fetch.push((source, index));
         }
         Ok(fetch)
+    }
+
+    /// Fetches the chunks `missing` that a working copy reads from its base
+    /// (evicted, or never fetched: an edit of a file not in the cache
+    /// fetches only the chunks it reads or changes).
+    pub(super) fn fetch_base(&self, work: &WorkingCopy, missing: Vec<u64>) -> VfsResult<()> {
+        let Some(base) = work.base().filter(|_| !missing.is_empty()) else {
+            return Ok(());
+        };
+        let v = self.version_at(&base.dir)?.ok_or_else(|| {
+            VfsError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the version {} a working copy reads from is gone", base.dir.display()),
+            ))
+        })?;
+        for (source, index) in self.chunks_to_fetch(&v, missing, true)? {
+            self.fetch_chunk(&source, index)?;
+        }
+        Ok(())
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
@@ -83,6 +129,7 @@ impl Vfs {
         // the newer one.
         for attempt in 0..2 {
             if let Some(work) = copy.read().expect("working copy lock").as_ref() {
+                self.fetch_base(work, work.missing_base(offset, size as u64)?)?;
                 let n = work.read_at(offset, &mut buf)?;
                 buf.truncate(n);
                 return Ok(buf);
@@ -110,8 +157,8 @@ impl Vfs {
         }
         let cs = self.chunk_size();
         let end = (offset + buf.len() as u64).min(v.size);
-        for index in self.chunks_to_fetch(v, Some(offset / cs..end.div_ceil(cs)))? {
-            self.fetch_chunk(v, index)?;
+        for (source, index) in self.chunks_to_fetch(v, offset / cs..end.div_ceil(cs), true)? {
+            self.fetch_chunk(&source, index)?;
         }
         if v.cap.is_some() {
             self.read_ahead(v, end.div_ceil(cs));
@@ -166,11 +213,12 @@ impl Vfs {
 
     pub(super) fn read_ahead(&self, v: &Version, from: u64) {
         let chunks = v.size.div_ceil(self.chunk_size());
-        let dir = version_dir(&self.cache, v.ino, v.num);
+        let sealed = self.sealed(v);
+        let held = |i: u64| sealed.locate(i).is_ok_and(|l| l.held.is_some());
         let wanted: Vec<u64> = {
             let mut inflight = self.reading_ahead.lock().expect("read-ahead set");
             (from..(from + READ_AHEAD_SEGMENTS).min(chunks))
-                .filter(|&i| !dir.join(i.to_string()).exists() && inflight.insert((v.ino, v.num, i)))
+                .filter(|&i| !held(i) && inflight.insert((v.ino, v.num, i)))
                 .collect()
         };
         if wanted.is_empty() {

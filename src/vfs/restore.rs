@@ -75,7 +75,8 @@ impl Vfs {
                 }
             }
         }
-        let in_cache = old_dir.is_dir() && matches!(self.chunks_to_fetch(&old, None), Ok(fetch) if fetch.is_empty());
+        let in_cache = old_dir.is_dir()
+            && matches!(self.chunks_to_fetch(&old, 0..old.size.div_ceil(self.chunk_size()), false), Ok(fetch) if fetch.is_empty());
         let mut st = self.lock();
         match old.state {
             VersionState::Committed => {

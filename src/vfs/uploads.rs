@@ -332,20 +332,40 @@ impl Vfs {
             return Ok(next);
         }
         self.queue_changed.notify_waiters();
-        // Superseded before their upload started: never uploaded.
+        // Superseded before their upload started: never uploaded. A newer
+        // version may read chunks through one (its layer): each version of
+        // the file is settled first, and a directory is kept (its row says
+        // superseded) if that fails.
         let mut freed = ToFree::default();
         let recorded = {
             let st = self.lock();
             superseded.iter().try_for_each(|&(ino, num)| {
                 st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
-                freed = std::mem::take(&mut freed).and(version_dir(&self.cache, ino, num));
                 tracing::debug!(ino, num, "superseded before upload");
                 Ok::<_, CatalogError>(())
             })
         };
+        for &(ino, num) in &superseded {
+            match self.settle_file(ino) {
+                Ok(()) => freed = std::mem::take(&mut freed).and(version_dir(&self.cache, ino, num)),
+                Err(e) => {
+                    tracing::warn!(ino, num, error = %e, "settling the versions of a file; its superseded version stays cached")
+                }
+            }
+        }
         freed.free();
         recorded?;
         Ok(next)
+    }
+
+    /// Settles every cached version of `ino`, oldest first, so that none
+    /// reads through another that is about to go.
+    fn settle_file(&self, ino: Ino) -> VfsResult<()> {
+        let versions = self.read_catalog(|catalog| Ok(catalog.versions(ino)?))?;
+        for v in versions {
+            self.sealed(&v).settle()?;
+        }
+        Ok(())
     }
 
     /// Marks a job's versions as uploading.
@@ -480,7 +500,7 @@ impl Vfs {
                     len: at.len,
                     member_key: Some(at.key),
                 };
-                (m.key(), cap, at.sha256)
+                (m.key(), cap, Some(at.sha256))
             })
             .collect();
         if self.record_committed(done, degraded).await {
@@ -494,7 +514,7 @@ impl Vfs {
     /// new keys. Returns whether they were recorded.
     pub(super) async fn record_committed(
         self: &Arc<Self>,
-        done: Vec<((Ino, i64), FileCap, crate::codec::Hash)>,
+        done: Vec<((Ino, i64), FileCap, Option<crate::codec::Hash>)>,
         degraded: bool,
     ) -> bool {
         let recorded = self
@@ -506,11 +526,15 @@ impl Vfs {
         })
     }
 
-    fn record_committed_now(&self, done: &[((Ino, i64), FileCap, crate::codec::Hash)], degraded: bool) -> bool {
-        // What is recorded is written out before the lock is taken.
+    fn record_committed_now(&self, done: &[((Ino, i64), FileCap, Option<crate::codec::Hash>)], degraded: bool) -> bool {
+        // What is recorded is written out before the lock is taken; a
+        // version made without every byte at hand has no whole SHA-256.
         let done: Vec<((Ino, i64), String, String)> = done
             .iter()
-            .map(|(key, cap, sha256)| (*key, cap.to_string(), data_encoding::HEXLOWER.encode(sha256)))
+            .map(|(key, cap, sha256)| {
+                let hex = sha256.map(|h| data_encoding::HEXLOWER.encode(&h)).unwrap_or_default();
+                (*key, cap.to_string(), hex)
+            })
             .collect();
         // `state` is held to the end, so no file is deleted meanwhile; the
         // queue only while it is read or changed, never across the commit.
@@ -603,11 +627,16 @@ impl Vfs {
         };
         let base = self.delta_base(&job).await;
         let segment = self.params.segment_size;
+        let base_sums = base
+            .as_ref()
+            .map(|(num, m, _)| (version_dir(&self.cache, ino, *num), m.clone()));
         let version = job.version.clone();
-        let summed = tokio::task::spawn_blocking(move || segment_sums(&version, segment as u64)).await;
+        let summed = self
+            .blocking(move |vfs| vfs.segment_sums(ino, num, &version, base_sums))
+            .await;
         let (sums, sha256) = match summed {
-            Ok(Ok(summed)) => summed,
-            Ok(Err(e)) => {
+            Ok(summed) => summed,
+            Err(VfsError::Io(e)) => {
                 let damaged = is_damage(&e);
                 let why = format!("reading the sealed version: {e}");
                 return Self::upload_failed(&mut self.queue(), job.key(), &why, damaged);
@@ -615,8 +644,26 @@ impl Vfs {
             Err(e) => return Self::upload_failed(&mut self.queue(), job.key(), &e.to_string(), false),
         };
         let size = job.version.size;
-        let base = base.as_ref().map(|(m, own)| (m, own));
+        let base = base.as_ref().map(|(_, m, own)| (m, own));
         let plan = manifest::plan(size, segment, &sums, base.map(|(m, _)| m));
+        // Segments it sends that the cache lacks (an edit of a file not in
+        // the cache) are fetched first.
+        let fresh = plan.fresh.clone();
+        let fetched = self
+            .blocking(move |vfs| {
+                let Some(v) = vfs.version_at(&version_dir(&vfs.cache, ino, num))? else {
+                    return Err(VfsError::NotFound);
+                };
+                for (source, index) in vfs.chunks_to_fetch(&v, fresh, false)? {
+                    vfs.fetch_chunk(&source, index)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = fetched {
+            let why = format!("fetching the segments it changes from: {e}");
+            return Self::upload_failed(&mut self.queue(), job.key(), &why, false);
+        }
         let manifest = manifest::build(size, segment, sha256, &sums, &plan, base).to_bytes();
         let ranges: Vec<(u64, u64)> = plan
             .fresh
@@ -675,6 +722,75 @@ impl Vfs {
         }
     }
 
+    /// The SHA-256 of every segment of `version` (version `num` of `ino`),
+    /// and of the whole when the cache holds every byte. It is settled
+    /// first (see [`SealedVersion::settle`]). Segments held are read,
+    /// checked against the cache's sums; one the cache lacks (the file was
+    /// edited while not in the cache) has its sum from the sums the version
+    /// took from its base, or from the manifest of `base` (the delta base:
+    /// its directory and manifest) when it was written there, or else is
+    /// fetched.
+    fn segment_sums(
+        &self,
+        ino: Ino,
+        num: i64,
+        version: &SealedVersion,
+        base: Option<(PathBuf, Manifest)>,
+    ) -> VfsResult<(Vec<manifest::Hash>, Option<manifest::Hash>)> {
+        use sha2::Digest;
+        use std::io::Read;
+        version.settle()?;
+        let segment = version.chunk_size;
+        let count = version.size.div_ceil(segment);
+        let recorded = crate::stage::sums::read_all(&version.dir, count)?;
+        let mut known = std::collections::HashMap::new();
+        let mut fetch = Vec::new();
+        for index in 0..count {
+            let found = version.locate(index)?;
+            if found.held.is_some() {
+                continue;
+            }
+            // Every version on its way holds the same bytes there.
+            let from_base = base.as_ref().and_then(|(dir, m)| {
+                let entry = m.segments.get(index as usize)?;
+                let on_way = found.chain.iter().any(|v| v.dir == *dir);
+                (on_way && m.segment_len(index) == version.chunk_len(index)).then_some(entry.sha256)
+            });
+            match (recorded[index as usize], from_base) {
+                (Some(sum), _) => drop(known.insert(index, sum)),
+                // Kept, so a version sealed over this one knows it too.
+                (None, Some(sum)) => {
+                    crate::stage::sums::record(&version.dir, index, &sum)?;
+                    known.insert(index, sum);
+                }
+                (None, None) => fetch.push(index),
+            }
+        }
+        if !fetch.is_empty() {
+            let v = self.version_at(&version.dir)?.ok_or(VfsError::NotFound)?;
+            debug_assert_eq!((v.ino, v.num), (ino, num));
+            for (source, index) in self.chunks_to_fetch(&v, fetch, false)? {
+                self.fetch_chunk(&source, index)?;
+            }
+        }
+        let mut whole = sha2::Sha256::new();
+        let mut sums = Vec::with_capacity(count as usize);
+        let mut buf = vec![0; segment as usize];
+        for index in 0..count {
+            if let Some(sum) = known.get(&index) {
+                sums.push(*sum);
+                continue;
+            }
+            let piece = &mut buf[..version.chunk_len(index) as usize];
+            version
+                .ranges(vec![(index * segment, piece.len() as u64)])
+                .read_exact(piece)?;
+            whole.update(&piece[..]);
+            sums.push(sha2::Sha256::digest(&piece[..]).into());
+        }
+        Ok((sums, known.is_empty().then(|| whole.finalize().into())))
+    }
+
     /// The version a new upload of `job`'s file takes unchanged segments
     /// from, with its manifest: the file's newest committed version, if it
     /// is mapped. gc keeps a live file's newest version whatever its age,
@@ -682,21 +798,21 @@ impl Vfs {
     /// went through packed versions since) may be thinned away meanwhile,
     /// so then every segment is sent, as it is when the manifest cannot be
     /// read now.
-    async fn delta_base(self: &Arc<Self>, job: &QueuedVersion) -> Option<(Manifest, Capability)> {
+    async fn delta_base(self: &Arc<Self>, job: &QueuedVersion) -> Option<(i64, Manifest, Capability)> {
         let (ino, num) = job.key();
-        let base = self
+        let (base_num, base) = self
             .blocking(move |vfs| {
                 let versions = vfs.lock().catalog.versions(ino)?;
                 Ok(versions
                     .into_iter()
                     .rfind(|v| v.num < num && v.state == VersionState::Committed)
-                    .and_then(|v| v.cap?.parse::<FileCap>().ok())
-                    .filter(|cap| matches!(cap, FileCap::Mapped { .. })))
+                    .and_then(|v| Some((v.num, v.cap?.parse::<FileCap>().ok()?)))
+                    .filter(|(_, cap)| matches!(cap, FileCap::Mapped { .. })))
             })
             .await
             .ok()??;
         match FileReader::open(self.grid.clone(), base.clone()).await {
-            Ok(reader) => Some((reader.manifest()?.clone(), base.stored().clone())),
+            Ok(reader) => Some((base_num, reader.manifest()?.clone(), base.stored().clone())),
             Err(e) => {
                 tracing::debug!(ino, num, error = %e, "the previous version's manifest is not readable: sending every segment");
                 None
@@ -742,22 +858,4 @@ impl std::io::Read for Checked {
         }
         Ok(n)
     }
-}
-
-/// The SHA-256 of every `segment`-byte piece of `version`, and of the
-/// whole, from its bytes as read (checked against the cache's sums).
-fn segment_sums(version: &SealedVersion, segment: u64) -> std::io::Result<(Vec<manifest::Hash>, manifest::Hash)> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut whole = sha2::Sha256::new();
-    let mut sums = Vec::with_capacity(version.size.div_ceil(segment) as usize);
-    let mut buf = vec![0; segment as usize];
-    let mut reader = version.reader();
-    for j in 0..version.size.div_ceil(segment) {
-        let piece = &mut buf[..(version.size - j * segment).min(segment) as usize];
-        reader.read_exact(piece)?;
-        whole.update(&piece[..]);
-        sums.push(sha2::Sha256::digest(&piece[..]).into());
-    }
-    Ok((sums, whole.finalize().into()))
 }
