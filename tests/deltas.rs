@@ -126,7 +126,7 @@ fn cached_chunk_bytes(home: &Home) -> u64 {
 fn an_edit_of_a_file_not_in_the_cache_fetches_only_the_segments_it_changes() {
     let home = Home::init(&[]);
     let m = home.mount(&["--writeback-delay", "0"]);
-    let mut data = common::bytes(32 * MIB, 3);
+    let mut data = common::bytes(32 * MIB + 1000, 3);
     std::fs::write(m.file("big"), &data).unwrap();
     home.ok(&["sync"]);
     assert!(m.unmount().success());
@@ -143,11 +143,18 @@ fn an_edit_of_a_file_not_in_the_cache_fetches_only_the_segments_it_changes() {
     pwrite(&m.file("big"), (20 * MIB + 7) as u64, &[5; 100]);
     data[20 * MIB + 7..][..100].fill(5);
     home.ok(&["sync"]);
-    // Segments 4, 5 and 20, each fetched once and copied on write once.
+    // An append into the last, short segment copies its 1000 bytes first.
+    let mut f = std::fs::OpenOptions::new().append(true).open(m.file("big")).unwrap();
+    std::io::Write::write_all(&mut f, b"appended").unwrap();
+    drop(f);
+    data.extend_from_slice(b"appended");
+    home.ok(&["sync"]);
+    // Segments 4, 5 and 20, each fetched once and copied on write once,
+    // and the last one's few bytes.
     let cached = cached_chunk_bytes(&home);
-    assert!(cached <= (6 * MIB) as u64, "the edits cached {cached} bytes");
+    assert!(cached <= (6 * MIB + 4096) as u64, "the edits cached {cached} bytes");
     let added = grid_bytes(&home) - grid_before;
-    let goal = (3 * MIB * 5 / 3 + 2 * 64 * 1024) as u64;
+    let goal = (3 * MIB * 5 / 3 + 3 * 64 * 1024) as u64;
     assert!(added <= goal, "added {added} bytes, goal {goal}");
     let versions = home.versions("/big");
     assert_eq!(versions.last().unwrap()["sha256"].as_str(), Some(""), "{versions:?}");

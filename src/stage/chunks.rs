@@ -44,21 +44,30 @@ const LAYER_MAX_DEPTH: usize = 64;
 /// it. Those chunks have the same length and bytes there, and their sums
 /// are copied into this version's `sums`, so a read through a layer is
 /// checked against this version's own record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Layer {
     pub from: Vec<LayerSource>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerSource {
     pub dir: PathBuf,
     pub size: u64,
     pub chunks: Vec<(u64, u64)>,
 }
 
+/// A source as the layer file keeps it: by its directory's name beside the
+/// version's, so a moved `$CAIRN_HOME` still reads.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSource {
+    name: String,
+    size: u64,
+    chunks: Vec<(u64, u64)>,
+}
+
 impl Layer {
     /// The version chunk `index` is read from, if this layer takes it.
-    fn source(&self, index: u64, chunk_size: u64) -> Option<SealedVersion> {
+    pub fn source(&self, index: u64, chunk_size: u64) -> Option<SealedVersion> {
         self.from
             .iter()
             .find(|s| s.chunks.iter().any(|&(start, end)| (start..end).contains(&index)))
@@ -122,9 +131,30 @@ fn write_layer(dir: &Path, layer: &Layer) -> io::Result<()> {
             _ => Ok(()),
         };
     }
+    let stored: Vec<StoredSource> = layer
+        .from
+        .iter()
+        .map(|s| StoredSource {
+            name: s
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            size: s.size,
+            chunks: s.chunks.clone(),
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&stored).map_err(io::Error::other)?;
+    if bytes.len() as u64 > LAYER_MAX_BYTES {
+        return Err(io::Error::other(format!(
+            "the layer of {} would take {} bytes: more than a layer may",
+            dir.display(),
+            bytes.len()
+        )));
+    }
     // Two settles of one version may race: each writes its own file.
     let tmp = dir.join(format!("{LAYER_FILE}.{:016x}", rand::random::<u64>()));
-    std::fs::write(&tmp, serde_json::to_vec(layer).map_err(io::Error::other)?)?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, path)
 }
 
@@ -231,16 +261,24 @@ impl SealedVersion {
         if bytes.len() as u64 > LAYER_MAX_BYTES {
             return Err(damaged("is too long"));
         }
-        let layer: Layer = serde_json::from_slice(&bytes).map_err(|_| damaged("is unreadable"))?;
+        let stored: Vec<StoredSource> = serde_json::from_slice(&bytes).map_err(|_| damaged("is unreadable"))?;
         let count = chunk_count(self.size, self.chunk_size);
-        for s in &layer.from {
-            if s.dir.parent() != self.dir.parent() || s.dir == self.dir {
+        let beside = self.dir.parent().unwrap_or(&self.dir);
+        let mut layer = Layer::default();
+        for s in stored {
+            let plain = Path::new(&s.name).file_name().is_some_and(|n| n == s.name.as_str());
+            if !plain || s.name == ".." || self.dir.file_name().is_some_and(|own| own == s.name.as_str()) {
                 return Err(damaged("names a source outside the cache"));
             }
             let theirs = chunk_count(s.size, self.chunk_size);
             if s.chunks.iter().any(|&(a, b)| a >= b || b > count || b > theirs) {
                 return Err(damaged("names chunks it cannot take"));
             }
+            layer.from.push(LayerSource {
+                dir: beside.join(&s.name),
+                size: s.size,
+                chunks: s.chunks,
+            });
         }
         Ok(Some(layer))
     }
@@ -279,12 +317,13 @@ impl SealedVersion {
 
     /// Takes into this version's directory (a hard link each) every chunk
     /// its layer names that a version on the way still holds, and names for
-    /// each other one the version it was written in (the grid holds that
-    /// one: its chunk was evicted), with its sum if a version on the way
-    /// has learnt it (they all hold the same bytes there). Afterwards no
-    /// version but those is needed to read this one, so any other may go;
-    /// a version holding all its chunks has no layer left. Idempotent.
-    pub fn settle(&self) -> io::Result<()> {
+    /// each other one the first version on the way that `on_grid` says the
+    /// grid holds (or else the one it was written in), with its sum if a
+    /// version on the way has learnt it (they all hold the same bytes
+    /// there). Afterwards no version but those is needed to read this one,
+    /// so any other may go; a version holding all its chunks has no layer
+    /// left. Idempotent.
+    pub fn settle(&self, on_grid: &dyn Fn(&Path) -> bool) -> io::Result<()> {
         let Some(layer) = self.layer()? else {
             return Ok(());
         };
@@ -301,7 +340,8 @@ impl SealedVersion {
                     _ => {}
                 },
                 (None, Some(written_in)) if written_in.dir != self.dir => {
-                    rest.push(written_in, index);
+                    let from = found.chain[1..].iter().find(|v| on_grid(&v.dir)).unwrap_or(written_in);
+                    rest.push(from, index);
                     if ours[index as usize].is_none() {
                         for on_way in &found.chain[1..] {
                             if let Some(sum) = sums::recorded(&on_way.dir, index)? {
@@ -705,8 +745,9 @@ impl WorkingCopy {
     }
 
     /// Gives this copy its own file for chunk `index`, copying the base's
-    /// bytes of that chunk on first write (copy-on-write, one chunk).
-    fn own_chunk(&mut self, index: u64) -> io::Result<File> {
+    /// bytes of that chunk on first write (copy-on-write, one chunk); the
+    /// write goes at `within`.
+    fn own_chunk(&mut self, index: u64, within: u64) -> io::Result<File> {
         let path = self.own_path(index);
         if self.own.contains(&index) {
             return OpenOptions::new().write(true).open(path);
@@ -724,15 +765,20 @@ impl WorkingCopy {
                 let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
                 file.write_all_at(&bytes, 0)?;
                 std::fs::rename(&tmp, &path)?;
-                (file, ChunkHash::Running(Sha256::new_with_prefix(&bytes), valid))
+                // A write inside the copied bytes would drop a running
+                // hash at once: none is kept (sealing reads the chunk back).
+                let hash = (within >= valid).then(|| ChunkHash::Running(Sha256::new_with_prefix(&bytes), valid));
+                (file, hash)
             }
             _ => (
                 OpenOptions::new().write(true).create(true).truncate(true).open(&path)?,
-                ChunkHash::Running(Sha256::new(), 0),
+                Some(ChunkHash::Running(Sha256::new(), 0)),
             ),
         };
         self.own.insert(index);
-        self.hashes.insert(index, hash);
+        if let Some(hash) = hash {
+            self.hashes.insert(index, hash);
+        }
         Ok(file)
     }
 
@@ -782,7 +828,7 @@ impl WorkingCopy {
             let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
             let take = ((self.chunk_size - within) as usize).min(data.len() - done);
             let piece = &data[done..done + take];
-            let file = self.own_chunk(index)?;
+            let file = self.own_chunk(index, within)?;
             if let Err(e) = file.write_all_at(piece, within) {
                 self.hashes.remove(&index);
                 return Err(e);
@@ -914,13 +960,15 @@ impl WorkingCopy {
         let Some(base) = &self.base else {
             return Ok(Vec::new());
         };
-        let end = (offset + len).min(self.base_valid);
+        // By chunk: a write past the base's end into the chunk holding it
+        // copies that chunk's valid part too.
         let mut missing = Vec::new();
-        if offset < end {
-            for index in offset / self.chunk_size..end.div_ceil(self.chunk_size) {
-                if !self.own.contains(&index) && base.locate(index)?.held.is_none() {
-                    missing.push(index);
-                }
+        for index in offset / self.chunk_size..(offset + len).div_ceil(self.chunk_size) {
+            if index * self.chunk_size >= self.base_valid {
+                break;
+            }
+            if !self.own.contains(&index) && base.locate(index)?.held.is_none() {
+                missing.push(index);
             }
         }
         Ok(missing)
@@ -932,9 +980,9 @@ impl WorkingCopy {
     /// (unchanged, of the same length) named in a layer over the base.
     fn prepare_seal(&mut self) -> io::Result<()> {
         let count = chunk_count(self.size, self.chunk_size);
-        let base_sums = match &self.base {
-            Some(base) => sums::read_all(&base.dir, count)?,
-            None => Vec::new(),
+        let (base_sums, base_layer) = match &self.base {
+            Some(base) => (sums::read_all(&base.dir, count)?, base.layer()?.unwrap_or_default()),
+            None => (Vec::new(), Layer::default()),
         };
         let mut all = Vec::with_capacity(count as usize);
         let mut layer = Layer::default();
@@ -942,9 +990,15 @@ impl WorkingCopy {
             let want = (self.size - index * self.chunk_size).min(self.chunk_size);
             if !self.own.contains(&index) {
                 match (self.base_chunk(index), &self.base) {
-                    // Unchanged and of the same length: taken, with its sum.
+                    // Unchanged and of the same length: taken, with its sum,
+                    // from where the base takes it (so a read goes at most
+                    // one layer deep, however many seals come between
+                    // settles).
                     (Some((_, valid)), Some(base)) if valid == want && valid == base.chunk_len(index) => {
-                        layer.push(base, index);
+                        match base_layer.source(index, self.chunk_size) {
+                            Some(source) => layer.push(&source, index),
+                            None => layer.push(base, index),
+                        }
                         all.push(base_sums.get(index as usize).copied().flatten());
                         continue;
                     }
@@ -994,6 +1048,17 @@ impl WorkingCopy {
         match std::fs::remove_file(copy_dir.join(STATE_FILE)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
+        }
+        // Windows refuses to rename a directory while a file in it is open
+        // without sharing (a virus scanner's look): that lets go soon.
+        let tries = if cfg!(windows) { 40 } else { 1 };
+        for _ in 1..tries {
+            match std::fs::rename(copy_dir, version_dir) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    std::thread::sleep(std::time::Duration::from_millis(25))
+                }
+                other => return other,
+            }
         }
         std::fs::rename(copy_dir, version_dir)
     }

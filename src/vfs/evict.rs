@@ -34,7 +34,7 @@ impl Vfs {
             .chain(staged.map(|(&(ino, num), _)| version_dir(&self.cache, ino, num)))
             .collect();
         for dir in readers {
-            let layer = crate::stage::chunks::SealedVersion::open(dir, u64::MAX, self.chunk_size()).layer();
+            let layer = SealedVersion::open(dir, u64::MAX, self.chunk_size()).layer();
             if let Ok(Some(layer)) = layer {
                 protected.extend(layer.from.into_iter().map(|s| s.dir));
             }
@@ -42,7 +42,13 @@ impl Vfs {
         let (used, candidates) = crate::stage::evict::scan(&self.cache, |version| {
             !protected.contains(version)
                 // A directory without a row is being sealed or restored.
-                && version_dir_key(version).is_some_and(|k| states.get(&k).is_some_and(|s| *s != VersionState::Staged))
+                // A superseded one still holding chunks a newer one reads
+                // (kept when settling failed) is the only copy of them.
+                && version_dir_key(version).is_some_and(|k| {
+                    states
+                        .get(&k)
+                        .is_some_and(|s| matches!(s, VersionState::Committed | VersionState::Collected))
+                })
         })?;
         let (remove, freed) = crate::stage::evict::plan(candidates, used, max);
         for path in remove {

@@ -337,15 +337,17 @@ impl Vfs {
         // the file is settled first, and a directory is kept (its row says
         // superseded) if that fails.
         let mut freed = ToFree::default();
+        let mut marked = Vec::new();
         let recorded = {
             let st = self.lock();
             superseded.iter().try_for_each(|&(ino, num)| {
                 st.catalog.set_version_state(ino, num, VersionState::Superseded)?;
+                marked.push((ino, num));
                 tracing::debug!(ino, num, "superseded before upload");
                 Ok::<_, CatalogError>(())
             })
         };
-        for &(ino, num) in &superseded {
+        for &(ino, num) in &marked {
             match self.settle_file(ino) {
                 Ok(()) => freed = std::mem::take(&mut freed).and(version_dir(&self.cache, ino, num)),
                 Err(e) => {
@@ -362,8 +364,24 @@ impl Vfs {
     /// reads through another that is about to go.
     fn settle_file(&self, ino: Ino) -> VfsResult<()> {
         let versions = self.read_catalog(|catalog| Ok(catalog.versions(ino)?))?;
-        for v in versions {
-            self.sealed(&v).settle()?;
+        let on_grid: std::collections::HashSet<PathBuf> = versions
+            .iter()
+            .filter(|v| v.state == VersionState::Committed)
+            .map(|v| version_dir(&self.cache, v.ino, v.num))
+            .collect();
+        for v in &versions {
+            self.sealed(v).settle(&|dir| on_grid.contains(dir))?;
+        }
+        Ok(())
+    }
+
+    /// A sealed version settled and with every chunk in the cache (a pack
+    /// member, read whole).
+    fn make_whole(&self, v: &Version) -> VfsResult<()> {
+        self.settle_file(v.ino)?;
+        let count = v.size.div_ceil(self.chunk_size());
+        for (source, index) in self.chunks_to_fetch(v, 0..count, false)? {
+            self.fetch_chunk(&source, index)?;
         }
         Ok(())
     }
@@ -444,6 +462,23 @@ impl Vfs {
 
     pub(super) async fn upload_pack(self: &Arc<Self>, members: Vec<QueuedVersion>) {
         let sources: Vec<SealedVersion> = members.iter().map(|m| m.version.clone()).collect();
+        // A member edited while not in the cache reads chunks through
+        // others: all of them are fetched first (a member is small). One
+        // that cannot be fails below, when it is read.
+        let dirs: Vec<PathBuf> = sources.iter().map(|v| v.dir.clone()).collect();
+        let _ = self
+            .blocking(move |vfs| {
+                for dir in dirs {
+                    let whole = vfs
+                        .version_at(&dir)
+                        .and_then(|v| v.map_or(Ok(()), |v| vfs.make_whole(&v)));
+                    if let Err(e) = whole {
+                        tracing::debug!(dir = %dir.display(), error = %e, "a pack member is not all in the cache");
+                    }
+                }
+                Ok(())
+            })
+            .await;
         let assembled = tokio::task::spawn_blocking(move || {
             pack::assemble(sources.iter().map(|v| (v.reader(), v.size, rand::random())))
         })
@@ -739,7 +774,7 @@ impl Vfs {
     ) -> VfsResult<(Vec<manifest::Hash>, Option<manifest::Hash>)> {
         use sha2::Digest;
         use std::io::Read;
-        version.settle()?;
+        self.settle_file(ino)?;
         let segment = version.chunk_size;
         let count = version.size.div_ceil(segment);
         let recorded = crate::stage::sums::read_all(&version.dir, count)?;
@@ -754,7 +789,10 @@ impl Vfs {
             let from_base = base.as_ref().and_then(|(dir, m)| {
                 let entry = m.segments.get(index as usize)?;
                 let on_way = found.chain.iter().any(|v| v.dir == *dir);
-                (on_way && m.segment_len(index) == version.chunk_len(index)).then_some(entry.sha256)
+                // Same segments: a base uploaded with another segment size
+                // (another machine's) numbers other byte ranges.
+                (on_way && m.segment_size as u64 == segment && m.segment_len(index) == version.chunk_len(index))
+                    .then_some(entry.sha256)
             });
             match (recorded[index as usize], from_base) {
                 (Some(sum), _) => drop(known.insert(index, sum)),
