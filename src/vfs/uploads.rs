@@ -696,8 +696,9 @@ impl Vfs {
             })
             .await;
         if let Err(e) = fetched {
-            let why = format!("fetching the segments it changes from: {e}");
-            return Self::upload_failed(&mut self.queue(), job.key(), &why, false);
+            let damaged = matches!(&e, VfsError::Io(io) if is_damage(io));
+            let why = format!("fetching the segments it sends: {e}");
+            return Self::upload_failed(&mut self.queue(), job.key(), &why, damaged);
         }
         let manifest = manifest::build(size, segment, sha256, &sums, &plan, base).to_bytes();
         let ranges: Vec<(u64, u64)> = plan
@@ -784,6 +785,16 @@ impl Vfs {
             let found = version.locate(index)?;
             if found.held.is_some() {
                 continue;
+            }
+            // Its own chunk, gone: the cache was damaged.
+            if found.chain.len() == 1 {
+                return Err(VfsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!(
+                        "chunk {index} of the sealed version {} is missing",
+                        version.dir.display()
+                    ),
+                )));
             }
             // Every version on its way holds the same bytes there.
             let from_base = base.as_ref().and_then(|(dir, m)| {
