@@ -63,6 +63,8 @@ impl Vfs {
                 if Self::may_see_cap(&node, caller) {
                     names.push(format!("{XATTR_PREFIX}cap"));
                 }
+            }
+            if info.sha256.is_some() {
                 names.push(format!("{XATTR_PREFIX}sha256"));
             }
         }
@@ -123,7 +125,8 @@ impl Vfs {
             state,
             version: latest.map(|v| v.num),
             cap: committed.as_ref().and_then(|v| v.cap.clone()),
-            sha256: committed.map(|v| v.sha256),
+            // A version made without every byte at hand has none.
+            sha256: committed.map(|v| v.sha256).filter(|sha| !sha.is_empty()),
         })
     }
 }
