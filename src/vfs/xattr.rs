@@ -59,10 +59,8 @@ impl Vfs {
             if info.version.is_some() {
                 names.push(format!("{XATTR_PREFIX}version"));
             }
-            if info.cap.is_some() {
-                if Self::may_see_cap(&node, caller) {
-                    names.push(format!("{XATTR_PREFIX}cap"));
-                }
+            if info.cap.is_some() && Self::may_see_cap(&node, caller) {
+                names.push(format!("{XATTR_PREFIX}cap"));
             }
             if info.sha256.is_some() {
                 names.push(format!("{XATTR_PREFIX}sha256"));
