@@ -627,6 +627,38 @@ fn an_unreadable_working_copy_state_is_set_aside_and_the_mount_starts() {
     assert!(mnt.unmount().success());
 }
 
+/// A copy left by kill -9 whose seal reads a base chunk the cache no
+/// longer holds (a write past the short end of a file not in the cache;
+/// the fetched chunk then lost): recovery, which has no grid, sets it
+/// aside and the mount starts, rather than failing to start.
+#[test]
+fn a_copy_whose_seal_needs_a_lost_base_chunk_is_set_aside_and_the_mount_starts() {
+    let home = Home::init(&[]);
+    let mnt = home.mount(&[]);
+    let data = common::bytes((2 << 20) + 1000, 11);
+    std::fs::write(mnt.file("f.bin"), &data).unwrap();
+    home.ok(&["sync"]);
+    assert!(mnt.unmount().success());
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    let mnt = home.mount(&[]);
+    let open = std::fs::OpenOptions::new().write(true).open(mnt.file("f.bin")).unwrap();
+    use std::os::unix::fs::FileExt;
+    open.write_all_at(b"past the end", 4 << 20).unwrap();
+    // The seal will read the 1000 bytes of the short chunk 2: fetched.
+    assert!(home.file("cache/versions").read_dir().unwrap().next().is_some());
+    assert!(mnt.signal(libc::SIGKILL).code().is_none());
+    drop(open);
+    std::fs::remove_dir_all(home.file("cache/versions")).unwrap();
+    std::fs::create_dir(home.file("cache/versions")).unwrap();
+    let mnt = home.mount(&[]);
+    assert!(
+        std::fs::read(mnt.file("f.bin")).unwrap() == data,
+        "the last sealed version"
+    );
+    assert!(common::walk_count(&home.file("cache/quarantine")) >= 1);
+    assert!(mnt.unmount().success());
+}
+
 #[test]
 fn shares_piled_on_one_server_are_not_healthy() {
     let home = Home::init(&[]);

@@ -95,25 +95,42 @@ pub fn recover(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> Result<(
             continue;
         }
         let ino = ino.expect("live implies a parsed inode");
+        // Kept aside, the file keeping its last sealed version: a copy whose
+        // state is unreadable (cut short by a power loss before states were
+        // synced), or whose seal needs a base chunk the cache lacks (the
+        // grid is not at hand here) or holds damaged.
+        let set_aside = |catalog: &Catalog, why: &dyn std::fmt::Display| -> Result<(), StageError> {
+            let aside = cache.join("quarantine").join(&name);
+            std::fs::create_dir_all(cache.join("quarantine"))?;
+            std::fs::rename(&path, &aside)?;
+            tracing::error!(
+                path = %catalog.path_of(ino)?,
+                kept = %aside.display(),
+                error = %why,
+                "a working copy cannot be sealed: its chunk files are kept aside, the file keeps its last sealed version"
+            );
+            Ok(())
+        };
         let work = match WorkingCopy::recover(path.clone(), chunk_size) {
             Ok(work) => work,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                // An unreadable state file (cut short by a power loss before
-                // states were synced): keep the bytes aside and go on.
-                let aside = cache.join("quarantine").join(&name);
-                std::fs::create_dir_all(cache.join("quarantine"))?;
-                std::fs::rename(&path, &aside)?;
-                tracing::error!(
-                    path = %catalog.path_of(ino)?,
-                    kept = %aside.display(),
-                    error = %e,
-                    "a working copy's state is unreadable: its chunk files are kept aside, the file keeps its last sealed version"
-                );
+                set_aside(catalog, &e)?;
                 continue;
             }
             Err(e) => return Err(std::io::Error::new(e.kind(), format!("recovering {}: {e}", path.display())).into()),
         };
-        let (num, sealed) = record_sealed(cache, catalog, ino, work).map_err(|failed| failed.1)?;
+        let (num, sealed) = match record_sealed(cache, catalog, ino, work) {
+            Ok(done) => done,
+            Err(failed) => match failed.1 {
+                StageError::Io(e)
+                    if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData) =>
+                {
+                    set_aside(catalog, &e)?;
+                    continue;
+                }
+                other => return Err(other),
+            },
+        };
         tracing::warn!(
             path = %catalog.path_of(ino)?,
             size = sealed.size,

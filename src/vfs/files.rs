@@ -218,6 +218,15 @@ impl Vfs {
         let result = self.ensure_working(ino, &mut guard, keep_base).and_then(|()| {
             let work = guard.as_mut().expect("ensured");
             change(work)?;
+            // What its seal will read, fetched now (see `write`); if the
+            // grid cannot serve it now, the seal says so.
+            if let Err(e) = work
+                .seal_needs()
+                .map_err(VfsError::from)
+                .and_then(|n| self.fetch_base(work, n))
+            {
+                tracing::warn!(ino, error = %e, "fetching what a seal will read");
+            }
             if self.changed(ino, work)? == 0 {
                 self.seal(ino, &mut guard, "change without an open writer", false)?;
             }
@@ -250,7 +259,15 @@ impl Vfs {
         let mut guard = write_copy(&copy);
         self.ensure_working(ino, &mut guard, true)?;
         let work = guard.as_mut().expect("ensured");
-        self.fetch_base(work, work.missing_base(offset, data.len() as u64)?)?;
+        // Besides what the write copies on write: a write past the base's
+        // short last chunk makes the seal read that chunk's valid part,
+        // fetched while the grid is at hand, so that recovery after a crash
+        // (which has no grid) can seal the copy.
+        let mut needs = work.missing_base(offset, data.len() as u64)?;
+        needs.extend(work.seal_needs()?);
+        needs.sort_unstable();
+        needs.dedup();
+        self.fetch_base(work, needs)?;
         work.write_at(offset, data)?;
         self.cache_growth.fetch_add(data.len() as u64, Ordering::Relaxed);
         // No `state`: the file's name was committed when it was made.
