@@ -330,15 +330,9 @@ mod tests {
                 ..v(1, i + 1, &format!("c{i}"), 0)
             })
             .collect();
-        let p = plan(
-            &versions,
-            &|_| true,
-            &[],
-            &rules(10, 30),
-            now,
-            &HashMap::new(),
-            &HashSet::new(),
-        );
+        let plan_at =
+            |rules: RetentionConfig| plan(&versions, &|_| true, &[], &rules, now, &HashMap::new(), &HashSet::new());
+        let p = plan_at(rules(10, 30));
         let kept = versions.len() - p.versions.len();
         // 60 of the last hour, one for each of the 23 hours before (the
         // hour the last 60 minutes began in counts once), one for each
@@ -355,15 +349,7 @@ mod tests {
             assert!(alive(*in_hour.iter().min().unwrap()), "the newest of hour {h}");
         }
         // With keep_days = 0 nothing is kept by age: only the newest 10.
-        let p = plan(
-            &versions,
-            &|_| true,
-            &[],
-            &rules(10, 0),
-            now,
-            &HashMap::new(),
-            &HashSet::new(),
-        );
+        let p = plan_at(rules(10, 0));
         assert_eq!(versions.len() - p.versions.len(), 10);
     }
 

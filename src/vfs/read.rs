@@ -116,7 +116,18 @@ impl Vfs {
                 format!("the version {} a working copy reads from is gone", base.dir.display()),
             ))
         })?;
-        for (source, index) in self.chunks_to_fetch(&v, missing, true)? {
+        self.fetch_missing(&v, missing, true)
+    }
+
+    /// Fetches whichever chunks among `indices` of `v` the cache lacks or
+    /// holds damaged, each from where [`Vfs::chunks_to_fetch`] says.
+    pub(super) fn fetch_missing(
+        &self,
+        v: &Version,
+        indices: impl IntoIterator<Item = u64>,
+        deep: bool,
+    ) -> VfsResult<()> {
+        for (source, index) in self.chunks_to_fetch(v, indices, deep)? {
             self.fetch_chunk(&source, index)?;
         }
         Ok(())
@@ -157,9 +168,7 @@ impl Vfs {
         }
         let cs = self.chunk_size();
         let end = (offset + buf.len() as u64).min(v.size);
-        for (source, index) in self.chunks_to_fetch(v, offset / cs..end.div_ceil(cs), true)? {
-            self.fetch_chunk(&source, index)?;
-        }
+        self.fetch_missing(v, offset / cs..end.div_ceil(cs), true)?;
         if v.cap.is_some() {
             self.read_ahead(v, end.div_ceil(cs));
         }

@@ -379,11 +379,7 @@ impl Vfs {
     /// member, read whole).
     fn make_whole(&self, v: &Version) -> VfsResult<()> {
         self.settle_file(v.ino)?;
-        let count = v.size.div_ceil(self.chunk_size());
-        for (source, index) in self.chunks_to_fetch(v, 0..count, false)? {
-            self.fetch_chunk(&source, index)?;
-        }
-        Ok(())
+        self.fetch_missing(v, 0..v.size.div_ceil(self.chunk_size()), false)
     }
 
     /// Marks a job's versions as uploading.
@@ -689,10 +685,7 @@ impl Vfs {
                 let Some(v) = vfs.version_at(&version_dir(&vfs.cache, ino, num))? else {
                     return Err(VfsError::NotFound);
                 };
-                for (source, index) in vfs.chunks_to_fetch(&v, fresh, false)? {
-                    vfs.fetch_chunk(&source, index)?;
-                }
-                Ok(())
+                vfs.fetch_missing(&v, fresh, false)
             })
             .await;
         if let Err(e) = fetched {
@@ -818,9 +811,7 @@ impl Vfs {
         if !fetch.is_empty() {
             let v = self.version_at(&version.dir)?.ok_or(VfsError::NotFound)?;
             debug_assert_eq!((v.ino, v.num), (ino, num));
-            for (source, index) in self.chunks_to_fetch(&v, fetch, false)? {
-                self.fetch_chunk(&source, index)?;
-            }
+            self.fetch_missing(&v, fetch, false)?;
         }
         let mut whole = sha2::Sha256::new();
         let mut sums = Vec::with_capacity(count as usize);
