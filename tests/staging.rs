@@ -162,6 +162,36 @@ fn many_seals_without_a_settle_read_one_layer_deep() {
     assert_eq!(read_all(|o, b| version.read_at(o, b), version.size), model);
 }
 
+/// A layer file is local state: one naming a directory outside the cache,
+/// chunks past either version, or garbage is refused as damage when the
+/// chunk is read, never followed and never read as zeros.
+#[test]
+fn a_damaged_or_hostile_layer_is_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let versions = dir.path().join("versions");
+    std::fs::create_dir(&versions).unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
+    work.write_at(0, &[3; 4 * CHUNK as usize]).unwrap();
+    let v1 = seal(work, versions.join("1.1"));
+    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1.clone()), CHUNK).unwrap();
+    work.write_at(0, b"x").unwrap();
+    let v2 = seal(work, versions.join("1.2"));
+    assert_eq!(v2.read_at(CHUNK, &mut [0; 4]).unwrap(), 4, "through its layer");
+    let layer = v2.dir.join("layer");
+    let size = 4 * CHUNK;
+    for hostile in [
+        format!(r#"[{{"name":"../../etc","size":{size},"chunks":[[1,4]]}}]"#),
+        format!(r#"[{{"name":"1.2","size":{size},"chunks":[[1,4]]}}]"#),
+        format!(r#"[{{"name":"1.1","size":{size},"chunks":[[1,9]]}}]"#),
+        format!(r#"[{{"name":"1.1","size":{CHUNK},"chunks":[[1,4]]}}]"#),
+        "not json".to_owned(),
+    ] {
+        std::fs::write(&layer, &hostile).unwrap();
+        let err = v2.read_at(CHUNK, &mut [0; 4]).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{hostile}: {err}");
+    }
+}
+
 #[test]
 fn a_chunk_altered_in_place_is_an_error_for_readers_and_the_uploader() {
     let dir = tempfile::tempdir().unwrap();
