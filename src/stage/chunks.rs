@@ -21,6 +21,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -56,6 +57,19 @@ pub struct LayerSource {
     pub chunks: Vec<(u64, u64)>,
 }
 
+/// Layers read, by version directory and size, with the identity of the
+/// file each was parsed from (a layer is replaced whole, by a rename). An
+/// edit reads its base's layer, which the seal before it wrote: parsing it
+/// again each time costs more than the edit. Layers over
+/// [`LAYER_CACHED_BYTES`] are not kept; past [`LAYERS_CACHED`] the cache
+/// starts again.
+type LayerKey = (PathBuf, u64);
+type LayerId = ((u64, u64), u64, std::time::SystemTime);
+type LayerCache = HashMap<LayerKey, (LayerId, Arc<Layer>)>;
+static LAYERS: LazyLock<Mutex<LayerCache>> = LazyLock::new(Default::default);
+const LAYERS_CACHED: usize = 256;
+const LAYER_CACHED_BYTES: u64 = 1 << 20;
+
 /// A source as the layer file keeps it: by its directory's name beside the
 /// version's, so a moved `$CAIRN_HOME` still reads.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -76,7 +90,14 @@ impl Layer {
 
     /// Adds chunk `index` from `source`, merging with the last range.
     fn push(&mut self, source: &SealedVersion, index: u64) {
-        let entry = match self.from.iter_mut().position(|s| s.dir == source.dir) {
+        // Runs of chunks come from one source: the last one is tried first,
+        // and directories compared as bytes (`Path`'s `==` parses both).
+        let same = |s: &LayerSource| s.dir.as_os_str() == source.dir.as_os_str();
+        let at = match self.from.last().is_some_and(same) {
+            true => Some(self.from.len() - 1),
+            false => self.from.iter().position(same),
+        };
+        let entry = match at {
             Some(i) => &mut self.from[i],
             None => {
                 self.from.push(LayerSource {
@@ -241,12 +262,34 @@ impl SealedVersion {
 
     /// This version's layer, if it does not hold every chunk itself;
     /// checked to name only sibling versions and chunks this one has.
-    pub fn layer(&self) -> io::Result<Option<Layer>> {
-        let file = match File::open(self.dir.join(LAYER_FILE)) {
+    pub fn layer(&self) -> io::Result<Option<Arc<Layer>>> {
+        let path = self.dir.join(LAYER_FILE);
+        let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let meta = file.metadata()?;
+        let facts = crate::sys::file_facts(&path, &meta);
+        let id = (facts.identity, meta.len(), facts.modified);
+        let key = (self.dir.clone(), self.size);
+        if let Some((known, layer)) = LAYERS.lock().expect("layer cache").get(&key) {
+            if *known == id {
+                return Ok(Some(layer.clone()));
+            }
+        }
+        let layer = Arc::new(self.parse_layer(file)?);
+        if meta.len() <= LAYER_CACHED_BYTES {
+            let mut cache = LAYERS.lock().expect("layer cache");
+            if cache.len() >= LAYERS_CACHED {
+                cache.clear();
+            }
+            cache.insert(key, (id, layer.clone()));
+        }
+        Ok(Some(layer))
+    }
+
+    fn parse_layer(&self, file: File) -> io::Result<Layer> {
         let damaged = |why: &str| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -280,7 +323,7 @@ impl SealedVersion {
                 chunks: s.chunks,
             });
         }
-        Ok(Some(layer))
+        Ok(layer)
     }
 
     /// Where chunk `index` is in the cache: here, or in a version reached
@@ -501,8 +544,9 @@ impl Read for SealedReader {
 /// What a working copy needs besides its chunk files to be rebuilt after a
 /// crash: where its base is and the size it was truncated to. Written at
 /// the creation of a copy over a base and at every truncation (the only
-/// size changes a chunk file's length does not record). A new file's copy
-/// has none until truncated: its chunk files say it all.
+/// size changes a chunk file's length does not record), followed by the
+/// partial chunks' log ([`PARTIAL_RECORD`]). A new file's copy has none
+/// until truncated: its chunk files say it all.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PersistedState {
     base_dir: Option<PathBuf>,
@@ -513,8 +557,19 @@ struct PersistedState {
 }
 
 const STATE_FILE: &str = "state";
-/// Suffix of a working copy over a base while its state is being written:
-/// such a directory was never used, and recovery removes it.
+/// A partial chunk's file is `N.part`; filled, it becomes `N`.
+const PARTIAL_SUFFIX: &str = ".part";
+/// The state file is its JSON on one line, then the log of its partial
+/// chunks' written ranges (see [`Partial`]): a record a write, the chunk's
+/// index, then the start and end of the bytes written, little-endian u64s.
+/// One file, so the first write of an edit creates no file for it.
+const PARTIAL_RECORD: usize = 24;
+/// Writes a partial chunk logs before it is filled from its base at once:
+/// bounds the log (a record a write) and the ranges a read merges.
+const PARTIAL_MAX_WRITES: usize = 64;
+/// Suffix of a working copy over a base while its state was being written,
+/// by cairn before 0.1 of the layered format (now a spare is): such a
+/// directory was never used, and recovery removes it.
 pub const UNFINISHED_SUFFIX: &str = ".new";
 /// Past this many chunks written since the last fsync, an fsync syncs the
 /// staging file system once (syncfs: one device flush) rather than each
@@ -536,7 +591,7 @@ pub struct PendingSync {
 }
 
 impl PendingSync {
-    fn open(dir: &Path, chunks: &BTreeSet<u64>) -> io::Result<PendingSync> {
+    fn open(dir: &Path, chunks: &BTreeSet<u64>, paths: Vec<PathBuf>) -> io::Result<PendingSync> {
         // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
         let whole = cfg!(unix) && chunks.len() > SYNC_FILESYSTEM_ABOVE;
         let parent = dir.parent().unwrap_or(dir);
@@ -544,8 +599,8 @@ impl PendingSync {
         if !whole {
             // Opened for writing: Windows refuses to flush a read-only handle.
             let open = |p: &Path| OpenOptions::new().write(true).open(p);
-            for index in chunks {
-                files.push(open(&dir.join(index.to_string()))?);
+            for path in paths {
+                files.push(open(&path)?);
             }
             match open(&dir.join(STATE_FILE)) {
                 Ok(f) => files.push(f),
@@ -585,12 +640,120 @@ pub struct WorkingCopy {
     size: u64,
     chunk_size: u64,
     own: BTreeSet<u64>,
+    /// Own chunks over the base written only in part so far.
+    partial: HashMap<u64, Partial>,
+    /// The state file, open for appending the log once a chunk is partial.
+    log: Option<File>,
     /// Own chunks written since the last fsync.
     unsynced: BTreeSet<u64>,
     /// The SHA-256 of own chunks written from their start in order, kept up
     /// as they are written so that sealing reads none of them back. Own
     /// chunks not here (written out of order, recovered) are read at seal.
     hashes: HashMap<u64, ChunkHash>,
+}
+
+/// An own chunk of a copy over a base, written only in part: a first write
+/// into a base chunk writes its bytes, not the chunk (the copy-on-write is
+/// left to the seal, which fills the file from the base). Its file `N.part`
+/// holds the bytes written; below the copy's `base_valid` every byte
+/// outside `written` is the base's (the file holds zeros there). Each
+/// write's range is appended to the copy's `partial` log after its bytes
+/// are written, so after a kill -9 recovery knows which bytes are the
+/// writer's (a write cut short was never answered; the base shows there).
+#[derive(Debug, Default)]
+struct Partial {
+    /// Byte ranges within the chunk written, sorted, apart and merged.
+    written: Vec<(u64, u64)>,
+    writes: usize,
+}
+
+impl Partial {
+    fn add(&mut self, (start, end): (u64, u64)) {
+        let mut merged = (start, end);
+        self.written.retain(|&(a, b)| {
+            let apart = b < merged.0 || a > merged.1;
+            if !apart {
+                merged = (merged.0.min(a), merged.1.max(b));
+            }
+            apart
+        });
+        let at = self.written.partition_point(|&(a, _)| a < merged.0);
+        self.written.insert(at, merged);
+        self.writes += 1;
+    }
+
+    /// The ranges of `lo..hi` not written.
+    fn gaps(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut at = lo;
+        for &(a, b) in &self.written {
+            if a >= hi {
+                break;
+            }
+            if a > at {
+                gaps.push((at, a));
+            }
+            at = at.max(b);
+        }
+        if at < hi {
+            gaps.push((at, hi));
+        }
+        gaps
+    }
+}
+
+/// A state file's JSON is this long at most (a path and three numbers).
+const STATE_JSON_MAX: u64 = 64 << 10;
+
+/// Reads a copy's state file: its JSON, and its log into `partial` (ranges
+/// of the chunks still partial; records of chunks since filled are passed
+/// over). Checked: a range outside a chunk, or more writes than a partial
+/// chunk logs, is damage. A record cut short (by a power loss) describes a
+/// write never answered: passed over.
+fn read_state(dir: &Path, partial: &mut HashMap<u64, Partial>, chunk_size: u64) -> io::Result<PersistedState> {
+    let file = match File::open(dir.join(STATE_FILE)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(PersistedState::default()),
+        Err(e) => return Err(e),
+    };
+    let damaged = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the state of the working copy {} {why}", dir.display()),
+        )
+    };
+    let mut reader = io::BufReader::new(file);
+    let mut json = Vec::new();
+    io::BufRead::read_until(&mut (&mut reader).take(STATE_JSON_MAX), b'\n', &mut json)?;
+    // A state before the log had no line end.
+    if json.last() == Some(&b'\n') {
+        json.pop();
+    }
+    let state = serde_json::from_slice(&json).map_err(|e| damaged(&format!("is unreadable ({e})")))?;
+    let mut record = [0u8; PARTIAL_RECORD];
+    loop {
+        match reader.read_exact(&mut record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(state),
+            Err(e) => return Err(e),
+        }
+        let field = |i: usize| u64::from_le_bytes(record[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let (index, start, end) = (field(0), field(1), field(2));
+        if let Some(p) = partial.get_mut(&index) {
+            if start >= end || end > chunk_size || p.writes >= PARTIAL_MAX_WRITES {
+                return Err(damaged("logs a write it cannot hold"));
+            }
+            p.add((start, end));
+        }
+    }
+}
+
+fn log_record(index: u64, (start, end): (u64, u64)) -> [u8; PARTIAL_RECORD] {
+    let mut record = [0u8; PARTIAL_RECORD];
+    for (i, v) in [index, start, end].into_iter().enumerate() {
+        record[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    record
 }
 
 /// The hash of an own chunk's bytes so far.
@@ -608,64 +771,98 @@ impl WorkingCopy {
     /// appears with its state already written (built under a temporary
     /// name), so recovery never mistakes it for an empty new file.
     pub fn create(dir: PathBuf, base: Option<SealedVersion>, chunk_size: u64) -> io::Result<Self> {
-        Self::create_with(dir, base, chunk_size, |d| std::fs::create_dir(d))
+        Self::create_with(dir, base, chunk_size, Self::make_dir)
     }
 
-    /// [`WorkingCopy::create`], with `make_dir` making its (empty) directory.
+    /// [`WorkingCopy::create`], with `make_dir(dir, files)` making its
+    /// directory, holding `files` (name, bytes) when it appears.
     pub fn create_with(
         dir: PathBuf,
         base: Option<SealedVersion>,
         chunk_size: u64,
-        make_dir: impl FnOnce(&Path) -> io::Result<()>,
+        make_dir: impl FnOnce(&Path, &[(&str, &[u8])]) -> io::Result<()>,
     ) -> io::Result<Self> {
         let size = base.as_ref().map_or(0, |b| b.size);
-        let mut copy = WorkingCopy {
+        let copy = WorkingCopy {
             dir,
             base,
             base_valid: size,
             size,
             chunk_size,
             own: BTreeSet::new(),
+            partial: HashMap::new(),
+            log: None,
             unsynced: BTreeSet::new(),
             hashes: HashMap::new(),
         };
         match &copy.base {
-            None => make_dir(&copy.dir)?,
+            None => make_dir(&copy.dir, &[])?,
             Some(b) => {
                 debug_assert_eq!(b.chunk_size, chunk_size);
-                let final_dir = std::mem::replace(&mut copy.dir, PathBuf::new());
-                let mut unfinished = final_dir.clone().into_os_string();
-                unfinished.push(UNFINISHED_SUFFIX);
-                copy.dir = PathBuf::from(unfinished);
-                make_dir(&copy.dir)?;
-                copy.save_state()?;
-                std::fs::rename(&copy.dir, &final_dir)?;
-                copy.dir = final_dir;
+                // Not synced: a power loss may leave the state empty, and
+                // recovery then sets the copy aside (a copy written in the
+                // last seconds before a power loss is not kept, as
+                // SEMANTICS says); it never seals it without its base.
+                make_dir(&copy.dir, &[(STATE_FILE, &copy.state_bytes()?)])?;
             }
         }
         Ok(copy)
     }
 
+    /// Makes the directory `to` holding `files`: built under a temporary
+    /// name (which recovery removes) and renamed, so that it never appears
+    /// without them.
+    pub fn make_dir(to: &Path, files: &[(&str, &[u8])]) -> io::Result<()> {
+        if files.is_empty() {
+            return std::fs::create_dir(to);
+        }
+        let mut unfinished = to.as_os_str().to_owned();
+        unfinished.push(UNFINISHED_SUFFIX);
+        let unfinished = PathBuf::from(unfinished);
+        std::fs::create_dir(&unfinished)?;
+        for (name, bytes) in files {
+            std::fs::write(unfinished.join(name), bytes)?;
+        }
+        std::fs::rename(&unfinished, to)
+    }
+
     /// Rebuilds a working copy left in `dir` by a crash: every byte that
     /// reached its chunk files is kept.
     pub fn recover(dir: PathBuf, chunk_size: u64) -> io::Result<Self> {
-        let state: PersistedState = match std::fs::read(dir.join(STATE_FILE)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => PersistedState::default(),
-            Err(e) => return Err(e),
+        let damaged = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the working copy {} {why}", dir.display()),
+            )
         };
         let mut own = BTreeSet::new();
-        let mut size = state.size_floor;
+        let mut partial = HashMap::new();
+        let mut size = 0;
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
-            if let Some(index) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
-                own.insert(index);
-                size = size.max(index * chunk_size + entry.metadata()?.len());
+            let name = entry.file_name();
+            let name = name.to_str().unwrap_or_default();
+            let (index, part) = match name.strip_suffix(PARTIAL_SUFFIX) {
+                Some(n) => (n.parse::<u64>().ok(), true),
+                None => (name.parse::<u64>().ok(), false),
+            };
+            let Some(index) = index else { continue };
+            if !own.insert(index) {
+                return Err(damaged("holds a chunk both whole and partial"));
             }
+            if part {
+                partial.insert(index, Partial::default());
+            }
+            size = size.max(index * chunk_size + entry.metadata()?.len());
         }
+        let state = read_state(&dir, &mut partial, chunk_size)?;
+        size = size.max(state.size_floor);
         let base = state
             .base_dir
             .map(|d| SealedVersion::open(d, state.base_size, chunk_size));
+        if !partial.is_empty() && base.is_none() {
+            return Err(damaged("has partial chunks but no base"));
+        }
         Ok(WorkingCopy {
             dir,
             base,
@@ -675,23 +872,37 @@ impl WorkingCopy {
             // Written before the crash, maybe never synced.
             unsynced: own.clone(),
             own,
+            partial,
+            log: None,
             hashes: HashMap::new(),
         })
     }
 
-    fn save_state(&self) -> io::Result<()> {
+    /// The state, with a log of the partial chunks' ranges as they are.
+    fn state_bytes(&self) -> io::Result<Vec<u8>> {
         let state = PersistedState {
             base_dir: self.base.as_ref().map(|b| b.dir.clone()),
             base_size: self.base.as_ref().map_or(0, |b| b.size),
             base_valid: self.base_valid,
             size_floor: self.size,
         };
+        let mut bytes = serde_json::to_vec(&state).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        for (&index, p) in &self.partial {
+            for &range in &p.written {
+                bytes.extend_from_slice(&log_record(index, range));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Replaces the state, whole: written beside and renamed. Not synced
+    /// (an fsync of the file syncs it; so does the periodic disk sync).
+    fn save_state(&mut self) -> io::Result<()> {
         let tmp = self.dir.join("state.tmp");
-        let mut file = File::create(&tmp)?;
-        io::Write::write_all(&mut file, &serde_json::to_vec(&state).map_err(io::Error::other)?)?;
-        // Synced before the rename: a power loss never leaves an empty state
-        // where a whole one stood.
-        file.sync_all()?;
+        std::fs::write(&tmp, self.state_bytes()?)?;
+        // The log goes on in the new file.
+        self.log = None;
         std::fs::rename(tmp, self.dir.join(STATE_FILE))
     }
 
@@ -713,7 +924,18 @@ impl WorkingCopy {
     }
 
     fn own_path(&self, index: u64) -> PathBuf {
-        self.dir.join(index.to_string())
+        match self.partial.contains_key(&index) {
+            true => self.dir.join(format!("{index}{PARTIAL_SUFFIX}")),
+            false => self.dir.join(index.to_string()),
+        }
+    }
+
+    /// How many bytes of chunk `index` come from the base where this copy
+    /// did not write them.
+    fn base_bytes_in(&self, index: u64) -> u64 {
+        self.base_valid
+            .saturating_sub(index * self.chunk_size)
+            .min(self.chunk_size)
     }
 
     /// Where chunk `index` comes from when this copy does not own it, and how
@@ -727,7 +949,14 @@ impl WorkingCopy {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         read_range(offset, buf, self.size, self.chunk_size, |index, within, out| {
             if self.own.contains(&index) {
-                return read_chunk_at(&self.own_path(index), within, out);
+                read_chunk_at(&self.own_path(index), within, out)?;
+                if let (Some(p), Some(base)) = (self.partial.get(&index), &self.base) {
+                    let end = within + out.len() as u64;
+                    for (a, b) in p.gaps(within, end.min(self.base_bytes_in(index))) {
+                        base.read_in_chunk(index, a, &mut out[(a - within) as usize..(b - within) as usize])?;
+                    }
+                }
+                return Ok(());
             }
             match (self.base_chunk(index), &self.base) {
                 (Some((_, valid)), Some(base)) if within < valid => {
@@ -744,42 +973,92 @@ impl WorkingCopy {
         })
     }
 
-    /// Gives this copy its own file for chunk `index`, copying the base's
-    /// bytes of that chunk on first write (copy-on-write, one chunk); the
-    /// write goes at `within`.
-    fn own_chunk(&mut self, index: u64, within: u64) -> io::Result<File> {
-        let path = self.own_path(index);
+    /// Gives this copy its own file for chunk `index`: over the base, a
+    /// partial chunk (nothing copied: see [`Partial`]); past it, a new one
+    /// hashed as it is written.
+    fn own_chunk(&mut self, index: u64) -> io::Result<File> {
         if self.own.contains(&index) {
-            return OpenOptions::new().write(true).open(path);
+            return OpenOptions::new().write(true).open(self.own_path(index));
         }
-        let (file, hash) = match (self.base_chunk(index), &self.base) {
-            // The copy is built under a temporary name and renamed into
-            // place, so a crash never leaves a half-copied chunk that
-            // recovery would take for this copy's own (and read zeros from).
-            // The base's chunk is read whole and checked against its sum:
-            // damage is not carried into the next version.
-            (Some((_, valid)), Some(base)) => {
-                let mut bytes = base.read_chunk(index)?;
-                bytes.truncate(valid as usize);
-                let tmp = self.dir.join(format!("{index}.cow"));
-                let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-                file.write_all_at(&bytes, 0)?;
-                std::fs::rename(&tmp, &path)?;
-                // A write inside the copied bytes would drop a running
-                // hash at once: none is kept (sealing reads the chunk back).
-                let hash = (within >= valid).then(|| ChunkHash::Running(Sha256::new_with_prefix(&bytes), valid));
-                (file, hash)
+        let over_base = self.base.is_some() && self.base_chunk(index).is_some();
+        if over_base {
+            self.partial.insert(index, Partial::default());
+        }
+        match OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.own_path(index))
+        {
+            Ok(file) => {
+                self.own.insert(index);
+                if !over_base {
+                    self.hashes.insert(index, ChunkHash::Running(Sha256::new(), 0));
+                }
+                Ok(file)
             }
-            _ => (
-                OpenOptions::new().write(true).create(true).truncate(true).open(&path)?,
-                Some(ChunkHash::Running(Sha256::new(), 0)),
-            ),
-        };
-        self.own.insert(index);
-        if let Some(hash) = hash {
-            self.hashes.insert(index, hash);
+            Err(e) => {
+                self.partial.remove(&index);
+                Err(e)
+            }
         }
-        Ok(file)
+    }
+
+    /// Logs that `start..end` of partial chunk `index` was written (its
+    /// bytes are in the file already); past [`PARTIAL_MAX_WRITES`], fills
+    /// the chunk.
+    fn note_partial(&mut self, index: u64, start: u64, end: u64) -> io::Result<()> {
+        if !self.partial.contains_key(&index) {
+            return Ok(());
+        }
+        if self.log.is_none() {
+            self.log = Some(OpenOptions::new().append(true).open(self.dir.join(STATE_FILE))?);
+        }
+        // One write of the whole record: a kill -9 never cuts it.
+        let record = log_record(index, (start, end));
+        io::Write::write_all(self.log.as_mut().expect("opened"), &record)?;
+        let p = self.partial.get_mut(&index).expect("checked");
+        p.add((start, end));
+        if p.writes >= PARTIAL_MAX_WRITES {
+            self.fill(index)?;
+        }
+        Ok(())
+    }
+
+    /// Makes partial chunk `index` whole: the base's bytes, checked against
+    /// their sum, written where the copy did not write, then renamed `N`
+    /// (a crash before the rename fills it again from the log, the same
+    /// way). Its hash is kept from the bytes in hand.
+    fn fill(&mut self, index: u64) -> io::Result<()> {
+        let Some(p) = self.partial.get(&index) else {
+            return Ok(());
+        };
+        let path = self.own_path(index);
+        let from_base = self.base_bytes_in(index);
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let len = file.metadata()?.len().max(from_base);
+        let mut bytes = match (&self.base, from_base) {
+            (Some(base), 1..) => base.read_chunk(index)?,
+            _ => Vec::new(),
+        };
+        bytes.truncate(from_base as usize);
+        bytes.resize(len as usize, 0);
+        let on_file = file.metadata()?.len();
+        for &(a, b) in &p.written {
+            let b = b.min(on_file);
+            if a < b {
+                file.read_exact_at(&mut bytes[a as usize..b as usize], a)?;
+            }
+        }
+        for (a, b) in p.gaps(0, from_base) {
+            file.write_all_at(&bytes[a as usize..b as usize], a)?;
+        }
+        drop(file);
+        std::fs::rename(&path, self.dir.join(index.to_string()))?;
+        self.partial.remove(&index);
+        self.hashes
+            .insert(index, ChunkHash::Running(Sha256::new_with_prefix(&bytes), len));
+        Ok(())
     }
 
     /// Keeps the running hash of chunk `index` up after `data` was written
@@ -828,7 +1107,7 @@ impl WorkingCopy {
             let (index, within) = (pos / self.chunk_size, pos % self.chunk_size);
             let take = ((self.chunk_size - within) as usize).min(data.len() - done);
             let piece = &data[done..done + take];
-            let file = self.own_chunk(index, within)?;
+            let file = self.own_chunk(index)?;
             if let Err(e) = file.write_all_at(piece, within) {
                 self.hashes.remove(&index);
                 return Err(e);
@@ -837,8 +1116,10 @@ impl WorkingCopy {
                 // A chunk written to its end is likely done with: to disk.
                 crate::sys::start_writeback(&file);
             }
+            drop(file);
             self.hash_write(index, within, piece);
             self.unsynced.insert(index);
+            self.note_partial(index, within, within + take as u64)?;
             done += take;
         }
         self.size = self.size.max(offset + data.len() as u64);
@@ -851,6 +1132,7 @@ impl WorkingCopy {
             let keep = chunk_count(size, self.chunk_size);
             for index in self.own.split_off(&keep) {
                 std::fs::remove_file(self.own_path(index))?;
+                self.partial.remove(&index);
             }
             self.unsynced.retain(|index| *index < keep);
             self.hashes.retain(|index, _| *index < keep);
@@ -868,6 +1150,8 @@ impl WorkingCopy {
                 if !matches!(self.hashes.get(&(keep - 1)), Some(ChunkHash::Running(_, len)) if *len <= cut) {
                     self.hashes.remove(&(keep - 1));
                 }
+                // Past the cut a partial chunk reads its file (zeros), as
+                // past `base_valid` always.
             }
         }
         self.size = size;
@@ -888,7 +1172,8 @@ impl WorkingCopy {
     /// that the syncing runs without it (and without any lock over it):
     /// writes after this go to the next fsync.
     pub fn take_sync(&mut self) -> io::Result<PendingSync> {
-        let pending = PendingSync::open(&self.dir, &self.unsynced)?;
+        let paths = self.unsynced.iter().map(|&i| self.own_path(i)).collect();
+        let pending = PendingSync::open(&self.dir, &self.unsynced, paths)?;
         self.unsynced.clear();
         Ok(pending)
     }
@@ -939,35 +1224,42 @@ impl WorkingCopy {
         }
     }
 
-    /// The base's chunks a seal reads (one the base holds only in part, cut
-    /// by a truncation or grown past) and the cache lacks: to be fetched
-    /// before sealing.
+    /// The base's chunks a seal reads (those of partial chunks; one the
+    /// base holds only in part, cut by a truncation or grown past) and the
+    /// cache lacks: to be fetched before sealing.
     pub fn seal_needs(&self) -> io::Result<Vec<u64>> {
-        if self.base_valid.is_multiple_of(self.chunk_size) {
-            return Ok(Vec::new());
+        let mut needs: Vec<u64> = self.partial.keys().copied().collect();
+        if !self.base_valid.is_multiple_of(self.chunk_size) {
+            let index = self.base_valid / self.chunk_size;
+            if index < chunk_count(self.size, self.chunk_size) && !self.own.contains(&index) {
+                needs.push(index);
+            }
         }
-        let index = self.base_valid / self.chunk_size;
-        if index >= chunk_count(self.size, self.chunk_size) {
-            return Ok(Vec::new());
-        }
-        self.missing_base(index * self.chunk_size, 1)
+        needs.sort_unstable();
+        self.not_held(needs)
     }
 
     /// The chunks of `len` bytes at `offset` this copy reads from its base
-    /// and the cache lacks (evicted): to be fetched before they are read or
-    /// copied on write.
+    /// (a partial chunk's too) and the cache lacks (evicted): to be fetched
+    /// before they are read or written over.
     pub fn missing_base(&self, offset: u64, len: u64) -> io::Result<Vec<u64>> {
+        // By chunk: a write past the base's end into the chunk holding it
+        // makes it partial over that chunk's valid part too.
+        let wanted = (offset / self.chunk_size..(offset + len).div_ceil(self.chunk_size))
+            .take_while(|index| index * self.chunk_size < self.base_valid)
+            .filter(|index| !self.own.contains(index) || self.partial.contains_key(index))
+            .collect();
+        self.not_held(wanted)
+    }
+
+    /// Those of the base's chunks `indices` the cache lacks.
+    fn not_held(&self, indices: Vec<u64>) -> io::Result<Vec<u64>> {
         let Some(base) = &self.base else {
             return Ok(Vec::new());
         };
-        // By chunk: a write past the base's end into the chunk holding it
-        // copies that chunk's valid part too.
         let mut missing = Vec::new();
-        for index in offset / self.chunk_size..(offset + len).div_ceil(self.chunk_size) {
-            if index * self.chunk_size >= self.base_valid {
-                break;
-            }
-            if !self.own.contains(&index) && base.locate(index)?.held.is_none() {
+        for index in indices {
+            if base.locate(index)?.held.is_none() {
                 missing.push(index);
             }
         }
@@ -979,10 +1271,15 @@ impl WorkingCopy {
     /// a hole past the base, made own; the sums of all; and the chunks left
     /// (unchanged, of the same length) named in a layer over the base.
     fn prepare_seal(&mut self) -> io::Result<()> {
+        let partial: Vec<u64> = self.partial.keys().copied().collect();
+        for index in partial {
+            self.fill(index)?;
+        }
+        self.log = None;
         let count = chunk_count(self.size, self.chunk_size);
         let (base_sums, base_layer) = match &self.base {
             Some(base) => (sums::read_all(&base.dir, count)?, base.layer()?.unwrap_or_default()),
-            None => (Vec::new(), Layer::default()),
+            None => (Vec::new(), Arc::default()),
         };
         let mut all = Vec::with_capacity(count as usize);
         let mut layer = Layer::default();

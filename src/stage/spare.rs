@@ -31,13 +31,28 @@ impl SpareDirs {
         }
     }
 
-    /// Makes the empty directory `to`: a spare renamed, or a new one.
-    pub fn make(&self, to: &Path) -> io::Result<()> {
+    /// Makes the directory `to`, holding `files` (name, bytes) when it
+    /// appears: a spare, the files written into it, renamed; or a new one.
+    pub fn make(&self, to: &Path, files: &[(&str, &[u8])]) -> io::Result<()> {
         let spare = self.ready.lock().expect("spares").pop();
-        match spare {
-            Some(spare) if std::fs::rename(&spare, to).is_ok() => Ok(()),
-            _ => std::fs::create_dir(to),
+        let spare = match spare {
+            Some(spare) => spare,
+            None if files.is_empty() => return std::fs::create_dir(to),
+            None => {
+                let fresh = self.fresh();
+                std::fs::create_dir(&fresh)?;
+                fresh
+            }
+        };
+        for (name, bytes) in files {
+            std::fs::write(spare.join(name), bytes)?;
         }
+        std::fs::rename(&spare, to)
+    }
+
+    fn fresh(&self) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{PREFIX}{}-{n}", std::process::id()))
     }
 
     /// Whether a refill should start now (and it is then yours to run).
@@ -48,8 +63,7 @@ impl SpareDirs {
     /// Makes spares until [`TARGET`] are ready.
     pub fn refill(&self) {
         while self.ready.lock().expect("spares").len() < TARGET {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let path = self.dir.join(format!("{PREFIX}{}-{n}", std::process::id()));
+            let path = self.fresh();
             if let Err(e) = std::fs::create_dir(&path) {
                 tracing::debug!(error = %e, "making a spare directory");
                 break;
@@ -68,15 +82,19 @@ mod tests {
     fn spares_become_the_directories_asked_for() {
         let dir = tempfile::tempdir().unwrap();
         let spares = SpareDirs::new(dir.path().to_owned());
-        spares.make(&dir.path().join("before-any-spare")).unwrap();
+        spares.make(&dir.path().join("before-any-spare"), &[]).unwrap();
+        spares
+            .make(&dir.path().join("with-a-file"), &[("state", b"x")])
+            .unwrap();
+        assert_eq!(std::fs::read(dir.path().join("with-a-file/state")).unwrap(), b"x");
         assert!(spares.claim_refill());
         assert!(!spares.claim_refill(), "one refill at a time");
         spares.refill();
         assert!(!spares.claim_refill(), "full");
         let count = || std::fs::read_dir(dir.path()).unwrap().count();
-        assert_eq!(count(), TARGET + 1);
-        spares.make(&dir.path().join("made")).unwrap();
-        assert!(dir.path().join("made").is_dir());
-        assert_eq!(count(), TARGET + 1, "a spare was renamed, not a new one made");
+        assert_eq!(count(), TARGET + 2);
+        spares.make(&dir.path().join("made"), &[("state", b"y")]).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("made/state")).unwrap(), b"y");
+        assert_eq!(count(), TARGET + 2, "a spare was renamed, not a new one made");
     }
 }

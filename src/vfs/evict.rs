@@ -36,7 +36,7 @@ impl Vfs {
         for dir in readers {
             let layer = SealedVersion::open(dir, u64::MAX, self.chunk_size()).layer();
             if let Ok(Some(layer)) = layer {
-                protected.extend(layer.from.into_iter().map(|s| s.dir));
+                protected.extend(layer.from.iter().map(|s| s.dir.clone()));
             }
         }
         let (used, candidates) = crate::stage::evict::scan(&self.cache, |version| {

@@ -59,7 +59,7 @@ impl Vfs {
             .cache
             .join("work")
             .join(format!("{ino}-{:016x}", rand::random::<u64>()));
-        let work = WorkingCopy::create_with(dir, base, self.chunk_size(), |d| self.spares.make(d))?;
+        let work = WorkingCopy::create_with(dir, base, self.chunk_size(), |d, files| self.spares.make(d, files))?;
         if self.spares.claim_refill() {
             let spares = self.spares.clone();
             self.runtime.spawn_blocking(move || spares.refill());
