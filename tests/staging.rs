@@ -477,3 +477,26 @@ fn an_fsync_taken_before_a_seal_still_syncs_after_it() {
         );
     }
 }
+
+/// Shrunk from the model (a write after a truncation logged into the state
+/// the truncation replaced), with a write the truncation keeps: partial
+/// chunks, one cut by a truncation, come back from a crash reading the same.
+#[test]
+fn partial_chunks_cut_by_a_truncation_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
+    work.write_at(0, &[7; 321]).unwrap();
+    let v1 = seal(work, dir.path().join("v1"));
+    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
+    work.write_at(139, &[0]).unwrap();
+    work.write_at(130, &[5]).unwrap();
+    work.truncate(139).unwrap();
+    work.write_at(0, &[1]).unwrap();
+    let mut model = vec![7u8; 139];
+    model[0] = 1;
+    model[130] = 5;
+    let recovered = WorkingCopy::recover(work.dir().to_owned(), CHUNK).unwrap();
+    assert_eq!(read_all(|o, b| recovered.read_at(o, b), recovered.size()), model);
+    let v2 = seal(recovered, dir.path().join("v2"));
+    assert_eq!(read_all(|o, b| v2.read_at(o, b), v2.size), model);
+}
