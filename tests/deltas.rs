@@ -240,7 +240,11 @@ fn random_edits_of_a_64_mib_file_read_back_and_gc_keeps_what_is_shared() {
     let report: serde_json::Value = serde_json::from_str(&home.ok(&["gc", "--json"])).unwrap();
     let collected = report["plan"]["versions"].as_array().unwrap().len();
     let freed = before - grid_bytes(&home);
-    assert!(collected > 0 && freed > 0, "gc freed nothing: {report}");
+    assert!(
+        collected > 0 && freed > 0,
+        "gc freed nothing (seed {seed}): {report}; versions: {:?}",
+        home.versions("/disk.img")
+    );
     // Old versions whose own segments a kept version still uses stay.
     let m = home.mount(&[]);
     let after = home.versions("/disk.img");
