@@ -247,6 +247,23 @@ pub fn disk_full() -> io::Error {
     io::Error::from_raw_os_error(windows_sys::Win32::Foundation::ERROR_DISK_FULL as i32)
 }
 
+/// Renames `from` to `to`. Windows refuses to rename a file, or a
+/// directory with a file in it, while another process holds it open
+/// without sharing (a virus scanner's look at a file just written): that
+/// lets go soon, so a refusal is tried again for about a second.
+pub fn rename_retrying(from: &Path, to: &Path) -> io::Result<()> {
+    let tries = if cfg!(windows) { 40 } else { 1 };
+    for _ in 1..tries {
+        match std::fs::rename(from, to) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                std::thread::sleep(std::time::Duration::from_millis(25))
+            }
+            other => return other,
+        }
+    }
+    std::fs::rename(from, to)
+}
+
 /// What the cache evictor needs to know of a chunk file.
 pub struct FileFacts {
     /// (device, inode): the same data seen through several hard links.

@@ -500,3 +500,57 @@ fn partial_chunks_cut_by_a_truncation_survive_a_crash() {
     let v2 = seal(recovered, dir.path().join("v2"));
     assert_eq!(read_all(|o, b| v2.read_at(o, b), v2.size), model);
 }
+
+/// A kill -9 between a write's bytes reaching a partial chunk and its log
+/// record (simulated: the bytes written into `N.part` by hand): past the
+/// base's end they show, as any write that reached a chunk does, and the
+/// sealed chunk's sum is of what it holds, so it reads and uploads.
+#[test]
+fn an_unlogged_write_into_a_partial_chunk_seals_with_a_true_sum() {
+    use cairn::sys::PositionalIo;
+    let dir = tempfile::tempdir().unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
+    work.write_at(0, &[7; 100]).unwrap();
+    let v1 = seal(work, dir.path().join("v1"));
+    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
+    work.write_at(CHUNK, &[1; 10]).unwrap();
+    let part = std::fs::OpenOptions::new()
+        .write(true)
+        .open(work.dir().join("1.part"))
+        .unwrap();
+    part.write_all_at(&[2; 10], 50).unwrap();
+    let mut model = vec![7u8; 100];
+    model[64..74].fill(1);
+    model.resize(124, 0);
+    model[114..124].fill(2);
+    let recovered = WorkingCopy::recover(work.dir().to_owned(), CHUNK).unwrap();
+    assert_eq!(read_all(|o, b| recovered.read_at(o, b), recovered.size()), model);
+    let v2 = seal(recovered, dir.path().join("v2"));
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut v2.reader(), &mut bytes).unwrap();
+    assert_eq!(bytes, model);
+}
+
+/// A partial chunk whose fill fails (its base chunk damaged) keeps failing
+/// the writes that would fill it, and its log never holds more than a
+/// partial chunk may: recovery reads the copy, not damage.
+#[test]
+fn a_partial_chunk_that_cannot_be_filled_never_overflows_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
+    work.write_at(0, &[7; 2 * CHUNK as usize]).unwrap();
+    let v1 = seal(work, dir.path().join("v1"));
+    let mut bytes = std::fs::read(v1.chunk_path(1)).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(v1.chunk_path(1), &bytes).unwrap();
+    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
+    let results: Vec<bool> = (0..70)
+        .map(|i| work.write_at(CHUNK + (2 * i) % CHUNK, &[1]).is_ok())
+        .collect();
+    assert!(results[..63].iter().all(|ok| *ok), "{results:?}");
+    assert!(
+        results[63..].iter().all(|ok| !ok),
+        "the fill of a damaged chunk: {results:?}"
+    );
+    WorkingCopy::recover(work.dir().to_owned(), CHUNK).unwrap();
+}

@@ -58,7 +58,9 @@ pub struct LayerSource {
 }
 
 /// Layers read, by version directory and size, with the identity of the
-/// file each was parsed from (a layer is replaced whole, by a rename). An
+/// file each was parsed from (a layer is replaced whole, by a rename; on
+/// Windows its length and time only) and dropped when this process
+/// replaces or removes it. An
 /// edit reads its base's layer, which the seal before it wrote: parsing it
 /// again each time costs more than the edit. Layers over
 /// [`LAYER_CACHED_BYTES`] are not kept; past [`LAYERS_CACHED`] the cache
@@ -69,6 +71,16 @@ type LayerCache = HashMap<LayerKey, (LayerId, Arc<Layer>)>;
 static LAYERS: LazyLock<Mutex<LayerCache>> = LazyLock::new(Default::default);
 const LAYERS_CACHED: usize = 256;
 const LAYER_CACHED_BYTES: u64 = 1 << 20;
+
+/// Drops what the cache keeps of `dir`'s layer, which is being replaced or
+/// removed (on Windows, where a file has no identity std can read, this is
+/// what keeps the cache true).
+fn forget_layer(dir: &Path) {
+    LAYERS
+        .lock()
+        .expect("layer cache")
+        .retain(|(cached, _), _| cached.as_os_str() != dir.as_os_str());
+}
 
 /// A source as the layer file keeps it: by its directory's name beside the
 /// version's, so a moved `$CAIRN_HOME` still reads.
@@ -145,6 +157,7 @@ fn chunk_count(size: u64, chunk_size: u64) -> u64 {
 /// Writes `layer` as the layer of the version (or copy) in `dir`, whole or
 /// not at all; an empty one removes the file.
 fn write_layer(dir: &Path, layer: &Layer) -> io::Result<()> {
+    forget_layer(dir);
     let path = dir.join(LAYER_FILE);
     if layer.from.is_empty() {
         return match std::fs::remove_file(path) {
@@ -466,6 +479,7 @@ impl SealedVersion {
     /// Removes the version's chunks from the cache. Chunks shared with other
     /// versions survive through their other links.
     pub fn remove(self) -> io::Result<()> {
+        forget_layer(&self.dir);
         std::fs::remove_dir_all(&self.dir)
     }
 }
@@ -564,12 +578,13 @@ const PARTIAL_SUFFIX: &str = ".part";
 /// index, then the start and end of the bytes written, little-endian u64s.
 /// One file, so the first write of an edit creates no file for it.
 const PARTIAL_RECORD: usize = 24;
-/// Writes a partial chunk logs before it is filled from its base at once:
-/// bounds the log (a record a write) and the ranges a read merges.
+/// A partial chunk's write this many-th is not logged: the chunk is filled
+/// from its base instead. Bounds the log (a record a write) and the ranges
+/// a read merges.
 const PARTIAL_MAX_WRITES: usize = 64;
-/// Suffix of a working copy over a base while its state was being written,
-/// by cairn before 0.1 of the layered format (now a spare is): such a
-/// directory was never used, and recovery removes it.
+/// Suffix of a working copy over a base while its state is being written
+/// (in the mount, a spare directory is used instead): such a directory was
+/// never used, and recovery removes it.
 pub const UNFINISHED_SUFFIX: &str = ".new";
 /// Past this many chunks written since the last fsync, an fsync syncs the
 /// staging file system once (syncfs: one device flush) rather than each
@@ -591,9 +606,13 @@ pub struct PendingSync {
 }
 
 impl PendingSync {
-    fn open(dir: &Path, chunks: &BTreeSet<u64>, paths: Vec<PathBuf>) -> io::Result<PendingSync> {
+    /// With `over_base`, the copy reads from a sealed version (its partial
+    /// chunks are filled from it at seal), which may be younger than the
+    /// last disk sync: the whole staging file system is synced, so that an
+    /// fsync that returned never leaves a copy whose base a power loss took.
+    fn open(dir: &Path, chunks: &BTreeSet<u64>, paths: Vec<PathBuf>, over_base: bool) -> io::Result<PendingSync> {
         // Windows has no syncfs (crate::sys::sync_filesystem does nothing there).
-        let whole = cfg!(unix) && chunks.len() > SYNC_FILESYSTEM_ABOVE;
+        let whole = cfg!(unix) && (over_base || chunks.len() > SYNC_FILESYSTEM_ABOVE);
         let parent = dir.parent().unwrap_or(dir);
         let mut files = Vec::new();
         if !whole {
@@ -823,7 +842,7 @@ impl WorkingCopy {
         for (name, bytes) in files {
             std::fs::write(unfinished.join(name), bytes)?;
         }
-        std::fs::rename(&unfinished, to)
+        crate::sys::rename_retrying(&unfinished, to)
     }
 
     /// Rebuilds a working copy left in `dir` by a crash: every byte that
@@ -853,7 +872,11 @@ impl WorkingCopy {
             if part {
                 partial.insert(index, Partial::default());
             }
-            size = size.max(index * chunk_size + entry.metadata()?.len());
+            let len = entry.metadata()?.len();
+            if len > chunk_size {
+                return Err(damaged("holds a chunk longer than a chunk"));
+            }
+            size = size.max(index * chunk_size + len);
         }
         let state = read_state(&dir, &mut partial, chunk_size)?;
         size = size.max(state.size_floor);
@@ -1005,11 +1028,24 @@ impl WorkingCopy {
     }
 
     /// Logs that `start..end` of partial chunk `index` was written (its
-    /// bytes are in the file already); past [`PARTIAL_MAX_WRITES`], fills
-    /// the chunk.
+    /// bytes are in the file already); at [`PARTIAL_MAX_WRITES`], fills
+    /// the chunk instead.
     fn note_partial(&mut self, index: u64, start: u64, end: u64) -> io::Result<()> {
-        if !self.partial.contains_key(&index) {
+        let Some(p) = self.partial.get_mut(&index) else {
             return Ok(());
+        };
+        if p.writes + 1 >= PARTIAL_MAX_WRITES {
+            // Filled instead of logged: the log never holds more than a
+            // partial chunk may. If the fill fails, the write is as if not
+            // made (unlogged: the base shows there) and the next tries again.
+            let before = p.written.clone();
+            p.add((start, end));
+            p.writes -= 1;
+            return self.fill(index).inspect_err(|_| {
+                if let Some(p) = self.partial.get_mut(&index) {
+                    p.written = before;
+                }
+            });
         }
         if self.log.is_none() {
             self.log = Some(OpenOptions::new().append(true).open(self.dir.join(STATE_FILE))?);
@@ -1017,18 +1053,14 @@ impl WorkingCopy {
         // One write of the whole record: a kill -9 never cuts it.
         let record = log_record(index, (start, end));
         io::Write::write_all(self.log.as_mut().expect("opened"), &record)?;
-        let p = self.partial.get_mut(&index).expect("checked");
-        p.add((start, end));
-        if p.writes >= PARTIAL_MAX_WRITES {
-            self.fill(index)?;
-        }
+        self.partial.get_mut(&index).expect("checked").add((start, end));
         Ok(())
     }
 
     /// Makes partial chunk `index` whole: the base's bytes, checked against
     /// their sum, written where the copy did not write, then renamed `N`
     /// (a crash before the rename fills it again from the log, the same
-    /// way). Its hash is kept from the bytes in hand.
+    /// way). Its hash is kept, of the bytes the file then holds.
     fn fill(&mut self, index: u64) -> io::Result<()> {
         let Some(p) = self.partial.get(&index) else {
             return Ok(());
@@ -1036,26 +1068,31 @@ impl WorkingCopy {
         let path = self.own_path(index);
         let from_base = self.base_bytes_in(index);
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        let len = file.metadata()?.len().max(from_base);
-        let mut bytes = match (&self.base, from_base) {
-            (Some(base), 1..) => base.read_chunk(index)?,
-            _ => Vec::new(),
-        };
-        bytes.truncate(from_base as usize);
-        bytes.resize(len as usize, 0);
         let on_file = file.metadata()?.len();
-        for &(a, b) in &p.written {
-            let b = b.min(on_file);
-            if a < b {
-                file.read_exact_at(&mut bytes[a as usize..b as usize], a)?;
+        if on_file > self.chunk_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} holds {on_file} bytes, more than a chunk", path.display()),
+            ));
+        }
+        // What the file holds (bytes written unlogged too: they show past
+        // the base), with the base's where the log says nothing was written.
+        let mut bytes = vec![0; on_file.max(from_base) as usize];
+        file.read_exact_at(&mut bytes[..on_file as usize], 0)?;
+        let gaps = p.gaps(0, from_base);
+        if !gaps.is_empty() {
+            let base = self.base.as_ref().expect("a partial chunk has a base");
+            let theirs = base.read_chunk(index)?;
+            for &(a, b) in &gaps {
+                let (a, b) = (a as usize, b as usize);
+                bytes[a..b].copy_from_slice(&theirs[a..b]);
+                file.write_all_at(&bytes[a..b], a as u64)?;
             }
         }
-        for (a, b) in p.gaps(0, from_base) {
-            file.write_all_at(&bytes[a as usize..b as usize], a)?;
-        }
         drop(file);
-        std::fs::rename(&path, self.dir.join(index.to_string()))?;
+        crate::sys::rename_retrying(&path, &self.dir.join(index.to_string()))?;
         self.partial.remove(&index);
+        let len = bytes.len() as u64;
         self.hashes
             .insert(index, ChunkHash::Running(Sha256::new_with_prefix(&bytes), len));
         Ok(())
@@ -1173,7 +1210,7 @@ impl WorkingCopy {
     /// writes after this go to the next fsync.
     pub fn take_sync(&mut self) -> io::Result<PendingSync> {
         let paths = self.unsynced.iter().map(|&i| self.own_path(i)).collect();
-        let pending = PendingSync::open(&self.dir, &self.unsynced, paths)?;
+        let pending = PendingSync::open(&self.dir, &self.unsynced, paths, self.base.is_some())?;
         self.unsynced.clear();
         Ok(pending)
     }
@@ -1229,14 +1266,24 @@ impl WorkingCopy {
     /// cache lacks: to be fetched before sealing.
     pub fn seal_needs(&self) -> io::Result<Vec<u64>> {
         let mut needs: Vec<u64> = self.partial.keys().copied().collect();
-        if !self.base_valid.is_multiple_of(self.chunk_size) {
-            let index = self.base_valid / self.chunk_size;
-            if index < chunk_count(self.size, self.chunk_size) && !self.own.contains(&index) {
-                needs.push(index);
-            }
-        }
+        needs.extend(self.cut_chunk());
         needs.sort_unstable();
         self.not_held(needs)
+    }
+
+    /// The base's chunk cut by a truncation or grown past, if the cache
+    /// lacks it: the one chunk a seal reads that no write of the copy made
+    /// partial (a partial chunk's was fetched at its first write).
+    pub fn cut_chunk_needed(&self) -> io::Result<Vec<u64>> {
+        self.not_held(self.cut_chunk().into_iter().collect())
+    }
+
+    fn cut_chunk(&self) -> Option<u64> {
+        let index = self.base_valid / self.chunk_size;
+        let cut = !self.base_valid.is_multiple_of(self.chunk_size)
+            && index < chunk_count(self.size, self.chunk_size)
+            && !self.own.contains(&index);
+        cut.then_some(index)
     }
 
     /// The chunks of `len` bytes at `offset` this copy reads from its base
@@ -1346,18 +1393,7 @@ impl WorkingCopy {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        // Windows refuses to rename a directory while a file in it is open
-        // without sharing (a virus scanner's look): that lets go soon.
-        let tries = if cfg!(windows) { 40 } else { 1 };
-        for _ in 1..tries {
-            match std::fs::rename(copy_dir, version_dir) {
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    std::thread::sleep(std::time::Duration::from_millis(25))
-                }
-                other => return other,
-            }
-        }
-        std::fs::rename(copy_dir, version_dir)
+        crate::sys::rename_retrying(copy_dir, version_dir)
     }
 
     /// Drops the working copy and its own chunks.

@@ -96,8 +96,8 @@ pub fn recover(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> Result<(
         }
         let ino = ino.expect("live implies a parsed inode");
         // Kept aside, the file keeping its last sealed version: a copy whose
-        // state is unreadable (cut short by a power loss before states were
-        // synced), or whose seal needs a base chunk the cache lacks (the
+        // state is unreadable (cut short by a power loss: states are not
+        // fsynced) or logs what no chunk can hold, or whose seal needs a base chunk the cache lacks (the
         // grid is not at hand here) or holds damaged.
         let set_aside = |catalog: &Catalog, why: &dyn std::fmt::Display| -> Result<(), StageError> {
             let aside = cache.join("quarantine").join(&name);

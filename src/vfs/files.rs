@@ -264,7 +264,7 @@ impl Vfs {
         // fetched while the grid is at hand, so that recovery after a crash
         // (which has no grid) can seal the copy.
         let mut needs = work.missing_base(offset, data.len() as u64)?;
-        needs.extend(work.seal_needs()?);
+        needs.extend(work.cut_chunk_needed()?);
         needs.sort_unstable();
         needs.dedup();
         self.fetch_base(work, needs)?;
