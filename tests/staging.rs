@@ -478,16 +478,22 @@ fn an_fsync_taken_before_a_seal_still_syncs_after_it() {
     }
 }
 
+/// A working copy over a version of `len` bytes of 7, sealed in `dir`.
+fn over_a_sealed_base(dir: &std::path::Path, len: usize) -> (SealedVersion, WorkingCopy) {
+    let mut work = WorkingCopy::create(dir.join("w1"), None, CHUNK).unwrap();
+    work.write_at(0, &vec![7; len]).unwrap();
+    let v1 = seal(work, dir.join("v1"));
+    let work = WorkingCopy::create(dir.join("w2"), Some(v1.clone()), CHUNK).unwrap();
+    (v1, work)
+}
+
 /// Shrunk from the model (a write after a truncation logged into the state
 /// the truncation replaced), with a write the truncation keeps: partial
 /// chunks, one cut by a truncation, come back from a crash reading the same.
 #[test]
 fn partial_chunks_cut_by_a_truncation_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
-    work.write_at(0, &[7; 321]).unwrap();
-    let v1 = seal(work, dir.path().join("v1"));
-    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
+    let (_, mut work) = over_a_sealed_base(dir.path(), 321);
     work.write_at(139, &[0]).unwrap();
     work.write_at(130, &[5]).unwrap();
     work.truncate(139).unwrap();
@@ -509,10 +515,7 @@ fn partial_chunks_cut_by_a_truncation_survive_a_crash() {
 fn an_unlogged_write_into_a_partial_chunk_seals_with_a_true_sum() {
     use cairn::sys::PositionalIo;
     let dir = tempfile::tempdir().unwrap();
-    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
-    work.write_at(0, &[7; 100]).unwrap();
-    let v1 = seal(work, dir.path().join("v1"));
-    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
+    let (_, mut work) = over_a_sealed_base(dir.path(), 100);
     work.write_at(CHUNK, &[1; 10]).unwrap();
     let part = std::fs::OpenOptions::new()
         .write(true)
@@ -537,13 +540,10 @@ fn an_unlogged_write_into_a_partial_chunk_seals_with_a_true_sum() {
 #[test]
 fn a_partial_chunk_that_cannot_be_filled_never_overflows_its_log() {
     let dir = tempfile::tempdir().unwrap();
-    let mut work = WorkingCopy::create(dir.path().join("w1"), None, CHUNK).unwrap();
-    work.write_at(0, &[7; 2 * CHUNK as usize]).unwrap();
-    let v1 = seal(work, dir.path().join("v1"));
+    let (v1, mut work) = over_a_sealed_base(dir.path(), 2 * CHUNK as usize);
     let mut bytes = std::fs::read(v1.chunk_path(1)).unwrap();
     bytes[0] ^= 1;
     std::fs::write(v1.chunk_path(1), &bytes).unwrap();
-    let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), CHUNK).unwrap();
     let results: Vec<bool> = (0..70)
         .map(|i| work.write_at(CHUNK + (2 * i) % CHUNK, &[1]).is_ok())
         .collect();
