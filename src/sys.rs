@@ -81,6 +81,33 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
+/// Whether bytes `start..end` of `file` are all stored: none past its end,
+/// none in a hole (Linux `SEEK_HOLE`; a file system that cannot tell says
+/// the whole file is stored, as do other platforms). A log that says bytes
+/// were written where the file has a hole tells of a power loss that kept
+/// the log but not the bytes.
+pub fn stored(file: &File, start: u64, end: u64) -> io::Result<bool> {
+    if end > file.metadata()?.len() {
+        return Ok(false);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a descriptor the caller owns; reads use pread,
+        // so the offset it moves is not used.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(hole as u64 >= end)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = start;
+        Ok(true)
+    }
+}
+
 /// (total, free to this user) bytes of the file system holding `path`.
 #[cfg(unix)]
 pub fn fs_space(path: &Path) -> io::Result<(u64, u64)> {

@@ -554,3 +554,31 @@ fn a_partial_chunk_that_cannot_be_filled_never_overflows_its_log() {
     );
     WorkingCopy::recover(work.dir().to_owned(), CHUNK).unwrap();
 }
+
+/// A power loss can keep a partial chunk's log record and lose the bytes
+/// it names (simulated: a record appended by hand for bytes never
+/// written, in a hole of the file or past its end): recovery calls that
+/// damage (the copy is set aside), never reads zeros as the writer's bytes.
+#[test]
+fn a_logged_write_whose_bytes_were_lost_is_damage_at_recovery() {
+    let chunk = 1 << 20;
+    for (start, end) in [(100u64, 200u64), (chunk - 4, chunk)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut work = WorkingCopy::create(dir.path().join("w1"), None, chunk).unwrap();
+        work.write_at(0, &vec![7; 2 * chunk as usize]).unwrap();
+        let v1 = seal(work, dir.path().join("v1"));
+        let mut work = WorkingCopy::create(dir.path().join("w2"), Some(v1), chunk).unwrap();
+        // Into chunk 1, past its first block: that block is a hole.
+        work.write_at(chunk + 8192, &[1; 4]).unwrap();
+        WorkingCopy::recover(work.dir().to_owned(), chunk).expect("as written, it recovers");
+        let mut record = Vec::new();
+        for v in [1u64, start, end] {
+            record.extend_from_slice(&v.to_le_bytes());
+        }
+        let state = work.dir().join("state");
+        let mut state = std::fs::OpenOptions::new().append(true).open(state).unwrap();
+        std::io::Write::write_all(&mut state, &record).unwrap();
+        let err = WorkingCopy::recover(work.dir().to_owned(), chunk).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{start}..{end}: {err}");
+    }
+}

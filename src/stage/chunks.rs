@@ -886,6 +886,14 @@ impl WorkingCopy {
         if !partial.is_empty() && base.is_none() {
             return Err(damaged("has partial chunks but no base"));
         }
+        for (index, p) in &partial {
+            let file = File::open(dir.join(format!("{index}{PARTIAL_SUFFIX}")))?;
+            for &(a, b) in &p.written {
+                if !crate::sys::stored(&file, a, b)? {
+                    return Err(damaged("lost bytes its log says were written (a power loss)"));
+                }
+            }
+        }
         Ok(WorkingCopy {
             dir,
             base,
@@ -1188,7 +1196,14 @@ impl WorkingCopy {
                     self.hashes.remove(&(keep - 1));
                 }
                 // Past the cut a partial chunk reads its file (zeros), as
-                // past `base_valid` always.
+                // past `base_valid` always; its ranges end at the cut (a
+                // range past its file's end is what a power loss leaves).
+                if let Some(p) = self.partial.get_mut(&(keep - 1)) {
+                    p.written.retain_mut(|(a, b)| {
+                        *b = (*b).min(cut);
+                        *a < *b
+                    });
+                }
             }
         }
         self.size = size;
