@@ -557,12 +557,14 @@ fn a_partial_chunk_that_cannot_be_filled_never_overflows_its_log() {
 
 /// A power loss can keep a partial chunk's log record and lose the bytes
 /// it names (simulated: a record appended by hand for bytes never
-/// written, in a hole of the file or past its end): recovery calls that
+/// written, past the file's end or in a hole of it): recovery calls that
 /// damage (the copy is set aside), never reads zeros as the writer's bytes.
 #[test]
 fn a_logged_write_whose_bytes_were_lost_is_damage_at_recovery() {
     let chunk = 1 << 20;
-    for (start, end) in [(100u64, 200u64), (chunk - 4, chunk)] {
+    // Holes are seen on Linux only (SEEK_HOLE); past the end, everywhere.
+    let cases = [(chunk - 4, chunk), (100, 200)];
+    for (start, end) in cases.into_iter().take(if cfg!(target_os = "linux") { 2 } else { 1 }) {
         let dir = tempfile::tempdir().unwrap();
         let mut work = WorkingCopy::create(dir.path().join("w1"), None, chunk).unwrap();
         work.write_at(0, &vec![7; 2 * chunk as usize]).unwrap();

@@ -1412,7 +1412,9 @@ impl WorkingCopy {
     }
 
     /// Drops the working copy and its own chunks.
-    pub fn discard(self) -> io::Result<()> {
+    pub fn discard(mut self) -> io::Result<()> {
+        // Closed first: Windows cannot remove a directory with a file open.
+        self.log = None;
         std::fs::remove_dir_all(&self.dir)
     }
 }
