@@ -972,9 +972,9 @@ impl WorkingCopy {
     /// Where chunk `index` comes from when this copy does not own it, and how
     /// many of its bytes are valid there.
     fn base_chunk(&self, index: u64) -> Option<(PathBuf, u64)> {
-        let start = index * self.chunk_size;
         let base = self.base.as_ref()?;
-        (start < self.base_valid).then(|| (base.chunk_path(index), (self.base_valid - start).min(self.chunk_size)))
+        let valid = self.base_bytes_in(index);
+        (valid > 0).then(|| (base.chunk_path(index), valid))
     }
 
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {

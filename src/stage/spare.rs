@@ -36,28 +36,13 @@ impl SpareDirs {
     /// appears: a spare, the files written into it, renamed; or a new one.
     pub fn make(&self, to: &Path, files: &[(&str, &[u8])]) -> io::Result<()> {
         let spare = self.ready.lock().expect("spares").pop();
-        let spare = match spare {
-            Some(spare) => spare,
-            None if files.is_empty() => return std::fs::create_dir(to),
-            None => {
-                let fresh = self.fresh();
-                std::fs::create_dir(&fresh)?;
-                fresh
-            }
+        let Some(spare) = spare else {
+            return super::chunks::WorkingCopy::make_dir(to, files);
         };
         for (name, bytes) in files {
             std::fs::write(spare.join(name), bytes)?;
         }
-        // Just written in: a scanner may still be looking (Windows).
-        match files.is_empty() {
-            true => std::fs::rename(&spare, to),
-            false => crate::sys::rename_retrying(&spare, to),
-        }
-    }
-
-    fn fresh(&self) -> PathBuf {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.dir.join(format!("{PREFIX}{}-{n}", std::process::id()))
+        crate::sys::rename_retrying(&spare, to)
     }
 
     /// Whether a refill should start now (and it is then yours to run).
@@ -68,7 +53,8 @@ impl SpareDirs {
     /// Makes spares until [`TARGET`] are ready.
     pub fn refill(&self) {
         while self.ready.lock().expect("spares").len() < TARGET {
-            let path = self.fresh();
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(format!("{PREFIX}{}-{n}", std::process::id()));
             if let Err(e) = std::fs::create_dir(&path) {
                 tracing::debug!(error = %e, "making a spare directory");
                 break;
