@@ -45,6 +45,10 @@ pub enum Kind {
     Socket,
     CharDevice,
     BlockDevice,
+    /// A further name of a node (a hard link): a row of its own, holding
+    /// the node's number in `target`. Never shown as such: every lookup,
+    /// listing and path resolves it to its node (docs/SEMANTICS.md).
+    Link,
 }
 
 impl Kind {
@@ -57,6 +61,7 @@ impl Kind {
             Kind::Socket => "socket",
             Kind::CharDevice => "chardev",
             Kind::BlockDevice => "blockdev",
+            Kind::Link => "link",
         }
     }
     fn parse(s: &str) -> Kind {
@@ -67,6 +72,7 @@ impl Kind {
             "socket" => Kind::Socket,
             "chardev" => Kind::CharDevice,
             "blockdev" => Kind::BlockDevice,
+            "link" => Kind::Link,
             _ => Kind::File,
         }
     }
@@ -168,6 +174,8 @@ pub struct Catalog {
 pub struct NodeFacts {
     pub latest_size: Option<u64>,
     pub subdirs: u32,
+    /// Its further names (hard links).
+    pub links: u32,
 }
 
 impl Drop for Catalog {
@@ -202,6 +210,9 @@ CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes (parent, name);
 -- getattr of it: counted from this (small) index, not by reading every
 -- child's row (a create in a directory of 10,000 files cost 10,000 reads).
 CREATE INDEX IF NOT EXISTS dirs_by_parent ON nodes (parent) WHERE kind = 'dir';
+-- A node's further names (hard links), for its link count and for the
+-- unlink of its first name.
+CREATE INDEX IF NOT EXISTS links_by_target ON nodes (target) WHERE kind = 'link';
 CREATE TABLE IF NOT EXISTS versions (
     ino INTEGER NOT NULL,
     num INTEGER NOT NULL,
@@ -274,7 +285,15 @@ const NODE_COLUMNS: &str = "ino, parent, name, kind, mode, uid, gid, atime_ns, m
 /// size, and its subdirectories (counted from the `dirs_by_parent` index).
 const FACTS_COLUMNS: &str = "(SELECT size FROM versions v WHERE v.ino = n.ino ORDER BY num DESC LIMIT 1),
     CASE WHEN n.kind = 'dir' THEN (SELECT COUNT(*) FROM nodes c
-        WHERE c.parent = n.ino AND c.ino != n.ino AND c.kind = 'dir') ELSE 0 END";
+        WHERE c.parent = n.ino AND c.ino != n.ino AND c.kind = 'dir') ELSE 0 END,
+    CASE WHEN n.kind != 'dir' THEN (SELECT COUNT(*) FROM nodes l
+        WHERE l.kind = 'link' AND l.target = CAST(n.ino AS TEXT)) ELSE 0 END";
+/// Name rows `r` and the node `n` each leads to: itself, or a hard link's.
+const NAMED: &str =
+    "nodes r JOIN nodes n ON n.ino = CASE WHEN r.kind = 'link' THEN CAST(r.target AS INTEGER) ELSE r.ino END";
+/// [`NODE_COLUMNS`] of the node `n`.
+const N_COLUMNS: &str =
+    "n.ino, n.parent, n.name, n.kind, n.mode, n.uid, n.gid, n.atime_ns, n.mtime_ns, n.ctime_ns, n.target";
 const VERSION_COLUMNS: &str = "ino, num, size, sha256, state, cap, created_ns";
 
 pub fn now_ns() -> i64 {
@@ -298,22 +317,28 @@ fn row_to_facts(r: &rusqlite::Row, first: usize) -> rusqlite::Result<NodeFacts> 
     Ok(NodeFacts {
         latest_size: r.get::<_, Option<i64>>(first)?.map(|s| s as u64),
         subdirs: r.get(first + 1)?,
+        links: r.get(first + 2)?,
     })
 }
 
 fn row_to_node(r: &rusqlite::Row<'_>) -> rusqlite::Result<Node> {
+    row_to_node_at(r, 0)
+}
+
+/// A [`Node`] from the [`NODE_COLUMNS`] starting at column `at`.
+fn row_to_node_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Node> {
     Ok(Node {
-        ino: r.get(0)?,
-        parent: r.get(1)?,
-        name: r.get(2)?,
-        kind: Kind::parse(&r.get::<_, String>(3)?),
-        mode: r.get(4)?,
-        uid: r.get(5)?,
-        gid: r.get(6)?,
-        atime_ns: r.get(7)?,
-        mtime_ns: r.get(8)?,
-        ctime_ns: r.get(9)?,
-        target: r.get(10)?,
+        ino: r.get(at)?,
+        parent: r.get(at + 1)?,
+        name: r.get(at + 2)?,
+        kind: Kind::parse(&r.get::<_, String>(at + 3)?),
+        mode: r.get(at + 4)?,
+        uid: r.get(at + 5)?,
+        gid: r.get(at + 6)?,
+        atime_ns: r.get(at + 7)?,
+        mtime_ns: r.get(at + 8)?,
+        ctime_ns: r.get(at + 9)?,
+        target: r.get(at + 10)?,
     })
 }
 
@@ -460,7 +485,21 @@ impl Catalog {
             .optional()?)
     }
 
+    /// The node the name (`parent`, `name`) leads to: for a hard link,
+    /// the node it names (with that node's own first name).
     pub fn child(&self, parent: Ino, name: &str) -> Result<Option<Node>, CatalogError> {
+        Ok(self
+            .query_one(
+                &format!("SELECT {N_COLUMNS} FROM {NAMED} WHERE r.parent = ?1 AND r.name = ?2 AND r.ino != ?1"),
+                params![parent, name],
+                row_to_node,
+            )
+            .optional()?)
+    }
+
+    /// The row of the name (`parent`, `name`) itself: a node's first name,
+    /// or a hard link ([`Kind::Link`]). What unlink and rename change.
+    pub fn name_row(&self, parent: Ino, name: &str) -> Result<Option<Node>, CatalogError> {
         Ok(self
             .query_one(
                 &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND name = ?2 AND ino != ?1"),
@@ -470,24 +509,32 @@ impl Catalog {
             .optional()?)
     }
 
-    /// Children of a directory, in inode order (stable offsets for readdir).
-    pub fn children(&self, parent: Ino) -> Result<Vec<Node>, CatalogError> {
+    /// Children of a directory in the order of their name rows (stable
+    /// offsets for readdir): each name row's number and name, and the node
+    /// it leads to.
+    pub fn children(&self, parent: Ino) -> Result<Vec<(Ino, String, Node)>, CatalogError> {
         let mut stmt = self.db.prepare_cached(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE parent = ?1 AND ino != ?1 ORDER BY ino"
+            "SELECT r.ino, r.name, {N_COLUMNS} FROM {NAMED} WHERE r.parent = ?1 AND r.ino != ?1 ORDER BY r.ino"
         ))?;
-        let rows = stmt.query_map([parent], row_to_node)?;
+        let rows = stmt.query_map([parent], |r| Ok((r.get(0)?, r.get(1)?, row_to_node_at(r, 2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Children of a directory with inode numbers above `after`, in inode
-    /// order, each with what its attributes need besides the node, in one
-    /// query (READDIRPLUS of a large directory).
-    pub fn children_with_facts(&self, parent: Ino, after: Ino) -> Result<Vec<(Node, NodeFacts)>, CatalogError> {
+    /// [`Catalog::children`] with name rows numbered above `after`, each
+    /// with what its node's attributes need besides the node, in one query
+    /// (READDIRPLUS of a large directory).
+    pub fn children_with_facts(
+        &self,
+        parent: Ino,
+        after: Ino,
+    ) -> Result<Vec<(Ino, String, Node, NodeFacts)>, CatalogError> {
         let mut stmt = self.db.prepare_cached(&format!(
-            "SELECT {NODE_COLUMNS}, {FACTS_COLUMNS}
-             FROM nodes n WHERE n.parent = ?1 AND n.ino != ?1 AND n.ino > ?2 ORDER BY n.ino"
+            "SELECT r.ino, r.name, {N_COLUMNS}, {FACTS_COLUMNS}
+             FROM {NAMED} WHERE r.parent = ?1 AND r.ino != ?1 AND r.ino > ?2 ORDER BY r.ino"
         ))?;
-        let rows = stmt.query_map([parent, after], |r| Ok((row_to_node(r)?, row_to_facts(r, 11)?)))?;
+        let rows = stmt.query_map([parent, after], |r| {
+            Ok((r.get(0)?, r.get(1)?, row_to_node_at(r, 2)?, row_to_facts(r, 13)?))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -556,26 +603,43 @@ impl Catalog {
         Ok(())
     }
 
-    /// Removes a name. The node itself goes too, unless `keep_orphan` (the
-    /// file is still open): then it stays, nameless, until `forget_orphan`.
-    pub fn unlink(&mut self, node: &Node, keep_orphan: bool) -> Result<(), CatalogError> {
+    /// A further name (`parent`, `name`) for node `ino` (link(2)): a
+    /// [`Kind::Link`] row. The node's ctime changes, as on ext4.
+    pub fn link(&self, ino: Ino, parent: Ino, name: &str) -> Result<Node, CatalogError> {
+        let target = ino.to_string();
+        let row = self.create(
+            parent,
+            name,
+            &NewNode {
+                kind: Kind::Link,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                target: Some(&target),
+            },
+        )?;
+        self.exec(
+            "UPDATE nodes SET ctime_ns = ?2 WHERE ino = ?1",
+            params![ino, row.ctime_ns],
+        )?;
+        Ok(row)
+    }
+
+    /// Removes the name `row` (as [`Catalog::name_row`] gives it). Returns
+    /// whether that was its node's last name: the node then goes too,
+    /// unless `keep_orphan` (the file is still open), when it stays,
+    /// nameless, until `forget_orphan`.
+    pub fn unlink(&mut self, row: &Node, keep_orphan: bool) -> Result<bool, CatalogError> {
         self.begin_batch()?;
         let tx = self.db.savepoint()?;
         let now = now_ns();
-        if keep_orphan {
-            tx.execute(
-                "UPDATE nodes SET parent = ?2, name = ?1, ctime_ns = ?3 WHERE ino = ?1",
-                params![node.ino, ORPHAN_PARENT, now],
-            )?;
-        } else {
-            delete_node(&tx, node.ino)?;
-        }
+        let gone = remove_name(&tx, row, keep_orphan, now)?;
         tx.execute(
             "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
-            params![node.parent, now],
+            params![row.parent, now],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(gone)
     }
 
     pub fn forget_orphan(&mut self, ino: Ino) -> Result<(), CatalogError> {
@@ -593,39 +657,38 @@ impl Catalog {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Moves `node` to (`parent`, `name`), replacing `replaced` if given.
+    /// Moves the name `row` to (`parent`, `name`), removing the name
+    /// `replaced` if given (with `keep_orphan` as in [`Catalog::unlink`]).
+    /// Returns whether the replaced name was its node's last.
     pub fn rename(
         &mut self,
-        node: &Node,
+        row: &Node,
         parent: Ino,
         name: &str,
         replaced: Option<(&Node, bool)>,
-    ) -> Result<(), CatalogError> {
+    ) -> Result<bool, CatalogError> {
         self.begin_batch()?;
         let tx = self.db.savepoint()?;
         let now = now_ns();
-        if let Some((old, keep_orphan)) = replaced {
-            if keep_orphan {
-                tx.execute(
-                    "UPDATE nodes SET parent = ?2, name = ?1 WHERE ino = ?1",
-                    params![old.ino, ORPHAN_PARENT],
-                )?;
-            } else {
-                delete_node(&tx, old.ino)?;
-            }
-        }
+        let gone = match replaced {
+            Some((old, keep_orphan)) => remove_name(&tx, old, keep_orphan, now)?,
+            None => false,
+        };
         tx.execute(
             "UPDATE nodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
-            params![node.ino, parent, name, now],
+            params![row.ino, parent, name, now],
         )?;
-        for dir in [node.parent, parent] {
+        if let Some(node) = linked_node(row) {
+            tx.execute("UPDATE nodes SET ctime_ns = ?2 WHERE ino = ?1", params![node, now])?;
+        }
+        for dir in [row.parent, parent] {
             tx.execute(
                 "UPDATE nodes SET mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?1",
                 params![dir, now],
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(gone)
     }
 
     pub fn resolve(&self, path: &str) -> Result<Node, CatalogError> {
@@ -883,7 +946,10 @@ impl Catalog {
             "SELECT {NODE_COLUMNS} FROM nodes WHERE parent != {ORPHAN_PARENT} AND NOT (kind = 'file' AND NOT EXISTS
                (SELECT 1 FROM versions v WHERE v.ino = nodes.ino AND v.state = 'committed')) ORDER BY ino"
         ))?;
-        let nodes: Vec<Node> = stmt.query_map([], row_to_node)?.collect::<Result<_, _>>()?;
+        let mut nodes: Vec<Node> = stmt.query_map([], row_to_node)?.collect::<Result<_, _>>()?;
+        // A hard link to what is not shown (a file not yet uploaded) is not.
+        let shown: std::collections::HashSet<Ino> = nodes.iter().map(|n| n.ino).collect();
+        nodes.retain(|n| linked_node(n).is_none_or(|to| shown.contains(&to)) || n.kind != Kind::Link);
         let versions = self
             .committed_versions()?
             .into_iter()
@@ -1033,12 +1099,12 @@ impl Catalog {
         if dir.kind != Kind::Dir {
             return Err(CatalogError::NotADirectory(path.to_string()));
         }
-        let mut stmt = self.db.prepare(
-            "SELECT n.ino, n.name, n.kind, n.mtime_ns,
+        let mut stmt = self.db.prepare(&format!(
+            "SELECT n.ino, r.name, n.kind, n.mtime_ns,
                     (SELECT size FROM versions v WHERE v.ino = n.ino ORDER BY num DESC LIMIT 1),
                     (SELECT COUNT(*) FROM versions v WHERE v.ino = n.ino)
-             FROM nodes n WHERE n.parent = ?1 AND n.ino != ?1 ORDER BY n.name",
-        )?;
+             FROM {NAMED} WHERE r.parent = ?1 AND r.ino != ?1 ORDER BY r.name"
+        ))?;
         let rows = stmt.query_map([dir.ino], |r| {
             Ok(Entry {
                 ino: r.get(0)?,
@@ -1196,10 +1262,61 @@ fn migrate(db: &Connection) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// The node a hard link row names.
+pub fn linked_node(row: &Node) -> Option<Ino> {
+    (row.kind == Kind::Link)
+        .then(|| row.target.as_deref()?.parse().ok())
+        .flatten()
+}
+
+/// Removes the name `row`; returns whether it was its node's last. A
+/// hard link goes alone. A node's first name with further names takes the
+/// place of the oldest of them (so every node keeps a first name while it
+/// has any). The last name takes the node with it, or leaves it nameless
+/// while open (`keep_orphan`).
+fn remove_name(tx: &Connection, row: &Node, keep_orphan: bool, now: i64) -> Result<bool, CatalogError> {
+    if let Some(node) = linked_node(row) {
+        tx.execute("DELETE FROM nodes WHERE ino = ?1", [row.ino])?;
+        tx.execute("UPDATE nodes SET ctime_ns = ?2 WHERE ino = ?1", params![node, now])?;
+        return Ok(false);
+    }
+    let further: Option<(Ino, Ino, String)> = tx
+        .query_row(
+            "SELECT ino, parent, name FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)
+             ORDER BY ino LIMIT 1",
+            [row.ino],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((link, parent, name)) = further {
+        tx.execute("DELETE FROM nodes WHERE ino = ?1", [link])?;
+        tx.execute(
+            "UPDATE nodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
+            params![row.ino, parent, name, now],
+        )?;
+        return Ok(false);
+    }
+    if keep_orphan {
+        tx.execute(
+            "UPDATE nodes SET parent = ?2, name = ?1, ctime_ns = ?3 WHERE ino = ?1",
+            params![row.ino, ORPHAN_PARENT, now],
+        )?;
+    } else {
+        delete_node(tx, row.ino)?;
+    }
+    Ok(true)
+}
+
 /// Deletes a node and its attributes; its versions not yet uploaded are
 /// dropped (committed ones stay on record for retention and gc).
 fn delete_node(tx: &Connection, ino: Ino) -> Result<(), CatalogError> {
     tx.execute("DELETE FROM nodes WHERE ino = ?1", [ino])?;
+    // (None are left: the last name goes last. A name must never lead
+    // nowhere, whatever a damaged catalog holds.)
+    tx.execute(
+        "DELETE FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)",
+        [ino],
+    )?;
     tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
     tx.execute(
         "UPDATE versions SET state = 'dropped' WHERE ino = ?1 AND state = 'staged'",

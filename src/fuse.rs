@@ -83,6 +83,8 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Socket => FileType::Socket,
         Kind::CharDevice => FileType::CharDevice,
         Kind::BlockDevice => FileType::BlockDevice,
+        // (Never shown: the core resolves a hard link to its node.)
+        Kind::Link => FileType::RegularFile,
     }
 }
 
@@ -324,9 +326,11 @@ impl Filesystem for CairnFs {
         empty(reply, self.vfs.rename(parent.0, name, newparent.0, newname, no_replace));
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
-        // Hard links are not supported (docs/COMPATIBILITY.md).
-        reply.error(Errno::from_i32(libc::EPERM));
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let Ok(name) = name_str(newname) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        entry(reply, self.vfs.link(ino.0, newparent.0, name));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

@@ -1069,7 +1069,8 @@ fn ls(home: &Home, path: &str, json: bool) -> Result<ExitCode> {
             Kind::Fifo => println!("{:>14}  {:>4}  {}|", "-", "", e.name),
             Kind::Socket => println!("{:>14}  {:>4}  {}=", "-", "", e.name),
             Kind::CharDevice | Kind::BlockDevice => println!("{:>14}  {:>4}  {} (device)", "-", "", e.name),
-            Kind::File => println!(
+            // (A hard link lists as its node.)
+            Kind::File | Kind::Link => println!(
                 "{:>14}  v{:<3}  {}",
                 e.size.map(|s| s.to_string()).unwrap_or_default(),
                 e.versions,

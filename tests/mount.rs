@@ -575,6 +575,107 @@ fn a_new_file_never_inherits_a_deleted_files_versions() {
     assert!(mnt.unmount().success());
 }
 
+fn nlink(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().nlink()
+}
+
+fn shas(home: &Home, path: &str) -> Vec<String> {
+    let versions = home.versions(path);
+    versions
+        .iter()
+        .map(|v| v["sha256"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Hard links as on ext4: one node with several names across directories,
+/// each name reading and writing the same content and history, st_nlink
+/// right after every change, a save-by-rename over one name leaving the
+/// other with the old content, and link counts surviving kill -9.
+#[test]
+fn hard_links_are_names_of_one_file_everywhere() {
+    use std::os::unix::fs::MetadataExt;
+    let home = Home::empty();
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    for d in ["a", "b"] {
+        std::fs::create_dir(mnt.file(d)).unwrap();
+    }
+    std::fs::write(mnt.file("a/f"), b"one").unwrap();
+    home.ok(&["sync"]);
+    std::fs::hard_link(mnt.file("a/f"), mnt.file("b/g")).unwrap();
+    std::fs::hard_link(mnt.file("b/g"), mnt.file("a/h")).unwrap();
+    let ino = std::fs::metadata(mnt.file("a/f")).unwrap().ino();
+    for name in ["a/f", "b/g", "a/h"] {
+        assert_eq!(nlink(&mnt.file(name)), 3, "{name}");
+        assert_eq!(std::fs::metadata(mnt.file(name)).unwrap().ino(), ino, "{name}");
+    }
+    // Listings show each name with the node's number and link count.
+    let listed: Vec<(String, u64)> = std::fs::read_dir(mnt.file("a"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            use std::os::unix::fs::DirEntryExt;
+            (e.file_name().into_string().unwrap(), e.ino())
+        })
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().all(|(_, i)| *i == ino), "{listed:?}");
+    let ls = std::process::Command::new("ls")
+        .arg("-l")
+        .arg(mnt.file("b"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&ls.stdout).contains(" 3 "), "{ls:?}");
+    // A write through one name is the content and a version of every name.
+    std::fs::write(mnt.file("b/g"), b"two").unwrap();
+    home.ok(&["sync"]);
+    assert_eq!(std::fs::read(mnt.file("a/f")).unwrap(), b"two");
+    let history = vec![sha256_hex(b"one"), sha256_hex(b"two")];
+    for name in ["/a/f", "/b/g", "/a/h"] {
+        assert_eq!(shas(&home, name), history, "{name}");
+    }
+    // Linking a directory or onto a taken name fails as on ext4.
+    let err = std::fs::hard_link(mnt.file("a"), mnt.file("b/dir")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    let err = std::fs::hard_link(mnt.file("a/f"), mnt.file("b/g")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    // A rename between two names of one file changes nothing.
+    std::fs::rename(mnt.file("a/h"), mnt.file("a/f")).unwrap();
+    assert!(mnt.file("a/h").exists() && mnt.file("a/f").exists());
+    // Unlinking the first name leaves the others, content and history.
+    std::fs::remove_file(mnt.file("a/f")).unwrap();
+    assert_eq!(nlink(&mnt.file("b/g")), 2);
+    assert_eq!(std::fs::read(mnt.file("a/h")).unwrap(), b"two");
+    assert_eq!(shas(&home, "/a/h"), history);
+    // A save by rename over one name: that name gets the new file (with
+    // the history the name had), the other keeps the old content.
+    std::fs::write(mnt.file("b/.g.swp"), b"three").unwrap();
+    std::fs::rename(mnt.file("b/.g.swp"), mnt.file("b/g")).unwrap();
+    home.ok(&["sync"]);
+    assert_eq!(std::fs::read(mnt.file("b/g")).unwrap(), b"three");
+    assert_eq!(std::fs::read(mnt.file("a/h")).unwrap(), b"two");
+    assert_eq!((nlink(&mnt.file("b/g")), nlink(&mnt.file("a/h"))), (1, 1));
+    assert_eq!(shas(&home, "/a/h"), history);
+    assert_eq!(
+        shas(&home, "/b/g"),
+        [history.clone(), vec![sha256_hex(b"three")]].concat()
+    );
+    // Link counts are in the catalog when link(2) returns: kill -9.
+    std::fs::hard_link(mnt.file("a/h"), mnt.file("b/k")).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(mnt.signal(libc::SIGKILL).signal(), Some(libc::SIGKILL));
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    assert_eq!((nlink(&mnt.file("a/h")), nlink(&mnt.file("b/k"))), (2, 2));
+    assert_eq!(std::fs::read(mnt.file("b/k")).unwrap(), b"two");
+    // The last name takes the file with it.
+    std::fs::remove_file(mnt.file("a/h")).unwrap();
+    assert_eq!(nlink(&mnt.file("b/k")), 1);
+    std::fs::remove_file(mnt.file("b/k")).unwrap();
+    assert!(home.cairn(&["versions", "/b/k"]).status.code() != Some(0));
+    assert_eq!(std::fs::read_dir(mnt.file("a")).unwrap().count(), 0);
+    assert!(mnt.unmount().success());
+}
+
 #[test]
 fn shares_a_server_missed_are_repaired_when_it_comes_back() {
     let home = Home::empty();

@@ -257,6 +257,80 @@ fn names_attributes_and_links_propagate_both_ways() {
     }
 }
 
+fn nlinks(m: &Mounted, names: &[&str]) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    names
+        .iter()
+        .map(|n| std::fs::symlink_metadata(m.file(n)).map_or(0, |md| md.nlink()))
+        .collect()
+}
+
+/// Hard links are changes like any other: a link, a write through it, the
+/// removal of the first name reach the other machine with the link counts
+/// of ext4; a machine joining later sees them; and a link made on a
+/// machine cut off while the other removes the file's last name keeps the
+/// file (that machine had not seen the removal).
+#[test]
+fn hard_links_propagate_and_a_link_keeps_a_file_removed_elsewhere() {
+    let (a, ma) = first_machine("a.txt", "one");
+    let b = join(&a, "laptop");
+    let cut = cut_off_by_flag(&b);
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    converged(&[&ma, &mb]);
+
+    std::fs::create_dir(ma.file("other")).unwrap();
+    std::fs::hard_link(ma.file("a.txt"), ma.file("other/b.txt")).unwrap();
+    std::fs::hard_link(ma.file("a.txt"), ma.file("c.txt")).unwrap();
+    a.ok(&["sync"]);
+    until("links reach B", || nlinks(&mb, &["a.txt", "other/b.txt", "c.txt"]), |n| n == &[3, 3, 3]);
+    // A write on B through one name is every name's content on A.
+    write(&mb, "other/b.txt", "two");
+    b.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(seen.get("a.txt").map(String::as_str), Some("two"), "{seen:?}");
+    assert_eq!(nlinks(&ma, &["a.txt", "other/b.txt"]), [3, 3]);
+    // The first name removed on A: the others stay, on both.
+    std::fs::remove_file(ma.file("a.txt")).unwrap();
+    a.ok(&["sync"]);
+    let seen = converged(&[&ma, &mb]);
+    assert!(!seen.contains_key("a.txt"), "{seen:?}");
+    until("B counts two names", || nlinks(&mb, &["other/b.txt", "c.txt"]), |n| n == &[2, 2]);
+    assert_eq!(b.versions("/c.txt").len(), 2);
+
+    // B cut off links c.txt again while A removes both its names.
+    std::fs::write(&cut, b"").unwrap();
+    std::fs::hard_link(mb.file("c.txt"), mb.file("kept.txt")).unwrap();
+    std::fs::remove_file(ma.file("c.txt")).unwrap();
+    std::fs::remove_file(ma.file("other/b.txt")).unwrap();
+    a.ok(&["sync"]);
+    assert!(!tree(ma.path()).contains_key("other/b.txt"));
+    std::fs::remove_file(&cut).unwrap();
+    b.ok(&["sync"]);
+    let seen = until(
+        "the link B made keeps the file",
+        || (tree(ma.path()), tree(mb.path())),
+        |(ta, tb)| ta == tb && ta.get("kept.txt").map(String::as_str) == Some("two"),
+    )
+    .0;
+    // The removal of the node B linked to is undone (its first name,
+    // other/b.txt since a.txt went, comes back); the removal of the
+    // further name c.txt stands.
+    assert_eq!(seen.get("other/b.txt").map(String::as_str), Some("two"), "{seen:?}");
+    assert!(!seen.contains_key("c.txt"), "{seen:?}");
+    let names = ["c.txt", "other/b.txt", "kept.txt"];
+    let counts = until("link counts agree", || (nlinks(&ma, &names), nlinks(&mb, &names)), |(x, y)| x == y);
+    assert_eq!(counts.0, [0, 2, 2]);
+
+    // A third machine joining now sees the same names and counts.
+    let c = join(&a, "tablet");
+    let mc = c.mount(&["--writeback-delay", "0"]);
+    converged(&[&ma, &mc]);
+    assert_eq!(nlinks(&mc, &names), counts.0);
+    for m in [ma, mb, mc] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// An edit on one machine against a delete on the other keeps the edit;
 /// `mkdir -p` of one path on both gives one directory with both files.
 /// B works offline (not mounted, `cairn put` into its catalog) while A

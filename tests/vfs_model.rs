@@ -2,9 +2,10 @@
 //! against a reference model, then the same content read back from the grid
 //! alone after the cache is deleted. The model is names (in the root and in
 //! one subdirectory) bound to files, files to bytes, and up to three open
-//! handles that follow their file through renames and unlinks; operations
-//! include interleaved writes through several handles to one file and
-//! writers on several threads at once.
+//! handles that follow their file through renames and unlinks; several
+//! names may be bound to one file (hard links); operations include
+//! interleaved writes through several handles to one file and writers on
+//! several threads at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -40,6 +41,11 @@ enum Op {
     },
     Unlink {
         name: usize,
+    },
+    /// link(2): `to` becomes a further name of `from`'s file.
+    Link {
+        from: usize,
+        to: usize,
     },
     Mkdir,
     Rmdir,
@@ -77,6 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (name.clone(), 0u64..3_000_000).prop_map(|(name, size)| Op::Truncate { name, size }),
         1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => name.clone().prop_map(|name| Op::Unlink { name }),
+        1 => (name.clone(), name.clone()).prop_map(|(from, to)| Op::Link { from, to }),
         1 => Just(Op::Mkdir),
         1 => Just(Op::Rmdir),
         2 => (slot.clone(), name.clone()).prop_map(|(slot, name)| Op::Open { slot, name }),
@@ -197,6 +204,10 @@ fn check(vfs: &Vfs, model: &Model) -> Result<(), TestCaseError> {
         let got = read_all(vfs, path);
         let want = model.names.get(path).map(|f| &model.files[f]);
         prop_assert!(got.as_ref() == want, "{} differs from the model", path);
+        if let Some(file) = model.names.get(path) {
+            let names = model.names.values().filter(|f| *f == file).count();
+            prop_assert_eq!(lookup(vfs, path).unwrap().nlink as usize, names, "{}: link count", path);
+        }
     }
     for (file, fh) in model.handles.iter().flatten() {
         prop_assert!(
@@ -256,14 +267,26 @@ fn apply(vfs: &Arc<Vfs>, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op
                 let (p1, n1) = parent_of(vfs, from).unwrap();
                 let (p2, n2) = parent_of(vfs, to).unwrap();
                 vfs.rename(p1, &n1, p2, &n2, false).unwrap();
-                let file = model.names.remove(from).unwrap();
-                model.names.insert(to, file);
+                // Two names of one file: rename(2) changes nothing.
+                if model.names.get(from) != model.names.get(to) {
+                    let file = model.names.remove(from).unwrap();
+                    model.names.insert(to, file);
+                }
             }
         }
         Op::Unlink { name } => {
             let path = PATHS[name];
             let done = parent_of(vfs, path).and_then(|(p, n)| vfs.unlink(p, &n)).is_ok();
             prop_assert_eq!(done, model.names.remove(path).is_some());
+        }
+        Op::Link { from, to } => {
+            let (from, to) = (PATHS[from], PATHS[to]);
+            if let Some(&file) = model.names.get(from).filter(|_| model.reachable(to)) {
+                let (parent, name) = parent_of(vfs, to).unwrap();
+                let made = vfs.link(lookup(vfs, from).unwrap().ino, parent, &name);
+                prop_assert_eq!(made.is_ok(), !model.names.contains_key(to), "link {} {}", from, to);
+                model.names.entry(to).or_insert(file);
+            }
         }
         Op::Mkdir => {
             prop_assert_eq!(vfs.mkdir(ROOT, DIR, 0o755, CALLER).is_ok(), !model.dir);
@@ -310,10 +333,11 @@ fn apply(vfs: &Arc<Vfs>, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op
             }
         }
         Op::Parallel(writes) => {
+            // Distinct files: two names of one file are one file.
             let mut seen = std::collections::HashSet::new();
             let writes: Vec<_> = writes
                 .into_iter()
-                .filter(|w| model.reachable(PATHS[w.0]) && seen.insert(w.0))
+                .filter(|w| model.reachable(PATHS[w.0]) && seen.insert(model.names.get(PATHS[w.0]).ok_or(w.0)))
                 .collect();
             std::thread::scope(|s| {
                 for &(name, offset, len, byte) in &writes {

@@ -9,9 +9,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::merge::{Entry, Fid, Kind, State, Tree, Vid, ROOT};
+use super::merge::{self, Entry, Fid, Kind, State, Tree, Vid, ROOT};
 use super::store::{self, Synced};
-use crate::catalog::{Catalog, CatalogError, Ino, NewNode, Node, VersionState, ORPHAN_PARENT, ROOT_INO};
+use crate::catalog::{linked_node, Catalog, CatalogError, Ino, NewNode, Node, VersionState, ORPHAN_PARENT, ROOT_INO};
 
 /// What the kernel must forget after an apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,9 +112,12 @@ pub fn apply(
         // Changed here, on its way up, or open (its writes would be lost
         // with it): an edit the deleter had not seen.
         let busy = store::is_dirty(cat, s.ino)? || store::has_staged(cat, s.ino)? || in_use(s.ino);
+        // A directory with a child, or a node with a hard link, that this
+        // machine made and has not yet published: the merge keeps it.
         let full = match &node {
             Some(n) if n.kind == Kind::Dir => cat.has_children(n.ino)?,
-            _ => false,
+            Some(n) => cat.facts(n)?.links > 0,
+            None => false,
         };
         if busy || full {
             out.skip(s.fid);
@@ -127,6 +130,10 @@ pub fn apply(
                 name: node.name.clone(),
             });
             out.inval.push(Inval::Node(node.parent));
+            // One name fewer.
+            if let Some(to) = linked_node(&node) {
+                out.inval.push(Inval::Node(to));
+            }
         }
         store::remove_synced(cat, s.fid)?;
         store::clear_dirty(cat, s.ino)?;
@@ -134,12 +141,15 @@ pub fn apply(
         out.changed += 1;
     }
 
-    // Made or changed: parents first.
-    let mut order: Vec<(usize, Fid)> = tree.keys().map(|f| (depth(tree, *f), *f)).collect();
+    // Made or changed: parents first, hard links after their nodes.
+    let mut order: Vec<(bool, usize, Fid)> = tree
+        .iter()
+        .map(|(f, e)| (e.kind == Kind::Link, depth(tree, *f), *f))
+        .collect();
     order.sort();
     let mut parked: BTreeSet<Fid> = BTreeSet::new();
-    let mut pending: BTreeSet<Fid> = order.iter().map(|(_, f)| *f).collect();
-    for (_, fid) in order {
+    let mut pending: BTreeSet<Fid> = order.iter().map(|(.., f)| *f).collect();
+    for (.., fid) in order {
         pending.remove(&fid);
         let e = &tree[&fid];
         let Some(parent) = ino_of(&synced, e.parent) else {
@@ -147,7 +157,7 @@ pub fn apply(
             continue;
         };
         match synced.get(&fid).cloned() {
-            None => match create(cat, parent, fid, e, state, &mut out)? {
+            None => match create(cat, parent, fid, e, state, &synced, &mut out)? {
                 Some(s) => {
                     synced.insert(fid, s);
                 }
@@ -229,13 +239,22 @@ fn create(
     fid: Fid,
     e: &Entry,
     state: &State,
+    synced: &HashMap<Fid, Synced>,
     out: &mut Applied,
 ) -> Result<Option<Synced>, CatalogError> {
-    if cat.child(parent, &e.name)?.is_some() {
+    if cat.name_row(parent, &e.name)?.is_some() {
         // A local node not yet published holds the name: once it is, the
         // merge names one of them otherwise.
         return Ok(None);
     }
+    // A hard link names its node by its number here.
+    let (target, linked) = match e.kind {
+        Kind::Link => match merge::linked(&e.attrs).and_then(|to| ino_of(synced, to)) {
+            Some(ino) => (Some(ino.to_string()), Some(ino)),
+            None => return Ok(None),
+        },
+        _ => (e.attrs.target.clone(), None),
+    };
     let content = match e.content {
         Some(vid) => match state.content(vid) {
             Some(c) => Some((vid, c.clone())),
@@ -252,9 +271,12 @@ fn create(
             mode: e.attrs.mode,
             uid: e.attrs.uid,
             gid: e.attrs.gid,
-            target: e.attrs.target.as_deref(),
+            target: target.as_deref(),
         },
     )?;
+    if let Some(to) = linked {
+        out.inval.push(Inval::Node(to));
+    }
     set_times(cat, &node, e)?;
     add_history(cat, node.ino, e, state)?;
     let s = Synced {
@@ -337,7 +359,7 @@ fn place(
     out: &mut Applied,
 ) -> Result<bool, CatalogError> {
     let (parent, name) = (to.parent, to.name);
-    if let Some(holder) = cat.child(parent, name)?.filter(|h| h.ino != node.ino) {
+    if let Some(holder) = cat.name_row(parent, name)?.filter(|h| h.ino != node.ino) {
         let leaving = synced.values().find(|s| s.ino == holder.ino).filter(|s| {
             to.pending.contains(&s.fid)
                 && tree

@@ -150,12 +150,24 @@ const MAX_XATTR_VALUE: usize = 64 << 10;
 pub fn check(op: &Op) -> Result<(), String> {
     match op {
         Op::Enroll { name: n } => check_name(n),
+        Op::Create {
+            name: n,
+            attrs: a,
+            kind: Kind::Link,
+            ..
+        } if linked(a).is_none() => Err(format!("a hard link {n:?} naming no node")),
         Op::Create { name: n, attrs: a, .. } => check_name(n).and(check_attrs(a)),
         Op::Move { name: n, from, .. } => check_name(n).and(check_name(&from.1)),
         Op::Attrs { attrs: a, .. } => check_attrs(a),
         Op::Xattr { name: n, value, .. } => check_xattr(n, value),
         Op::Delete { .. } | Op::Version { .. } | Op::Revoke { .. } => Ok(()),
     }
+}
+
+/// The node a hard link ([`Kind::Link`]) names: its `target`, the node's
+/// id in decimal.
+pub fn linked(attrs: &Attrs) -> Option<Fid> {
+    attrs.target.as_deref()?.parse().ok()
 }
 
 fn check_name(n: &str) -> Result<(), String> {
@@ -867,7 +879,21 @@ pub fn render(state: &State) -> Tree {
     };
     // Files and symlinks live or die on their own; directories after
     // placement, by their children.
-    let deleted: BTreeSet<Fid> = nodes.iter().filter(|(f, n)| killed(**f, n)).map(|(f, _)| *f).collect();
+    let mut deleted: BTreeSet<Fid> = nodes.iter().filter(|(f, n)| killed(**f, n)).map(|(f, _)| *f).collect();
+    // A hard link lives while its node is a node of the tree that is not a
+    // directory, and keeps that node alive: a link its node's remover had
+    // not seen is a change made after (a device removing a node's last name
+    // but one moves it to that one's place).
+    for (fid, node) in &nodes {
+        if node.kind != Kind::Link || deleted.contains(fid) {
+            continue;
+        }
+        let to = state.attrs_of(*fid).and_then(|(_, a)| linked(a));
+        match to.filter(|t| nodes.get(t).is_some_and(|n| !matches!(n.kind, Kind::Dir | Kind::Link))) {
+            Some(to) => deleted.remove(&to),
+            None => deleted.insert(*fid),
+        };
+    }
     let place = placements(&nodes);
     let mut live_child: BTreeSet<Fid> = BTreeSet::new();
     let mut live: BTreeSet<Fid> = BTreeSet::new();

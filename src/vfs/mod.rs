@@ -528,7 +528,7 @@ impl Vfs {
             Kind::Dir => 4096,
             Kind::Symlink => node.target.as_ref().map_or(0, |t| t.len() as u64),
             Kind::File => open.size.or(facts.latest_size).unwrap_or(0),
-            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => 0,
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice | Kind::Link => 0,
         };
         let rdev = match node.kind {
             Kind::CharDevice | Kind::BlockDevice => node.target.as_ref().and_then(|t| t.parse().ok()).unwrap_or(0),
@@ -548,7 +548,8 @@ impl Vfs {
                 Kind::Dir => 2 + facts.subdirs,
                 // Unlinked while open: alive only through its handles.
                 _ if node.parent == crate::catalog::ORPHAN_PARENT => 0,
-                _ => 1,
+                // Its first name and its hard links.
+                _ => 1 + facts.links,
             },
             rdev,
         }

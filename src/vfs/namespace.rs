@@ -2,6 +2,7 @@
 //! removing names, renames, directory listings, statfs.
 
 use super::*;
+use crate::catalog::linked_node;
 
 #[derive(Debug, Clone, Copy)]
 pub struct StatFs {
@@ -267,19 +268,44 @@ impl Vfs {
         Ok(())
     }
 
+    /// link(2): a further name for a node that is not a directory.
+    pub fn link(&self, ino: Ino, parent: Ino, name: &str) -> VfsResult<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let st = self.lock();
+        let node = Self::node(&st.catalog, ino)?;
+        if node.kind == Kind::Dir {
+            return Err(VfsError::NotPermitted);
+        }
+        // Unlinked and still open: it has no name to add to (as on ext4).
+        if node.parent == crate::catalog::ORPHAN_PARENT {
+            return Err(VfsError::NotFound);
+        }
+        Self::dir(&st.catalog, parent)?;
+        if st.catalog.name_row(parent, name)?.is_some() {
+            return Err(VfsError::Exists);
+        }
+        st.catalog.link(ino, parent, name)?;
+        st.catalog.commit()?;
+        self.attr_of(&st.catalog, &Self::node(&st.catalog, ino)?)
+    }
+
     pub fn unlink(&self, parent: Ino, name: &str) -> VfsResult<()> {
         self.writable()?;
         let mut st = self.lock();
-        let node = st.catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
-        if node.kind == Kind::Dir {
+        let row = st.catalog.name_row(parent, name)?.ok_or(VfsError::NotFound)?;
+        if row.kind == Kind::Dir {
             return Err(VfsError::IsDir);
         }
-        let open = self.files().get(&node.ino).is_some_and(OpenFile::in_use);
-        st.catalog.unlink(&node, open)?;
+        let ino = linked_node(&row).unwrap_or(row.ino);
+        let open = self.files().get(&ino).is_some_and(OpenFile::in_use);
+        let gone = st.catalog.unlink(&row, open)?;
         st.catalog.commit()?;
-        let freed = self.forget_content(&mut st, node.ino, open);
-        drop(st);
-        freed.free();
+        if gone {
+            let freed = self.forget_content(&mut st, ino, open);
+            drop(st);
+            freed.free();
+        }
         Ok(())
     }
 
@@ -322,10 +348,17 @@ impl Vfs {
         self.writable()?;
         check_name(new_name)?;
         let mut st = self.lock();
+        // The name rows move; the nodes they lead to decide the rules.
+        let row = st.catalog.name_row(parent, name)?.ok_or(VfsError::NotFound)?;
         let node = st.catalog.child(parent, name)?.ok_or(VfsError::NotFound)?;
         Self::dir(&st.catalog, new_parent)?;
-        let target = st.catalog.child(new_parent, new_name)?;
-        if let Some(t) = &target {
+        let target = match st.catalog.name_row(new_parent, new_name)? {
+            Some(t) => Some((st.catalog.child(new_parent, new_name)?.ok_or(VfsError::NotFound)?, t)),
+            None => None,
+        };
+        if let Some((t, _)) = &target {
+            // Two names of one node (or one name): nothing changes, as
+            // rename(2) says.
             if t.ino == node.ino {
                 return Ok(());
             }
@@ -339,15 +372,16 @@ impl Vfs {
                 _ => {}
             }
         }
-        let replaced = target.map(|t| {
+        let replaced = target.map(|(t, t_row)| {
             let open = self.files().get(&t.ino).is_some_and(OpenFile::in_use);
-            (t, open)
+            (t, t_row, open)
         });
         if node.kind == Kind::File {
             // Save by rename: the replaced file's history, or that of the
-            // file that left this name lately, continues in this one.
+            // file that left this name lately, continues in this one (a
+            // replaced file with further names keeps its own too).
             match &replaced {
-                Some((t, _)) if t.kind == Kind::File => {
+                Some((t, ..)) if t.kind == Kind::File => {
                     st.catalog.adopt_history(t.ino, node.ino)?;
                 }
                 Some(_) => {}
@@ -356,16 +390,16 @@ impl Vfs {
             st.vacated.retain(|_, (_, when)| when.elapsed() < SAVE_CHAIN_WINDOW);
             st.vacated.insert((parent, name.to_owned()), (node.ino, Instant::now()));
         }
-        st.catalog.rename(
-            &node,
+        let gone = st.catalog.rename(
+            &row,
             new_parent,
             new_name,
-            replaced.as_ref().map(|(t, open)| (t, *open)),
+            replaced.as_ref().map(|(_, t_row, open)| (t_row, *open)),
         )?;
         // A rename is how editors save: it is durable (against a crash of
         // the daemon) when it returns, with everything batched before it.
         st.catalog.commit()?;
-        if let Some((t, open)) = replaced {
+        if let Some((t, _, open)) = replaced.filter(|_| gone) {
             let freed = self.forget_content(&mut st, t.ino, open);
             drop(st);
             freed.free();
@@ -389,10 +423,11 @@ impl Vfs {
         if offset < 2 {
             out.push((dir.parent, 2, Kind::Dir, "..".to_string()));
         }
-        for child in catalog.children(ino)? {
-            let off = child.ino + 2;
+        // Offsets follow the name rows: two names of one node are two entries.
+        for (row, name, node) in catalog.children(ino)? {
+            let off = row + 2;
             if off > offset {
-                out.push((child.ino, off, child.kind, child.name));
+                out.push((node.ino, off, node.kind, name));
             }
         }
         Ok(out)
@@ -415,9 +450,9 @@ impl Vfs {
             // query, the open files' read before it (see `attr_of`).
             let open: HashMap<Ino, Shown> = self.files().iter().map(|(&i, f)| (i, Shown::of(f))).collect();
             let after = offset.saturating_sub(2);
-            for (child, facts) in catalog.children_with_facts(dir.ino, after)? {
-                let attr = Self::attr_with(open.get(&child.ino).copied(), &child, &facts);
-                out.push((child.ino + 2, child.name, attr));
+            for (row, name, node, facts) in catalog.children_with_facts(dir.ino, after)? {
+                let attr = Self::attr_with(open.get(&node.ino).copied(), &node, &facts);
+                out.push((row + 2, name, attr));
             }
             Ok(out)
         })

@@ -194,9 +194,10 @@ impl Devices {
         })
     }
 
-    /// The node id of local directory `ino`, planning it first if it is
-    /// new here too. `None`: not published yet (it waits with its child).
-    fn fid_of_dir(&self, cat: &Catalog, ino: Ino, ops: &mut Vec<Op>) -> VfsResult<Option<Fid>> {
+    /// The node id of local node `ino` (a directory, or the node a hard
+    /// link names), planning it first if it is new here too. `None`: not
+    /// published yet (what needs it waits).
+    fn fid_of(&self, cat: &Catalog, ino: Ino, ops: &mut Vec<Op>) -> VfsResult<Option<Fid>> {
         if ino == ROOT_INO_LOCAL {
             return Ok(Some(ROOT));
         }
@@ -224,9 +225,20 @@ impl Devices {
         let ids = self.version_ids(cat, ino)?;
         let local = match node {
             Some(n) => {
-                let Some(parent) = self.fid_of_dir(cat, n.parent, ops)? else {
+                let Some(parent) = self.fid_of(cat, n.parent, ops)? else {
                     store::mark_dirty(cat, ino)?;
                     return Ok(());
+                };
+                // A hard link names its node by id: published after it.
+                let target = match crate::catalog::linked_node(&n) {
+                    Some(to) => match self.fid_of(cat, to, ops)? {
+                        Some(fid) => Some(fid.to_string()),
+                        None => {
+                            store::mark_dirty(cat, ino)?;
+                            return Ok(());
+                        }
+                    },
+                    None => n.target.clone(),
                 };
                 let versions = ids
                     .iter()
@@ -249,7 +261,7 @@ impl Devices {
                         uid: n.uid,
                         gid: n.gid,
                         mtime_ns: n.mtime_ns,
-                        target: n.target.clone(),
+                        target,
                     },
                     xattrs: store::xattrs(cat, ino)?,
                     versions,
