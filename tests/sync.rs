@@ -282,7 +282,11 @@ fn hard_links_propagate_and_a_link_keeps_a_file_removed_elsewhere() {
     std::fs::hard_link(ma.file("a.txt"), ma.file("other/b.txt")).unwrap();
     std::fs::hard_link(ma.file("a.txt"), ma.file("c.txt")).unwrap();
     a.ok(&["sync"]);
-    until("links reach B", || nlinks(&mb, &["a.txt", "other/b.txt", "c.txt"]), |n| n == &[3, 3, 3]);
+    until(
+        "links reach B",
+        || nlinks(&mb, &["a.txt", "other/b.txt", "c.txt"]),
+        |n| n == &[3, 3, 3],
+    );
     // A write on B through one name is every name's content on A.
     write(&mb, "other/b.txt", "two");
     b.ok(&["sync"]);
@@ -294,7 +298,11 @@ fn hard_links_propagate_and_a_link_keeps_a_file_removed_elsewhere() {
     a.ok(&["sync"]);
     let seen = converged(&[&ma, &mb]);
     assert!(!seen.contains_key("a.txt"), "{seen:?}");
-    until("B counts two names", || nlinks(&mb, &["other/b.txt", "c.txt"]), |n| n == &[2, 2]);
+    until(
+        "B counts two names",
+        || nlinks(&mb, &["other/b.txt", "c.txt"]),
+        |n| n == &[2, 2],
+    );
     assert_eq!(b.versions("/c.txt").len(), 2);
 
     // B cut off links c.txt again while A removes both its names.
@@ -318,7 +326,11 @@ fn hard_links_propagate_and_a_link_keeps_a_file_removed_elsewhere() {
     assert_eq!(seen.get("other/b.txt").map(String::as_str), Some("two"), "{seen:?}");
     assert!(!seen.contains_key("c.txt"), "{seen:?}");
     let names = ["c.txt", "other/b.txt", "kept.txt"];
-    let counts = until("link counts agree", || (nlinks(&ma, &names), nlinks(&mb, &names)), |(x, y)| x == y);
+    let counts = until(
+        "link counts agree",
+        || (nlinks(&ma, &names), nlinks(&mb, &names)),
+        |(x, y)| x == y,
+    );
     assert_eq!(counts.0, [0, 2, 2]);
 
     // A third machine joining now sees the same names and counts.

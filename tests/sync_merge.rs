@@ -1,5 +1,6 @@
 //! The merge rules of several machines (src/sync/merge.rs) against a model:
-//! three machines each change what they see (create, write, rename, delete),
+//! three machines each change what they see (create, write, rename, delete,
+//! hard links),
 //! cut records of their changes, and receive each other's records in any
 //! order and more than once, as logs read from servers would arrive. After
 //! everyone has everything: every machine shows the same tree, the same as
@@ -37,6 +38,13 @@ enum Action {
         on: usize,
         node: usize,
     },
+    /// A further name for a file.
+    Link {
+        on: usize,
+        node: usize,
+        to: usize,
+        name: usize,
+    },
     Cut {
         on: usize,
     },
@@ -60,6 +68,8 @@ fn action() -> impl Strategy<Value = Action> {
         3 => (on.clone(), 0..8usize, 0..8usize, 0..NAMES.len())
             .prop_map(|(on, node, to, name)| Action::Rename { on, node, to, name }),
         1 => (on.clone(), 0..8usize).prop_map(|(on, node)| Action::Delete { on, node }),
+        2 => (on.clone(), 0..8usize, 0..8usize, 0..NAMES.len())
+            .prop_map(|(on, node, to, name)| Action::Link { on, node, to, name }),
         3 => on.clone().prop_map(|on| Action::Cut { on }),
         5 => (on.clone(), on, 0..12usize).prop_map(|(to, from, upto)| Action::Deliver { to, from, upto }),
     ]
@@ -185,7 +195,7 @@ impl World {
                 return Ok(());
             }
             Action::Create { on, .. } | Action::Write { on, .. } => on,
-            Action::Rename { on, .. } | Action::Delete { on, .. } => on,
+            Action::Rename { on, .. } | Action::Delete { on, .. } | Action::Link { on, .. } => on,
         };
         let logged = self.logs[on].len() as u64;
         let view = self.machines[on].view(logged);
@@ -256,8 +266,7 @@ impl World {
                     if there == *fid || view[&there].kind == Kind::Dir {
                         return Ok(());
                     }
-                    m.stamp(Op::Delete { fid: there });
-                    self.deletes.push((there, m.known.clone()));
+                    remove_name(m, &mut self.deletes, &nodes, there);
                 }
                 m.stamp(Op::Move {
                     fid: *fid,
@@ -271,15 +280,61 @@ impl World {
                 if e.kind == Kind::Dir && nodes.iter().any(|(_, c)| c.parent == *fid) {
                     return Ok(());
                 }
-                m.stamp(Op::Delete { fid: *fid });
-                self.deletes.push((*fid, m.known.clone()));
-                // Its machine had seen all of it: gone from its own view.
-                prop_assert!(!m.view(logged).contains_key(fid), "a delete left {fid:x} in place");
+                if remove_name(m, &mut self.deletes, &nodes, *fid) {
+                    // Its machine had seen all of it: gone from its own view.
+                    prop_assert!(!m.view(logged).contains_key(fid), "a delete left {fid:x} in place");
+                }
+            }
+            Action::Link { node, to, name, .. } => {
+                let files: Vec<Fid> = nodes
+                    .iter()
+                    .filter(|(_, e)| e.kind == Kind::File)
+                    .map(|(f, _)| *f)
+                    .collect();
+                let parent = dirs[to % dirs.len()];
+                if files.is_empty() || child(parent, NAMES[name]).is_some() {
+                    return Ok(());
+                }
+                let fid = m.fresh();
+                m.stamp(Op::Create {
+                    fid,
+                    kind: Kind::Link,
+                    parent,
+                    name: NAMES[name].into(),
+                    attrs: Attrs {
+                        target: Some(files[node % files.len()].to_string()),
+                        ..Attrs::default()
+                    },
+                });
             }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// What a machine logs when a name goes (unlink, or replaced by a
+/// rename), as the catalog does: a node's name with further names moves
+/// the node to the first of them, which goes; any other is deleted.
+/// Returns whether the node went.
+fn remove_name(m: &mut Machine, deletes: &mut Vec<(Fid, BTreeSet<Vid>)>, nodes: &[(Fid, Entry)], fid: Fid) -> bool {
+    let e = &nodes.iter().find(|(f, _)| *f == fid).expect("a node of the view").1;
+    let further = nodes
+        .iter()
+        .find(|(_, l)| l.kind == Kind::Link && linked(&l.attrs) == Some(fid));
+    if let Some((link, l)) = further {
+        m.stamp(Op::Move {
+            fid,
+            parent: l.parent,
+            name: l.name.clone(),
+            from: (e.parent, e.name.clone()),
+        });
+        m.stamp(Op::Delete { fid: *link });
+        return false;
+    }
+    m.stamp(Op::Delete { fid });
+    deletes.push((fid, m.known.clone()));
+    true
 }
 
 fn check_well_formed(tree: &Tree) -> Result<(), TestCaseError> {
@@ -290,6 +345,13 @@ fn check_well_formed(tree: &Tree) -> Result<(), TestCaseError> {
             "{e:?}"
         );
         prop_assert!(names.insert((e.parent, &e.name)), "two {:?} in {}", e.name, e.parent);
+        if e.kind == Kind::Link {
+            let to = linked(&e.attrs).and_then(|t| tree.get(&t));
+            prop_assert!(
+                to.is_some_and(|t| !matches!(t.kind, Kind::Dir | Kind::Link)),
+                "{fid}: a hard link to no file"
+            );
+        }
         prop_assert!(
             e.parent == ROOT || tree.get(&e.parent).is_some_and(|p| p.kind == Kind::Dir),
             "{fid}: {e:?}"

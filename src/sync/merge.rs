@@ -1299,6 +1299,64 @@ mod tests {
         assert!(render(&merge([&make, &edit, &informed])).is_empty());
     }
 
+    fn link(fid: Fid, to: Fid, name: &str) -> Op {
+        Op::Create {
+            fid,
+            kind: Kind::Link,
+            parent: ROOT,
+            name: name.into(),
+            attrs: Attrs {
+                target: Some(to.to_string()),
+                ..Attrs::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_hard_link_the_remover_had_not_seen_keeps_its_file_and_a_dangling_one_is_not_shown() {
+        let make = record(A, 1, &[], vec![file(1, "a"), version(1, 10, None)]);
+        let linked = record(B, 1, &[(A, 1)], vec![link(2, 1, "b")]);
+        let removed = record(A, 2, &[], vec![Op::Delete { fid: 1 }]);
+        let tree = render(&merge([&make, &linked, &removed]));
+        assert_eq!(names(&tree), ["a", "b"]);
+        assert_eq!(tree[&2].kind, Kind::Link);
+        // Both names removed by one that saw the link: gone.
+        let both = record(A, 2, &[(B, 1)], vec![Op::Delete { fid: 2 }, Op::Delete { fid: 1 }]);
+        assert!(render(&merge([&make, &linked, &both])).is_empty());
+        // The first name removed with a further one left: the node takes
+        // that name's place.
+        let promoted = record(
+            A,
+            2,
+            &[(B, 1)],
+            vec![
+                Op::Move {
+                    fid: 1,
+                    parent: ROOT,
+                    name: "b".into(),
+                    from: (ROOT, "a".into()),
+                },
+                Op::Delete { fid: 2 },
+            ],
+        );
+        let tree = render(&merge([&make, &linked, &promoted]));
+        assert_eq!((names(&tree), tree[&1].content), (vec!["b".to_string()], Some(10)));
+        // A link to a directory, or to nothing known, is not shown.
+        let odd = record(
+            B,
+            2,
+            &[(A, 1)],
+            vec![dir(3, ROOT, "d"), link(4, 3, "x"), link(5, 99, "y")],
+        );
+        assert_eq!(names(&render(&merge([&make, &odd]))), ["a", "d"]);
+        // A link naming no node at all is refused with its record.
+        let mut nameless = link(6, 1, "z");
+        if let Op::Create { attrs, .. } = &mut nameless {
+            attrs.target = None;
+        }
+        assert!(check(&nameless).is_err());
+    }
+
     #[test]
     fn a_directory_deleted_while_another_machine_adds_to_it_stays_with_the_new_file() {
         let make = record(A, 1, &[], vec![dir(1, ROOT, "d")]);
