@@ -982,6 +982,15 @@ fn files_of(m: &Mounted) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Each file's st_nlink.
+fn link_counts(m: &Mounted) -> BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    files_of(m)
+        .into_iter()
+        .filter_map(|(path, _)| Some((path.clone(), std::fs::metadata(m.file(&path)).ok()?.nlink())))
+        .collect()
+}
+
 fn dirs_of(m: &Mounted) -> Vec<String> {
     let mut dirs: Vec<String> = tree(m.path())
         .into_iter()
@@ -993,7 +1002,7 @@ fn dirs_of(m: &Mounted) -> Vec<String> {
 }
 
 /// One random operation on machine `on` through its mount: create, edit,
-/// mkdir or rename, each file's content "ID:TOKEN".
+/// mkdir, hard link or rename, each file's content "ID:TOKEN".
 fn random_op(rng: &mut impl rand::Rng, m: &Mounted, on: usize, step: usize, w: &mut Written) {
     let dirs = dirs_of(m);
     let dir = &dirs[rng.gen_range(0..dirs.len())];
@@ -1022,6 +1031,10 @@ fn random_op(rng: &mut impl rand::Rng, m: &Mounted, on: usize, step: usize, w: &
         }
         75..=84 => {
             let _ = std::fs::create_dir(at(&format!("d{on}.{step}")));
+        }
+        85..=89 if !files.is_empty() => {
+            let (path, _) = &files[rng.gen_range(0..files.len())];
+            let _ = std::fs::hard_link(m.path().join(path), at(&format!("l{on}.{step}")));
         }
         _ if !files.is_empty() => {
             let (path, _) = &files[rng.gen_range(0..files.len())];
@@ -1121,6 +1134,11 @@ fn random_run(a: Home) {
     }
     let mounted: Vec<&Mounted> = mounts.iter().map(|m| m.as_ref().unwrap()).collect();
     let end = converged(&mounted);
+    until(
+        "link counts agree",
+        || mounted.iter().map(|m| link_counts(m)).collect::<Vec<_>>(),
+        |counts| counts.windows(2).all(|w| w[0] == w[1]),
+    );
 
     let held: std::collections::BTreeSet<u32> =
         end.values().filter_map(|v| v.split(':').next()?.parse().ok()).collect();
