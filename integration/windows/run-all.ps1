@@ -4,7 +4,7 @@ param([string]$Drive = 'X:', [string]$Only = '')
 . "$PSScriptRoot\common.ps1"
 $p = Start-Cairn $Drive
 $total = 0
-foreach ($t in 'seal', 'delete-rename', 'names', 'notepad', 'word', 'robocopy', 'explorer-copy', 'volume') {
+foreach ($t in 'seal', 'delete-rename', 'hardlinks', 'names', 'notepad', 'word', 'robocopy', 'explorer-copy', 'volume') {
     if ($Only -and $Only -ne $t) { continue }
     & "$PSScriptRoot\$t.ps1" -Drive $Drive; $total += $LASTEXITCODE
 }
