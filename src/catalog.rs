@@ -949,7 +949,7 @@ impl Catalog {
         let mut nodes: Vec<Node> = stmt.query_map([], row_to_node)?.collect::<Result<_, _>>()?;
         // A hard link to what is not shown (a file not yet uploaded) is not.
         let shown: std::collections::HashSet<Ino> = nodes.iter().map(|n| n.ino).collect();
-        nodes.retain(|n| linked_node(n).is_none_or(|to| shown.contains(&to)) || n.kind != Kind::Link);
+        nodes.retain(|n| n.kind != Kind::Link || linked_node(n).is_some_and(|to| shown.contains(&to)));
         let versions = self
             .committed_versions()?
             .into_iter()
