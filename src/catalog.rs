@@ -650,9 +650,13 @@ impl Catalog {
         Ok(())
     }
 
-    /// Orphans left by a crash: open files that were unlinked.
+    /// Orphans left by a crash: open files that were unlinked (not files
+    /// whose first name went while hard links of them are left).
     pub fn orphans(&self) -> Result<Vec<Ino>, CatalogError> {
-        let mut stmt = self.db.prepare("SELECT ino FROM nodes WHERE parent = 0 AND ino != 1")?;
+        let mut stmt = self.db.prepare(
+            "SELECT ino FROM nodes n WHERE parent = 0 AND ino != 1 AND NOT EXISTS
+               (SELECT 1 FROM nodes l WHERE l.kind = 'link' AND l.target = CAST(n.ino AS TEXT))",
+        )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -709,12 +713,25 @@ impl Catalog {
         let mut names = Vec::new();
         let mut cur = ino;
         while cur != ROOT_INO {
-            match self.node(cur)? {
-                Some(n) if n.parent != ORPHAN_PARENT => {
-                    names.push(n.name);
-                    cur = n.parent;
+            // A node without a name of its own goes by its oldest link's.
+            let named = match self.node(cur)? {
+                Some(n) if n.parent == ORPHAN_PARENT => self
+                    .query_one(
+                        "SELECT parent, name FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)
+                         ORDER BY ino LIMIT 1",
+                        [cur],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?,
+                Some(n) => Some((n.parent, n.name)),
+                None => None,
+            };
+            match named {
+                Some((parent, name)) => {
+                    names.push(name);
+                    cur = parent;
                 }
-                _ => return Ok(format!("(deleted file {ino})")),
+                None => return Ok(format!("(deleted file {ino})")),
             }
         }
         names.reverse();
@@ -1080,7 +1097,15 @@ impl Catalog {
     /// Whether a node still has a name (deleted files' versions are kept
     /// for retention only).
     pub fn is_live(&self, ino: Ino) -> Result<bool, CatalogError> {
-        Ok(self.node(ino)?.is_some_and(|n| n.parent != ORPHAN_PARENT))
+        Ok(match self.node(ino)? {
+            Some(n) => n.parent != ORPHAN_PARENT || self.links(ino)? > 0,
+            None => false,
+        })
+    }
+
+    /// How many further names (hard links) node `ino` has.
+    pub fn links(&self, ino: Ino) -> Result<u32, CatalogError> {
+        links_of(&self.db, ino)
     }
 
     pub fn committed_versions(&self) -> Result<Vec<Version>, CatalogError> {
@@ -1091,7 +1116,11 @@ impl Catalog {
     }
 
     pub fn count_nodes(&self) -> Result<u64, CatalogError> {
-        Ok(self.query_one("SELECT COUNT(*) FROM nodes", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(
+            self.query_one("SELECT COUNT(*) FROM nodes WHERE kind != 'link'", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64,
+        )
     }
 
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, CatalogError> {
@@ -1270,41 +1299,49 @@ pub fn linked_node(row: &Node) -> Option<Ino> {
 }
 
 /// Removes the name `row`; returns whether it was its node's last. A
-/// hard link goes alone. A node's first name with further names takes the
-/// place of the oldest of them (so every node keeps a first name while it
-/// has any). The last name takes the node with it, or leaves it nameless
-/// while open (`keep_orphan`).
+/// node's first name with further names left goes alone too: the node
+/// stays, nameless (parent [`ORPHAN_PARENT`], as a file unlinked while
+/// open), under its links. The last name takes the node with it, or
+/// leaves it nameless while open (`keep_orphan`).
 fn remove_name(tx: &Connection, row: &Node, keep_orphan: bool, now: i64) -> Result<bool, CatalogError> {
-    if let Some(node) = linked_node(row) {
-        tx.execute("DELETE FROM nodes WHERE ino = ?1", [row.ino])?;
-        tx.execute("UPDATE nodes SET ctime_ns = ?2 WHERE ino = ?1", params![node, now])?;
-        return Ok(false);
-    }
-    let further: Option<(Ino, Ino, String)> = tx
-        .query_row(
-            "SELECT ino, parent, name FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)
-             ORDER BY ino LIMIT 1",
-            [row.ino],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    if let Some((link, parent, name)) = further {
-        tx.execute("DELETE FROM nodes WHERE ino = ?1", [link])?;
-        tx.execute(
-            "UPDATE nodes SET parent = ?2, name = ?3, ctime_ns = ?4 WHERE ino = ?1",
-            params![row.ino, parent, name, now],
-        )?;
+    let (node, nameless) = match linked_node(row) {
+        Some(node) => {
+            tx.execute("DELETE FROM nodes WHERE ino = ?1", [row.ino])?;
+            tx.execute("UPDATE nodes SET ctime_ns = ?2 WHERE ino = ?1", params![node, now])?;
+            let parent: Option<Ino> = tx
+                .query_row("SELECT parent FROM nodes WHERE ino = ?1", [node], |r| r.get(0))
+                .optional()?;
+            (node, parent == Some(ORPHAN_PARENT))
+        }
+        None => (row.ino, true),
+    };
+    if !nameless || links_of(tx, node)? > 0 {
+        if linked_node(row).is_none() {
+            tx.execute(
+                "UPDATE nodes SET parent = ?2, name = ?1, ctime_ns = ?3 WHERE ino = ?1",
+                params![node, ORPHAN_PARENT, now],
+            )?;
+        }
         return Ok(false);
     }
     if keep_orphan {
         tx.execute(
             "UPDATE nodes SET parent = ?2, name = ?1, ctime_ns = ?3 WHERE ino = ?1",
-            params![row.ino, ORPHAN_PARENT, now],
+            params![node, ORPHAN_PARENT, now],
         )?;
     } else {
-        delete_node(tx, row.ino)?;
+        delete_node(tx, node)?;
     }
     Ok(true)
+}
+
+/// How many further names (hard links) node `ino` has.
+fn links_of(db: &Connection, ino: Ino) -> Result<u32, CatalogError> {
+    Ok(db.query_row(
+        "SELECT COUNT(*) FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)",
+        [ino],
+        |r| r.get(0),
+    )?)
 }
 
 /// Deletes a node and its attributes; its versions not yet uploaded are

@@ -201,6 +201,8 @@ impl World {
         let view = self.machines[on].view(logged);
         check_well_formed(&view)?;
         let nodes: Vec<(Fid, Entry)> = view.iter().map(|(f, e)| (*f, e.clone())).collect();
+        // What a name leads to (a nameless node has none to rename or remove).
+        let named: Vec<(Fid, Entry)> = nodes.iter().filter(|(_, e)| e.parent != NAMELESS).cloned().collect();
         let mut dirs: Vec<Fid> = vec![ROOT];
         dirs.extend(nodes.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(f, _)| *f));
         let child = |dir: Fid, name: &str| {
@@ -251,8 +253,8 @@ impl World {
                 m.known.insert(vid);
                 self.versions.insert((vid, e.origin, e.content));
             }
-            Action::Rename { node, to, name, .. } if !nodes.is_empty() => {
-                let (fid, e) = &nodes[node % nodes.len()];
+            Action::Rename { node, to, name, .. } if !named.is_empty() => {
+                let (fid, e) = &named[node % named.len()];
                 let parent = dirs[to % dirs.len()];
                 // Not into itself or below itself.
                 let mut up = parent;
@@ -263,7 +265,12 @@ impl World {
                     up = view[&up].parent;
                 }
                 if let Some(there) = child(parent, NAMES[name]) {
-                    if there == *fid || view[&there].kind == Kind::Dir {
+                    // Names of one file: rename(2) changes nothing.
+                    let file_of = |f: Fid| match view[&f].kind {
+                        Kind::Link => linked(&view[&f].attrs).unwrap_or(f),
+                        _ => f,
+                    };
+                    if file_of(there) == file_of(*fid) || view[&there].kind == Kind::Dir {
                         return Ok(());
                     }
                     remove_name(m, &mut self.deletes, &nodes, there);
@@ -275,8 +282,8 @@ impl World {
                     from: (e.parent, e.name.clone()),
                 });
             }
-            Action::Delete { node, .. } if !nodes.is_empty() => {
-                let (fid, e) = &nodes[node % nodes.len()];
+            Action::Delete { node, .. } if !named.is_empty() => {
+                let (fid, e) = &named[node % named.len()];
                 if e.kind == Kind::Dir && nodes.iter().any(|(_, c)| c.parent == *fid) {
                     return Ok(());
                 }
@@ -314,26 +321,39 @@ impl World {
 }
 
 /// What a machine logs when a name goes (unlink, or replaced by a
-/// rename), as the catalog does: a node's name with further names moves
-/// the node to the first of them, which goes; any other is deleted.
-/// Returns whether the node went.
+/// rename), as the catalog does: a hard link goes alone, and takes its
+/// node with it if that had no other name; a file's first name with
+/// further names left makes it nameless (a move there and a delete of what
+/// was seen); any other node is deleted. Returns whether a node went.
 fn remove_name(m: &mut Machine, deletes: &mut Vec<(Fid, BTreeSet<Vid>)>, nodes: &[(Fid, Entry)], fid: Fid) -> bool {
     let e = &nodes.iter().find(|(f, _)| *f == fid).expect("a node of the view").1;
-    let further = nodes
-        .iter()
-        .find(|(_, l)| l.kind == Kind::Link && linked(&l.attrs) == Some(fid));
-    if let Some((link, l)) = further {
-        m.stamp(Op::Move {
-            fid,
-            parent: l.parent,
-            name: l.name.clone(),
-            from: (e.parent, e.name.clone()),
-        });
-        m.stamp(Op::Delete { fid: *link });
+    let links_of = |to: Fid| {
+        nodes
+            .iter()
+            .filter(move |(_, l)| l.kind == Kind::Link && linked(&l.attrs) == Some(to))
+            .map(|(f, _)| *f)
+    };
+    m.stamp(Op::Delete { fid });
+    if let Some(to) = linked(&e.attrs).filter(|_| e.kind == Kind::Link) {
+        let nameless = nodes.iter().any(|(f, n)| *f == to && n.parent == NAMELESS);
+        if nameless && links_of(to).all(|l| l == fid) {
+            m.stamp(Op::Delete { fid: to });
+            deletes.push((to, m.known.clone()));
+        }
         return false;
     }
-    m.stamp(Op::Delete { fid });
     deletes.push((fid, m.known.clone()));
+    if links_of(fid).next().is_some() {
+        let pending = m.pending.pop().expect("the delete just stamped");
+        m.stamp(Op::Move {
+            fid,
+            parent: NAMELESS,
+            name: NAMELESS_NAME.into(),
+            from: (e.parent, e.name.clone()),
+        });
+        m.pending.push(pending);
+        return false;
+    }
     true
 }
 
@@ -344,6 +364,16 @@ fn check_well_formed(tree: &Tree) -> Result<(), TestCaseError> {
             !e.name.is_empty() && !e.name.contains('/') && e.name.len() <= 255,
             "{e:?}"
         );
+        if e.parent == NAMELESS {
+            let linked_here = tree
+                .values()
+                .any(|l| l.kind == Kind::Link && linked(&l.attrs) == Some(*fid));
+            prop_assert!(
+                linked_here && e.kind == Kind::File,
+                "{fid}: nameless and not linked: {e:?}"
+            );
+            continue;
+        }
         prop_assert!(names.insert((e.parent, &e.name)), "two {:?} in {}", e.name, e.parent);
         if e.kind == Kind::Link {
             let to = linked(&e.attrs).and_then(|t| tree.get(&t));

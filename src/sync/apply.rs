@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::merge::{self, Entry, Fid, Kind, State, Tree, Vid, ROOT};
+use super::merge::{self, Entry, Fid, Kind, State, Tree, Vid, NAMELESS, ROOT};
 use super::store::{self, Synced};
 use crate::catalog::{linked_node, Catalog, CatalogError, Ino, NewNode, Node, VersionState, ORPHAN_PARENT, ROOT_INO};
 
@@ -41,10 +41,11 @@ impl Applied {
 
 /// Where the nodes of the tree sit in the catalog, by node id.
 fn ino_of(synced: &HashMap<Fid, Synced>, fid: Fid) -> Option<Ino> {
-    if fid == ROOT {
-        Some(ROOT_INO)
-    } else {
-        synced.get(&fid).map(|s| s.ino)
+    match fid {
+        ROOT => Some(ROOT_INO),
+        // A file whose names are all hard links: nameless here too.
+        NAMELESS => Some(ORPHAN_PARENT),
+        _ => synced.get(&fid).map(|s| s.ino),
     }
 }
 
@@ -124,7 +125,8 @@ pub fn apply(
             continue;
         }
         if let Some(node) = node.filter(|n| n.parent != ORPHAN_PARENT) {
-            cat.unlink(&node, in_use(node.ino))?;
+            // (A hard link's node may be open: it is what stays open.)
+            cat.unlink(&node, in_use(linked_node(&node).unwrap_or(node.ino)))?;
             out.inval.push(Inval::Entry {
                 parent: node.parent,
                 name: node.name.clone(),
@@ -242,17 +244,26 @@ fn create(
     synced: &HashMap<Fid, Synced>,
     out: &mut Applied,
 ) -> Result<Option<Synced>, CatalogError> {
-    if cat.name_row(parent, &e.name)?.is_some() {
+    if parent != ORPHAN_PARENT && cat.name_row(parent, &e.name)?.is_some() {
         // A local node not yet published holds the name: once it is, the
         // merge names one of them otherwise.
         return Ok(None);
     }
-    // A hard link names its node by its number here.
+    // A hard link names its node by its number here: a node this machine
+    // still has, with no change here waiting (an unlink here not yet
+    // published, which leaves the node gone or open and nameless, is
+    // merged first; a nameless node the tree made here waits for this).
     let (target, linked) = match e.kind {
-        Kind::Link => match merge::linked(&e.attrs).and_then(|to| ino_of(synced, to)) {
-            Some(ino) => (Some(ino.to_string()), Some(ino)),
-            None => return Ok(None),
-        },
+        Kind::Link => {
+            let to = merge::linked(&e.attrs).and_then(|to| ino_of(synced, to));
+            let Some(node) = to.map(|ino| cat.node(ino)).transpose()?.flatten() else {
+                return Ok(None);
+            };
+            if matches!(node.kind, Kind::Dir | Kind::Link) || store::is_dirty(cat, node.ino)? {
+                return Ok(None);
+            }
+            (Some(node.ino.to_string()), Some(node.ino))
+        }
         _ => (e.attrs.target.clone(), None),
     };
     let content = match e.content {
@@ -359,6 +370,18 @@ fn place(
     out: &mut Applied,
 ) -> Result<bool, CatalogError> {
     let (parent, name) = (to.parent, to.name);
+    // Nameless (only hard links name it): no name to take, nothing to tell
+    // the kernel but its link count.
+    if parent == ORPHAN_PARENT {
+        cat.rename(node, parent, name, None)?;
+        out.inval.push(Inval::Entry {
+            parent: node.parent,
+            name: node.name.clone(),
+        });
+        out.inval.push(Inval::Node(node.ino));
+        out.changed += 1;
+        return Ok(true);
+    }
     if let Some(holder) = cat.name_row(parent, name)?.filter(|h| h.ino != node.ino) {
         let leaving = synced.values().find(|s| s.ino == holder.ino).filter(|s| {
             to.pending.contains(&s.fid)

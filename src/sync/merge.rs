@@ -58,6 +58,14 @@ pub type Fid = u128;
 pub type Vid = u128;
 /// The root directory.
 pub const ROOT: Fid = 0;
+/// Where a node with no name of its own sits: a file whose first name was
+/// removed while further names (hard links) of it remain. A node lives
+/// there only while a link names it; a move there otherwise falls back, as
+/// a move into a file does.
+pub const NAMELESS: Fid = u128::MAX;
+/// The name a node at [`NAMELESS`] is logged with (any would do; one, so
+/// that machines agree and log no moves back and forth).
+pub const NAMELESS_NAME: &str = "nameless";
 
 /// An operation's place in the order of all operations: hybrid logical
 /// time first, then who and where in its log (so no two are equal).
@@ -880,27 +888,36 @@ pub fn render(state: &State) -> Tree {
     // Files and symlinks live or die on their own; directories after
     // placement, by their children.
     let mut deleted: BTreeSet<Fid> = nodes.iter().filter(|(f, n)| killed(**f, n)).map(|(f, _)| *f).collect();
-    // A hard link lives while its node is a node of the tree that is not a
-    // directory, and keeps that node alive: a link its node's remover had
-    // not seen is a change made after (a device removing a node's last name
-    // but one moves it to that one's place).
+    // A hard link lives while not deleted and its node is a node of the
+    // state that is not a directory or a link (else it is not shown).
+    let mut links: BTreeMap<Fid, Fid> = BTreeMap::new();
     for (fid, node) in &nodes {
         if node.kind != Kind::Link || deleted.contains(fid) {
             continue;
         }
         let to = state.attrs_of(*fid).and_then(|(_, a)| linked(a));
         match to.filter(|t| nodes.get(t).is_some_and(|n| !matches!(n.kind, Kind::Dir | Kind::Link))) {
-            Some(to) => deleted.remove(&to),
-            None => deleted.insert(*fid),
-        };
+            Some(to) => {
+                links.entry(to).or_insert(*fid);
+            }
+            None => {
+                deleted.insert(*fid);
+            }
+        }
     }
-    let place = placements(&nodes);
+    // A live link keeps its node alive. A delete that killed it had not
+    // seen the link (a machine deletes a node only once no further name of
+    // it is left there): the node's own name goes, as the delete said, and
+    // the node lives on nameless, under its links.
+    let revived: BTreeSet<Fid> = deleted.iter().filter(|f| links.contains_key(f)).copied().collect();
+    deleted.retain(|f| !revived.contains(f));
+    let place = placements(&nodes, &links, &revived);
     let mut live_child: BTreeSet<Fid> = BTreeSet::new();
     let mut live: BTreeSet<Fid> = BTreeSet::new();
     // Deepest first, so a directory knows its children before itself.
     let depth = |mut fid: Fid| {
         let mut d = 0;
-        while fid != ROOT {
+        while fid != ROOT && fid != NAMELESS {
             fid = place[&fid].0;
             d += 1;
         }
@@ -931,13 +948,17 @@ type Placed = BTreeMap<Fid, (Fid, String, Claim, Ts)>;
 /// moved comes right after its origin's claim.
 type Claim = (Ts, u8, Fid);
 
-fn placements(nodes: &BTreeMap<Fid, Node>) -> Placed {
+/// `links`: a live link of each node that has one; `nameless`: nodes
+/// that sit at [`NAMELESS`] whatever their location says.
+fn placements(nodes: &BTreeMap<Fid, Node>, links: &BTreeMap<Fid, Fid>, nameless: &BTreeSet<Fid>) -> Placed {
     let is_dir = |f: &Fid| *f == ROOT || nodes.get(f).is_some_and(|n| n.kind == Kind::Dir);
+    let valid = |fid: &Fid, parent: &Fid| is_dir(parent) || (*parent == NAMELESS && links.contains_key(fid));
     let mut place: Placed = BTreeMap::new();
     let mut fell: BTreeMap<Fid, u8> = BTreeMap::new();
     for (fid, node) in nodes {
         if let Some((ts, loc)) = &node.loc {
-            place.insert(*fid, (loc.parent, loc.name.clone(), (*ts, 0, *fid), *ts));
+            let parent = if nameless.contains(fid) { NAMELESS } else { loc.parent };
+            place.insert(*fid, (parent, loc.name.clone(), (*ts, 0, *fid), *ts));
         }
     }
     // Moves into what is not a directory fall back.
@@ -958,7 +979,7 @@ fn placements(nodes: &BTreeMap<Fid, Node>) -> Placed {
     loop {
         let bad: Vec<Fid> = place
             .iter()
-            .filter(|(_, (parent, ..))| !is_dir(parent))
+            .filter(|(f, (parent, ..))| !valid(f, parent))
             .map(|(f, _)| *f)
             .collect();
         if bad.is_empty() {
@@ -977,10 +998,15 @@ fn placements(nodes: &BTreeMap<Fid, Node>) -> Placed {
             fallback(&mut place, &mut fell, latest);
         }
     }
-    // A conflict copy never moved sits where its origin ended up.
+    // A conflict copy never moved sits where its origin ended up (where a
+    // link of it is, if it has no name of its own).
     for (fid, node) in nodes {
         if node.loc.is_none() {
-            let (parent, name, (ts, ..), _) = place[&node.origin].clone();
+            let anchor = match place[&node.origin].0 {
+                NAMELESS => links[&node.origin],
+                _ => node.origin,
+            };
+            let (parent, name, (ts, ..), _) = place[&anchor].clone();
             let branched = node.branched.expect("only conflict copies have no location");
             place.insert(*fid, (parent, name, (ts.max(branched), 1, *fid), branched));
         }
@@ -1015,6 +1041,13 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
     }
     let mut tree = Tree::new();
     for (dir, mut claims) in by_dir {
+        // Nameless nodes claim no name.
+        if dir == NAMELESS {
+            for (_, fid) in claims {
+                tree.insert(fid, entry(state, nodes, dir, place[&fid].1.clone(), fid));
+            }
+            continue;
+        }
         claims.sort();
         let mut taken: BTreeSet<String> = BTreeSet::new();
         let mut losers = Vec::new();
@@ -1312,35 +1345,66 @@ mod tests {
         }
     }
 
+    fn shown(tree: &Tree) -> Vec<String> {
+        let mut v: Vec<String> = tree
+            .values()
+            .filter(|e| e.parent != NAMELESS)
+            .map(|e| e.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What a machine logs when a file's first name goes while a further
+    /// name is left (the move alone is not what a machine logs).
+    fn unnamed(fid: Fid, from: &str) -> Vec<Op> {
+        let to_nameless = Op::Move {
+            fid,
+            parent: NAMELESS,
+            name: fid.to_string(),
+            from: (ROOT, from.into()),
+        };
+        vec![to_nameless, Op::Delete { fid }]
+    }
+
     #[test]
-    fn a_hard_link_the_remover_had_not_seen_keeps_its_file_and_a_dangling_one_is_not_shown() {
+    fn a_hard_link_keeps_its_file_without_the_names_removed_and_a_dangling_one_is_not_shown() {
         let make = record(A, 1, &[], vec![file(1, "a"), version(1, 10, None)]);
         let linked = record(B, 1, &[(A, 1)], vec![link(2, 1, "b")]);
+        // The first name removed where the link was known: the node lives
+        // on nameless, its content under the link.
+        let unnamed_a = record(A, 2, &[(B, 1)], unnamed(1, "a"));
+        let tree = render(&merge([&make, &linked, &unnamed_a]));
+        assert_eq!(shown(&tree), ["b"]);
+        assert_eq!((tree[&1].parent, tree[&1].content), (NAMELESS, Some(10)));
+        // Removed by a machine that had not seen the link: the same.
         let removed = record(A, 2, &[], vec![Op::Delete { fid: 1 }]);
         let tree = render(&merge([&make, &linked, &removed]));
-        assert_eq!(names(&tree), ["a", "b"]);
-        assert_eq!(tree[&2].kind, Kind::Link);
+        assert_eq!((shown(&tree), tree[&1].parent), (vec!["b".to_string()], NAMELESS));
         // Both names removed by one that saw the link: gone.
         let both = record(A, 2, &[(B, 1)], vec![Op::Delete { fid: 2 }, Op::Delete { fid: 1 }]);
         assert!(render(&merge([&make, &linked, &both])).is_empty());
-        // The first name removed with a further one left: the node takes
-        // that name's place.
-        let promoted = record(
-            A,
+        // Two machines each removing one of the two names: gone too.
+        let b_removes = record(B, 2, &[(A, 1)], vec![Op::Delete { fid: 2 }]);
+        assert!(render(&merge([&make, &linked, &unnamed_a, &b_removes])).is_empty());
+        // A first name removed while the link is renamed: the rename stands.
+        let renamed = record(
+            B,
             2,
-            &[(B, 1)],
-            vec![
-                Op::Move {
-                    fid: 1,
-                    parent: ROOT,
-                    name: "b".into(),
-                    from: (ROOT, "a".into()),
-                },
-                Op::Delete { fid: 2 },
-            ],
+            &[(A, 1)],
+            vec![Op::Move {
+                fid: 2,
+                parent: ROOT,
+                name: "c".into(),
+                from: (ROOT, "b".into()),
+            }],
         );
-        let tree = render(&merge([&make, &linked, &promoted]));
-        assert_eq!((names(&tree), tree[&1].content), (vec!["b".to_string()], Some(10)));
+        assert_eq!(shown(&render(&merge([&make, &linked, &unnamed_a, &renamed]))), ["c"]);
+        // An edit the remover of the first name had not seen, while the
+        // other name went too: the first name comes back with the edit.
+        let edit = record(B, 2, &[(A, 1)], vec![version(1, 11, Some(10)), Op::Delete { fid: 2 }]);
+        let tree = render(&merge([&make, &linked, &unnamed_a, &edit]));
+        assert_eq!((shown(&tree), tree[&1].content), (vec!["a".to_string()], Some(11)));
         // A link to a directory, or to nothing known, is not shown.
         let odd = record(
             B,

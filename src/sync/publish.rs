@@ -2,7 +2,7 @@
 //! the catalog and what this machine last published or applied into
 //! operations. A plain function, so every case has a unit test.
 
-use super::merge::{Attrs, Content, Fid, Kind, Op, Vid};
+use super::merge::{Attrs, Content, Fid, Kind, Op, Vid, NAMELESS};
 use super::store::{Synced, Xattrs};
 use crate::catalog::Ino;
 
@@ -80,6 +80,13 @@ pub fn plan(now: Option<&Local>, was: Option<&Synced>, fresh: Fid) -> Plan {
                     name: now.name.clone(),
                     from: (was.parent, was.name.clone()),
                 });
+                // Its first name removed while further names are left: a
+                // delete of what was seen (so a machine that removed the
+                // further names meanwhile removes the node), and nameless
+                // (so its later versions keep it there).
+                if now.parent == NAMELESS && was.parent != NAMELESS {
+                    ops.push(Op::Delete { fid: was.fid });
+                }
             }
             if was.attrs != attrs {
                 ops.push(Op::Attrs {
@@ -149,6 +156,13 @@ mod tests {
             },
             xattrs: Xattrs::new(),
             versions: versions.iter().map(|v| (*v, Content::default())).collect(),
+        }
+    }
+
+    fn local_at(parent: Fid, name: &str, versions: &[Vid]) -> Local {
+        Local {
+            parent,
+            ..local(Kind::File, name, versions)
         }
     }
 
@@ -245,6 +259,29 @@ mod tests {
             }]
         ));
         assert!(ops(plan(None, None, 0)).is_empty());
+    }
+
+    #[test]
+    fn a_first_name_removed_with_links_left_is_a_move_to_nameless_and_a_delete() {
+        let Plan::Log { synced: Some(was), .. } = plan(Some(&local(Kind::File, "a", &[1])), None, 9) else {
+            panic!()
+        };
+        let mut unnamed = local(Kind::File, "7", &[]);
+        unnamed.parent = NAMELESS;
+        let Plan::Log {
+            ops: logged,
+            synced: Some(now),
+        } = plan(Some(&unnamed), Some(&was), 0)
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            &logged[..],
+            [Op::Move { parent: NAMELESS, .. }, Op::Delete { fid: 9 }]
+        ));
+        // Its later versions are versions of the same node, logged alone.
+        let written = ops(plan(Some(&local_at(NAMELESS, "7", &[2])), Some(&now), 0));
+        assert!(matches!(&written[..], [Op::Version { fid: 9, vid: 2, .. }]));
     }
 
     #[test]

@@ -123,6 +123,18 @@ pub fn mark_dirty(cat: &Catalog, ino: Ino) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// Marks the hard links of node `ino` changed: they wait for it to be
+/// published (they name it by its id).
+pub fn mark_links_dirty(cat: &Catalog, ino: Ino) -> Result<(), CatalogError> {
+    cat.batch()?
+        .prepare_cached(
+            "INSERT OR IGNORE INTO sync_dirty
+             SELECT ino FROM nodes WHERE kind = 'link' AND target = CAST(?1 AS TEXT)",
+        )?
+        .execute([ino])?;
+    Ok(())
+}
+
 pub fn clear_dirty(cat: &Catalog, ino: Ino) -> Result<(), CatalogError> {
     cat.batch()?
         .prepare_cached("DELETE FROM sync_dirty WHERE ino = ?1")?

@@ -111,12 +111,10 @@ impl Vfs {
         Ok(())
     }
 
-    /// Whether `ino` was unlinked (it lives on only through its handles).
+    /// Whether `ino` was unlinked (it lives on only through its handles,
+    /// not through hard links).
     pub(super) fn orphaned(st: &State, ino: Ino) -> VfsResult<bool> {
-        Ok(st
-            .catalog
-            .node(ino)?
-            .is_none_or(|n| n.parent == crate::catalog::ORPHAN_PARENT))
+        Ok(!st.catalog.is_live(ino)?)
     }
 
     /// A file's entry, which a holder of its copy lock always finds.

@@ -547,9 +547,9 @@ impl Vfs {
             nlink: match node.kind {
                 Kind::Dir => 2 + facts.subdirs,
                 // Unlinked while open: alive only through its handles.
-                _ if node.parent == crate::catalog::ORPHAN_PARENT => 0,
-                // Its first name and its hard links.
-                _ => 1 + facts.links,
+                // Its first name, unless it was unlinked (open, or left
+                // with hard links only), and its hard links.
+                _ => u32::from(node.parent != crate::catalog::ORPHAN_PARENT) + facts.links,
             },
             rdev,
         }

@@ -144,7 +144,7 @@ impl Vfs {
         check_name(name)?;
         let st = self.lock();
         Self::dir(&st.catalog, parent)?;
-        if st.catalog.child(parent, name)?.is_some() {
+        if st.catalog.name_row(parent, name)?.is_some() {
             return Err(VfsError::Exists);
         }
         let node = st.catalog.create(parent, name, &new)?;
@@ -274,11 +274,11 @@ impl Vfs {
         check_name(name)?;
         let st = self.lock();
         let node = Self::node(&st.catalog, ino)?;
-        if node.kind == Kind::Dir {
+        if matches!(node.kind, Kind::Dir | Kind::Link) {
             return Err(VfsError::NotPermitted);
         }
         // Unlinked and still open: it has no name to add to (as on ext4).
-        if node.parent == crate::catalog::ORPHAN_PARENT {
+        if !st.catalog.is_live(ino)? {
             return Err(VfsError::NotFound);
         }
         Self::dir(&st.catalog, parent)?;

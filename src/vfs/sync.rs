@@ -201,6 +201,10 @@ impl Devices {
         if ino == ROOT_INO_LOCAL {
             return Ok(Some(ROOT));
         }
+        // A node's "parent" once only hard links name it.
+        if ino == crate::catalog::ORPHAN_PARENT {
+            return Ok(Some(merge::NAMELESS));
+        }
         if let Some(s) = store::synced_by_ino(cat, ino)? {
             return Ok(Some(s.fid));
         }
@@ -218,7 +222,11 @@ impl Devices {
             return Ok(());
         }
         let was = store::synced_by_ino(cat, ino)?;
-        let node = cat.node(ino)?.filter(|n| n.parent != crate::catalog::ORPHAN_PARENT);
+        // Unlinked and open is gone; left with hard links only, nameless.
+        let node = match cat.node(ino)? {
+            Some(n) if n.parent == crate::catalog::ORPHAN_PARENT && cat.links(ino)? == 0 => None,
+            n => n,
+        };
         // Cleared first: a directory planned for its child is not planned
         // again, and a loop of parents (none should exist) ends.
         store::clear_dirty(cat, ino)?;
@@ -229,14 +237,12 @@ impl Devices {
                     store::mark_dirty(cat, ino)?;
                     return Ok(());
                 };
-                // A hard link names its node by id: published after it.
+                // A hard link names its node by id: published after it (its
+                // first publication marks the link again).
                 let target = match crate::catalog::linked_node(&n) {
                     Some(to) => match self.fid_of(cat, to, ops)? {
                         Some(fid) => Some(fid.to_string()),
-                        None => {
-                            store::mark_dirty(cat, ino)?;
-                            return Ok(());
-                        }
+                        None => return Ok(()),
                     },
                     None => n.target.clone(),
                 };
@@ -251,11 +257,15 @@ impl Devices {
                         (*vid, content)
                     })
                     .collect();
+                let name = match parent {
+                    merge::NAMELESS => merge::NAMELESS_NAME.to_string(),
+                    _ => n.name.clone(),
+                };
                 Some(Local {
                     ino,
                     kind: n.kind,
                     parent,
-                    name: n.name.clone(),
+                    name,
                     attrs: merge::Attrs {
                         mode: n.mode,
                         uid: n.uid,
@@ -281,7 +291,12 @@ impl Devices {
                     store::set_vid(cat, ino, *num, *vid)?;
                 }
                 match synced {
-                    Some(s) => store::put_synced(cat, &s)?,
+                    Some(s) => {
+                        if was.is_none() {
+                            store::mark_links_dirty(cat, ino)?;
+                        }
+                        store::put_synced(cat, &s)?;
+                    }
                     None => {
                         if let Some(was) = was {
                             store::remove_synced(cat, was.fid)?;
