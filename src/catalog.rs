@@ -288,6 +288,13 @@ const FACTS_COLUMNS: &str = "(SELECT size FROM versions v WHERE v.ino = n.ino OR
         WHERE c.parent = n.ino AND c.ino != n.ino AND c.kind = 'dir') ELSE 0 END,
     CASE WHEN n.kind != 'dir' THEN (SELECT COUNT(*) FROM nodes l
         WHERE l.kind = 'link' AND l.target = CAST(n.ino AS TEXT)) ELSE 0 END";
+/// A node `nodes` with a name: its own, or only hard links (a file whose
+/// first name was removed).
+const NAMED_NODE: &str = "(parent != 0 OR EXISTS (SELECT 1 FROM nodes l
+    WHERE l.kind = 'link' AND l.target = CAST(nodes.ino AS TEXT)))";
+/// [`NAMED_NODE`] of the node `n`.
+const NAMED_NODE_N: &str = "(n.parent != 0 OR EXISTS (SELECT 1 FROM nodes l
+    WHERE l.kind = 'link' AND l.target = CAST(n.ino AS TEXT)))";
 /// Name rows `r` and the node `n` each leads to: itself, or a hard link's.
 const NAMED: &str =
     "nodes r JOIN nodes n ON n.ino = CASE WHEN r.kind = 'link' THEN CAST(r.target AS INTEGER) ELSE r.ino END";
@@ -960,7 +967,7 @@ impl Catalog {
             false => None,
         };
         let mut stmt = self.db.prepare(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes WHERE parent != {ORPHAN_PARENT} AND NOT (kind = 'file' AND NOT EXISTS
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE {NAMED_NODE} AND NOT (kind = 'file' AND NOT EXISTS
                (SELECT 1 FROM versions v WHERE v.ino = nodes.ino AND v.state = 'committed')) ORDER BY ino"
         ))?;
         let mut nodes: Vec<Node> = stmt.query_map([], row_to_node)?.collect::<Result<_, _>>()?;
@@ -983,7 +990,7 @@ impl Catalog {
             .collect();
         let mut stmt = self.db.prepare(&format!(
             "SELECT x.ino, x.name, x.value FROM xattrs x JOIN nodes n ON n.ino = x.ino
-             WHERE n.parent != {ORPHAN_PARENT} ORDER BY x.ino, x.name"
+             WHERE {NAMED_NODE_N} ORDER BY x.ino, x.name"
         ))?;
         let xattrs = stmt
             .query_map([], |r| {

@@ -72,10 +72,9 @@ pub fn recover(cache: &Path, catalog: &mut Catalog, chunk_size: u64) -> Result<(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let ino = name.split_once('-').and_then(|(i, _)| i.parse::<Ino>().ok());
+        // (A file named only by hard links is live too.)
         let live = match ino {
-            Some(ino) => catalog
-                .node(ino)?
-                .is_some_and(|n| n.parent != crate::catalog::ORPHAN_PARENT),
+            Some(ino) => catalog.is_live(ino)?,
             None => false,
         };
         if let Some((ino, num)) = catalog.sealed_from(&name)? {

@@ -120,7 +120,19 @@ pub fn apply(
             Some(n) => cat.facts(n)?.links > 0,
             None => false,
         };
-        if busy || full {
+        // The last name here of a node the tree keeps (a node without a
+        // first name, whose new name comes later in this apply): never
+        // the node's end. Waits until the node has that name.
+        let last_of_kept = match node.as_ref().and_then(linked_node) {
+            Some(to) => {
+                let nameless = cat.node(to)?.is_some_and(|n| n.parent == ORPHAN_PARENT);
+                let kept = synced.values().any(|k| k.ino == to && tree.contains_key(&k.fid));
+                let busy_node = store::is_dirty(cat, to)? || store::has_staged(cat, to)? || in_use(to);
+                nameless && cat.links(to)? == 1 && (kept || busy_node)
+            }
+            None => false,
+        };
+        if busy || full || last_of_kept {
             out.skip(s.fid);
             continue;
         }
@@ -150,6 +162,7 @@ pub fn apply(
         .collect();
     order.sort();
     let mut parked: BTreeSet<Fid> = BTreeSet::new();
+    let mut made_nameless: Vec<(Fid, Ino)> = Vec::new();
     let mut pending: BTreeSet<Fid> = order.iter().map(|(.., f)| *f).collect();
     for (.., fid) in order {
         pending.remove(&fid);
@@ -161,6 +174,9 @@ pub fn apply(
         match synced.get(&fid).cloned() {
             None => match create(cat, parent, fid, e, state, &synced, &mut out)? {
                 Some(s) => {
+                    if parent == ORPHAN_PARENT {
+                        made_nameless.push((fid, s.ino));
+                    }
                     synced.insert(fid, s);
                 }
                 None => out.skip(fid),
@@ -216,6 +232,17 @@ pub fn apply(
                 store::clear_dirty(cat, s.ino)?;
                 synced.insert(fid, now);
             }
+        }
+    }
+    // A node made here without a name of its own whose links could not be
+    // made yet (their names taken here, say) would be an orphan: undone,
+    // made again with them.
+    for (fid, ino) in made_nameless {
+        if cat.links(ino)? == 0 {
+            cat.forget_orphan(ino)?;
+            store::remove_synced(cat, fid)?;
+            store::clear_dirty(cat, ino)?;
+            out.skip(fid);
         }
     }
     Ok(out)
@@ -373,6 +400,11 @@ fn place(
     // Nameless (only hard links name it): no name to take, nothing to tell
     // the kernel but its link count.
     if parent == ORPHAN_PARENT {
+        // Only once a hard link names it here (made later in the pass):
+        // else it would be nameless and unlinked, an orphan.
+        if cat.links(node.ino)? == 0 {
+            return Ok(false);
+        }
         cat.rename(node, parent, name, None)?;
         out.inval.push(Inval::Entry {
             parent: node.parent,

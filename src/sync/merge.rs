@@ -1044,7 +1044,7 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
         // Nameless nodes claim no name.
         if dir == NAMELESS {
             for (_, fid) in claims {
-                tree.insert(fid, entry(state, nodes, dir, place[&fid].1.clone(), fid));
+                tree.insert(fid, entry(state, nodes, dir, NAMELESS_NAME.to_string(), fid));
             }
             continue;
         }
