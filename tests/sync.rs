@@ -344,6 +344,43 @@ fn hard_links_propagate_and_a_link_keeps_a_file_removed_elsewhere() {
     }
 }
 
+/// A file named only by a hard link (its first name removed), written
+/// through that link on one machine while the other removes the link: the
+/// edit the remover had not seen keeps the file, under its first name
+/// again, with that content everywhere. The writer keeps the file open
+/// while the removal arrives, so the removal is merged there first.
+#[test]
+fn an_edit_through_a_link_beats_the_concurrent_removal_of_that_link() {
+    use std::io::Write;
+    let (a, ma) = first_machine("f", "v1");
+    std::fs::hard_link(ma.file("f"), ma.file("g")).unwrap();
+    std::fs::remove_file(ma.file("f")).unwrap();
+    a.ok(&["sync"]);
+    let b = join(&a, "laptop");
+    let mb = b.mount(&["--writeback-delay", "0"]);
+    let seen = converged(&[&ma, &mb]);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["g"], "{seen:?}");
+
+    let mut open = std::fs::OpenOptions::new().write(true).open(ma.file("g")).unwrap();
+    open.write_all(b"v2").unwrap();
+    std::fs::remove_file(mb.file("g")).unwrap();
+    b.ok(&["sync"]);
+    // A's next passes merge the removal while the file is open there.
+    std::thread::sleep(Duration::from_secs(3));
+    drop(open);
+    a.ok(&["sync"]);
+    let seen = until(
+        "the edit keeps the file",
+        || (tree(ma.path()), tree(mb.path())),
+        |(ta, tb)| ta == tb && ta.get("f").map(String::as_str) == Some("v2"),
+    )
+    .0;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    for m in [ma, mb] {
+        assert!(m.unmount().success());
+    }
+}
+
 /// An edit on one machine against a delete on the other keeps the edit;
 /// `mkdir -p` of one path on both gives one directory with both files.
 /// B works offline (not mounted, `cairn put` into its catalog) while A
