@@ -395,7 +395,7 @@ async fn write_mapped(
         .buffered(READ_AHEAD);
     while let Some(segment) = stream.next().await {
         let segment = segment?;
-        hasher.update(&segment);
+        hasher.update(&segment[..]);
         file.write_all(&segment).map_err(output_error(out))?;
         progress.advance(segment.len() as u64);
     }
@@ -415,7 +415,7 @@ async fn write_packed(
     progress: Arc<dyn crate::upload::Progress>,
 ) -> Result<Hash, DownloadError> {
     let (offset, len) = cap.stored_range(0, u64::MAX).expect("a packed version");
-    let mut bytes = read_range(reader, offset, len, &RecentSegments::new(1)).await?;
+    let mut bytes = Arc::unwrap_or_clone(read_range(reader, offset, len, &RecentSegments::new(1)).await?);
     cap.open_stored(offset, &mut bytes);
     file.write_all(&bytes).map_err(output_error(out))?;
     progress.advance(len);
@@ -426,6 +426,14 @@ async fn write_packed(
 /// by chunk, each verified. A mapped version's manifest is read and
 /// checked at open; the other encoded versions it names are opened when
 /// first needed.
+/// A verified chunk of a file version, and its SHA-256 where the reader
+/// already knew it (a mapped version's manifest holds each segment's), so
+/// the staging cache need not hash it again.
+pub struct Chunk {
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: Option<Hash>,
+}
+
 pub struct FileReader {
     cap: FileCap,
     own: Arc<GridReader>,
@@ -512,12 +520,19 @@ impl FileReader {
         index: u64,
         chunk_size: u64,
         recent: &RecentSegments,
-    ) -> Result<Vec<u8>, DownloadError> {
-        match (&self.cap, &self.map) {
+    ) -> Result<Chunk, DownloadError> {
+        let bytes = match (&self.cap, &self.map) {
             (FileCap::Whole(whole), _) if whole.layout.params.segment_size as u64 == chunk_size => {
-                self.own.read_segment(index).await
+                self.own.read_segment(index).await?
             }
-            (_, Some(m)) if m.manifest.segment_size as u64 == chunk_size => self.segment(m, index, recent).await,
+            (_, Some(m)) if m.manifest.segment_size as u64 == chunk_size => {
+                let e = m.manifest.segments.get(index as usize).copied();
+                let bytes = self.segment(m, index, recent).await?;
+                return Ok(Chunk {
+                    bytes,
+                    sha256: e.map(|e| e.sha256),
+                });
+            }
             (_, Some(m)) => {
                 // Another chunk size than the segments': gather the range.
                 let s = m.manifest.segment_size as u64;
@@ -530,20 +545,24 @@ impl FileReader {
                         &seg[(from.max(start) - start) as usize..(to.min(start + s) - start) as usize],
                     );
                 }
-                Ok(out)
+                out
             }
             (cap, None) => {
                 let (offset, len) = cap.stored_range(index * chunk_size, chunk_size).expect("not mapped");
-                let mut bytes = read_range(&self.own, offset, len, recent).await?;
+                let mut bytes = Arc::unwrap_or_clone(read_range(&self.own, offset, len, recent).await?);
                 cap.open_stored(offset, &mut bytes);
-                Ok(bytes)
+                bytes
             }
-        }
+        };
+        Ok(Chunk {
+            bytes: Arc::new(bytes),
+            sha256: None,
+        })
     }
 
     /// Segment `j` of a mapped version, from the object holding it,
     /// checked against the manifest's hash of it.
-    async fn segment(&self, m: &Mapped, j: u64, recent: &RecentSegments) -> Result<Vec<u8>, DownloadError> {
+    async fn segment(&self, m: &Mapped, j: u64, recent: &RecentSegments) -> Result<Arc<Vec<u8>>, DownloadError> {
         // The catalog's size of a version (from another machine's record)
         // may say more than its manifest.
         let e = *m.manifest.segments.get(j as usize).ok_or_else(|| {
@@ -565,7 +584,7 @@ impl FileReader {
             }
         };
         let bytes = read_range(&reader, e.offset, m.manifest.segment_len(j), recent).await?;
-        if <[u8; 32]>::from(Sha256::digest(&bytes)) != e.sha256 {
+        if <[u8; 32]>::from(Sha256::digest(&bytes[..])) != e.sha256 {
             return Err(DownloadError::SegmentMismatch { segment: j });
         }
         Ok(bytes)
@@ -624,22 +643,30 @@ pub async fn read_range(
     offset: u64,
     len: u64,
     recent: &RecentSegments,
-) -> Result<Vec<u8>, DownloadError> {
-    let mut out = Vec::with_capacity(len as usize);
+) -> Result<Arc<Vec<u8>>, DownloadError> {
     if len == 0 {
-        return Ok(out);
+        return Ok(Arc::default());
     }
     let layout = reader.capability().layout;
     let segment_size = layout.params.segment_size as u64;
     let end = offset + len;
-    for segment in offset / segment_size..end.div_ceil(segment_size) {
+    let (first, last) = (offset / segment_size, end.div_ceil(segment_size));
+    if last - first == 1 && offset == layout.segment_offset(first) {
+        // A whole segment, as a chunk of a big file is: shared, not copied.
+        let bytes = recent.read(reader, first).await?;
+        if bytes.len() as u64 == len {
+            return Ok(bytes);
+        }
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    for segment in first..last {
         let bytes = recent.read(reader, segment).await?;
         let start = layout.segment_offset(segment);
         let from = offset.max(start) - start;
         let to = (end.min(start + bytes.len() as u64) - start) as usize;
         out.extend_from_slice(&bytes[from as usize..to]);
     }
-    Ok(out)
+    Ok(Arc::new(out))
 }
 
 async fn write_verified(

@@ -166,12 +166,10 @@ impl Filesystem for CairnFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags;
         // Each where the kernel offers it: READDIRPLUS when a listing is
-        // followed by lookups (ls -l), dropping cached pages when a file's
-        // size or mtime changes, and caching symlink targets (a symlink
-        // never changes in place).
+        // followed by lookups (ls -l), and caching symlink targets (a
+        // symlink never changes in place).
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_CACHE_SYMLINKS,
             // The daemon drops set-ID bits on write, chown and truncate
             // (the kernel flags writes that must): the kernel then stops
@@ -183,6 +181,23 @@ impl Filesystem for CairnFs {
             }
         }
         self.zero_message_opendir = config.add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT).is_ok();
+        // Every change to a file's bytes goes through this kernel, except a
+        // restore and a change from another machine, which invalidate the
+        // file explicitly: so the kernel keeps a file's pages until told,
+        // and a read just after a write comes from memory. (AUTO_INVAL_DATA
+        // dropped them at every getattr after a write moved the mtime.) An
+        // older kernel without the flag drops them when the mtime moves.
+        let page_cache = if config.add_capabilities(InitFlags::FUSE_EXPLICIT_INVAL_DATA).is_ok() {
+            "kept until changed elsewhere"
+        } else {
+            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+            "dropped when a file's mtime moves (the kernel lacks FUSE_EXPLICIT_INVAL_DATA)"
+        };
+        self.vfs.set_io_path(|io| {
+            io.page_cache = page_cache.into();
+            // Asking for more than the kernel offers answers with its offer.
+            io.read_ahead_kib = config.set_max_readahead(u32::MAX).unwrap_or_else(|offer| offer) / 1024;
+        });
         Ok(())
     }
 
@@ -387,7 +402,18 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply!(reply, self.vfs.read(fh.0, offset, size), |data| reply.data(&data))
+        thread_local! {
+            // Each session thread's read buffer, as large as its largest
+            // request (1 MiB): lent to the core, never freed or zeroed again.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let buf = &mut buf[..size as usize];
+            reply!(reply, self.vfs.read(fh.0, offset, buf), |n| reply.data(&buf[..n]))
+        })
     }
 
     fn write(

@@ -136,6 +136,64 @@ fn sigterm_is_a_clean_stop_and_uploads_resume_at_the_next_mount() {
     assert!(mnt.signal(libc::SIGINT).success(), "SIGINT exits 0");
 }
 
+/// Pages of the file at `path` in the kernel's page cache (mincore).
+fn resident_pages(path: &std::path::Path) -> (usize, usize) {
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a shared read-only mapping of a file we hold open, unmapped
+    // below; mincore writes one byte per page into a buffer that long.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut vec = vec![0u8; pages];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        (vec.iter().filter(|b| *b & 1 == 1).count(), pages)
+    }
+}
+
+/// Issue 23: the kernel keeps what a writer wrote in its page cache (it
+/// drops a file's pages only when told: a restore or another machine's
+/// change), so a read just after a write is served from memory; `cairn
+/// status` says which data path is in use.
+#[test]
+fn a_file_just_written_stays_in_the_page_cache_and_status_shows_the_data_path() {
+    let home = Home::empty();
+    let mnt = home.mount(&[]);
+    let path = mnt.file("fresh.bin");
+    let data = bytes(4 << 20, 23);
+    std::fs::write(&path, &data).unwrap();
+    let (resident, pages) = resident_pages(&path);
+    assert_eq!(resident, pages, "pages of a file just written in the page cache");
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+
+    let status: serde_json::Value = serde_json::from_str(&home.ok(&["status", "--json"])).unwrap();
+    let io = &status["status"]["io_path"];
+    assert_eq!(io["page_cache"], "kept until changed elsewhere", "{status}");
+    // Raising the read-ahead writes the mount's sysfs entry: root only.
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!(io["read_ahead_kib"], 1024, "{status}");
+    } else {
+        assert!(
+            io["read_ahead_note"].as_str().unwrap().contains("needs root"),
+            "{status}"
+        );
+    }
+    let text = home.ok(&["status"]);
+    assert!(text.contains("page cache: kept until changed elsewhere"), "{text}");
+    assert!(mnt.unmount().success());
+}
+
 #[test]
 fn restore_makes_an_old_version_the_newest_without_uploading() {
     let home = Home::empty();

@@ -436,7 +436,7 @@ fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
         .unwrap();
     let recent = RecentSegments::new(8);
     let first = up.rt.block_on(reader.read_chunk(0, chunk, &recent));
-    assert_eq!(first.unwrap(), up.contents[0]);
+    assert_eq!(*first.unwrap().bytes, up.contents[0]);
     // Every share gone from every server (real files removed): the other
     // files of that segment can now come only from what was just decoded,
     // through readers sharing the pack's.
@@ -448,7 +448,7 @@ fn files_side_by_side_in_a_pack_segment_fetch_it_once() {
     for i in 1..3 {
         let member = reader.sharing(&up.member_cap(i)).expect("in the same pack");
         let again = up.rt.block_on(member.read_chunk(0, chunk, &recent));
-        assert_eq!(again.unwrap(), up.contents[i], "member {i}");
+        assert_eq!(*again.unwrap().bytes, up.contents[i], "member {i}");
     }
     let member = reader.sharing(&up.member_cap(1)).unwrap();
     let uncached = up.rt.block_on(member.read_chunk(0, chunk, &RecentSegments::new(1)));

@@ -164,10 +164,18 @@ fn lookup(vfs: &Vfs, path: &str) -> Result<cairn::vfs::Attr, VfsError> {
     vfs.lookup(parent, &name)
 }
 
+/// Up to `len` bytes at `offset` through handle `fh`.
+fn read_at(vfs: &Vfs, fh: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut buf = vec![0; len as usize];
+    let n = vfs.read(fh, offset, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
 fn read_handle(vfs: &Vfs, fh: u64) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let chunk = vfs.read(fh, out.len() as u64, 1 << 20).unwrap();
+        let chunk = read_at(vfs, fh, out.len() as u64, 1 << 20);
         if chunk.is_empty() {
             break;
         }
@@ -321,7 +329,7 @@ fn apply(vfs: &Arc<Vfs>, rt: &tokio::runtime::Runtime, model: &mut Model, op: Op
                 let from = (offset as usize).min(data.len());
                 let to = (offset as usize + len as usize).min(data.len());
                 prop_assert!(
-                    vfs.read(fh, offset, len).unwrap() == data[from..to],
+                    read_at(vfs, fh, offset, len) == data[from..to],
                     "a read through a handle"
                 );
             }

@@ -39,7 +39,17 @@ pub fn serve(
     if options.network {
         bail!("--network is for Windows (WinFsp) drives");
     }
-    let session = mount_session(vfs, mountpoint, options.allow_other, options.read_only)?;
+    let session = mount_session(vfs.clone(), mountpoint, options.allow_other, options.read_only)?;
+    // The kernel lowers the read-ahead to what the INIT reply says, so it
+    // is raised once the mount answers (a stat waits for INIT's reply).
+    std::thread::spawn({
+        let mountpoint = mountpoint.to_owned();
+        move || {
+            if std::fs::metadata(&mountpoint).is_ok() {
+                raise_read_ahead(&vfs, &mountpoint);
+            }
+        }
+    });
     // Held until the session ends, or this process, however it ends.
     let watcher = if options.allow_other {
         None
@@ -239,6 +249,36 @@ fn fusermount_u(mountpoint: &Path, lazy: bool) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// The read-ahead cairn asks of the kernel: one staging chunk, one FUSE
+/// request at the most (256 pages). The kernel's default for a FUSE mount,
+/// 128 KiB, makes a sequential read of staged data eight round trips per
+/// chunk (1 GiB: 2.3 s at 128 KiB, 1.3 s at 1 MiB, docs/BENCHMARKS.md).
+const READ_AHEAD_KIB: u32 = 1024;
+
+/// Raises the mount's read-ahead through its backing device's sysfs entry,
+/// which only root may write: anyone else keeps the kernel's default, and
+/// `cairn status` says so.
+fn raise_read_ahead(vfs: &Vfs, mountpoint: &Path) {
+    let Some(dev) = mount_device(mountpoint) else {
+        return;
+    };
+    let knob = PathBuf::from(format!("/sys/class/bdi/{dev}/read_ahead_kb"));
+    match std::fs::write(&knob, READ_AHEAD_KIB.to_string()) {
+        Ok(()) => vfs.set_io_path(|io| {
+            io.read_ahead_kib = READ_AHEAD_KIB;
+            io.read_ahead_note = None;
+        }),
+        Err(e) => {
+            tracing::info!(knob = %knob.display(), error = %e, "kernel's read-ahead kept");
+            vfs.set_io_path(|io| {
+                io.read_ahead_note = Some(format!(
+                    "the kernel's default: raising it to {READ_AHEAD_KIB} KiB needs root ({e})"
+                ))
+            });
+        }
+    }
 }
 
 fn mount_session(

@@ -212,6 +212,16 @@ pub fn status(home: &Path, json: bool) -> Result<ExitCode> {
     if let Some(why) = reply["sync_stopped"].as_str() {
         println!("NOT SYNCING with the drive's other machines: {why}");
     }
+    let io = &status.io_path;
+    if !io.page_cache.is_empty() {
+        println!("page cache: {}", io.page_cache);
+        let why = io
+            .read_ahead_note
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        println!("read-ahead: {} KiB{why}", io.read_ahead_kib);
+    }
     for path in &status.open_for_write {
         println!("  writing    {path}");
     }

@@ -114,12 +114,23 @@ static CHECKED: LazyLock<Mutex<HashSet<CheckedFile>>> = LazyLock::new(Default::d
 type CheckedFile = ((u64, u64), u64, SystemTime);
 const CHECKED_MAX: usize = 1 << 16;
 
+fn checked_key(path: &Path, meta: &std::fs::Metadata) -> CheckedFile {
+    let facts = crate::sys::file_facts(path, meta);
+    (facts.identity, meta.len(), facts.modified)
+}
+
+fn remember_checked(key: CheckedFile) {
+    let mut checked = CHECKED.lock().expect("checked chunks");
+    if checked.len() >= CHECKED_MAX {
+        checked.clear();
+    }
+    checked.insert(key);
+}
+
 /// Checks the open chunk file `file` (chunk `index` of the version in
 /// `dir`, at `path`) against its sum, once per process and file.
 pub fn check_file(dir: &Path, index: u64, path: &Path, file: &File) -> io::Result<()> {
-    let meta = file.metadata()?;
-    let facts = crate::sys::file_facts(path, &meta);
-    let key = (facts.identity, meta.len(), facts.modified);
+    let key = checked_key(path, &file.metadata()?);
     if CHECKED.lock().expect("checked chunks").contains(&key) {
         return Ok(());
     }
@@ -131,10 +142,15 @@ pub fn check_file(dir: &Path, index: u64, path: &Path, file: &File) -> io::Resul
     if <Sum>::from(hasher.finalize()) != sum {
         return Err(mismatch(dir, index));
     }
-    let mut checked = CHECKED.lock().expect("checked chunks");
-    if checked.len() >= CHECKED_MAX {
-        checked.clear();
-    }
-    checked.insert(key);
+    remember_checked(key);
+    Ok(())
+}
+
+/// Notes the chunk file at `path`, just written by this process from bytes
+/// it verified and summed, as checked: its first read then does not hash
+/// it a second time (a cold read from the grid hashed every byte four
+/// times, docs/BENCHMARKS.md).
+pub fn written_checked(path: &Path) -> io::Result<()> {
+    remember_checked(checked_key(path, &std::fs::metadata(path)?));
     Ok(())
 }

@@ -18,6 +18,7 @@ mod background;
 mod error;
 mod evict;
 mod files;
+mod io_path;
 mod namespace;
 mod read;
 mod restore;
@@ -26,6 +27,7 @@ mod uploads;
 mod xattr;
 
 pub use error::{ErrorKind, GridError, VfsError, VfsResult};
+pub use io_path::IoPath;
 pub use namespace::StatFs;
 pub use sync::{SyncReport, META_CLONED};
 pub use uploads::{QueueEntry, Status, Synced};
@@ -356,6 +358,8 @@ pub struct Vfs {
     invalidate: std::sync::OnceLock<Invalidate>,
     /// This machine among the drive's devices (`sync`).
     devices: sync::Devices,
+    /// The data path in use (`cairn status`); a leaf lock.
+    io_path: Mutex<IoPath>,
 }
 
 fn to_time(ns: i64) -> SystemTime {
@@ -453,6 +457,7 @@ impl Vfs {
             invalidate: std::sync::OnceLock::new(),
             devices,
             spares,
+            io_path: Mutex::new(IoPath::default()),
         }))
     }
 

@@ -2,11 +2,16 @@
 //! cache, fetching missing chunks from the grid, with read-ahead.
 
 use super::*;
+use crate::download::Chunk;
 
 /// Segments fetched ahead of a sequential reader.
 pub(super) const READ_AHEAD_SEGMENTS: u64 = 4;
+/// The longest a read waits for a chunk the read-ahead is fetching before
+/// fetching it itself.
+const READ_AHEAD_WAIT: Duration = Duration::from_secs(30);
 /// Writes a verified chunk into a version's cache directory atomically.
-pub(super) fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn store_chunk(cache: &Path, v: &Version, index: u64, chunk: &Chunk) -> std::io::Result<()> {
+    let bytes = &chunk.bytes[..];
     let dir = version_dir(cache, v.ino, v.num);
     std::fs::create_dir_all(&dir)?;
     let tmp = cache
@@ -14,14 +19,16 @@ pub(super) fn store_chunk(cache: &Path, v: &Version, index: u64, bytes: &[u8]) -
         .join(format!("{}.{}.{index}.{:016x}", v.ino, v.num, rand::random::<u64>()));
     std::fs::write(&tmp, bytes)?;
     // The sum first: a chunk is never in the cache without it.
-    crate::stage::sums::record(&dir, index, &crate::stage::sums::sum_of(bytes))?;
+    let sum = chunk.sha256.unwrap_or_else(|| crate::stage::sums::sum_of(bytes));
+    crate::stage::sums::record(&dir, index, &sum)?;
     let dest = dir.join(index.to_string());
     match std::fs::rename(&tmp, &dest) {
+        Ok(()) => crate::stage::sums::written_checked(&dest),
         // Another fetch stored the same verified chunk first, and a reader
         // holds it open: Windows refuses to replace an open file. The bytes
         // are identical (a version never changes), so keep the one there.
         Err(_) if dest.exists() => std::fs::remove_file(&tmp),
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
@@ -128,31 +135,46 @@ impl Vfs {
         deep: bool,
     ) -> VfsResult<()> {
         for (source, index) in self.chunks_to_fetch(v, indices, deep)? {
+            // A chunk the read-ahead is fetching is waited for, not decoded
+            // a second time beside it; fetched here if that failed.
+            if self.wait_for_read_ahead(&source, index) && self.chunks_to_fetch(&source, [index], deep)?.is_empty() {
+                continue;
+            }
             self.fetch_chunk(&source, index)?;
         }
         Ok(())
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+    /// Waits while read-ahead fetches chunk `index` of `v` (for as long as
+    /// a fetch of our own could take, at most); whether it was.
+    fn wait_for_read_ahead(&self, v: &Version, index: u64) -> bool {
+        let key = (v.ino, v.num, index);
+        let until = Instant::now() + READ_AHEAD_WAIT;
+        let mut waited = false;
+        while self.reading_ahead.lock().expect("read-ahead set").contains(&key) && Instant::now() < until {
+            waited = true;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        waited
+    }
+
+    /// Reads into `buf` from `offset`; the count read (0 at the end). The
+    /// adapter lends the buffer: a fresh 1 MiB one per request was an mmap,
+    /// 256 page faults and an munmap each time (docs/BENCHMARKS.md).
+    pub fn read(&self, fh: u64, offset: u64, buf: &mut [u8]) -> VfsResult<usize> {
         let (ino, copy) = self.handle(fh, false)?;
-        let mut buf = vec![0u8; size as usize];
         // A version superseded while we read may vanish; one retry picks up
         // the newer one.
         for attempt in 0..2 {
             if let Some(work) = copy.read().expect("working copy lock").as_ref() {
-                self.fetch_base(work, work.missing_base(offset, size as u64)?)?;
-                let n = work.read_at(offset, &mut buf)?;
-                buf.truncate(n);
-                return Ok(buf);
+                self.fetch_base(work, work.missing_base(offset, buf.len() as u64)?)?;
+                return Ok(work.read_at(offset, buf)?);
             }
             let Some(version) = self.read_catalog(|catalog| Ok(catalog.latest(ino)?))? else {
-                return Ok(Vec::new());
+                return Ok(0);
             };
-            match self.read_version(&version, offset, &mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
+            match self.read_version(&version, offset, buf) {
+                Ok(n) => return Ok(n),
                 Err(VfsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempt == 0 => continue,
                 Err(e) => return Err(e),
             }
@@ -216,7 +238,8 @@ impl Vfs {
             .block_on(reader.read_chunk(index, self.chunk_size(), &self.recent_segments))
             .map_err(GridError::from)?;
         store_chunk(&self.cache, v, index, &segment)?;
-        self.cache_growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
+        self.cache_growth
+            .fetch_add(segment.bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -241,27 +264,23 @@ impl Vfs {
             wanted.iter().for_each(|&i| done(i, v));
             return;
         };
-        let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
-        let recent = self.recent_segments.clone();
-        let chunk_size = self.chunk_size();
-        self.runtime.spawn(async move {
-            let mut failed = false;
-            for index in wanted {
-                if !failed {
-                    match reader.read_chunk(index, chunk_size, &recent).await {
-                        Ok(segment) => {
-                            if store_chunk(&cache, &v, index, &segment).is_ok() {
-                                growth.fetch_add(segment.len() as u64, Ordering::Relaxed);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "read-ahead failed");
-                            failed = true;
+        // One task per chunk: the runtime's threads fetch, verify and
+        // decode them side by side, on every core.
+        for index in wanted {
+            let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
+            let (reader, recent, done) = (reader.clone(), self.recent_segments.clone(), done.clone());
+            let chunk_size = self.chunk_size();
+            self.runtime.spawn(async move {
+                match reader.read_chunk(index, chunk_size, &recent).await {
+                    Ok(segment) => {
+                        if store_chunk(&cache, &v, index, &segment).is_ok() {
+                            growth.fetch_add(segment.bytes.len() as u64, Ordering::Relaxed);
                         }
                     }
+                    Err(e) => tracing::debug!(error = %e, "read-ahead failed"),
                 }
                 done(index, &v);
-            }
-        });
+            });
+        }
     }
 }

@@ -60,6 +60,9 @@ pub struct Status {
     pub upload_memory_limit: u64,
     /// Share blocks spilled to disk for servers that fell behind.
     pub spill_bytes: u64,
+    /// The data path in use.
+    #[serde(default)]
+    pub io_path: super::IoPath,
 }
 
 pub(super) struct ProgressCounter(Arc<AtomicU64>);
@@ -160,6 +163,7 @@ impl Vfs {
             upload_memory_bytes: budget.memory_in_use(),
             upload_memory_limit: budget.memory_limit(),
             spill_bytes: budget.spill_in_use(),
+            io_path: self.io_path(),
         })
     }
 

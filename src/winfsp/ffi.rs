@@ -406,12 +406,11 @@ impl FileSystemInterface for CairnWinFs {
     fn read(&self, ctx: Ctx, buffer: &mut [u8], offset: u64) -> Status<usize> {
         let h = ctx.get()?;
         let fh = self.io_fh(h, false)?;
-        let data = self.vfs.read(fh, offset, buffer.len() as u32).map_err(st)?;
-        if data.is_empty() && !buffer.is_empty() {
+        let n = self.vfs.read(fh, offset, buffer).map_err(st)?;
+        if n == 0 && !buffer.is_empty() {
             return Err(code::END_OF_FILE);
         }
-        buffer[..data.len()].copy_from_slice(&data);
-        Ok(data.len())
+        Ok(n)
     }
 
     fn write(&self, ctx: Ctx, buffer: &[u8], mode: WriteMode) -> Status<(usize, FileInfo)> {
