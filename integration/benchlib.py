@@ -237,6 +237,9 @@ class JuiceFS(Mount):
     def durable(self):
         return 0.0
 
+    def staging_bytes(self):
+        return du_bytes(self.cache)
+
     def cold(self):
         drop_caches()
 
