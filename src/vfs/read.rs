@@ -23,7 +23,12 @@ pub(super) fn store_chunk(cache: &Path, v: &Version, index: u64, chunk: &Chunk) 
     crate::stage::sums::record(&dir, index, &sum)?;
     let dest = dir.join(index.to_string());
     match std::fs::rename(&tmp, &dest) {
-        Ok(()) => crate::stage::sums::written_checked(&dest),
+        // Noting it checked only spares a hash; a chunk evicted at once is
+        // no error of the store.
+        Ok(()) => {
+            let _ = crate::stage::sums::written_checked(&dest);
+            Ok(())
+        }
         // Another fetch stored the same verified chunk first, and a reader
         // holds it open: Windows refuses to replace an open file. The bytes
         // are identical (a version never changes), so keep the one there.
@@ -256,21 +261,24 @@ impl Vfs {
         if wanted.is_empty() {
             return;
         }
-        let inflight = self.reading_ahead.clone();
-        let done = move |index: u64, v: &Version| {
-            inflight.lock().expect("read-ahead set").remove(&(v.ino, v.num, index));
-        };
+        // Each chunk leaves the set however its fetch ends (a panic, or
+        // the runtime dropping the task at shutdown too): a reader waits
+        // for chunks in the set.
+        let guards: Vec<InFlight> = wanted
+            .iter()
+            .map(|&i| InFlight(self.reading_ahead.clone(), (v.ino, v.num, i)))
+            .collect();
         let Ok(reader) = self.grid_reader(v) else {
-            wanted.iter().for_each(|&i| done(i, v));
             return;
         };
         // One task per chunk: the runtime's threads fetch, verify and
         // decode them side by side, on every core.
-        for index in wanted {
+        for (index, guard) in wanted.into_iter().zip(guards) {
             let (cache, v, growth) = (self.cache.clone(), v.clone(), self.cache_growth.clone());
-            let (reader, recent, done) = (reader.clone(), self.recent_segments.clone(), done.clone());
+            let (reader, recent) = (reader.clone(), self.recent_segments.clone());
             let chunk_size = self.chunk_size();
             self.runtime.spawn(async move {
+                let _in_flight = guard;
                 match reader.read_chunk(index, chunk_size, &recent).await {
                     Ok(segment) => {
                         if store_chunk(&cache, &v, index, &segment).is_ok() {
@@ -279,8 +287,16 @@ impl Vfs {
                     }
                     Err(e) => tracing::debug!(error = %e, "read-ahead failed"),
                 }
-                done(index, &v);
             });
         }
+    }
+}
+
+/// A chunk on its way in read-ahead: in `Vfs::reading_ahead` until dropped.
+struct InFlight(Arc<Mutex<std::collections::HashSet<(Ino, i64, u64)>>>, (Ino, i64, u64));
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
     }
 }

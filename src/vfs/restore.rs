@@ -41,7 +41,15 @@ impl Vfs {
             .and_then(|()| self.restore_under(ino, num));
         drop(guard);
         drop(copy);
-        self.let_go(ino)?;
+        let let_go = self.let_go(ino);
+        if restored.is_ok() && let_go.is_err() {
+            // The new version is committed: the kernel must forget the old
+            // pages even though this call fails.
+            if let Some(tell) = self.invalidate.get() {
+                tell(&crate::sync::apply::Inval::Node(ino));
+            }
+        }
+        let_go?;
         restored.map(|n| (ino, n))
     }
 
