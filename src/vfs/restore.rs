@@ -18,11 +18,7 @@ impl Vfs {
     /// version is reused by capability, so nothing is uploaded again. The
     /// kernel is told to forget what it cached of the file.
     pub fn restore(&self, path: &str, num: i64) -> VfsResult<i64> {
-        let (ino, restored) = self.restore_version(path, num)?;
-        if let Some(tell) = self.invalidate.get() {
-            tell(&crate::sync::apply::Inval::Node(ino));
-        }
-        Ok(restored)
+        Ok(self.restore_version(path, num)?.1)
     }
 
     pub(super) fn restore_version(&self, path: &str, num: i64) -> VfsResult<(Ino, i64)> {
@@ -41,15 +37,14 @@ impl Vfs {
             .and_then(|()| self.restore_under(ino, num));
         drop(guard);
         drop(copy);
-        let let_go = self.let_go(ino);
-        if restored.is_ok() && let_go.is_err() {
-            // The new version is committed: the kernel must forget the old
-            // pages even though this call fails.
+        // Once the new version is committed the kernel must forget the old
+        // pages, even if letting go of the file then fails.
+        if restored.is_ok() {
             if let Some(tell) = self.invalidate.get() {
                 tell(&crate::sync::apply::Inval::Node(ino));
             }
         }
-        let_go?;
+        self.let_go(ino)?;
         restored.map(|n| (ino, n))
     }
 
