@@ -71,6 +71,14 @@ impl Budget {
         self.spill_used.load(Ordering::SeqCst)
     }
 
+    /// An anonymous file beside the spill queues for a large value made
+    /// once and read back in order (a checkpoint), rather than held in
+    /// memory; not counted against the spill limit.
+    pub(crate) fn scratch_file(&self) -> std::io::Result<std::fs::File> {
+        std::fs::create_dir_all(&self.spill_dir)?;
+        tempfile::tempfile_in(&self.spill_dir)
+    }
+
     /// A new, anonymous spill file: it has no name, so a crash leaves
     /// nothing behind.
     pub(crate) fn spill_file(&self) -> Result<SpillFile, SpillError> {

@@ -31,6 +31,9 @@ pub enum CatalogError {
     InvalidPath(String),
     #[error("{0} is damaged")]
     Corrupt(String),
+    /// A value streamed into or out of a row (a checkpoint's state).
+    #[error("catalog: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -34,33 +34,47 @@ pub const SKIP_RECORDS: u64 = 64;
 
 const NS_PER_DAY: i64 = 86_400 * 1_000_000_000;
 
+/// `S` is `&State` when sealing (no copy of the state is made) and
+/// `State` when opening.
 #[derive(Serialize, Deserialize)]
-struct Body {
+struct Body<S> {
     format: u32,
     device: String,
     seq: u64,
     #[serde(with = "super::log::hex_link")]
     link: Link,
-    state: State,
+    state: S,
 }
 
-/// The bytes of `device`'s checkpoint at its record `seq` (whose link is
-/// `link`): `state` must be of that device's records up to `seq` alone.
-pub fn seal(device: DeviceId, seq: u64, link: Link, state: &State) -> Vec<u8> {
-    serde_json::to_vec(&Body {
+/// Writes the bytes of `device`'s checkpoint at its record `seq` (whose
+/// link is `link`) to `out`, as they are made: a checkpoint is as large as
+/// the state, which is not held a second time as bytes. `state` must be
+/// of that device's records up to `seq` alone.
+pub fn seal_to(out: impl std::io::Write, device: DeviceId, seq: u64, link: Link, state: &State) -> std::io::Result<()> {
+    let body = Body {
         format: FORMAT,
         device: format!("{device:032x}"),
         seq,
         link,
-        state: state.clone(),
-    })
-    .expect("checkpoints serialise")
+        state,
+    };
+    serde_json::to_writer(out, &body).map_err(std::io::Error::from)
 }
 
 /// The state in `bytes`, if it is the checkpoint its head named: of
 /// `device` at `seq` with `link`, and only that device's.
 pub fn open(bytes: &[u8], device: DeviceId, seq: u64, link: &Link) -> Result<State, String> {
-    let body: Body = serde_json::from_slice(bytes).map_err(|e| format!("not a checkpoint: {e}"))?;
+    checked(serde_json::from_slice(bytes), device, seq, link)
+}
+
+/// [`open`], reading the bytes as they are parsed (a kept checkpoint, not
+/// loaded whole first).
+pub fn open_from(reader: impl std::io::Read, device: DeviceId, seq: u64, link: &Link) -> Result<State, String> {
+    checked(serde_json::from_reader(reader), device, seq, link)
+}
+
+fn checked(body: serde_json::Result<Body<State>>, device: DeviceId, seq: u64, link: &Link) -> Result<State, String> {
+    let body = body.map_err(|e| format!("not a checkpoint: {e}"))?;
     if body.format != FORMAT {
         return Err(format!("checkpoint format {} (this cairn reads {FORMAT})", body.format));
     }
@@ -153,6 +167,12 @@ mod tests {
     use super::*;
     use crate::sync::merge::{self, Attrs, Kind, Op, Record};
 
+    fn seal(device: DeviceId, seq: u64, link: Link, state: &State) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        seal_to(&mut bytes, device, seq, link, state).unwrap();
+        bytes
+    }
+
     fn record(device: DeviceId, seq: u64, ops: Vec<Op>) -> Record {
         Record {
             device,
@@ -181,6 +201,7 @@ mod tests {
         let state = merge::merge(&records);
         let bytes = seal(7, 2, [1; 32], &state);
         assert_eq!(open(&bytes, 7, 2, &[1; 32]), Ok(state.clone()));
+        assert_eq!(open_from(&bytes[..], 7, 2, &[1; 32]), Ok(state.clone()));
         assert!(open(&bytes, 8, 2, &[1; 32]).is_err(), "another device");
         assert!(open(&bytes, 7, 3, &[1; 32]).is_err(), "another number");
         assert!(open(&bytes, 7, 2, &[2; 32]).is_err(), "another link");

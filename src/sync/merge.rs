@@ -629,12 +629,19 @@ impl State {
 
 /// The state of `records`, in whatever order.
 pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
-    merge_onto(&State::default(), records)
+    merge_onto(State::default(), State::default, records)
 }
 
 /// `base` (a checkpoint's state) with `records` added, in whatever order.
-pub fn merge_onto<'a>(base: &State, records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
-    let mut state = base.clone();
+/// The records are added to `base` in place, so a large state is not
+/// held twice; only when one brings a revocation that changes which
+/// records count is `base` needed again, from `reload`.
+pub fn merge_onto<'a>(
+    base: State,
+    reload: impl FnOnce() -> State,
+    records: impl IntoIterator<Item = &'a Record> + Clone,
+) -> State {
+    let mut state = base;
     let mut again = false;
     for r in records.clone() {
         again |= !state.apply(r);
@@ -642,7 +649,7 @@ pub fn merge_onto<'a>(base: &State, records: impl IntoIterator<Item = &'a Record
     if again {
         // Every revocation is known now: the second pass changes no cut.
         state = state.restarted();
-        state.join(base);
+        state.join(&reload());
         for r in records {
             let _ = state.apply(r);
         }

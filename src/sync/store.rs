@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, DatabaseName, OptionalExtension};
 
 use super::checkpoint;
 use super::device::{Identity, PublicKey};
@@ -565,13 +565,20 @@ pub struct KeptCheckpoint {
     pub made_ns: i64,
 }
 
-/// Keeps a checkpoint of `device` with its state, which only the newest of
-/// each device keeps. If it fails, nothing changed.
-pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, state: &[u8]) -> Result<(), CatalogError> {
+/// Keeps a checkpoint of `device` with its state (`cp.size` bytes read
+/// from `state`), which only the newest of each device keeps. The bytes
+/// go into the row as they are read, never whole in memory. If it fails,
+/// nothing changed.
+pub fn put_checkpoint(
+    cat: &Catalog,
+    device: DeviceId,
+    cp: &KeptCheckpoint,
+    mut state: impl std::io::Read,
+) -> Result<(), CatalogError> {
     let tx = cat.batch()?;
     tx.prepare_cached(
         "INSERT OR REPLACE INTO sync_checkpoints (device, seq, link, cap, size, made_ns, state)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, zeroblob(?5))",
     )?
     .execute(params![
         id_blob(device),
@@ -580,8 +587,19 @@ pub fn put_checkpoint(cat: &Catalog, device: DeviceId, cp: &KeptCheckpoint, stat
         cp.cap,
         cp.size as i64,
         cp.made_ns,
-        state
     ])?;
+    let mut blob = tx.blob_open(
+        DatabaseName::Main,
+        "sync_checkpoints",
+        "state",
+        tx.last_insert_rowid(),
+        false,
+    )?;
+    let copied = std::io::copy(&mut state, &mut blob)?;
+    if copied != cp.size {
+        return Err(std::io::Error::other(format!("a checkpoint of {} bytes read as {copied}", cp.size)).into());
+    }
+    drop(blob);
     tx.prepare_cached("UPDATE sync_checkpoints SET state = NULL WHERE device = ?1 AND seq != ?2")?
         .execute(params![id_blob(device), cp.seq as i64])?;
     Ok(())
@@ -665,7 +683,7 @@ type Opened = (BTreeMap<DeviceId, (u64, State)>, Vec<DeviceId>);
 
 fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, CatalogError> {
     let mut stmt = cat.conn().prepare_cached(
-        "SELECT device, seq, link, state FROM sync_checkpoints
+        "SELECT device, seq, link, rowid FROM sync_checkpoints
          WHERE state IS NOT NULL AND (?1 IS NULL OR device = ?1)",
     )?;
     let rows = stmt.query_map([only.map(id_blob)], |r| {
@@ -673,15 +691,19 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, Ca
             blob_id(r.get(0)?)?,
             r.get::<_, i64>(1)? as u64,
             r.get::<_, Vec<u8>>(2)?,
-            r.get::<_, Vec<u8>>(3)?,
+            r.get::<_, i64>(3)?,
         ))
     })?;
     let (mut out, mut failed) = (BTreeMap::new(), Vec::new());
     for row in rows {
-        let (device, seq, link, bytes) = row?;
+        let (device, seq, link, rowid) = row?;
+        // Parsed as it is read: the state, not its bytes too, in memory.
+        let blob = cat
+            .conn()
+            .blob_open(DatabaseName::Main, "sync_checkpoints", "state", rowid, true)?;
         let opened = Link::try_from(link)
             .map_err(|_| "a link of another length".to_string())
-            .and_then(|link| checkpoint::open(&bytes, device, seq, &link));
+            .and_then(|link| checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link));
         match opened {
             Ok(state) => {
                 out.insert(device, (seq, state));

@@ -139,7 +139,8 @@ impl VfsError {
             {
                 K::DiskFull
             }
-            VfsError::Catalog(CatalogError::Db(_) | CatalogError::Corrupt(_)) => K::Catalog,
+            VfsError::Catalog(CatalogError::Io(io)) if io.kind() == std::io::ErrorKind::StorageFull => K::DiskFull,
+            VfsError::Catalog(CatalogError::Db(_) | CatalogError::Corrupt(_) | CatalogError::Io(_)) => K::Catalog,
             VfsError::Grid(_) => K::Grid,
         }
     }

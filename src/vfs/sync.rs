@@ -5,6 +5,7 @@
 //! arrived after the changes it logs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Seek, Write};
 
 use super::*;
 use crate::namespace::RootCap;
@@ -447,8 +448,13 @@ impl Devices {
     /// changed which count), and has the next pass apply it.
     /// This device's checkpoint, if one is due: the number and link of
     /// its newest record on the servers, and the checkpoint's bytes (its
-    /// last checkpoint's state and every record since).
-    fn own_checkpoint(&self, cat: &Catalog) -> VfsResult<Option<(u64, Link, Vec<u8>)>> {
+    /// last checkpoint's state and every record since), in an anonymous
+    /// file from `scratch`, with their length.
+    fn own_checkpoint(
+        &self,
+        cat: &Catalog,
+        scratch: impl FnOnce() -> std::io::Result<std::fs::File>,
+    ) -> VfsResult<Option<(u64, Link, std::fs::File, u64)>> {
         let me = self.me.id;
         let since = store::bytes_since_checkpoint(cat, me)?;
         let now = crate::catalog::now_ns();
@@ -473,17 +479,30 @@ impl Devices {
             return Ok(None);
         };
         let base = base.map(|(_, state)| state).unwrap_or_default();
-        let state = merge::merge_onto(&base, &records);
-        let bytes = checkpoint::seal(me, seq, link, &state);
-        if bytes.len() as u64 > checkpoint::MAX_BYTES {
+        // Only a revocation can make the merge start again from the base:
+        // without one, the records go onto the base itself.
+        let revokes = records
+            .iter()
+            .any(|r| r.ops.iter().any(|(_, op)| matches!(op, Op::Revoke { .. })));
+        let spare = revokes.then(|| base.clone());
+        let state = merge::merge_onto(base, || spare.expect("only a revocation restarts"), &records);
+        drop(records);
+        let mut file = scratch()?;
+        let mut out = std::io::BufWriter::new(&mut file);
+        checkpoint::seal_to(&mut out, me, seq, link, &state)?;
+        out.flush()?;
+        drop((out, state));
+        let size = file.stream_position()?;
+        file.rewind()?;
+        if size > checkpoint::MAX_BYTES {
             tracing::error!(
-                bytes = bytes.len(),
+                bytes = size,
                 "this device's checkpoint would be larger than any machine reads; its records stay on the servers"
             );
             self.too_large_at.store(since.max(1), Ordering::Relaxed);
             return Ok(None);
         }
-        Ok(Some((seq, link, bytes)))
+        Ok(Some((seq, link, file, size)))
     }
 
     fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
@@ -793,16 +812,23 @@ impl Vfs {
     /// older ones and the records they cover ([`checkpoint::retain`]).
     async fn checkpoint_own(self: &Arc<Self>) -> VfsResult<()> {
         let made = self
-            .blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.own_checkpoint(cat)))
+            .blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.own_checkpoint(cat, || vfs.grid.budget.scratch_file())))
             .await?;
-        let Some((seq, link, bytes)) = made else {
+        let Some((seq, link, file, size)) = made else {
             return Ok(());
         };
-        let size = bytes.len() as u64;
+        // Uploaded from the file, then kept from it: its bytes are never
+        // all in memory.
+        let mut copy = file.try_clone()?;
+        let source = crate::upload::Source {
+            reader: Box::new(std::io::BufReader::new(file)),
+            size,
+        };
         let report = self
-            .upload_bytes(bytes.clone())
+            .upload_source(source)
             .await
             .map_err(|e| sync_err(format!("checkpoint {seq}: {e}")))?;
+        copy.rewind()?;
         let kept = store::KeptCheckpoint {
             seq,
             link,
@@ -815,7 +841,7 @@ impl Vfs {
             let st = vfs.lock();
             let cat = &st.catalog;
             let me = vfs.devices.me.id;
-            store::put_checkpoint(cat, me, &kept, &bytes)?;
+            store::put_checkpoint(cat, me, &kept, std::io::BufReader::new(copy))?;
             let all = store::checkpoints(cat, me)?;
             let times: Vec<(u64, i64)> = all.iter().map(|c| (c.seq, c.made_ns)).collect();
             let retained = checkpoint::retain(&times, kept.made_ns, keep_days);

@@ -444,11 +444,11 @@ impl Vfs {
     /// cleaned at the next mount).
     /// Bytes in memory as a new version, under a fresh key (a pack, a
     /// checkpoint).
-    pub(super) async fn upload_bytes(&self, bytes: Vec<u8>) -> Result<upload::UploadReport, upload::UploadError> {
-        let source = upload::Source {
-            size: bytes.len() as u64,
-            reader: Box::new(std::io::Cursor::new(bytes)),
-        };
+    /// Uploads `source` as one version of its own (a pack, a checkpoint).
+    pub(super) async fn upload_source(
+        &self,
+        source: upload::Source,
+    ) -> Result<upload::UploadReport, upload::UploadError> {
         upload::upload(
             &self.grid,
             self.params,
@@ -514,7 +514,11 @@ impl Vfs {
         if going.is_empty() {
             return;
         }
-        let result = self.upload_bytes(packed.bytes).await;
+        let source = upload::Source {
+            size: packed.bytes.len() as u64,
+            reader: Box::new(std::io::Cursor::new(packed.bytes)),
+        };
+        let result = self.upload_source(source).await;
         let report = match result {
             Ok(report) => report,
             Err(e) => {
