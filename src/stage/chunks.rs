@@ -780,8 +780,9 @@ fn log_record(index: u64, (start, end): (u64, u64)) -> [u8; PARTIAL_RECORD] {
 enum ChunkHash {
     /// Of its first `len` bytes, which is its file's length.
     Running(Sha256, u64),
-    /// Of the whole chunk, `chunk_size` bytes.
-    Done(Sum),
+    /// Of the whole chunk, `chunk_size` bytes, being made from its file on
+    /// the hashing thread since a write finished it.
+    Later(Arc<sums::Later>),
 }
 
 impl WorkingCopy {
@@ -1109,8 +1110,15 @@ impl WorkingCopy {
     /// Keeps the running hash of chunk `index` up after `data` was written
     /// at `within`: a write at or past its end extends it (a hole between
     /// reads as zeros); one that rewrites hashed bytes drops it.
+    /// A write that finishes a chunk (a whole-chunk write: `dd bs=1M`, or
+    /// the last piece of one) has the chunk hashed from its file on the
+    /// hashing thread instead; a later write to it drops that hash.
     fn hash_write(&mut self, index: u64, within: u64, data: &[u8]) {
-        let chunk_size = self.chunk_size;
+        if within + data.len() as u64 == self.chunk_size {
+            let later = sums::hash_later(self.own_path(index));
+            self.hashes.insert(index, ChunkHash::Later(later));
+            return;
+        }
         let Some(ChunkHash::Running(hasher, len)) = self.hashes.get_mut(&index) else {
             self.hashes.remove(&index);
             return;
@@ -1122,26 +1130,18 @@ impl WorkingCopy {
         sums::hash_zeros(hasher, within - *len);
         hasher.update(data);
         *len = within + data.len() as u64;
-        if *len == chunk_size {
-            let done = ChunkHash::Done(hasher.clone().finalize().into());
-            self.hashes.insert(index, done);
-        }
     }
 
     /// The SHA-256 of own chunk `index`, brought to its exact length `want`
     /// already: from its running hash, or read back.
     fn own_sum(&mut self, index: u64, want: u64) -> io::Result<Sum> {
         match self.hashes.remove(&index) {
-            Some(ChunkHash::Done(sum)) if want == self.chunk_size => Ok(sum),
+            Some(ChunkHash::Later(later)) if want == self.chunk_size => later.wait(),
             Some(ChunkHash::Running(mut hasher, len)) if len <= want => {
                 sums::hash_zeros(&mut hasher, want - len);
                 Ok(hasher.finalize().into())
             }
-            _ => {
-                let mut hasher = Sha256::new();
-                io::copy(&mut File::open(self.own_path(index))?, &mut hasher)?;
-                Ok(hasher.finalize().into())
-            }
+            _ => sums::hash_file(&self.own_path(index)),
         }
     }
 

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{mpsc, LazyLock, Mutex};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -144,6 +144,56 @@ pub fn check_file(dir: &Path, index: u64, path: &Path, file: &File) -> io::Resul
     }
     remember_checked(key);
     Ok(())
+}
+
+/// A chunk's sum being made on the hashing thread from its file, off the
+/// path of the write that finished it (so a writer's next request does
+/// not wait for SHA-256, and the hash runs on another core).
+#[derive(Debug)]
+pub struct Later(Mutex<mpsc::Receiver<io::Result<Sum>>>);
+
+impl Later {
+    /// The sum, once the hashing thread has made it.
+    pub fn wait(&self) -> io::Result<Sum> {
+        let rx = self.0.lock().expect("a later sum");
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the hashing thread stopped")))
+    }
+}
+
+type HashJob = (std::path::PathBuf, mpsc::Sender<io::Result<Sum>>);
+
+static HASHER: LazyLock<mpsc::Sender<HashJob>> = LazyLock::new(|| {
+    let (tx, rx) = mpsc::channel::<HashJob>();
+    std::thread::Builder::new()
+        .name("cairn-hash".into())
+        .spawn(move || {
+            for (path, reply) in rx {
+                let _ = reply.send(hash_file(&path));
+            }
+        })
+        .expect("the hashing thread starts");
+    tx
+});
+
+/// The SHA-256 of the file at `path`, as it is now.
+pub fn hash_file(path: &Path) -> io::Result<Sum> {
+    let mut hasher = Sha256::new();
+    io::copy(
+        &mut io::BufReader::with_capacity(256 << 10, File::open(path)?),
+        &mut hasher,
+    )?;
+    Ok(hasher.finalize().into())
+}
+
+/// The sum of the file at `path`, made on the hashing thread: only valid
+/// if nothing writes the file before [`Later::wait`] returns.
+pub fn hash_later(path: std::path::PathBuf) -> std::sync::Arc<Later> {
+    let (tx, rx) = mpsc::channel();
+    if let Err(mpsc::SendError((path, reply))) = HASHER.send((path, tx)) {
+        let _ = reply.send(hash_file(&path));
+    }
+    std::sync::Arc::new(Later(Mutex::new(rx)))
 }
 
 /// Notes the chunk file at `path`, just written by this process from bytes
