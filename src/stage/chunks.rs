@@ -1114,7 +1114,8 @@ impl WorkingCopy {
     /// the last piece of one) has the chunk hashed from its file on the
     /// hashing thread instead; a later write to it drops that hash.
     fn hash_write(&mut self, index: u64, within: u64, data: &[u8]) {
-        if within + data.len() as u64 == self.chunk_size {
+        // A partial chunk is hashed when it is filled from its base.
+        if within + data.len() as u64 == self.chunk_size && !self.partial.contains_key(&index) {
             let later = sums::hash_later(self.own_path(index));
             self.hashes.insert(index, ChunkHash::Later(later));
             return;

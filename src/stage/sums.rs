@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use std::sync::{mpsc, LazyLock, Mutex};
+use std::sync::{mpsc, Arc, LazyLock, Mutex, Weak};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -161,15 +161,20 @@ impl Later {
     }
 }
 
-type HashJob = (std::path::PathBuf, mpsc::Sender<io::Result<Sum>>);
+/// A chunk to hash, where to send its sum, and whether anyone still wants
+/// it (a sum dropped by a later write is not made: the queue only holds
+/// live work, and the file is not held open for nothing).
+type HashJob = (std::path::PathBuf, mpsc::Sender<io::Result<Sum>>, Weak<Later>);
 
 static HASHER: LazyLock<mpsc::Sender<HashJob>> = LazyLock::new(|| {
     let (tx, rx) = mpsc::channel::<HashJob>();
     std::thread::Builder::new()
         .name("cairn-hash".into())
         .spawn(move || {
-            for (path, reply) in rx {
-                let _ = reply.send(hash_file(&path));
+            for (path, reply, wanted) in rx {
+                if wanted.strong_count() > 0 {
+                    let _ = reply.send(hash_file(&path));
+                }
             }
         })
         .expect("the hashing thread starts");
@@ -188,12 +193,13 @@ pub fn hash_file(path: &Path) -> io::Result<Sum> {
 
 /// The sum of the file at `path`, made on the hashing thread: only valid
 /// if nothing writes the file before [`Later::wait`] returns.
-pub fn hash_later(path: std::path::PathBuf) -> std::sync::Arc<Later> {
+pub fn hash_later(path: std::path::PathBuf) -> Arc<Later> {
     let (tx, rx) = mpsc::channel();
-    if let Err(mpsc::SendError((path, reply))) = HASHER.send((path, tx)) {
+    let later = Arc::new(Later(Mutex::new(rx)));
+    if let Err(mpsc::SendError((path, reply, _))) = HASHER.send((path, tx, Arc::downgrade(&later))) {
         let _ = reply.send(hash_file(&path));
     }
-    std::sync::Arc::new(Later(Mutex::new(rx)))
+    later
 }
 
 /// Notes the chunk file at `path`, just written by this process from bytes

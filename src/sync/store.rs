@@ -573,9 +573,28 @@ pub fn put_checkpoint(
     cat: &Catalog,
     device: DeviceId,
     cp: &KeptCheckpoint,
-    mut state: impl std::io::Read,
+    state: impl std::io::Read,
 ) -> Result<(), CatalogError> {
     let tx = cat.batch()?;
+    // Inside the batch, which commits whatever else it holds even if this
+    // fails: a savepoint takes back a half-written row (and brings back
+    // one the REPLACE removed).
+    tx.execute_batch("SAVEPOINT put_checkpoint")?;
+    let put = put_checkpoint_row(tx, device, cp, state);
+    let end = match put {
+        Ok(()) => "RELEASE put_checkpoint",
+        Err(_) => "ROLLBACK TO put_checkpoint; RELEASE put_checkpoint",
+    };
+    tx.execute_batch(end)?;
+    put
+}
+
+fn put_checkpoint_row(
+    tx: &rusqlite::Connection,
+    device: DeviceId,
+    cp: &KeptCheckpoint,
+    mut state: impl std::io::Read,
+) -> Result<(), CatalogError> {
     tx.prepare_cached(
         "INSERT OR REPLACE INTO sync_checkpoints (device, seq, link, cap, size, made_ns, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, zeroblob(?5))",
@@ -698,12 +717,15 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, Ca
     for row in rows {
         let (device, seq, link, rowid) = row?;
         // Parsed as it is read: the state, not its bytes too, in memory.
-        let blob = cat
-            .conn()
-            .blob_open(DatabaseName::Main, "sync_checkpoints", "state", rowid, true)?;
         let opened = Link::try_from(link)
             .map_err(|_| "a link of another length".to_string())
-            .and_then(|link| checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link));
+            .and_then(|link| {
+                let blob = cat
+                    .conn()
+                    .blob_open(DatabaseName::Main, "sync_checkpoints", "state", rowid, true)
+                    .map_err(|e| e.to_string())?;
+                checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link)
+            });
         match opened {
             Ok(state) => {
                 out.insert(device, (seq, state));
@@ -735,4 +757,45 @@ pub fn bytes_since_checkpoint(cat: &Catalog, device: DeviceId) -> Result<u64, Ca
         )?
         .query_row([id_blob(device)], |r| r.get(0))?;
     Ok(since as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(seq: u64, size: u64) -> KeptCheckpoint {
+        KeptCheckpoint {
+            seq,
+            link: [seq as u8; 32],
+            cap: format!("cap {seq}"),
+            size,
+            made_ns: seq as i64,
+        }
+    }
+
+    /// A checkpoint whose bytes cannot all be read leaves no row behind,
+    /// not even inside a batch that commits other changes, and the
+    /// checkpoint kept before keeps its state.
+    #[test]
+    fn a_checkpoint_that_fails_halfway_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let state = br#"{"kept": 1}"#;
+        put_checkpoint(&cat, 7, &kept(1, state.len() as u64), &state[..]).unwrap();
+        cat.set_meta("other", "kept too").unwrap();
+        // Says 100 bytes, has 5: as a scratch file cut short would.
+        let err = put_checkpoint(&cat, 7, &kept(2, 100), &b"short"[..]).unwrap_err();
+        assert!(err.to_string().contains("read as 5"), "{err}");
+        // Again at the same number: the REPLACE is taken back too.
+        put_checkpoint(&cat, 7, &kept(1, 100), &b"short"[..]).unwrap_err();
+        cat.commit().unwrap();
+        let seqs: Vec<u64> = checkpoints(&cat, 7).unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [1]);
+        let row: Vec<u8> = cat
+            .conn()
+            .query_row("SELECT state FROM sync_checkpoints WHERE seq = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(row, state);
+        assert_eq!(cat.meta("other").unwrap().as_deref(), Some("kept too"));
+    }
 }
