@@ -456,6 +456,14 @@ impl Catalog {
         Ok(&self.db)
     }
 
+    /// A savepoint inside the current batch, for a change of several
+    /// statements that must be all or nothing: dropped without `commit`,
+    /// it is taken back, and the batch's other changes stay.
+    pub(crate) fn batch_savepoint(&mut self) -> Result<rusqlite::Savepoint<'_>, CatalogError> {
+        self.begin_batch()?;
+        Ok(self.db.savepoint()?)
+    }
+
     /// A one-row query, its statement prepared once per connection.
     fn query_one<T, P: rusqlite::Params>(
         &self,

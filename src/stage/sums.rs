@@ -137,9 +137,7 @@ pub fn check_file(dir: &Path, index: u64, path: &Path, file: &File) -> io::Resul
     let Some(sum) = recorded(dir, index)? else {
         return Ok(());
     };
-    let mut hasher = Sha256::new();
-    io::copy(&mut io::BufReader::with_capacity(256 << 10, file), &mut hasher)?;
-    if <Sum>::from(hasher.finalize()) != sum {
+    if hash_of(file)? != sum {
         return Err(mismatch(dir, index));
     }
     remember_checked(key);
@@ -183,11 +181,13 @@ static HASHER: LazyLock<mpsc::Sender<HashJob>> = LazyLock::new(|| {
 
 /// The SHA-256 of the file at `path`, as it is now.
 pub fn hash_file(path: &Path) -> io::Result<Sum> {
+    hash_of(&File::open(path)?)
+}
+
+/// The SHA-256 of the open `file`, read from where it stands to its end.
+fn hash_of(file: &File) -> io::Result<Sum> {
     let mut hasher = Sha256::new();
-    io::copy(
-        &mut io::BufReader::with_capacity(256 << 10, File::open(path)?),
-        &mut hasher,
-    )?;
+    io::copy(&mut io::BufReader::with_capacity(256 << 10, file), &mut hasher)?;
     Ok(hasher.finalize().into())
 }
 

@@ -568,33 +568,16 @@ pub struct KeptCheckpoint {
 /// Keeps a checkpoint of `device` with its state (`cp.size` bytes read
 /// from `state`), which only the newest of each device keeps. The bytes
 /// go into the row as they are read, never whole in memory. If it fails,
-/// nothing changed.
+/// nothing changed: a savepoint takes back a half-written row (and brings
+/// back one the REPLACE removed), while the batch commits whatever else
+/// it holds.
 pub fn put_checkpoint(
-    cat: &Catalog,
-    device: DeviceId,
-    cp: &KeptCheckpoint,
-    state: impl std::io::Read,
-) -> Result<(), CatalogError> {
-    let tx = cat.batch()?;
-    // Inside the batch, which commits whatever else it holds even if this
-    // fails: a savepoint takes back a half-written row (and brings back
-    // one the REPLACE removed).
-    tx.execute_batch("SAVEPOINT put_checkpoint")?;
-    let put = put_checkpoint_row(tx, device, cp, state);
-    let end = match put {
-        Ok(()) => "RELEASE put_checkpoint",
-        Err(_) => "ROLLBACK TO put_checkpoint; RELEASE put_checkpoint",
-    };
-    tx.execute_batch(end)?;
-    put
-}
-
-fn put_checkpoint_row(
-    tx: &rusqlite::Connection,
+    cat: &mut Catalog,
     device: DeviceId,
     cp: &KeptCheckpoint,
     mut state: impl std::io::Read,
 ) -> Result<(), CatalogError> {
+    let tx = cat.batch_savepoint()?;
     tx.prepare_cached(
         "INSERT OR REPLACE INTO sync_checkpoints (device, seq, link, cap, size, made_ns, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, zeroblob(?5))",
@@ -621,13 +604,14 @@ fn put_checkpoint_row(
     drop(blob);
     tx.prepare_cached("UPDATE sync_checkpoints SET state = NULL WHERE device = ?1 AND seq != ?2")?
         .execute(params![id_blob(device), cp.seq as i64])?;
+    tx.commit()?;
     Ok(())
 }
 
 /// Keeps checkpoint `cp` of another device, read from the servers
 /// (`state`: its bytes) and named by a head written at `made_ns`.
 pub fn put_read_checkpoint(
-    cat: &Catalog,
+    cat: &mut Catalog,
     device: DeviceId,
     cp: &log::Checkpoint,
     state: &[u8],
@@ -779,15 +763,15 @@ mod tests {
     #[test]
     fn a_checkpoint_that_fails_halfway_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(&dir.path().join("c.db")).unwrap();
+        let mut cat = Catalog::open(&dir.path().join("c.db")).unwrap();
         let state = br#"{"kept": 1}"#;
-        put_checkpoint(&cat, 7, &kept(1, state.len() as u64), &state[..]).unwrap();
+        put_checkpoint(&mut cat, 7, &kept(1, state.len() as u64), &state[..]).unwrap();
         cat.set_meta("other", "kept too").unwrap();
         // Says 100 bytes, has 5: as a scratch file cut short would.
-        let err = put_checkpoint(&cat, 7, &kept(2, 100), &b"short"[..]).unwrap_err();
+        let err = put_checkpoint(&mut cat, 7, &kept(2, 100), &b"short"[..]).unwrap_err();
         assert!(err.to_string().contains("read as 5"), "{err}");
         // Again at the same number: the REPLACE is taken back too.
-        put_checkpoint(&cat, 7, &kept(1, 100), &b"short"[..]).unwrap_err();
+        put_checkpoint(&mut cat, 7, &kept(1, 100), &b"short"[..]).unwrap_err();
         cat.commit().unwrap();
         let seqs: Vec<u64> = checkpoints(&cat, 7).unwrap().iter().map(|c| c.seq).collect();
         assert_eq!(seqs, [1]);

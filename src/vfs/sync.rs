@@ -838,8 +838,8 @@ impl Vfs {
         };
         let keep_days = self.devices.keep_days;
         self.blocking(move |vfs| {
-            let st = vfs.lock();
-            let cat = &st.catalog;
+            let mut st = vfs.lock();
+            let cat = &mut st.catalog;
             let me = vfs.devices.me.id;
             store::put_checkpoint(cat, me, &kept, std::io::BufReader::new(copy))?;
             let all = store::checkpoints(cat, me)?;
@@ -1059,8 +1059,8 @@ impl Vfs {
         };
         let made_ns = head.time_ns;
         self.blocking(move |vfs| {
-            let st = vfs.lock();
-            let cat = &st.catalog;
+            let mut st = vfs.lock();
+            let cat = &mut st.catalog;
             store::forget_read(cat, device)?;
             if let Some((cp, bytes)) = &base {
                 store::put_read_checkpoint(cat, device, cp, bytes, made_ns)?;
@@ -1205,11 +1205,11 @@ impl Vfs {
         let cp = cp.clone();
         let kept_here = self
             .blocking(move |vfs| {
-                let st = vfs.lock();
+                let mut st = vfs.lock();
                 // put_checkpoint changes nothing if it fails (so other
                 // changes in the batch are not rolled back with it).
                 Ok(
-                    store::put_read_checkpoint(&st.catalog, device, &cp, &bytes, head_time_ns)
+                    store::put_read_checkpoint(&mut st.catalog, device, &cp, &bytes, head_time_ns)
                         .and_then(|()| store::put_device(&st.catalog, &row))
                         .and_then(|()| st.catalog.commit()),
                 )

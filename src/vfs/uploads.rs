@@ -442,9 +442,8 @@ impl Vfs {
     /// be read is left out (and fails); a failed pack puts every member back
     /// for a retry, in a new pack under new keys (its partial shares are
     /// cleaned at the next mount).
-    /// Bytes in memory as a new version, under a fresh key (a pack, a
-    /// checkpoint).
-    /// Uploads `source` as one version of its own (a pack, a checkpoint).
+    /// Uploads `source` as a new version of its own, under a fresh key (a
+    /// pack, a checkpoint).
     pub(super) async fn upload_source(
         &self,
         source: upload::Source,
