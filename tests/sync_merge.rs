@@ -434,6 +434,12 @@ fn run(actions: Vec<Action>, order: Vec<usize>) -> Result<(), TestCaseError> {
     joined.join(&parts[0]);
     prop_assert_eq!(&render(&joined), &trees[0], "joining states differs");
     check_well_formed(&trees[0])?;
+    // A machine's checkpoint made from its last one and the records since,
+    // as it streams, is the one made from all its records.
+    for (m, log) in w.logs.iter().enumerate().filter(|(_, log)| !log.is_empty()) {
+        let split = order[m % order.len()] % (log.len() + 1);
+        streamed_checkpoint_is_whole(log, split)?;
+    }
     // Nothing closed is lost: a version nothing was made from is shown,
     // unless a machine that knew it deleted the file (or a conflict copy
     // of it) that held it, and that node is gone.
@@ -453,6 +459,32 @@ fn run(actions: Vec<Action>, order: Vec<usize>) -> Result<(), TestCaseError> {
             .any(|(target, known)| holders.contains(target) && known.contains(&vid) && !tree.contains_key(target));
         prop_assert!(excused, "version {vid:x} of {fid:x} was lost");
     }
+    Ok(())
+}
+
+fn streamed_checkpoint_is_whole(log: &[Record], split: usize) -> Result<(), TestCaseError> {
+    use cairn::sync::checkpoint::{self, join};
+    let device = log[0].device;
+    let link = |seq: u64| [seq as u8; 32];
+    let last = log.last().expect("a record").seq;
+    let mut whole = Vec::new();
+    checkpoint::seal_to(&mut whole, device, last, link(last), &merge(log)).expect("sealed");
+    let (before, after) = log.split_at(split);
+    let base_seq = before.last().map_or(0, |r| r.seq);
+    let mut base = Vec::new();
+    checkpoint::seal_to(&mut base, device, base_seq, link(base_seq), &merge(before)).expect("sealed");
+    let at = join::At {
+        device,
+        seq: base_seq,
+        link: link(base_seq),
+    };
+    let mut joined = Vec::new();
+    join::seal_joined_to(&base[..], &at, &merge(after), last, link(last), &mut joined).expect("joined");
+    prop_assert_eq!(
+        checkpoint::open(&joined, device, last, &link(last)),
+        checkpoint::open(&whole, device, last, &link(last))
+    );
+    prop_assert!(joined == whole, "the streamed checkpoint's bytes differ");
     Ok(())
 }
 

@@ -236,17 +236,17 @@ impl Record {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-struct Loc {
+pub struct Loc {
     parent: Fid,
     name: String,
     from: (Fid, String),
 }
 
 /// An extended attribute's value, or `None` once removed.
-type XattrValue = Option<Vec<u8>>;
+pub type XattrValue = Option<Vec<u8>>;
 
 /// A version's file, the version it was made from, and what it holds.
-type VersionOf = (Fid, Option<Vid>, Content);
+pub type VersionOf = (Fid, Option<Vid>, Content);
 
 /// Everything known of the namespace: a join-semilattice (see the module).
 /// Serialised in checkpoints (docs/FORMAT.md): each table as a list of
@@ -322,12 +322,16 @@ pub fn cutoffs(revokes: &BTreeMap<Ts, (DeviceId, u64)>) -> BTreeMap<DeviceId, u6
 /// entries at one `Ts` (only a forked or forged log makes them) keep the
 /// smaller value, whichever came first.
 fn keep<K: Ord, V: Clone + Ord>(map: &mut BTreeMap<K, (Ts, V)>, key: K, ts: Ts, value: &V, first: bool) {
-    let better = |old: &(Ts, V)| match old.0.cmp(&ts) {
+    if map.get(&key).is_none_or(|old| replaces(old, ts, value, first)) {
+        map.insert(key, (ts, value.clone()));
+    }
+}
+
+/// Whether `value` at `ts` replaces `old` under [`keep`]'s rule.
+fn replaces<V: Ord>(old: &(Ts, V), ts: Ts, value: &V, first: bool) -> bool {
+    match old.0.cmp(&ts) {
         std::cmp::Ordering::Equal => *value < old.1,
         later => (later == std::cmp::Ordering::Greater) == first,
-    };
-    if map.get(&key).is_none_or(better) {
-        map.insert(key, (ts, value.clone()));
     }
 }
 
@@ -335,17 +339,185 @@ fn keep<K: Ord, V: Clone + Ord>(map: &mut BTreeMap<K, (Ts, V)>, key: K, ts: Ts, 
 /// both agree on, so neither claims more than it saw.
 fn add_delete(deletes: &mut BTreeMap<(Fid, Ts), Seen>, key: (Fid, Ts), seen: &Seen) {
     match deletes.get_mut(&key) {
-        Some(had) => had.retain(|device, s| match seen.get(device) {
+        Some(had) => Deletes::join(had, seen),
+        None => {
+            deletes.insert(key, seen.clone());
+        }
+    }
+}
+
+/// One table of a [`State`], as the state joins and checks it entry by
+/// entry: `State::join` and `State::checked_as` go through these, and so
+/// does a checkpoint joined as it streams (`checkpoint::join`), which
+/// holds no table whole.
+pub trait Table {
+    /// Its name in a checkpoint.
+    const NAME: &'static str;
+    type K: Ord + Clone + serde::Serialize + serde::de::DeserializeOwned + 'static;
+    type V: Clone + serde::Serialize + serde::de::DeserializeOwned + 'static;
+    fn of(state: &State) -> &BTreeMap<Self::K, Self::V>;
+    fn of_mut(state: &mut State) -> &mut BTreeMap<Self::K, Self::V>;
+    /// `had` and `other`, two entries under one key, joined into `had`.
+    fn join(had: &mut Self::V, other: &Self::V);
+    /// Whether a state of `device`'s records up to `seq` alone could hold
+    /// this entry, and a record could have carried it ([`check`]).
+    fn check(key: &Self::K, value: &Self::V, device: DeviceId, seq: u64) -> Result<(), String>;
+}
+
+/// An entry's stamp, of `device`'s records up to `seq`.
+fn stamped_by(ts: &Ts, device: DeviceId, seq: u64) -> Result<(), String> {
+    match ts.device != device || ts.seq > seq || ts.seq == 0 {
+        true => Err(format!("an entry of device {:032x} record {}", ts.device, ts.seq)),
+        false => Ok(()),
+    }
+}
+
+fn kept_under(author: DeviceId, device: DeviceId) -> Result<(), String> {
+    match author == device {
+        true => Ok(()),
+        false => Err("an entry kept under another device".into()),
+    }
+}
+
+fn not_root(fid: Fid) -> Result<(), String> {
+    match fid == ROOT {
+        true => Err("the root made or moved".into()),
+        false => Ok(()),
+    }
+}
+
+/// The tables kept under [`keep`]'s rule: (unit type, field, key, value,
+/// whether the first wins, the check of an entry).
+macro_rules! kept_tables {
+    ($(($table:ident, $field:ident, $k:ty, $v:ty, $first:expr, |$key:ident, $value:ident, $device:ident| $check:expr)),* $(,)?) => {$(
+        pub struct $table;
+        impl Table for $table {
+            const NAME: &'static str = stringify!($field);
+            type K = $k;
+            type V = (Ts, $v);
+            fn of(state: &State) -> &BTreeMap<$k, (Ts, $v)> {
+                &state.$field
+            }
+            fn of_mut(state: &mut State) -> &mut BTreeMap<$k, (Ts, $v)> {
+                &mut state.$field
+            }
+            fn join(had: &mut (Ts, $v), other: &(Ts, $v)) {
+                if replaces(had, other.0, &other.1, $first) {
+                    *had = other.clone();
+                }
+            }
+            fn check($key: &$k, (ts, $value): &(Ts, $v), $device: DeviceId, seq: u64) -> Result<(), String> {
+                stamped_by(ts, $device, seq)?;
+                $check
+            }
+        }
+    )*};
+}
+
+kept_tables!(
+    (Names, names, DeviceId, String, false, |key, name, device| kept_under(
+        *key, device
+    )
+    .and(check_name(name))),
+    (
+        Creates,
+        creates,
+        Fid,
+        (Loc, Kind, Seen),
+        true,
+        |key, create, _device| {
+            let loc = &create.0;
+            not_root(*key)?;
+            // As a create makes it: it came from where it was made.
+            if loc.from != (loc.parent, loc.name.clone()) {
+                return Err(format!("a create of {:?} that came from elsewhere", loc.name));
+            }
+            check_name(&loc.name)
+        }
+    ),
+    (Locs, locs, (Fid, DeviceId), Loc, false, |key, loc, device| {
+        kept_under(key.1, device)?;
+        not_root(key.0)?;
+        check_name(&loc.name).and(check_name(&loc.from.1))
+    }),
+    (Versions, versions, Vid, VersionOf, true, |_key, _version, _device| Ok(
+        ()
+    )),
+    (AttrsOf, attrs, (Fid, DeviceId), Attrs, false, |key, attrs, device| {
+        kept_under(key.1, device).and(check_attrs(attrs))
+    }),
+    (
+        Xattrs,
+        xattrs,
+        (Fid, String, DeviceId),
+        XattrValue,
+        false,
+        |key, value, device| { kept_under(key.2, device).and(check_xattr(&key.1, value)) }
+    ),
+);
+
+pub struct Deletes;
+impl Table for Deletes {
+    const NAME: &'static str = "deletes";
+    type K = (Fid, Ts);
+    type V = Seen;
+    fn of(state: &State) -> &BTreeMap<(Fid, Ts), Seen> {
+        &state.deletes
+    }
+    fn of_mut(state: &mut State) -> &mut BTreeMap<(Fid, Ts), Seen> {
+        &mut state.deletes
+    }
+    /// Heard twice with different pasts (a forked log): the past both
+    /// agree on, so neither claims more than it saw.
+    fn join(had: &mut Seen, seen: &Seen) {
+        had.retain(|device, s| match seen.get(device) {
             Some(other) => {
                 *s = (*s).min(*other);
                 true
             }
             None => false,
-        }),
-        None => {
-            deletes.insert(key, seen.clone());
-        }
+        })
     }
+    fn check(key: &(Fid, Ts), _: &Seen, device: DeviceId, seq: u64) -> Result<(), String> {
+        stamped_by(&key.1, device, seq)
+    }
+}
+
+pub struct Revokes;
+impl Table for Revokes {
+    const NAME: &'static str = "revokes";
+    type K = Ts;
+    type V = (DeviceId, u64);
+    fn of(state: &State) -> &BTreeMap<Ts, (DeviceId, u64)> {
+        &state.revokes
+    }
+    fn of_mut(state: &mut State) -> &mut BTreeMap<Ts, (DeviceId, u64)> {
+        &mut state.revokes
+    }
+    fn join(had: &mut (DeviceId, u64), other: &(DeviceId, u64)) {
+        *had = *other;
+    }
+    fn check(key: &Ts, _: &(DeviceId, u64), device: DeviceId, seq: u64) -> Result<(), String> {
+        stamped_by(key, device, seq)
+    }
+}
+
+/// Something done to every table, one type at a time.
+pub trait EachTable {
+    type Error;
+    fn table<T: Table>(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Does `each` to every table, in a checkpoint's order.
+pub fn each_table<E: EachTable>(each: &mut E) -> Result<(), E::Error> {
+    each.table::<Names>()?;
+    each.table::<Creates>()?;
+    each.table::<Locs>()?;
+    each.table::<Deletes>()?;
+    each.table::<Versions>()?;
+    each.table::<AttrsOf>()?;
+    each.table::<Xattrs>()?;
+    each.table::<Revokes>()
 }
 
 impl State {
@@ -483,45 +655,16 @@ impl State {
     /// those records, and one a record could have carried ([`check`]); its
     /// cuts are made again from its revocations.
     pub fn checked_as(mut self, device: DeviceId, seq: u64) -> Result<State, String> {
-        let mut stamps: Vec<&Ts> = Vec::new();
-        stamps.extend(self.names.values().map(|(ts, _)| ts));
-        stamps.extend(self.creates.values().map(|(ts, _)| ts));
-        stamps.extend(self.locs.values().map(|(ts, _)| ts));
-        stamps.extend(self.deletes.keys().map(|(_, ts)| ts));
-        stamps.extend(self.versions.values().map(|(ts, _)| ts));
-        stamps.extend(self.attrs.values().map(|(ts, _)| ts));
-        stamps.extend(self.xattrs.values().map(|(ts, _)| ts));
-        stamps.extend(self.revokes.keys());
-        if let Some(ts) = stamps
-            .into_iter()
-            .find(|ts| ts.device != device || ts.seq > seq || ts.seq == 0)
-        {
-            return Err(format!("an entry of device {:032x} record {}", ts.device, ts.seq));
-        }
-        let keyed_by_author = self.names.keys().all(|d| *d == device)
-            && self.locs.keys().chain(self.attrs.keys()).all(|(_, d)| *d == device)
-            && self.xattrs.keys().all(|(_, _, d)| *d == device);
-        if !keyed_by_author {
-            return Err("an entry kept under another device".into());
-        }
-        if self.creates.contains_key(&ROOT) || self.locs.keys().any(|(fid, _)| *fid == ROOT) {
-            return Err("the root made or moved".into());
-        }
-        self.names.values().try_for_each(|(_, n)| check_name(n))?;
-        for (_, (loc, _, _)) in self.creates.values() {
-            // As a create makes it: it came from where it was made.
-            if loc.from != (loc.parent, loc.name.clone()) {
-                return Err(format!("a create of {:?} that came from elsewhere", loc.name));
+        struct Check<'a>(&'a State, DeviceId, u64);
+        impl EachTable for Check<'_> {
+            type Error = String;
+            fn table<T: Table>(&mut self) -> Result<(), String> {
+                T::of(self.0)
+                    .iter()
+                    .try_for_each(|(k, v)| T::check(k, v, self.1, self.2))
             }
-            check_name(&loc.name)?;
         }
-        for (_, loc) in self.locs.values() {
-            check_name(&loc.name).and(check_name(&loc.from.1))?;
-        }
-        self.attrs.values().try_for_each(|(_, a)| check_attrs(a))?;
-        for ((_, name, _), (_, value)) in &self.xattrs {
-            check_xattr(name, value)?;
-        }
+        each_table(&mut Check(&self, device, seq))?;
         self.cut = cutoffs(&self.revokes);
         Ok(self)
     }
@@ -547,28 +690,23 @@ impl State {
     /// Everything `other` knows, added to this state. Exact for states
     /// that know the same revocations; otherwise apply the records again.
     pub fn join(&mut self, other: &State) {
-        for (device, (ts, name)) in &other.names {
-            keep(&mut self.names, *device, *ts, name, false);
+        struct Join<'a>(&'a mut State, &'a State);
+        impl EachTable for Join<'_> {
+            type Error = std::convert::Infallible;
+            fn table<T: Table>(&mut self) -> Result<(), Self::Error> {
+                let into = T::of_mut(self.0);
+                for (key, value) in T::of(self.1) {
+                    match into.get_mut(key) {
+                        Some(had) => T::join(had, value),
+                        None => {
+                            into.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+                Ok(())
+            }
         }
-        for (fid, (ts, create)) in &other.creates {
-            keep(&mut self.creates, *fid, *ts, create, true);
-        }
-        for (key, (ts, loc)) in &other.locs {
-            keep(&mut self.locs, *key, *ts, loc, false);
-        }
-        for (key, seen) in &other.deletes {
-            add_delete(&mut self.deletes, *key, seen);
-        }
-        for (vid, (ts, v)) in &other.versions {
-            keep(&mut self.versions, *vid, *ts, v, true);
-        }
-        for (key, (ts, attrs)) in &other.attrs {
-            keep(&mut self.attrs, *key, *ts, attrs, false);
-        }
-        for (key, (ts, value)) in &other.xattrs {
-            keep(&mut self.xattrs, key.clone(), *ts, value, false);
-        }
-        self.revokes.extend(other.revokes.iter().map(|(k, v)| (*k, *v)));
+        let Ok(()) = each_table(&mut Join(self, other));
         self.cut = cutoffs(&self.revokes);
     }
 
@@ -629,19 +767,7 @@ impl State {
 
 /// The state of `records`, in whatever order.
 pub fn merge<'a>(records: impl IntoIterator<Item = &'a Record> + Clone) -> State {
-    merge_onto(State::default(), State::default, records)
-}
-
-/// `base` (a checkpoint's state) with `records` added, in whatever order.
-/// The records are added to `base` in place, so a large state is not
-/// held twice; only when one brings a revocation that changes which
-/// records count is `base` needed again, from `reload`.
-pub fn merge_onto<'a>(
-    base: State,
-    reload: impl FnOnce() -> State,
-    records: impl IntoIterator<Item = &'a Record> + Clone,
-) -> State {
-    let mut state = base;
+    let mut state = State::default();
     let mut again = false;
     for r in records.clone() {
         again |= !state.apply(r);
@@ -649,7 +775,6 @@ pub fn merge_onto<'a>(
     if again {
         // Every revocation is known now: the second pass changes no cut.
         state = state.restarted();
-        state.join(&reload());
         for r in records {
             let _ = state.apply(r);
         }

@@ -284,15 +284,28 @@ pub fn unplaced(cat: &Catalog, device: DeviceId) -> Result<Vec<(u64, Vec<u8>)>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// `device`'s records after `seq` that are on the servers, oldest first.
-pub fn placed_after(cat: &Catalog, device: DeviceId, seq: u64) -> Result<Vec<(u64, Vec<u8>)>, CatalogError> {
+/// `device`'s records after `seq` that are on the servers, oldest first,
+/// as many as make `budget` bytes (at least one, if there is one).
+pub fn placed_after(
+    cat: &Catalog,
+    device: DeviceId,
+    seq: u64,
+    budget: usize,
+) -> Result<Vec<(u64, Vec<u8>)>, CatalogError> {
     let mut stmt = cat
         .conn()
         .prepare_cached("SELECT seq, bytes FROM sync_log WHERE device = ?1 AND seq > ?2 AND placed = 1 ORDER BY seq")?;
-    let rows = stmt.query_map(params![id_blob(device), seq as i64], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+    let mut rows = stmt.query_map(params![id_blob(device), seq as i64], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let (mut out, mut bytes) = (Vec::new(), 0);
+    while bytes < budget {
+        let Some(row) = rows.next() else { break };
+        let row = row?;
+        bytes += row.1.len();
+        out.push(row);
+    }
+    Ok(out)
 }
 
 /// Whether any device's record is kept here: the drive's namespace is in
@@ -421,6 +434,22 @@ pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u
         }
     }
     Ok((merged, hlc))
+}
+
+/// The latest hybrid time of this device's operations, from its newest
+/// record (its clock only goes forward), for a machine that has merged
+/// no other device's records.
+pub fn own_hlc(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<u64, CatalogError> {
+    let Some((seq, bytes)) = last_record(cat, me.id)? else {
+        return Ok(0);
+    };
+    match log::open_record(root, &bytes, me.id, seq, Some(&me.public()).filter(|_| seq > 1)) {
+        Ok(opened) => Ok(opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0)),
+        Err(e) => {
+            tracing::error!(seq, error = %e, "this device's newest kept log record");
+            Ok(0)
+        }
+    }
 }
 
 /// Each device whose state here starts from a checkpoint read of it, and
@@ -701,15 +730,8 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, Ca
     for row in rows {
         let (device, seq, link, rowid) = row?;
         // Parsed as it is read: the state, not its bytes too, in memory.
-        let opened = Link::try_from(link)
-            .map_err(|_| "a link of another length".to_string())
-            .and_then(|link| {
-                let blob = cat
-                    .conn()
-                    .blob_open(DatabaseName::Main, "sync_checkpoints", "state", rowid, true)
-                    .map_err(|e| e.to_string())?;
-                checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link)
-            });
+        let opened = state_blob(cat, link, rowid)
+            .and_then(|(link, blob)| checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link));
         match opened {
             Ok(state) => {
                 out.insert(device, (seq, state));
@@ -723,11 +745,32 @@ fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, Ca
     Ok((out, failed))
 }
 
-/// `device`'s newest checkpoint whose state is kept here: its number and
-/// state.
-pub fn checkpoint_state(cat: &Catalog, device: DeviceId) -> Result<Option<(u64, State)>, CatalogError> {
-    // One that does not open: made again from every record (all are kept).
-    Ok(checkpoint_states(cat, Some(device))?.0.remove(&device))
+/// A kept checkpoint's link, and its state's bytes to read.
+fn state_blob(cat: &Catalog, link: Vec<u8>, rowid: i64) -> Result<(Link, rusqlite::blob::Blob<'_>), String> {
+    let link = Link::try_from(link).map_err(|_| "a link of another length".to_string())?;
+    let blob = cat
+        .conn()
+        .blob_open(DatabaseName::Main, "sync_checkpoints", "state", rowid, true)
+        .map_err(|e| e.to_string())?;
+    Ok((link, blob))
+}
+
+/// `device`'s newest checkpoint whose state is kept here: its number, and
+/// its link and bytes unless they do not open.
+pub type KeptState<'c> = (u64, Result<(Link, rusqlite::blob::Blob<'c>), String>);
+
+pub fn kept_state(cat: &Catalog, device: DeviceId) -> Result<Option<KeptState<'_>>, CatalogError> {
+    let row = cat
+        .conn()
+        .prepare_cached(
+            "SELECT seq, link, rowid FROM sync_checkpoints WHERE state IS NOT NULL AND device = ?1
+             ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row([id_blob(device)], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
+        })
+        .optional()?;
+    Ok(row.map(|(seq, link, rowid)| (seq, state_blob(cat, link, rowid))))
 }
 
 /// How many bytes `device`'s records on the servers hold after its newest

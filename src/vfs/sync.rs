@@ -10,11 +10,12 @@ use std::io::{Seek, Write};
 use super::*;
 use crate::namespace::RootCap;
 use crate::sync::apply::{self, Inval};
+use crate::sync::checkpoint::{self, join};
 use crate::sync::device::{self, Identity};
 use crate::sync::log::{self, Link, Payload, Seen, NO_LINK};
 use crate::sync::merge::{self, Content, DeviceId, Fid, Op, State as Merged, ROOT};
 use crate::sync::publish::{self, Local, Plan};
-use crate::sync::{checkpoint, remote, store};
+use crate::sync::{remote, store};
 
 /// Meta key: how far this machine had applied each device's log, as its
 /// next record says it had seen (JSON list of `Seen`).
@@ -45,12 +46,37 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// up the drive.
 const NODES_PER_TURN: usize = 500;
 
+/// Record bytes joined onto this device's last checkpoint at a time, when
+/// the next is made: what that costs in memory, whatever the namespace.
+const CHECKPOINT_BATCH: usize = 4 << 20;
+
+/// What the next checkpoint of this device is joined onto: the last one,
+/// in the catalog, or the one the batch before made.
+enum Source<'c> {
+    Kept(rusqlite::blob::Blob<'c>),
+    Made(std::fs::File),
+}
+
+impl std::io::Read for Source<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Kept(blob) => blob.read(buf),
+            Source::Made(file) => file.read(buf),
+        }
+    }
+}
+
 /// The state of the room, apart from the catalog's tables.
 pub(super) struct Devices {
     root: RootCap,
     me: Identity,
-    /// Every operation of every device merged here.
-    merged: Mutex<Merged>,
+    /// Every operation of every device merged here, once another device's
+    /// records are: until then (a drive one machine uses) the catalog is
+    /// the whole story, and keeping the state, which holds every node of
+    /// the namespace, would cost memory for nothing. `None` means no
+    /// record or checkpoint of another device is kept here; [`Self::others`]
+    /// makes it from the catalog when the first is about to be.
+    merged: Mutex<Option<Merged>>,
     /// The highest hybrid time used or seen.
     hlc: AtomicU64,
     /// The doorbells last heard, and when every head was last read.
@@ -142,7 +168,10 @@ impl Devices {
     pub(super) fn open(catalog: &Catalog, config: &crate::config::Config) -> VfsResult<Devices> {
         let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
         let me = store::identity(catalog)?;
-        let (merged, hlc) = store::rebuild(catalog, &root, &me)?;
+        let (merged, hlc) = match store::devices(catalog)?.iter().any(|d| d.id != me.id) {
+            true => store::rebuild(catalog, &root, &me).map(|(m, hlc)| (Some(m), hlc))?,
+            false => (None, store::own_hlc(catalog, &root, &me)?),
+        };
         let hlc = clamp_heard(hlc);
         Ok(Devices {
             root,
@@ -175,8 +204,25 @@ impl Devices {
         }
     }
 
-    fn merged(&self) -> MutexGuard<'_, Merged> {
+    fn merged(&self) -> MutexGuard<'_, Option<Merged>> {
         self.merged.lock().expect("merged state lock")
+    }
+
+    /// The merged state, made from the catalog first if no other device's
+    /// records were merged yet: called before the first is kept. Passes
+    /// run one at a time and only they add records, so none is added
+    /// between the reading and the keeping.
+    fn others(&self, cat: &Catalog) -> VfsResult<MutexGuard<'_, Option<Merged>>> {
+        if self.merged().is_none() {
+            let made = store::rebuild(cat, &self.root, &self.me)?.0;
+            self.merged().get_or_insert(made);
+        }
+        Ok(self.merged())
+    }
+
+    /// After which of its records another machine revoked this one.
+    fn revoked_me(&self) -> Option<u64> {
+        self.merged().as_ref()?.revoked().get(&self.me.id).copied()
     }
 
     /// The id a node new here gets: derived from its number for nodes
@@ -376,11 +422,15 @@ impl Devices {
                 log::seal_record(&self.root, &self.me, seq, &prev, &payload).map_err(|e| sync_err(e.to_string()))?;
             prev = log::link(&bytes);
             store::keep_record(cat, self.me.id, seq, &bytes, false)?;
-            let counted = self.merged().apply(&crate::sync::merge::Record {
-                device: self.me.id,
-                seq,
-                seen: payload.seen.iter().map(|s| (s.device, s.seq)).collect(),
-                ops: payload.ops,
+            // Without another device's records nothing is merged: the
+            // record is kept, and goes in when the state is made.
+            let counted = self.merged().as_mut().is_none_or(|merged| {
+                merged.apply(&crate::sync::merge::Record {
+                    device: self.me.id,
+                    seq,
+                    seen: payload.seen.iter().map(|s| (s.device, s.seq)).collect(),
+                    ops: payload.ops,
+                })
             });
             if !counted {
                 self.remerge(cat)?;
@@ -415,7 +465,7 @@ impl Devices {
             .map(|f| tree.get(f).map_or(*f, |e| e.origin))
             .collect();
         let seen_before = had.iter().map(|(d, s)| (*d, s.seq)).collect();
-        let Some(first) = self.merged().first_unseen(&fids, &seen_before) else {
+        let Some(first) = self.merged().as_ref().and_then(|m| m.first_unseen(&fids, &seen_before)) else {
             return Ok(None);
         };
         let mut seen = Vec::new();
@@ -444,8 +494,6 @@ impl Devices {
         Ok(Some(seen))
     }
 
-    /// Makes the merged state again from every record kept (a revocation
-    /// changed which count), and has the next pass apply it.
     /// This device's checkpoint, if one is due: the number and link of
     /// its newest record on the servers, and the checkpoint's bytes (its
     /// last checkpoint's state and every record since), in an anonymous
@@ -453,7 +501,7 @@ impl Devices {
     fn own_checkpoint(
         &self,
         cat: &Catalog,
-        scratch: impl FnOnce() -> std::io::Result<std::fs::File>,
+        scratch: impl Fn() -> std::io::Result<std::fs::File>,
     ) -> VfsResult<Option<(u64, Link, std::fs::File, u64)>> {
         let me = self.me.id;
         let since = store::bytes_since_checkpoint(cat, me)?;
@@ -465,33 +513,67 @@ impl Devices {
         if !checkpoint::due(since, last, self.checkpoint_min) || since < refused.saturating_mul(2) {
             return Ok(None);
         }
-        let base = store::checkpoint_state(cat, me)?;
-        let after = base.as_ref().map_or(0, |(seq, _)| *seq);
-        let mut records = Vec::new();
-        let mut newest = None;
-        for (seq, bytes) in store::placed_after(cat, me, after)? {
-            let opened = log::open_record(&self.root, &bytes, me, seq, Some(&self.me.public()).filter(|_| seq > 1))
-                .map_err(|e| sync_err(format!("this device's record {seq}: {e}")))?;
-            newest = Some((seq, opened.link));
-            records.push(opened.record);
+        // The kept checkpoint streams into the next with a batch of
+        // records at a time (checkpoint::join): memory for a batch, not for
+        // the namespace.
+        let mut base: Option<(join::At, Source)> = None;
+        match store::kept_state(cat, me)? {
+            Some((seq, Ok((link, blob)))) => base = Some((join::At { device: me, seq, link }, Source::Kept(blob))),
+            // Made again from every record (all are kept).
+            Some((seq, Err(e))) => tracing::error!(seq, error = %e, "this device's kept checkpoint"),
+            None => {}
         }
-        let Some((seq, link)) = newest else {
+        loop {
+            let after = base.as_ref().map_or(0, |(at, _)| at.seq);
+            let batch = store::placed_after(cat, me, after, CHECKPOINT_BATCH)?;
+            let Some(&(last, _)) = batch.last() else { break };
+            let mut records = Merged::default();
+            let mut link = NO_LINK;
+            for (seq, bytes) in batch {
+                let opened = log::open_record(&self.root, &bytes, me, seq, Some(&self.me.public()).filter(|_| seq > 1))
+                    .map_err(|e| sync_err(format!("this device's record {seq}: {e}")))?;
+                // A revocation that changes what counts is applied again,
+                // counted: no record of this device is past its own cuts.
+                if !records.apply(&opened.record) {
+                    let _ = records.apply(&opened.record);
+                }
+                link = opened.link;
+            }
+            let mut file = scratch()?;
+            let mut out = std::io::BufWriter::new(&mut file);
+            match base.take() {
+                None => checkpoint::seal_to(&mut out, me, last, link, &records)?,
+                Some((at, from)) => {
+                    let kept = matches!(from, Source::Kept(_));
+                    match join::seal_joined_to(from, &at, &records, last, link, &mut out) {
+                        Ok(()) => {}
+                        Err(join::JoinError::Base(e)) if kept => {
+                            tracing::error!(seq = at.seq, error = %e, "this device's kept checkpoint: made again from every record");
+                            continue;
+                        }
+                        Err(join::JoinError::Base(e)) => {
+                            return Err(sync_err(format!("this device's checkpoint as it was being made: {e}")))
+                        }
+                        Err(join::JoinError::Io(e)) => return Err(e.into()),
+                    }
+                }
+            }
+            out.flush()?;
+            drop(out);
+            file.rewind()?;
+            base = Some((
+                join::At {
+                    device: me,
+                    seq: last,
+                    link,
+                },
+                Source::Made(file),
+            ));
+        }
+        let Some((join::At { seq, link, .. }, Source::Made(mut file))) = base else {
             return Ok(None);
         };
-        let base = base.map(|(_, state)| state).unwrap_or_default();
-        // Only a revocation can make the merge start again from the base:
-        // without one, the records go onto the base itself.
-        let revokes = records
-            .iter()
-            .any(|r| r.ops.iter().any(|(_, op)| matches!(op, Op::Revoke { .. })));
-        let spare = revokes.then(|| base.clone());
-        let state = merge::merge_onto(base, || spare.expect("only a revocation restarts"), &records);
-        drop(records);
-        let mut file = scratch()?;
-        let mut out = std::io::BufWriter::new(&mut file);
-        checkpoint::seal_to(&mut out, me, seq, link, &state)?;
-        out.flush()?;
-        drop((out, state));
+        file.seek(std::io::SeekFrom::End(0))?;
         let size = file.stream_position()?;
         file.rewind()?;
         if size > checkpoint::MAX_BYTES {
@@ -505,8 +587,10 @@ impl Devices {
         Ok(Some((seq, link, file, size)))
     }
 
+    /// Makes the merged state again from every record kept (a revocation
+    /// changed which count), and has the next pass apply it.
     fn remerge(&self, cat: &Catalog) -> VfsResult<()> {
-        *self.merged() = store::rebuild(cat, &self.root, &self.me)?.0;
+        *self.merged() = Some(store::rebuild(cat, &self.root, &self.me)?.0);
         self.again.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -515,7 +599,11 @@ impl Devices {
     /// its id), to be logged by the next pass: its records after the last
     /// one merged here stop counting.
     fn ask_revoke(&self, cat: &Catalog, who: &str) -> VfsResult<Revoked> {
-        let names = self.merged().device_names();
+        let names = match self.merged().as_ref() {
+            Some(merged) => merged.device_names(),
+            // Only this machine's records: no other machine to revoke.
+            None => [(self.me.id, store::device_name(cat)?)].into(),
+        };
         let known = store::devices(cat)?;
         let matching: Vec<&store::Device> = known
             .iter()
@@ -561,10 +649,10 @@ impl Vfs {
     /// machines published.
     pub async fn sync_devices(self: &Arc<Self>) -> VfsResult<SyncReport> {
         let _one = self.devices.pass.lock().await;
-        if let Some(after) = self.devices.merged().revoked().get(&self.devices.me.id) {
+        if let Some(after) = self.devices.revoked_me() {
             // Its later changes count nowhere: merging more would undo
             // them here too. They stay in this home's catalog.
-            return Err(revoked_err(*after));
+            return Err(revoked_err(after));
         }
         let mut report = SyncReport::default();
         // Other machines' changes are merged even while this one's cannot
@@ -630,8 +718,8 @@ impl Vfs {
     /// Why this machine no longer publishes (revoked, or another machine
     /// signs as it), for `cairn status`; `None` while it does.
     pub fn sync_stopped(&self) -> VfsResult<Option<String>> {
-        if let Some(after) = self.devices.merged().revoked().get(&self.devices.me.id) {
-            return Ok(Some(revoked_err(*after).to_string()));
+        if let Some(after) = self.devices.revoked_me() {
+            return Ok(Some(revoked_err(after).to_string()));
         }
         let why = self.lock().catalog.meta(META_CLONED)?;
         Ok(why.map(|why| cloned_err(&why).to_string()))
@@ -965,7 +1053,12 @@ impl Vfs {
         // read of it: read it again up to the cut, where its head still
         // offers a way, and swap that in before anything is applied.
         let bases = self.blocking(|vfs| Ok(store::read_bases(&vfs.lock().catalog)?)).await?;
-        let cuts = self.devices.merged().revoked().clone();
+        let cuts = self
+            .devices
+            .merged()
+            .as_ref()
+            .map(|m| m.revoked().clone())
+            .unwrap_or_default();
         for (device, base) in bases {
             let Some(cut) = cuts.get(&device).copied().filter(|cut| *cut < base) else {
                 continue;
@@ -1121,7 +1214,14 @@ impl Vfs {
                     continue;
                 }
             };
-            let cut = self.devices.merged().revoked().get(&device).copied();
+            // Something of another device is about to be merged.
+            self.blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.others(cat).map(drop)))
+                .await?;
+            let cut = self
+                .devices
+                .merged()
+                .as_ref()
+                .and_then(|m| m.revoked().get(&device).copied());
             let mut from = from;
             let mut prev: Link = at.1;
             if let Some(cp) =
@@ -1171,7 +1271,7 @@ impl Vfs {
                 .await?;
                 let hlc = opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0);
                 self.devices.hlc.fetch_max(clamp_heard(hlc), Ordering::Relaxed);
-                if !self.devices.merged().apply(&opened.record) {
+                if !self.devices.merged().as_mut().is_none_or(|m| m.apply(&opened.record)) {
                     self.blocking(|vfs| vfs.devices.remerge(&vfs.lock().catalog)).await?;
                 }
                 report.merged += 1;
@@ -1223,6 +1323,7 @@ impl Vfs {
             .fetch_max(clamp_heard(state.max_hlc()), Ordering::Relaxed);
         let cuts_changed = {
             let mut merged = self.devices.merged();
+            let merged = merged.as_mut().expect("made before another device's state is read");
             let before = merged.revoked().clone();
             merged.join(&state);
             merged.revoked() != &before
@@ -1257,12 +1358,19 @@ impl Vfs {
     async fn apply_merged(self: &Arc<Self>, report: &mut SyncReport) -> VfsResult<()> {
         let applied = self
             .blocking(|vfs| {
-                let tree = merge::render(&vfs.devices.merged());
+                // Nothing of another device merged: the catalog shows it all.
+                let Some(tree) = vfs.devices.merged().as_ref().map(merge::render) else {
+                    return Ok(apply::Applied::default());
+                };
                 let mut st = vfs.lock();
                 let devices = store::devices(&st.catalog)?;
                 let in_use = |ino: Ino| vfs.files().get(&ino).is_some_and(OpenFile::in_use);
                 // `state`, then the merged state (docs/ARCHITECTURE.md).
-                let applied = apply::apply(&mut st.catalog, &tree, &vfs.devices.merged(), &in_use)?;
+                let applied = {
+                    let merged = vfs.devices.merged();
+                    let merged = merged.as_ref().expect("made once, never dropped");
+                    apply::apply(&mut st.catalog, &tree, merged, &in_use)?
+                };
                 if let Some(seen) = vfs.devices.applied_seen(&st.catalog, &devices, &applied, &tree)? {
                     st.catalog
                         .set_meta(META_APPLIED, &serde_json::to_string(&seen).expect("serialises"))?;

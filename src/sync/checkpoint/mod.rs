@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::log::{Checkpoint, Head, Link};
-use super::merge::{DeviceId, State};
+use crate::sync::log::{Checkpoint, Head, Link};
+use crate::sync::merge::{DeviceId, State};
+
+pub mod join;
 
 /// The checkpoint format this cairn writes and reads (docs/FORMAT.md).
 pub const FORMAT: u32 = 1;
@@ -41,7 +43,7 @@ struct Body<S> {
     format: u32,
     device: String,
     seq: u64,
-    #[serde(with = "super::log::hex_link")]
+    #[serde(with = "crate::sync::log::hex_link")]
     link: Link,
     state: S,
 }
@@ -163,17 +165,17 @@ pub fn retain(checkpoints: &[(u64, i64)], now_ns: i64, keep_days: u32) -> Retain
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::sync::merge::{self, Attrs, Kind, Op, Record};
 
-    fn seal(device: DeviceId, seq: u64, link: Link, state: &State) -> Vec<u8> {
+    pub(super) fn seal(device: DeviceId, seq: u64, link: Link, state: &State) -> Vec<u8> {
         let mut bytes = Vec::new();
         seal_to(&mut bytes, device, seq, link, state).unwrap();
         bytes
     }
 
-    fn record(device: DeviceId, seq: u64, ops: Vec<Op>) -> Record {
+    pub(super) fn record(device: DeviceId, seq: u64, ops: Vec<Op>) -> Record {
         Record {
             device,
             seq,
@@ -182,7 +184,7 @@ mod tests {
         }
     }
 
-    fn create(fid: u128, name: &str) -> Op {
+    pub(super) fn create(fid: u128, name: &str) -> Op {
         Op::Create {
             fid,
             kind: Kind::File,
