@@ -452,7 +452,7 @@ kept_tables!(
         (Fid, String, DeviceId),
         XattrValue,
         false,
-        |key, value, device| { kept_under(key.2, device).and(check_xattr(&key.1, value)) }
+        |key, value, device| kept_under(key.2, device).and(check_xattr(&key.1, value))
     ),
 );
 

@@ -445,10 +445,8 @@ pub fn own_hlc(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<u64, Cata
     };
     match log::open_record(root, &bytes, me.id, seq, Some(&me.public()).filter(|_| seq > 1)) {
         Ok(opened) => Ok(opened.record.ops.iter().map(|(t, _)| *t).max().unwrap_or(0)),
-        Err(e) => {
-            tracing::error!(seq, error = %e, "this device's newest kept log record");
-            Ok(0)
-        }
+        // The newest of those that open, the long way.
+        Err(_) => Ok(rebuild(cat, root, me)?.1),
     }
 }
 
@@ -481,14 +479,24 @@ pub fn forget_read(cat: &Catalog, device: DeviceId) -> Result<(), CatalogError> 
 fn checkpoint_bases(cat: &Catalog) -> Result<BTreeMap<DeviceId, (u64, State)>, CatalogError> {
     let mut bases = BTreeMap::new();
     for device in read_bases(cat)?.into_keys() {
-        let (opened, failed) = checkpoint_states(cat, Some(device))?;
-        bases.extend(opened);
-        for device in failed {
-            // Its records up to the checkpoint are not here: read its log
-            // again from the start (a connection that cannot write leaves
-            // that to the next that can).
-            if let Err(e) = forget_read(cat, device) {
-                tracing::warn!(device = format!("{device:032x}"), error = %e, "a checkpoint to read again");
+        let Some((seq, kept)) = kept_state(cat, device)? else {
+            continue;
+        };
+        // Parsed as it is read: the state, not its bytes too, in memory.
+        let opened =
+            kept.and_then(|(link, blob)| checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link));
+        match opened {
+            Ok(state) => {
+                bases.insert(device, (seq, state));
+            }
+            Err(e) => {
+                tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept checkpoint");
+                // Its records up to the checkpoint are not here: read its
+                // log again from the start (a connection that cannot write
+                // leaves that to the next that can).
+                if let Err(e) = forget_read(cat, device) {
+                    tracing::warn!(device = format!("{device:032x}"), error = %e, "a checkpoint to read again");
+                }
             }
         }
     }
@@ -706,43 +714,6 @@ pub fn forget_checkpoint(cat: &Catalog, device: DeviceId, seq: u64) -> Result<()
         .prepare_cached("DELETE FROM sync_checkpoints WHERE device = ?1 AND seq = ?2")?
         .execute(params![id_blob(device), seq as i64])?;
     Ok(())
-}
-
-/// The newest checkpoint of each device (or of one) whose state is kept
-/// here, opened and checked as when it arrived; and the devices whose
-/// checkpoint did not open (logged).
-type Opened = (BTreeMap<DeviceId, (u64, State)>, Vec<DeviceId>);
-
-fn checkpoint_states(cat: &Catalog, only: Option<DeviceId>) -> Result<Opened, CatalogError> {
-    let mut stmt = cat.conn().prepare_cached(
-        "SELECT device, seq, link, rowid FROM sync_checkpoints
-         WHERE state IS NOT NULL AND (?1 IS NULL OR device = ?1)",
-    )?;
-    let rows = stmt.query_map([only.map(id_blob)], |r| {
-        Ok((
-            blob_id(r.get(0)?)?,
-            r.get::<_, i64>(1)? as u64,
-            r.get::<_, Vec<u8>>(2)?,
-            r.get::<_, i64>(3)?,
-        ))
-    })?;
-    let (mut out, mut failed) = (BTreeMap::new(), Vec::new());
-    for row in rows {
-        let (device, seq, link, rowid) = row?;
-        // Parsed as it is read: the state, not its bytes too, in memory.
-        let opened = state_blob(cat, link, rowid)
-            .and_then(|(link, blob)| checkpoint::open_from(std::io::BufReader::new(blob), device, seq, &link));
-        match opened {
-            Ok(state) => {
-                out.insert(device, (seq, state));
-            }
-            Err(e) => {
-                tracing::error!(device = format!("{device:032x}"), seq, error = %e, "a kept checkpoint");
-                failed.push(device);
-            }
-        }
-    }
-    Ok((out, failed))
 }
 
 /// A kept checkpoint's link, and its state's bytes to read.

@@ -5,7 +5,7 @@
 //! arrived after the changes it logs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Seek, Write};
+use std::io::Seek;
 
 use super::*;
 use crate::namespace::RootCap;
@@ -45,26 +45,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// milliseconds of the catalog, so a big change (a `tar x`) does not hold
 /// up the drive.
 const NODES_PER_TURN: usize = 500;
-
-/// Record bytes joined onto this device's last checkpoint at a time, when
-/// the next is made: what that costs in memory, whatever the namespace.
-const CHECKPOINT_BATCH: usize = 4 << 20;
-
-/// What the next checkpoint of this device is joined onto: the last one,
-/// in the catalog, or the one the batch before made.
-enum Source<'c> {
-    Kept(rusqlite::blob::Blob<'c>),
-    Made(std::fs::File),
-}
-
-impl std::io::Read for Source<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Source::Kept(blob) => blob.read(buf),
-            Source::Made(file) => file.read(buf),
-        }
-    }
-}
 
 /// The state of the room, apart from the catalog's tables.
 pub(super) struct Devices {
@@ -208,16 +188,16 @@ impl Devices {
         self.merged.lock().expect("merged state lock")
     }
 
-    /// The merged state, made from the catalog first if no other device's
+    /// Makes the merged state from the catalog if no other device's
     /// records were merged yet: called before the first is kept. Passes
     /// run one at a time and only they add records, so none is added
     /// between the reading and the keeping.
-    fn others(&self, cat: &Catalog) -> VfsResult<MutexGuard<'_, Option<Merged>>> {
+    fn others(&self, cat: &Catalog) -> VfsResult<()> {
         if self.merged().is_none() {
             let made = store::rebuild(cat, &self.root, &self.me)?.0;
             self.merged().get_or_insert(made);
         }
-        Ok(self.merged())
+        Ok(())
     }
 
     /// After which of its records another machine revoked this one.
@@ -515,62 +495,29 @@ impl Devices {
         }
         // The kept checkpoint streams into the next with a batch of
         // records at a time (checkpoint::join): memory for a batch, not for
-        // the namespace.
-        let mut base: Option<(join::At, Source)> = None;
-        match store::kept_state(cat, me)? {
-            Some((seq, Ok((link, blob)))) => base = Some((join::At { device: me, seq, link }, Source::Kept(blob))),
+        // the namespace, in a few rounds at most.
+        let kept = match store::kept_state(cat, me)? {
+            Some((seq, Ok((link, blob)))) => Some((join::At { device: me, seq, link }, blob)),
             // Made again from every record (all are kept).
-            Some((seq, Err(e))) => tracing::error!(seq, error = %e, "this device's kept checkpoint"),
-            None => {}
-        }
-        loop {
-            let after = base.as_ref().map_or(0, |(at, _)| at.seq);
-            let batch = store::placed_after(cat, me, after, CHECKPOINT_BATCH)?;
-            let Some(&(last, _)) = batch.last() else { break };
-            let mut records = Merged::default();
-            let mut link = NO_LINK;
-            for (seq, bytes) in batch {
+            Some((seq, Err(e))) => {
+                tracing::error!(seq, error = %e, "this device's kept checkpoint");
+                None
+            }
+            None => None,
+        };
+        let budget = (since as usize / join::ROUNDS).clamp(join::BATCH_MIN, join::BATCH_MAX);
+        let batch = |after: u64| -> VfsResult<Option<join::Batch>> {
+            let mut batch = None;
+            for (seq, bytes) in store::placed_after(cat, me, after, budget)? {
                 let opened = log::open_record(&self.root, &bytes, me, seq, Some(&self.me.public()).filter(|_| seq > 1))
                     .map_err(|e| sync_err(format!("this device's record {seq}: {e}")))?;
-                // A revocation that changes what counts is applied again,
-                // counted: no record of this device is past its own cuts.
-                if !records.apply(&opened.record) {
-                    let _ = records.apply(&opened.record);
-                }
-                link = opened.link;
+                batch
+                    .get_or_insert_with(join::Batch::default)
+                    .add(&opened.record, opened.link);
             }
-            let mut file = scratch()?;
-            let mut out = std::io::BufWriter::new(&mut file);
-            match base.take() {
-                None => checkpoint::seal_to(&mut out, me, last, link, &records)?,
-                Some((at, from)) => {
-                    let kept = matches!(from, Source::Kept(_));
-                    match join::seal_joined_to(from, &at, &records, last, link, &mut out) {
-                        Ok(()) => {}
-                        Err(join::JoinError::Base(e)) if kept => {
-                            tracing::error!(seq = at.seq, error = %e, "this device's kept checkpoint: made again from every record");
-                            continue;
-                        }
-                        Err(join::JoinError::Base(e)) => {
-                            return Err(sync_err(format!("this device's checkpoint as it was being made: {e}")))
-                        }
-                        Err(join::JoinError::Io(e)) => return Err(e.into()),
-                    }
-                }
-            }
-            out.flush()?;
-            drop(out);
-            file.rewind()?;
-            base = Some((
-                join::At {
-                    device: me,
-                    seq: last,
-                    link,
-                },
-                Source::Made(file),
-            ));
-        }
-        let Some((join::At { seq, link, .. }, Source::Made(mut file))) = base else {
+            Ok(batch)
+        };
+        let Some((join::At { seq, link, .. }, mut file)) = join::chain(me, kept, batch, scratch)? else {
             return Ok(None);
         };
         file.seek(std::io::SeekFrom::End(0))?;
@@ -599,9 +546,10 @@ impl Devices {
     /// its id), to be logged by the next pass: its records after the last
     /// one merged here stop counting.
     fn ask_revoke(&self, cat: &Catalog, who: &str) -> VfsResult<Revoked> {
-        let names = match self.merged().as_ref() {
-            Some(merged) => merged.device_names(),
-            // Only this machine's records: no other machine to revoke.
+        let names = self.merged().as_ref().map(Merged::device_names);
+        // Only this machine's records: no other machine to revoke.
+        let names = match names {
+            Some(names) => names,
             None => [(self.me.id, store::device_name(cat)?)].into(),
         };
         let known = store::devices(cat)?;
@@ -1215,8 +1163,9 @@ impl Vfs {
                 }
             };
             // Something of another device is about to be merged.
-            self.blocking(|vfs| vfs.read_catalog(|cat| vfs.devices.others(cat).map(drop)))
-                .await?;
+            // On the writing connection: this machine's records sealed and
+            // not yet committed count too.
+            self.blocking(|vfs| vfs.devices.others(&vfs.lock().catalog)).await?;
             let cut = self
                 .devices
                 .merged()

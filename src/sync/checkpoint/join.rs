@@ -6,7 +6,8 @@
 //! records since, not for the namespace.
 
 use std::collections::btree_map;
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
 use std::iter::Peekable;
 use std::marker::PhantomData;
 
@@ -14,7 +15,7 @@ use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 
 use super::{Body, FORMAT};
 use crate::sync::log::Link;
-use crate::sync::merge::{each_table, DeviceId, EachTable, State, Table};
+use crate::sync::merge::{each_table, DeviceId, EachTable, Record, State, Table};
 
 /// Why a join stopped.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,103 @@ pub fn seal_joined_to(
     parsed.map_err(|e| JoinError::Base(e.to_string()))?;
     joiner.out.flush()?;
     Ok(())
+}
+
+/// Records joined at a time onto the checkpoint made so far: a part of
+/// those since the last checkpoint, so that at most about this many
+/// rounds read and write it; but no less than [`BATCH_MIN`] bytes, nor
+/// more than [`BATCH_MAX`] (a record's state takes about 2.5 times its
+/// bytes in memory).
+pub const ROUNDS: usize = 8;
+pub const BATCH_MIN: usize = 4 << 20;
+pub const BATCH_MAX: usize = 16 << 20;
+
+/// The state of a batch of one device's records, and the number and link
+/// of its last.
+#[derive(Default)]
+pub struct Batch {
+    pub records: State,
+    pub seq: u64,
+    pub link: Link,
+}
+
+impl Batch {
+    /// Adds the next record, whose link is `link`.
+    pub fn add(&mut self, record: &Record, link: Link) {
+        // A revocation that changes what counts stops `apply` before the
+        // record's other operations: applied again, they count (a device
+        // never revokes itself, so none of its own records is cut).
+        if !self.records.apply(record) {
+            let _ = self.records.apply(record);
+        }
+        (self.seq, self.link) = (record.seq, link);
+    }
+}
+
+/// What the next checkpoint is joined onto: the last one kept, or the one
+/// the batch before made.
+enum Source<R> {
+    Kept(R),
+    Made(File),
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Kept(r) => r.read(buf),
+            Source::Made(f) => f.read(buf),
+        }
+    }
+}
+
+/// `device`'s next checkpoint, made batch by batch onto `kept` (the last
+/// one: where it was, and its bytes): `batch(after)` gives the records
+/// after record `after`, or `None` once there are none, and each batch's
+/// checkpoint is written to a file from `scratch`, which the next batch
+/// reads. The last file, rewound, and where it is; `None` if there was
+/// no record after `kept`. A kept checkpoint that is not the one expected
+/// is made again from every record.
+pub fn chain<R: Read, E: From<io::Error>>(
+    device: DeviceId,
+    kept: Option<(At, R)>,
+    mut batch: impl FnMut(u64) -> Result<Option<Batch>, E>,
+    scratch: impl Fn() -> io::Result<File>,
+) -> Result<Option<(At, File)>, E> {
+    let mut base = kept.map(|(at, r)| (at, Source::Kept(r)));
+    loop {
+        let after = base.as_ref().map_or(0, |(at, _)| at.seq);
+        let Some(Batch { records, seq, link }) = batch(after)? else {
+            break;
+        };
+        let mut file = scratch()?;
+        let mut out = io::BufWriter::new(&mut file);
+        match base.take() {
+            None => super::seal_to(&mut out, device, seq, link, &records)?,
+            Some((at, from)) => {
+                let kept = matches!(from, Source::Kept(_));
+                match seal_joined_to(from, &at, &records, seq, link, &mut out) {
+                    Ok(()) => {}
+                    Err(JoinError::Base(e)) if kept => {
+                        tracing::error!(seq = at.seq, error = %e, "the kept checkpoint: made again from every record");
+                        continue;
+                    }
+                    Err(JoinError::Base(e)) => {
+                        let e = format!("the checkpoint made a batch before: {e}");
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e).into());
+                    }
+                    Err(JoinError::Io(e)) => return Err(e.into()),
+                }
+            }
+        }
+        out.flush()?;
+        drop(out);
+        file.rewind()?;
+        base = Some((At { device, seq, link }, Source::Made(file)));
+    }
+    Ok(match base {
+        Some((at, Source::Made(file))) => Some((at, file)),
+        _ => None,
+    })
 }
 
 struct Joiner<'a, W> {
@@ -206,12 +304,13 @@ impl<'de, W: Write> Visitor<'de> for States<'_, '_, W> {
             }
             seen.push(key);
         }
-        // A table the kept checkpoint lacks: whole from the records.
-        each_table(&mut Missing {
-            seen: &seen,
-            joiner: &mut *joiner,
-            _error: std::marker::PhantomData::<A::Error>,
-        })?;
+        // Every table, as `seal_to` writes them: one missing would be
+        // dropped from every later checkpoint.
+        let mut all = Missing(&seen, None);
+        let Ok(()) = each_table(&mut all);
+        if let Some(name) = all.1 {
+            return Err(A::Error::custom(format!("no table {name:?}")));
+        }
         joiner.write(b"}")
     }
 }
@@ -237,21 +336,17 @@ impl<'de, A: MapAccess<'de>, W: Write> EachTable for One<'de, '_, '_, '_, '_, A,
     }
 }
 
-struct Missing<'s, 'j, 'b, W, E> {
-    seen: &'s [String],
-    joiner: &'j mut Joiner<'b, W>,
-    _error: PhantomData<E>,
-}
+/// The first table not among those seen.
+struct Missing<'s>(&'s [String], Option<&'static str>);
 
-impl<W: Write, E: serde::de::Error> EachTable for Missing<'_, '_, '_, W, E> {
-    type Error = E;
+impl EachTable for Missing<'_> {
+    type Error = std::convert::Infallible;
 
-    fn table<T: Table>(&mut self) -> Result<(), E> {
-        if self.seen.iter().any(|s| s == T::NAME) {
-            return Ok(());
+    fn table<T: Table>(&mut self) -> Result<(), Self::Error> {
+        if self.1.is_none() && !self.0.iter().any(|s| s == T::NAME) {
+            self.1 = Some(T::NAME);
         }
-        let mut records = self.joiner.open_table::<T, E>()?;
-        self.joiner.close_table::<T, E>(&mut records)
+        Ok(())
     }
 }
 
@@ -376,6 +471,46 @@ mod tests {
         // An entry of a later record than the checkpoint's.
         let later = text.replace("\"seq\":2,\"idx\"", "\"seq\":3,\"idx\"");
         assert!(refused(later.as_bytes(), &at).contains("record 3"));
+    }
+
+    #[test]
+    fn a_checkpoint_made_batch_by_batch_is_the_one_made_at_once() {
+        let mut log: Vec<Record> = (1..=6)
+            .map(|seq| record(7, seq, vec![create(seq as u128 * 2 + 1, &format!("f{seq}"))]))
+            .collect();
+        log[3].ops.insert(0, (1, Op::Revoke { device: 9, after: 1 }));
+        let link = |seq: u64| [seq as u8; 32];
+        let at = |seq: u64| At {
+            device: 7,
+            seq,
+            link: link(seq),
+        };
+        let whole = seal(7, 6, link(6), &merge::merge(&log));
+        let one_at_a_time = |after: u64| -> io::Result<Option<Batch>> {
+            Ok(log.iter().find(|r| r.seq == after + 1).map(|r| {
+                let mut batch = Batch::default();
+                batch.add(r, link(r.seq));
+                batch
+            }))
+        };
+        let made = |kept: Option<&[u8]>| {
+            let (at, mut file) = chain(7, kept.map(|k| (at(2), k)), one_at_a_time, tempfile::tempfile)
+                .unwrap()
+                .expect("records after the kept checkpoint");
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).unwrap();
+            ((at.seq, at.link), bytes)
+        };
+        let kept = seal(7, 2, link(2), &merge::merge(&log[..2]));
+        assert_eq!(made(Some(&kept)), ((6, link(6)), whole.clone()));
+        assert_eq!(made(None), ((6, link(6)), whole.clone()), "no kept checkpoint");
+        assert_eq!(
+            made(Some(&kept[..kept.len() - 5])),
+            ((6, link(6)), whole.clone()),
+            "a damaged one, made again"
+        );
+        let none_after = chain(7, Some((at(6), &whole[..])), one_at_a_time, tempfile::tempfile).unwrap();
+        assert!(none_after.is_none());
     }
 
     #[test]

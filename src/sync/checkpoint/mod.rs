@@ -165,7 +165,7 @@ pub fn retain(checkpoints: &[(u64, i64)], now_ns: i64, keep_days: u32) -> Retain
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::sync::merge::{self, Attrs, Kind, Op, Record};
 
