@@ -708,14 +708,28 @@ async fn each_verified_segment(
 
 /// A whole small version in memory, verified (the namespace snapshot).
 pub async fn download_to_vec(grid: Arc<Grid>, cap: Capability) -> Result<Vec<u8>, DownloadError> {
-    let reader = GridReader::open(grid, cap).await?;
-    let mut out = Vec::with_capacity(reader.capability().layout.size as usize);
-    each_verified_segment(&reader, |segment| {
-        out.extend_from_slice(segment);
-        Ok(())
-    })
-    .await?;
+    let mut out = Vec::with_capacity(cap.layout.size as usize);
+    download_into(grid, cap, &mut out, Path::new("memory")).await?;
     Ok(out)
+}
+
+/// A whole version written to `out` (named `what` in errors) segment by
+/// segment as each is verified: a checkpoint, tens of MB, not held in
+/// memory. Whole and checked only once this returns `Ok`.
+pub async fn download_into(
+    grid: Arc<Grid>,
+    cap: Capability,
+    out: &mut impl std::io::Write,
+    what: &Path,
+) -> Result<(), DownloadError> {
+    let reader = GridReader::open(grid, cap).await?;
+    each_verified_segment(&reader, |segment| {
+        out.write_all(segment).map_err(|source| DownloadError::Output {
+            path: what.to_owned(),
+            source,
+        })
+    })
+    .await
 }
 
 /// Reads every share of a version in full and verifies every block.

@@ -429,9 +429,9 @@ fn run(actions: Vec<Action>, order: Vec<usize>) -> Result<(), TestCaseError> {
         assert!(parts[order[i % order.len()] % 3].apply(r));
     }
     let mut joined = parts[2].clone();
-    joined.join(&parts[0]);
-    joined.join(&parts[1]);
-    joined.join(&parts[0]);
+    joined.join(parts[0].clone());
+    joined.join(parts[1].clone());
+    joined.join(parts[0].clone());
     prop_assert_eq!(&render(&joined), &trees[0], "joining states differs");
     check_well_formed(&trees[0])?;
     // A machine's checkpoint made from its last one and the records since,

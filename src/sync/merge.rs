@@ -689,24 +689,26 @@ impl State {
 
     /// Everything `other` knows, added to this state. Exact for states
     /// that know the same revocations; otherwise apply the records again.
-    pub fn join(&mut self, other: &State) {
-        struct Join<'a>(&'a mut State, &'a State);
+    pub fn join(&mut self, mut other: State) {
+        // Entries moved, not copied: `other` may be a checkpoint of a
+        // whole namespace.
+        struct Join<'a>(&'a mut State, &'a mut State);
         impl EachTable for Join<'_> {
             type Error = std::convert::Infallible;
             fn table<T: Table>(&mut self) -> Result<(), Self::Error> {
                 let into = T::of_mut(self.0);
-                for (key, value) in T::of(self.1) {
-                    match into.get_mut(key) {
-                        Some(had) => T::join(had, value),
-                        None => {
-                            into.insert(key.clone(), value.clone());
+                for (key, value) in std::mem::take(T::of_mut(self.1)) {
+                    match into.entry(key) {
+                        std::collections::btree_map::Entry::Occupied(mut had) => T::join(had.get_mut(), &value),
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            slot.insert(value);
                         }
                     }
                 }
                 Ok(())
             }
         }
-        let Ok(()) = each_table(&mut Join(self, other));
+        let Ok(()) = each_table(&mut Join(self, &mut other));
         self.cut = cutoffs(&self.revokes);
     }
 

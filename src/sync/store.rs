@@ -414,15 +414,16 @@ pub fn put_device(cat: &Catalog, d: &Device) -> Result<(), CatalogError> {
 /// among them.
 pub fn rebuild(cat: &Catalog, root: &RootCap, me: &Identity) -> Result<(State, u64), CatalogError> {
     let bases = checkpoint_bases(cat)?;
+    let read: BTreeMap<DeviceId, u64> = bases.iter().map(|(d, (seq, _))| (*d, *seq)).collect();
     let mut merged = State::default();
-    let (hlc, again) = replay(cat, root, me, &bases, &mut merged)?;
+    let (hlc, again) = replay(cat, root, me, bases, &mut merged)?;
     if again {
         // A revocation changed what counts: every record again, with every
-        // revocation known.
+        // revocation known (the checkpoints read again, not kept twice).
         merged = merged.restarted();
-        replay(cat, root, me, &bases, &mut merged)?;
+        replay(cat, root, me, checkpoint_bases(cat)?, &mut merged)?;
     }
-    for (device, (seq, _)) in &bases {
+    for (device, seq) in &read {
         if let Some(cut) = merged.revoked().get(device).filter(|cut| *cut < seq) {
             // Its checkpoint cannot be cut: SEVERAL_MACHINES.md, gaps.
             tracing::warn!(
@@ -510,18 +511,20 @@ fn replay(
     cat: &Catalog,
     root: &RootCap,
     me: &Identity,
-    bases: &BTreeMap<DeviceId, (u64, State)>,
+    bases: BTreeMap<DeviceId, (u64, State)>,
     merged: &mut State,
 ) -> Result<(u64, bool), CatalogError> {
     let keys: BTreeMap<DeviceId, PublicKey> = devices(cat)?.into_iter().map(|d| (d.id, d.key)).collect();
     let mut hlc = 0;
-    for (_, state) in bases.values() {
-        merged.join(state);
+    let mut read = BTreeMap::new();
+    for (device, (seq, state)) in bases {
         hlc = hlc.max(state.max_hlc());
+        merged.join(state);
+        read.insert(device, seq);
     }
     let mut again = false;
     for (device, seq, bytes) in all_records(cat)? {
-        if bases.get(&device).is_some_and(|(base, _)| seq <= *base) {
+        if read.get(&device).is_some_and(|base| seq <= *base) {
             continue;
         }
         let key = if device == me.id {
@@ -651,14 +654,14 @@ pub fn put_read_checkpoint(
     cat: &mut Catalog,
     device: DeviceId,
     cp: &log::Checkpoint,
-    state: &[u8],
+    state: &std::fs::File,
     made_ns: i64,
 ) -> Result<(), CatalogError> {
     let kept = KeptCheckpoint {
         seq: cp.seq,
         link: cp.link,
         cap: cp.cap.clone(),
-        size: state.len() as u64,
+        size: state.metadata()?.len(),
         made_ns,
     };
     put_checkpoint(cat, device, &kept, state)

@@ -5,7 +5,7 @@
 //! arrived after the changes it logs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Seek;
+use std::io::{Seek, Write};
 
 use super::*;
 use crate::namespace::RootCap;
@@ -1045,17 +1045,30 @@ impl Vfs {
         Ok(())
     }
 
-    /// `device`'s checkpoint `cp`, fetched and checked.
-    async fn fetch_checkpoint(&self, device: DeviceId, cp: &log::Checkpoint) -> Result<(Vec<u8>, Merged), String> {
+    /// `device`'s checkpoint `cp`, fetched and checked: its bytes, in an
+    /// unnamed file in `spill/` (rewound), and its state.
+    async fn fetch_checkpoint(
+        &self,
+        device: DeviceId,
+        cp: &log::Checkpoint,
+    ) -> Result<(std::fs::File, Merged), String> {
         let cap: crate::codec::Capability = cp.cap.parse().map_err(|e| format!("its capability: {e}"))?;
         if cap.layout.size > checkpoint::MAX_BYTES {
             return Err(format!("{} bytes, more than a checkpoint may hold", cap.layout.size));
         }
-        let bytes = crate::download::download_to_vec(self.grid.clone(), cap)
+        let spill = |e: std::io::Error| format!("a file in spill/ to fetch it to: {e}");
+        let mut file = self.grid.budget.scratch_file().map_err(spill)?;
+        let what = std::path::Path::new("a checkpoint's file in spill/");
+        let mut out = std::io::BufWriter::new(&mut file);
+        crate::download::download_into(self.grid.clone(), cap, &mut out, what)
             .await
             .map_err(|e| e.to_string())?;
-        let state = checkpoint::open(&bytes, device, cp.seq, &cp.link)?;
-        Ok((bytes, state))
+        out.flush().map_err(spill)?;
+        drop(out);
+        file.rewind().map_err(spill)?;
+        let state = checkpoint::open_from(std::io::BufReader::new(&file), device, cp.seq, &cp.link)?;
+        file.rewind().map_err(spill)?;
+        Ok((file, state))
     }
 
     /// Reads revoked `device`'s log again so that nothing past `cut`
@@ -1074,9 +1087,9 @@ impl Vfs {
         let (mut prev, mut from, mut base) = (NO_LINK, 1, None);
         if let Some(cp) = checkpoint::pick(head, Some(cut)) {
             match self.fetch_checkpoint(device, cp).await {
-                Ok((bytes, _)) => {
+                Ok((file, _)) => {
                     (prev, from) = (cp.link, cp.seq + 1);
-                    base = Some((cp.clone(), bytes));
+                    base = Some((cp.clone(), file));
                 }
                 Err(why) => return Ok(Err(why)),
             }
@@ -1103,8 +1116,8 @@ impl Vfs {
             let mut st = vfs.lock();
             let cat = &mut st.catalog;
             store::forget_read(cat, device)?;
-            if let Some((cp, bytes)) = &base {
-                store::put_read_checkpoint(cat, device, cp, bytes, made_ns)?;
+            if let Some((cp, file)) = &base {
+                store::put_read_checkpoint(cat, device, cp, file, made_ns)?;
             }
             for (seq, bytes) in &records {
                 store::keep_record(cat, device, *seq, bytes, true)?;
@@ -1240,7 +1253,7 @@ impl Vfs {
         head_time_ns: i64,
         cp: &log::Checkpoint,
     ) -> VfsResult<Result<(), String>> {
-        let (bytes, state) = match self.fetch_checkpoint(device, cp).await {
+        let (file, state) = match self.fetch_checkpoint(device, cp).await {
             Ok(got) => got,
             Err(why) => return Ok(Err(why)),
         };
@@ -1258,7 +1271,7 @@ impl Vfs {
                 // put_checkpoint changes nothing if it fails (so other
                 // changes in the batch are not rolled back with it).
                 Ok(
-                    store::put_read_checkpoint(&mut st.catalog, device, &cp, &bytes, head_time_ns)
+                    store::put_read_checkpoint(&mut st.catalog, device, &cp, &file, head_time_ns)
                         .and_then(|()| store::put_device(&st.catalog, &row))
                         .and_then(|()| st.catalog.commit()),
                 )
@@ -1274,7 +1287,7 @@ impl Vfs {
             let mut merged = self.devices.merged();
             let merged = merged.as_mut().expect("made before another device's state is read");
             let before = merged.revoked().clone();
-            merged.join(&state);
+            merged.join(state);
             merged.revoked() != &before
         };
         if cuts_changed {

@@ -249,12 +249,12 @@ mod tests {
         ];
         let all = merge::merge(a.iter().chain(&b));
         let mut joined = merge::merge(&a[..2]);
-        joined.join(&merge::merge(&b[..2]));
+        joined.join(merge::merge(&b[..2]));
         for r in [&a[2], &b[2]] {
             if !joined.apply(r) {
                 let mut again = joined.restarted();
-                again.join(&merge::merge(&a[..2]));
-                again.join(&merge::merge(&b[..2]));
+                again.join(merge::merge(&a[..2]));
+                again.join(merge::merge(&b[..2]));
                 for r in [&a[2], &b[2]] {
                     let _ = again.apply(r);
                 }
