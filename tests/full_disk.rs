@@ -202,8 +202,19 @@ fn enospc_then_recovery_once_space_is_freed() {
     assert!(std::fs::read(mnt.file("keep")).unwrap() == keep);
     std::fs::remove_file(mnt.file("huge")).unwrap();
 
+    // The kernel sends a file's release after close(2) has returned: an
+    // unlink that reaches the daemon first finds the file still open and
+    // leaves its bytes to the release (open and unlinked, it stays
+    // readable), so the space may come back a moment later.
     let after = bytes(8 << 20, 3);
-    std::fs::write(mnt.file("after"), &after).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = std::fs::write(mnt.file("after"), &after) {
+        assert!(
+            e.raw_os_error() == Some(libc::ENOSPC) && std::time::Instant::now() < deadline,
+            "the space of a removed file never came back: {e}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     home.ok(&["sync"]);
     assert!(mnt.unmount().success());
     std::fs::remove_dir_all(home.path().join("cache")).unwrap();
