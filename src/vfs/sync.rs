@@ -148,9 +148,10 @@ impl Devices {
     pub(super) fn open(catalog: &Catalog, config: &crate::config::Config) -> VfsResult<Devices> {
         let root = crate::namespace::root_cap(catalog).map_err(|e| sync_err(e.to_string()))?;
         let me = store::identity(catalog)?;
-        let (merged, hlc) = match store::devices(catalog)?.iter().any(|d| d.id != me.id) {
-            true => store::rebuild(catalog, &root, &me).map(|(m, hlc)| (Some(m), hlc))?,
-            false => (None, store::own_hlc(catalog, &root, &me)?),
+        // `sync_devices` holds only other machines (as `cairn devices` reads it).
+        let (merged, hlc) = match store::devices(catalog)?.is_empty() {
+            false => store::rebuild(catalog, &root, &me).map(|(m, hlc)| (Some(m), hlc))?,
+            true => (None, store::own_hlc(catalog, &root, &me)?),
         };
         let hlc = clamp_heard(hlc);
         Ok(Devices {
@@ -517,12 +518,10 @@ impl Devices {
             }
             Ok(batch)
         };
-        let Some((join::At { seq, link, .. }, mut file)) = join::chain(me, kept, batch, scratch)? else {
+        let Some((join::At { seq, link, .. }, file)) = join::chain(me, kept, batch, scratch)? else {
             return Ok(None);
         };
-        file.seek(std::io::SeekFrom::End(0))?;
-        let size = file.stream_position()?;
-        file.rewind()?;
+        let size = file.metadata()?.len();
         if size > checkpoint::MAX_BYTES {
             tracing::error!(
                 bytes = size,
@@ -1175,10 +1174,12 @@ impl Vfs {
                     continue;
                 }
             };
-            // Something of another device is about to be merged.
-            // On the writing connection: this machine's records sealed and
-            // not yet committed count too.
-            self.blocking(|vfs| vfs.devices.others(&vfs.lock().catalog)).await?;
+            // Something of another device is about to be merged. Made on
+            // the writing connection: this machine's records sealed and not
+            // yet committed count too. Once made, nothing to wait for.
+            if self.devices.merged().is_none() {
+                self.blocking(|vfs| vfs.devices.others(&vfs.lock().catalog)).await?;
+            }
             let cut = self
                 .devices
                 .merged()
