@@ -239,6 +239,16 @@ impl SealedVersion {
         })
     }
 
+    /// Starts reading chunk `index` from the disk, if the cache holds it,
+    /// for a read that will come to it soon.
+    pub fn will_need(&self, index: u64) {
+        if let Ok(Located { held: Some(path), .. }) = self.locate(index) {
+            if let Ok(file) = File::open(path) {
+                crate::sys::will_need(&file);
+            }
+        }
+    }
+
     fn read_in_chunk(&self, index: u64, within: u64, out: &mut [u8]) -> io::Result<()> {
         self.open_checked(index)?.read_exact_at(out, within)
     }

@@ -199,7 +199,22 @@ impl Vfs {
         if v.cap.is_some() {
             self.read_ahead(v, end.div_ceil(cs));
         }
-        Ok(self.sealed(v).read_at(offset, buf)?)
+        let sealed = self.sealed(v);
+        // A read entering a chunk asks the disk for the one READ_AHEAD_SEGMENTS
+        // further on (the first read of a file for all of those before it).
+        let first = offset / cs;
+        if offset % cs == 0 || first != (end - 1) / cs {
+            let next = (end - 1) / cs + 1;
+            let from = if offset == 0 {
+                next
+            } else {
+                next + READ_AHEAD_SEGMENTS - 1
+            };
+            for index in from..(next + READ_AHEAD_SEGMENTS).min(v.size.div_ceil(cs)) {
+                sealed.will_need(index);
+            }
+        }
+        Ok(sealed.read_at(offset, buf)?)
     }
 
     /// A reader of `v`'s bytes on the grid (kept by the storage index of
