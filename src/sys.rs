@@ -229,6 +229,17 @@ pub fn will_need(file: &File) {
     let _ = file;
 }
 
+/// Gives the kernel back the free pages inside the heap. glibc returns only
+/// the heap's top, so after a large passing working set (a render of the
+/// whole tree) the daemon's RSS would stay at its peak.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases pages of free blocks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Makes a directory's entries durable. NTFS journals its metadata and
 /// Windows cannot open a directory as a file, so there it is a no-op.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

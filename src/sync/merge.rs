@@ -46,6 +46,7 @@
 //!   (revoked before it) counts for nothing, so of two machines revoking
 //!   each other the earlier revocation stands.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use crate::catalog::Kind;
@@ -834,7 +835,8 @@ pub struct Entry {
 pub type Tree = BTreeMap<Fid, Entry>;
 
 /// A node before placement: where it claims to be, and what it holds.
-struct Node {
+/// Names are the state's own (render holds one of these per node).
+struct Node<'a> {
     kind: Kind,
     origin: Fid,
     content: Option<Vid>,
@@ -842,9 +844,16 @@ struct Node {
     members: Vec<(Ts, Vid)>,
     /// Its location and the claim's time; `None` for a conflict copy never
     /// moved, which sits where its origin is, just after it.
-    loc: Option<(Ts, Loc)>,
+    loc: Option<(Ts, Claimed<'a>)>,
     /// When its branch began (conflict copies).
     branched: Option<Ts>,
+}
+
+/// A [`Loc`] with its directories by their merged ids.
+struct Claimed<'a> {
+    parent: Fid,
+    name: &'a str,
+    from: (Fid, &'a str),
 }
 
 /// The versions of each file by branch: (file, branch root, or `None` for
@@ -953,23 +962,25 @@ fn aliases(state: &State) -> BTreeMap<Fid, Fid> {
 pub fn render(state: &State) -> Tree {
     let alias = aliases(state);
     let canon = |f: Fid| *alias.get(&f).unwrap_or(&f);
-    let canon_loc = |loc: &Loc| Loc {
-        parent: canon(loc.parent),
-        name: loc.name.clone(),
-        from: (canon(loc.from.0), loc.from.1.clone()),
-    };
-    // Every location claimed for each node, by any of its ids.
-    let mut claimed: BTreeMap<Fid, Vec<(Ts, Loc)>> = BTreeMap::new();
-    for ((fid, _), (ts, loc)) in &state.locs {
-        claimed.entry(canon(*fid)).or_default().push((*ts, canon_loc(loc)));
-    }
-    for (fid, (ts, (loc, ..))) in &state.creates {
-        claimed.entry(canon(*fid)).or_default().push((*ts, canon_loc(loc)));
+    // The latest location claimed for each node, by any of its ids (no two
+    // claims have one time).
+    let mut claimed: BTreeMap<Fid, (Ts, &Loc)> = BTreeMap::new();
+    let claims = state.locs.iter().map(|((fid, _), (ts, loc))| (fid, ts, loc));
+    for (fid, ts, loc) in claims.chain(state.creates.iter().map(|(fid, (ts, (loc, ..)))| (fid, ts, loc))) {
+        let latest = claimed.entry(canon(*fid)).or_insert((*ts, loc));
+        if *ts > latest.0 {
+            *latest = (*ts, loc);
+        }
     }
     let latest = |fid: Fid| {
-        claimed
-            .get(&fid)
-            .and_then(|c| c.iter().max_by_key(|(ts, _)| *ts).cloned())
+        claimed.get(&fid).map(|&(ts, loc)| {
+            let claim = Claimed {
+                parent: canon(loc.parent),
+                name: &loc.name,
+                from: (canon(loc.from.0), &loc.from.1),
+            };
+            (ts, claim)
+        })
     };
     let mut nodes: BTreeMap<Fid, Node> = BTreeMap::new();
     let mut chains = branches(state);
@@ -977,7 +988,6 @@ pub fn render(state: &State) -> Tree {
         if alias.contains_key(fid) {
             continue;
         }
-        let latest = latest(*fid);
         let main = chains.remove(&(*fid, None)).unwrap_or_default();
         nodes.insert(
             *fid,
@@ -985,8 +995,8 @@ pub fn render(state: &State) -> Tree {
                 kind: *kind,
                 origin: *fid,
                 content: main.last().map(|v| v.1),
-                members: main.clone(),
-                loc: latest,
+                members: main,
+                loc: latest(*fid),
                 branched: None,
             },
         );
@@ -996,19 +1006,19 @@ pub fn render(state: &State) -> Tree {
             continue;
         };
         let copy = derived(fid, root);
-        let own = latest(copy);
         nodes.insert(
             copy,
             Node {
                 kind: Kind::File,
                 origin: fid,
                 content: chain.last().map(|v| v.1),
-                members: chain.clone(),
-                loc: own,
                 branched: Some(chain[0].0),
+                members: chain,
+                loc: latest(copy),
             },
         );
     }
+    drop(claimed);
     let mut deletes: BTreeMap<Fid, Vec<(Ts, &Seen)>> = BTreeMap::new();
     for ((fid, at), seen) in &state.deletes {
         deletes.entry(canon(*fid)).or_default().push((*at, seen));
@@ -1066,7 +1076,7 @@ pub fn render(state: &State) -> Tree {
             live_child.insert(place[&fid].0);
         }
     }
-    let mut tree = name_all(state, &nodes, &place, &live);
+    let mut tree = name_all(state, nodes, &place, &live);
     for (merged, into) in alias {
         if let Some(e) = tree.get_mut(&into) {
             e.aliases.push(merged);
@@ -1077,14 +1087,14 @@ pub fn render(state: &State) -> Tree {
 
 /// Where each node sits: (parent, name, claim, and whose change and when
 /// a conflict name would say), after every fallback.
-type Placed = BTreeMap<Fid, (Fid, String, Claim, Ts)>;
+type Placed<'a> = BTreeMap<Fid, (Fid, &'a str, Claim, Ts)>;
 /// The order of claims to a name: earliest first; a conflict copy never
 /// moved comes right after its origin's claim.
 type Claim = (Ts, u8, Fid);
 
 /// `links`: a live link of each node that has one; `nameless`: nodes
 /// that sit at [`NAMELESS`] whatever their location says.
-fn placements(nodes: &BTreeMap<Fid, Node>, links: &BTreeMap<Fid, Fid>, nameless: &BTreeSet<Fid>) -> Placed {
+fn placements<'a>(nodes: &BTreeMap<Fid, Node<'a>>, links: &BTreeMap<Fid, Fid>, nameless: &BTreeSet<Fid>) -> Placed<'a> {
     let is_dir = |f: &Fid| *f == ROOT || nodes.get(f).is_some_and(|n| n.kind == Kind::Dir);
     let valid = |fid: &Fid, parent: &Fid| is_dir(parent) || (*parent == NAMELESS && links.contains_key(fid));
     let mut place: Placed = BTreeMap::new();
@@ -1092,15 +1102,15 @@ fn placements(nodes: &BTreeMap<Fid, Node>, links: &BTreeMap<Fid, Fid>, nameless:
     for (fid, node) in nodes {
         if let Some((ts, loc)) = &node.loc {
             let parent = if nameless.contains(fid) { NAMELESS } else { loc.parent };
-            place.insert(*fid, (parent, loc.name.clone(), (*ts, 0, *fid), *ts));
+            place.insert(*fid, (parent, loc.name, (*ts, 0, *fid), *ts));
         }
     }
     // Moves into what is not a directory fall back.
-    let fallback = |place: &mut Placed, fell: &mut BTreeMap<Fid, u8>, fid: Fid| {
+    let fallback = |place: &mut Placed<'a>, fell: &mut BTreeMap<Fid, u8>, fid: Fid| {
         let times = fell.entry(fid).or_default();
         *times += 1;
         let node = &nodes[&fid];
-        let from = node.loc.as_ref().map(|(_, l)| l.from.clone());
+        let from = node.loc.as_ref().map(|(_, l)| l.from);
         let entry = place.get_mut(&fid).expect("placed");
         match from {
             Some((parent, name)) if *times == 1 && parent != entry.0 => {
@@ -1140,7 +1150,7 @@ fn placements(nodes: &BTreeMap<Fid, Node>, links: &BTreeMap<Fid, Fid>, nameless:
                 NAMELESS => links[&node.origin],
                 _ => node.origin,
             };
-            let (parent, name, (ts, ..), _) = place[&anchor].clone();
+            let (parent, name, (ts, ..), _) = place[&anchor];
             let branched = node.branched.expect("only conflict copies have no location");
             place.insert(*fid, (parent, name, (ts.max(branched), 1, *fid), branched));
         }
@@ -1168,7 +1178,7 @@ fn find_cycle(place: &Placed) -> Option<Vec<Fid>> {
 
 /// Names every live node: the earliest claim keeps a name, the others get
 /// conflict names.
-fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &BTreeSet<Fid>) -> Tree {
+fn name_all(state: &State, mut nodes: BTreeMap<Fid, Node>, place: &Placed, live: &BTreeSet<Fid>) -> Tree {
     let mut by_dir: BTreeMap<Fid, Vec<(&Claim, Fid)>> = BTreeMap::new();
     for fid in live {
         by_dir.entry(place[fid].0).or_default().push((&place[fid].2, *fid));
@@ -1178,17 +1188,17 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
         // Nameless nodes claim no name.
         if dir == NAMELESS {
             for (_, fid) in claims {
-                tree.insert(fid, entry(state, nodes, dir, NAMELESS_NAME.to_string(), fid));
+                tree.insert(fid, entry(state, &mut nodes, dir, NAMELESS_NAME.to_string(), fid));
             }
             continue;
         }
         claims.sort();
-        let mut taken: BTreeSet<String> = BTreeSet::new();
+        let mut taken: BTreeSet<Cow<str>> = BTreeSet::new();
         let mut losers = Vec::new();
         for (claim, fid) in claims {
-            let name = &place[&fid].1;
-            if taken.insert(name.clone()) {
-                tree.insert(fid, entry(state, nodes, dir, name.clone(), fid));
+            let name = place[&fid].1;
+            if taken.insert(Cow::Borrowed(name)) {
+                tree.insert(fid, entry(state, &mut nodes, dir, name.to_string(), fid));
             } else {
                 losers.push((claim, fid));
             }
@@ -1198,20 +1208,22 @@ fn name_all(state: &State, nodes: &BTreeMap<Fid, Node>, place: &Placed, live: &B
             let by = state.device_name(ts.device);
             let mut n = 1;
             let name = loop {
-                let name = conflict_name(&place[&fid].1, &by, ts.hlc, n);
-                if taken.insert(name.clone()) {
+                let name = conflict_name(place[&fid].1, &by, ts.hlc, n);
+                if taken.insert(Cow::Owned(name.clone())) {
                     break name;
                 }
                 n += 1;
             };
-            tree.insert(fid, entry(state, nodes, dir, name, fid));
+            tree.insert(fid, entry(state, &mut nodes, dir, name, fid));
         }
     }
     tree
 }
 
-fn entry(state: &State, nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, fid: Fid) -> Entry {
-    let node = &nodes[&fid];
+/// Takes `fid`'s node: each is named once, and what it held is freed as the
+/// tree grows.
+fn entry(state: &State, nodes: &mut BTreeMap<Fid, Node>, parent: Fid, name: String, fid: Fid) -> Entry {
+    let node = nodes.remove(&fid).expect("every live node is a node");
     let attrs = state.attrs_of(fid).or_else(|| state.attrs_of(node.origin));
     Entry {
         parent,
@@ -1220,7 +1232,7 @@ fn entry(state: &State, nodes: &BTreeMap<Fid, Node>, parent: Fid, name: String, 
         content: node.content,
         origin: node.origin,
         attrs: attrs.map(|(_, a)| a.clone()).unwrap_or_default(),
-        history: node.members.iter().map(|(_, v)| *v).collect(),
+        history: node.members.into_iter().map(|(_, v)| v).collect(),
         xattrs: state
             .xattrs_of(fid)
             .or_else(|| state.xattrs_of(node.origin))

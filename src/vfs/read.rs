@@ -6,6 +6,9 @@ use crate::download::Chunk;
 
 /// Segments fetched ahead of a sequential reader.
 pub(super) const READ_AHEAD_SEGMENTS: u64 = 4;
+/// Versions a read may find superseded and freed under it before it gives
+/// up (each is a writer's close during this one read).
+const READ_RETRIES: usize = 64;
 /// The longest a read waits for a chunk the read-ahead is fetching before
 /// fetching it itself.
 const READ_AHEAD_WAIT: Duration = Duration::from_secs(30);
@@ -168,9 +171,13 @@ impl Vfs {
     /// 256 page faults and an munmap each time (docs/BENCHMARKS.md).
     pub fn read(&self, fh: u64, offset: u64, buf: &mut [u8]) -> VfsResult<usize> {
         let (ino, copy) = self.handle(fh, false)?;
-        // A version superseded while we read may vanish; one retry picks up
-        // the newer one.
-        for attempt in 0..2 {
+        // A version superseded while we read may vanish, and one committed
+        // while we read may have its chunks evicted: the catalog is read
+        // again, for as long as it says something new (writers closing the
+        // file beside us). The same version, as the catalog has it, missing
+        // a chunk twice is the error.
+        let mut vanished = None;
+        for _ in 0..READ_RETRIES {
             if let Some(work) = copy.read().expect("working copy lock").as_ref() {
                 self.fetch_base(work, work.missing_base(offset, buf.len() as u64)?)?;
                 return Ok(work.read_at(offset, buf)?);
@@ -180,7 +187,12 @@ impl Vfs {
             };
             match self.read_version(&version, offset, buf) {
                 Ok(n) => return Ok(n),
-                Err(VfsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && attempt == 0 => continue,
+                Err(VfsError::Io(e))
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && vanished.as_ref() != Some(&(version.num, version.cap.clone())) =>
+                {
+                    vanished = Some((version.num, version.cap))
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -203,7 +215,7 @@ impl Vfs {
         // A read entering a chunk asks the disk for the one READ_AHEAD_SEGMENTS
         // further on (the first read of a file for all of those before it).
         let first = offset / cs;
-        if offset % cs == 0 || first != (end - 1) / cs {
+        if offset.is_multiple_of(cs) || first != (end - 1) / cs {
             let next = (end - 1) / cs + 1;
             let from = if offset == 0 {
                 next

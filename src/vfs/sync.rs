@@ -1339,6 +1339,8 @@ impl Vfs {
                         .set_meta(META_APPLIED, &serde_json::to_string(&seen).expect("serialises"))?;
                 }
                 st.catalog.commit()?;
+                drop((st, tree));
+                crate::sys::trim_heap();
                 Ok(applied)
             })
             .await?;
