@@ -962,13 +962,13 @@ fn aliases(state: &State) -> BTreeMap<Fid, Fid> {
 pub fn render(state: &State) -> Tree {
     let alias = aliases(state);
     let canon = |f: Fid| *alias.get(&f).unwrap_or(&f);
-    // The latest location claimed for each node, by any of its ids (no two
-    // claims have one time).
+    // The latest location claimed for each node, by any of its ids (of
+    // claims with one time, which only a forger makes, the last).
     let mut claimed: BTreeMap<Fid, (Ts, &Loc)> = BTreeMap::new();
     let claims = state.locs.iter().map(|((fid, _), (ts, loc))| (fid, ts, loc));
     for (fid, ts, loc) in claims.chain(state.creates.iter().map(|(fid, (ts, (loc, ..)))| (fid, ts, loc))) {
         let latest = claimed.entry(canon(*fid)).or_insert((*ts, loc));
-        if *ts > latest.0 {
+        if *ts >= latest.0 {
             *latest = (*ts, loc);
         }
     }

@@ -6,6 +6,14 @@ use crate::download::Chunk;
 
 /// Segments fetched ahead of a sequential reader.
 pub(super) const READ_AHEAD_SEGMENTS: u64 = 4;
+/// How far past chunk `c` a read entering it asks the disk for: a chunk
+/// file's own read-ahead starts only at its first read. It ramps up as the
+/// kernel's does, so a read of a file's first bytes asks for one chunk
+/// more, and a long sequential read keeps READ_AHEAD_SEGMENTS ahead.
+fn hinted_through(c: u64) -> u64 {
+    c + (c + 1).min(READ_AHEAD_SEGMENTS)
+}
+
 /// Versions a read may find superseded and freed under it before it gives
 /// up (each is a writer's close during this one read).
 const READ_RETRIES: usize = 64;
@@ -177,6 +185,7 @@ impl Vfs {
         // file beside us). The same version, as the catalog has it, missing
         // a chunk twice is the error.
         let mut vanished = None;
+        let mut last = VfsError::NotFound;
         for _ in 0..READ_RETRIES {
             if let Some(work) = copy.read().expect("working copy lock").as_ref() {
                 self.fetch_base(work, work.missing_base(offset, buf.len() as u64)?)?;
@@ -191,12 +200,13 @@ impl Vfs {
                     if e.kind() == std::io::ErrorKind::NotFound
                         && vanished.as_ref() != Some(&(version.num, version.cap.clone())) =>
                 {
-                    vanished = Some((version.num, version.cap))
+                    vanished = Some((version.num, version.cap));
+                    last = VfsError::Io(e);
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(VfsError::NotFound)
+        Err(last)
     }
 
     /// Reads from a sealed version, fetching from the grid the chunks the
@@ -212,17 +222,16 @@ impl Vfs {
             self.read_ahead(v, end.div_ceil(cs));
         }
         let sealed = self.sealed(v);
-        // A read entering a chunk asks the disk for the one READ_AHEAD_SEGMENTS
-        // further on (the first read of a file for all of those before it).
-        let first = offset / cs;
-        if offset.is_multiple_of(cs) || first != (end - 1) / cs {
-            let next = (end - 1) / cs + 1;
-            let from = if offset == 0 {
-                next
-            } else {
-                next + READ_AHEAD_SEGMENTS - 1
+        // A read entering a chunk asks the disk for the chunks up to
+        // `hinted_through` of it that the chunk before did not ask for.
+        let (first, last) = (offset / cs, (end - 1) / cs);
+        let entered = if offset.is_multiple_of(cs) { first } else { first + 1 };
+        if entered <= last {
+            let from = match entered {
+                0 => 1,
+                e => hinted_through(e - 1) + 1,
             };
-            for index in from..(next + READ_AHEAD_SEGMENTS).min(v.size.div_ceil(cs)) {
+            for index in from..=hinted_through(last).min(v.size.div_ceil(cs) - 1) {
                 sealed.will_need(index);
             }
         }

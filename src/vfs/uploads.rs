@@ -352,31 +352,37 @@ impl Vfs {
             })
         };
         for &(ino, num) in &marked {
-            // Under the file's copy lock: a seal takes an unchanged chunk
-            // from where its base takes it, which may be this version, so
-            // one in flight finishes (and is settled here) before this
-            // version goes, and one after reads its base settled.
-            let copy = {
-                let mut st = self.lock();
-                match Self::orphaned(&st, ino)? {
-                    true => None,
-                    false => Some(self.copy_lock(&mut st, ino)),
-                }
-            };
-            let guard = copy.as_ref().map(write_copy);
-            match self.settle_file(ino) {
+            match self.settle_beside_seals(ino) {
                 Ok(()) => freed = std::mem::take(&mut freed).and(version_dir(&self.cache, ino, num)),
                 Err(e) => {
                     tracing::warn!(ino, num, error = %e, "settling the versions of a file; its superseded version stays cached")
                 }
             }
-            drop(guard);
-            drop(copy);
-            self.let_go(ino)?;
         }
         freed.free();
         recorded?;
         Ok(next)
+    }
+
+    /// [`Vfs::settle_file`] under the file's copy lock, before a version of
+    /// it is freed: a seal takes an unchanged chunk from where its base
+    /// takes it, which may be that version, so one in flight finishes (and
+    /// is settled here) first, and one after reads its base settled. The
+    /// upload loop waits meanwhile for a seal of the file in flight.
+    fn settle_beside_seals(&self, ino: Ino) -> VfsResult<()> {
+        let copy = {
+            let mut st = self.lock();
+            match Self::orphaned(&st, ino)? {
+                true => None,
+                false => Some(self.copy_lock(&mut st, ino)),
+            }
+        };
+        let guard = copy.as_ref().map(write_copy);
+        let settled = self.settle_file(ino);
+        drop(guard);
+        drop(copy);
+        self.let_go(ino)?;
+        settled
     }
 
     /// Settles every cached version of `ino`, oldest first, so that none
