@@ -19,19 +19,19 @@ impl Vfs {
     }
 
     pub fn getxattr(&self, ino: Ino, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
+        // Only user.* is stored (setxattr refuses the rest). Saying so,
+        // rather than "no such attribute", lets `ls -l` stop asking for
+        // security.selinux and ACLs of every file: it remembers an
+        // unsupported answer per file system. Answered without taking a
+        // catalog connection: the kernel asks for security.capability
+        // before every write.
+        if !name.starts_with("user.") {
+            return Err(VfsError::NotSupported);
+        }
         self.read_catalog(|catalog| self.getxattr_in(catalog, ino, name, caller))
     }
 
     fn getxattr_in(&self, catalog: &Catalog, ino: Ino, name: &str, caller: Caller) -> VfsResult<Vec<u8>> {
-        // Only user.* is stored (setxattr refuses the rest). Saying so,
-        // rather than "no such attribute", lets `ls -l` stop asking for
-        // security.selinux and ACLs of every file: it remembers an
-        // unsupported answer per file system. Answered without reading the
-        // catalog: the kernel asks for security.capability before every
-        // write.
-        if !name.starts_with("user.") {
-            return Err(VfsError::NotSupported);
-        }
         let node = Self::node(catalog, ino)?;
         if let Some(key) = name.strip_prefix(XATTR_PREFIX) {
             let info = self.file_info(catalog, &node)?;
