@@ -765,8 +765,22 @@ impl VersionDecoder {
         }
     }
 
-    /// Rebuilds one plaintext segment from verified blocks, indexed by share
-    /// number; at least `needed` must be present.
+    /// Checks only that a block has its segment's block length, for a
+    /// caller that checks the decoded segment against a hash of its own.
+    pub fn check_block_len(&self, share: u16, segment: u64, block: &[u8]) -> Result<(), CodecError> {
+        let want = self.cap.layout.block_len(segment);
+        match block.len() == want {
+            true => Ok(()),
+            false => Err(CodecError::CorruptShare {
+                share,
+                what: format!("block {segment} is {} bytes, not {want}", block.len()),
+            }),
+        }
+    }
+
+    /// Rebuilds one plaintext segment from blocks, indexed by share
+    /// number; at least `needed` must be present, each of the block length
+    /// (verified, or the caller checks what comes out).
     pub fn decode_segment(&self, segment: u64, mut blocks: Vec<Option<Vec<u8>>>) -> Result<Vec<u8>, CodecError> {
         let layout = self.cap.layout;
         let k = layout.params.needed as usize;

@@ -224,6 +224,42 @@ impl GridReader {
     /// `needed` servers; every hedge delay without enough answers asks one
     /// more, and a failed or corrupt block is replaced at once.
     pub async fn read_segment(&self, segment: u64) -> Result<Vec<u8>, DownloadError> {
+        let blocks = self.fetch_blocks(segment, Check::EachBlock).await?;
+        Ok(self.decoder.decode_segment(segment, blocks)?)
+    }
+
+    /// Segment `segment` when its plaintext's SHA-256 is known and pinned
+    /// by the capability already (a mapped version's manifest records every
+    /// segment's): the blocks are decoded as they come and the plaintext
+    /// checked against `sha256`, one hash of the segment where checking
+    /// each block as well would hash it twice. Only a mismatch has every
+    /// block checked, the shares at fault set aside, and the segment read
+    /// again from the rest.
+    pub async fn read_segment_hashed(&self, segment: u64, sha256: &Hash) -> Result<Vec<u8>, DownloadError> {
+        let blocks = self.fetch_blocks(segment, Check::LengthOnly).await?;
+        // Blocks that match their hashes decode to the bytes the manifest
+        // hashed; a forged block to anything else.
+        if let Ok(plain) = self.decoder.decode_segment(segment, blocks) {
+            if sha256_of(&plain) == *sha256 {
+                return Ok(plain);
+            }
+        }
+        tracing::warn!(
+            storage_index = %self.cap.storage_index(),
+            segment,
+            "a segment did not match its hash: checking its blocks one by one"
+        );
+        let plain = self.read_segment(segment).await?;
+        match sha256_of(&plain) == *sha256 {
+            true => Ok(plain),
+            false => Err(DownloadError::SegmentMismatch { segment }),
+        }
+    }
+
+    /// `needed` blocks of `segment`, checked as `check` says: asked from
+    /// `needed` servers, with one more every hedge delay without enough
+    /// answers, and a failed or corrupt block replaced at once.
+    async fn fetch_blocks(&self, segment: u64, check: Check) -> Result<Vec<Option<Vec<u8>>>, DownloadError> {
         let layout = self.cap.layout;
         let k = layout.params.needed as usize;
         let si = self.cap.storage_index();
@@ -256,7 +292,7 @@ impl GridReader {
             tokio::select! {
                 Some(((share, idx), result)) = in_flight.next() => {
                     asked.remove(&share);
-                    self.take_block(share, idx, segment, result, &mut blocks, &mut have);
+                    self.take_block(share, idx, segment, result, check, &mut blocks, &mut have);
                 }
                 () = &mut hedge => {
                     // Those still out are slow: ask them last from now on,
@@ -271,21 +307,27 @@ impl GridReader {
                 }
             }
         }
-        Ok(self.decoder.decode_segment(segment, blocks)?)
+        Ok(blocks)
     }
 
-    /// Verifies one fetched block and keeps it, or records the share failed.
+    /// Checks one fetched block and keeps it, or records the share failed.
+    #[allow(clippy::too_many_arguments)]
     fn take_block(
         &self,
         share: u16,
         idx: usize,
         segment: u64,
         result: Result<Vec<u8>, crate::grid::ServerError>,
+        check: Check,
         blocks: &mut [Option<Vec<u8>>],
         have: &mut usize,
     ) {
+        let checked = |block: &[u8]| match check {
+            Check::EachBlock => self.decoder.verify_block(share, segment, block),
+            Check::LengthOnly => self.decoder.check_block_len(share, segment, block),
+        };
         let state = match result {
-            Ok(block) => match self.decoder.verify_block(share, segment, &block) {
+            Ok(block) => match checked(&block) {
                 Ok(()) => {
                     self.laggards.lock().expect("lock").remove(&share);
                     blocks[share as usize] = Some(block);
@@ -305,6 +347,19 @@ impl GridReader {
             f.state = state;
         }
     }
+}
+
+/// How [`GridReader::fetch_blocks`] checks a block as it arrives.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Against its hash: a block kept is the uploader's.
+    EachBlock,
+    /// Its length only: the caller checks the decoded segment instead.
+    LengthOnly,
+}
+
+fn sha256_of(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
 }
 
 type Located = Result<Vec<(u16, Result<Vec<u8>, crate::grid::ServerError>)>, crate::grid::ServerError>;
@@ -583,8 +638,16 @@ impl FileReader {
                 m.objects[i].get_or_try_init(open).await?.clone()
             }
         };
-        let bytes = read_range(&reader, e.offset, m.manifest.segment_len(j), recent).await?;
-        if <[u8; 32]>::from(Sha256::digest(&bytes[..])) != e.sha256 {
+        let len = m.manifest.segment_len(j);
+        let layout = reader.capability().layout;
+        let at = e.offset / layout.params.segment_size as u64;
+        if at < layout.num_segments() && layout.segment_offset(at) == e.offset && layout.segment_len(at) as u64 == len {
+            // The whole of one segment of its object, as every segment
+            // but a file's last is: its hash checks it as it is decoded.
+            return recent.read_hashed(&reader, at, &e.sha256).await;
+        }
+        let bytes = read_range(&reader, e.offset, len, recent).await?;
+        if sha256_of(&bytes) != e.sha256 {
             return Err(DownloadError::SegmentMismatch { segment: j });
         }
         Ok(bytes)
@@ -612,6 +675,35 @@ impl RecentSegments {
     }
 
     async fn read(&self, reader: &GridReader, segment: u64) -> Result<Arc<Vec<u8>>, DownloadError> {
+        Ok(self.kept_or(reader, segment, reader.read_segment(segment)).await?.0)
+    }
+
+    /// As `read`, for a segment whose plaintext SHA-256 the caller knows
+    /// ([`GridReader::read_segment_hashed`]).
+    async fn read_hashed(
+        &self,
+        reader: &GridReader,
+        segment: u64,
+        sha256: &Hash,
+    ) -> Result<Arc<Vec<u8>>, DownloadError> {
+        let (bytes, kept) = self
+            .kept_or(reader, segment, reader.read_segment_hashed(segment, sha256))
+            .await?;
+        // One kept may have been checked against its blocks only.
+        if kept && sha256_of(&bytes) != *sha256 {
+            return Err(DownloadError::SegmentMismatch { segment });
+        }
+        Ok(bytes)
+    }
+
+    /// The segment if it is kept here (and `true`), else what `decode`
+    /// gives, kept from now on.
+    async fn kept_or(
+        &self,
+        reader: &GridReader,
+        segment: u64,
+        decode: impl std::future::Future<Output = Result<Vec<u8>, DownloadError>>,
+    ) -> Result<(Arc<Vec<u8>>, bool), DownloadError> {
         let key = (reader.capability().storage_index(), segment);
         let hit = self
             .lock()
@@ -619,15 +711,15 @@ impl RecentSegments {
             .find(|(k, _)| *k == key)
             .map(|(_, bytes)| bytes.clone());
         if let Some(bytes) = hit {
-            return Ok(bytes);
+            return Ok((bytes, true));
         }
-        let bytes = Arc::new(reader.read_segment(segment).await?);
+        let bytes = Arc::new(decode.await?);
         let mut recent = self.lock();
         if recent.len() == self.capacity {
             recent.pop_front();
         }
         recent.push_back((key, bytes.clone()));
-        Ok(bytes)
+        Ok((bytes, false))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<DecodedSegment>> {

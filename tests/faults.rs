@@ -353,3 +353,48 @@ fn the_mount_commits_and_reads_back_through_a_stalled_and_a_lying_server() {
     }
     assert!(mnt.unmount().success());
 }
+
+/// A mapped version's segment is decoded from its data shares unchecked
+/// and checked by the manifest's hash of it; only a mismatch has its
+/// blocks checked one by one. Damaged share files on the servers' disks
+/// (real files, not a fault injector: the trailers stay intact, so the
+/// shares look good until their blocks are read) must be routed around
+/// while enough good shares remain, and refused, never returned, after.
+#[test]
+fn a_cold_read_of_a_mapped_file_goes_around_damaged_data_shares() {
+    let home = Home::init(&[]);
+    let data = bytes(3 << 20, 61);
+    let mnt = home.mount(&["--writeback-delay", "0"]);
+    std::fs::write(mnt.file("m.bin"), &data).unwrap();
+    home.ok(&["sync"]);
+    let cap = home.versions("/m.bin")[0]["cap"].as_str().unwrap().to_string();
+    assert!(cap.starts_with("cairn:map1:"), "{cap}");
+    assert!(mnt.unmount().success());
+
+    // One bit in segment 1's block of shares 0 and 1: the first decode is
+    // wrong, and the read must find and skip both.
+    let block_len = (1u64 << 20).div_ceil(3);
+    let damage = |share: &str| {
+        for path in home.shares_of("/m.bin") {
+            if path.file_name().unwrap() == share {
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[(8 + block_len + 1000) as usize] ^= 0x10;
+                std::fs::write(&path, bytes).unwrap();
+            }
+        }
+    };
+    damage("0");
+    damage("1");
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    let mnt = home.mount(&[]);
+    assert!(std::fs::read(mnt.file("m.bin")).unwrap() == data);
+    assert!(mnt.unmount().success());
+
+    // A third damaged share leaves two good ones of the three needed.
+    damage("2");
+    std::fs::remove_dir_all(home.file("cache")).unwrap();
+    let mnt = home.mount(&[]);
+    let err = std::fs::read(mnt.file("m.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(mnt.unmount().success());
+}
