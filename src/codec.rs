@@ -782,6 +782,13 @@ impl VersionDecoder {
     /// number; at least `needed` must be present, each of the block length
     /// (verified, or the caller checks what comes out).
     pub fn decode_segment(&self, segment: u64, mut blocks: Vec<Option<Vec<u8>>>) -> Result<Vec<u8>, CodecError> {
+        self.decode_segment_in(segment, &mut blocks)
+    }
+
+    /// As [`Self::decode_segment`], leaving the blocks given where they
+    /// are (missing data blocks rebuilt beside them): a caller that checks
+    /// the plaintext can check those blocks after.
+    pub fn decode_segment_in(&self, segment: u64, blocks: &mut [Option<Vec<u8>>]) -> Result<Vec<u8>, CodecError> {
         let layout = self.cap.layout;
         let k = layout.params.needed as usize;
         let present = blocks.iter().filter(|b| b.is_some()).count();
@@ -793,15 +800,15 @@ impl VersionDecoder {
         }
         if blocks[..k].iter().any(Option::is_none) {
             let rs = self.rs.as_ref().expect("missing data shards imply parity exists");
-            rs.reconstruct_data(&mut blocks).map_err(|e| CodecError::Segment {
+            rs.reconstruct_data(blocks).map_err(|e| CodecError::Segment {
                 segment,
                 what: format!("reconstruction failed: {e:?}"),
             })?;
         }
         let seg_len = layout.segment_len(segment);
         let mut out = Vec::with_capacity(seg_len);
-        for b in blocks.into_iter().take(k) {
-            out.extend_from_slice(&b.expect("reconstructed"));
+        for b in blocks.iter().take(k) {
+            out.extend_from_slice(b.as_deref().expect("reconstructed"));
         }
         out.truncate(seg_len);
         apply_keystream(&self.cap.key, layout.segment_offset(segment), &mut out);

@@ -232,14 +232,16 @@ impl GridReader {
     /// by the capability already (a mapped version's manifest records every
     /// segment's): the blocks are decoded as they come and the plaintext
     /// checked against `sha256`, one hash of the segment where checking
-    /// each block as well would hash it twice. Only a mismatch has every
-    /// block checked, the shares at fault set aside, and the segment read
-    /// again from the rest.
+    /// each block as well would hash it twice. A mismatch (or blocks that
+    /// do not decode) has the blocks given checked against their leaves,
+    /// the shares that gave bad ones set aside, and the segment read again
+    /// as [`Self::read_segment`] reads it.
     pub async fn read_segment_hashed(&self, segment: u64, sha256: &Hash) -> Result<Vec<u8>, DownloadError> {
-        let blocks = self.fetch_blocks(segment, Check::LengthOnly).await?;
-        // Blocks that match their hashes decode to the bytes the manifest
-        // hashed; a forged block to anything else.
-        if let Ok(plain) = self.decoder.decode_segment(segment, blocks) {
+        let mut blocks = self.fetch_blocks(segment, Check::LengthOnly).await?;
+        let given: Vec<bool> = blocks.iter().map(Option::is_some).collect();
+        // Blocks that match their leaves decode to the bytes the manifest
+        // hashed; a forged one to anything else.
+        if let Ok(plain) = self.decoder.decode_segment_in(segment, &mut blocks) {
             if sha256_of(&plain) == *sha256 {
                 return Ok(plain);
             }
@@ -247,8 +249,15 @@ impl GridReader {
         tracing::warn!(
             storage_index = %self.cap.storage_index(),
             segment,
-            "a segment did not match its hash: checking its blocks one by one"
+            "a segment did not match its hash: checking its blocks"
         );
+        for (share, block) in blocks.iter().enumerate().filter(|(share, _)| given[*share]) {
+            let share = share as u16;
+            let block = block.as_deref().expect("a block given");
+            if let Err(e) = self.decoder.verify_block(share, segment, block) {
+                self.set_aside(share, segment, ShareState::Corrupt(e.to_string()));
+            }
+        }
         let plain = self.read_segment(segment).await?;
         match sha256_of(&plain) == *sha256 {
             true => Ok(plain),
@@ -338,6 +347,19 @@ impl GridReader {
             },
             Err(e) => ShareState::Unreachable(e.to_string()),
         };
+        self.set_aside_on(share, idx, segment, state);
+    }
+
+    /// Records share `share` failed (its server is the one it was read from).
+    fn set_aside(&self, share: u16, segment: u64, state: ShareState) {
+        if let Some(&(_, idx)) = self.sources.iter().find(|(s, _)| *s == share) {
+            self.set_aside_on(share, idx, segment, state);
+        }
+    }
+
+    /// Records share `share`, read from server `idx`, failed: a corrupt one
+    /// for good, an unreachable one for a while.
+    fn set_aside_on(&self, share: u16, idx: usize, segment: u64, state: ShareState) {
         let server = self.grid.servers[idx].name.clone();
         tracing::warn!(%server, share, segment, ?state, "share failed; using another");
         let until = matches!(state, ShareState::Unreachable(_)).then(|| Instant::now() + UNREACHABLE_RETRY);
@@ -644,7 +666,11 @@ impl FileReader {
         if at < layout.num_segments() && layout.segment_offset(at) == e.offset && layout.segment_len(at) as u64 == len {
             // The whole of one segment of its object, as every segment
             // but a file's last is: its hash checks it as it is decoded.
-            return recent.read_hashed(&reader, at, &e.sha256).await;
+            // (Its error names the file's segment, not the object's.)
+            return recent.read_hashed(&reader, at, &e.sha256).await.map_err(|e| match e {
+                DownloadError::SegmentMismatch { .. } => DownloadError::SegmentMismatch { segment: j },
+                e => e,
+            });
         }
         let bytes = read_range(&reader, e.offset, len, recent).await?;
         if sha256_of(&bytes) != e.sha256 {
@@ -663,8 +689,18 @@ pub struct RecentSegments {
     recent: Mutex<VecDeque<DecodedSegment>>,
 }
 
-/// A version's segment, by storage index and number, and its plaintext.
-type DecodedSegment = ((StorageIndex, u64), Arc<Vec<u8>>);
+/// A version's segment, by storage index, number and what it was checked
+/// against, and its plaintext.
+type DecodedSegment = ((StorageIndex, u64, Proof), Arc<Vec<u8>>);
+
+/// What a kept segment was checked against: every block against its
+/// object's root, or its plaintext against a hash the caller knew (a
+/// manifest's, which a reader of the object by its root need not trust).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    Root(Hash),
+    Plaintext(Hash),
+}
 
 impl RecentSegments {
     pub fn new(capacity: usize) -> RecentSegments {
@@ -675,7 +711,8 @@ impl RecentSegments {
     }
 
     async fn read(&self, reader: &GridReader, segment: u64) -> Result<Arc<Vec<u8>>, DownloadError> {
-        Ok(self.kept_or(reader, segment, reader.read_segment(segment)).await?.0)
+        let proof = Proof::Root(reader.capability().root);
+        self.kept_or(reader, segment, proof, reader.read_segment(segment)).await
     }
 
     /// As `read`, for a segment whose plaintext SHA-256 the caller knows
@@ -686,32 +723,28 @@ impl RecentSegments {
         segment: u64,
         sha256: &Hash,
     ) -> Result<Arc<Vec<u8>>, DownloadError> {
-        let (bytes, kept) = self
-            .kept_or(reader, segment, reader.read_segment_hashed(segment, sha256))
-            .await?;
-        // One kept may have been checked against its blocks only.
-        if kept && sha256_of(&bytes) != *sha256 {
-            return Err(DownloadError::SegmentMismatch { segment });
-        }
-        Ok(bytes)
+        let proof = Proof::Plaintext(*sha256);
+        self.kept_or(reader, segment, proof, reader.read_segment_hashed(segment, sha256))
+            .await
     }
 
-    /// The segment if it is kept here (and `true`), else what `decode`
-    /// gives, kept from now on.
+    /// The segment if it is kept here, checked as `proof` says, else what
+    /// `decode` gives, kept from now on.
     async fn kept_or(
         &self,
         reader: &GridReader,
         segment: u64,
+        proof: Proof,
         decode: impl std::future::Future<Output = Result<Vec<u8>, DownloadError>>,
-    ) -> Result<(Arc<Vec<u8>>, bool), DownloadError> {
-        let key = (reader.capability().storage_index(), segment);
+    ) -> Result<Arc<Vec<u8>>, DownloadError> {
+        let key = (reader.capability().storage_index(), segment, proof);
         let hit = self
             .lock()
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, bytes)| bytes.clone());
         if let Some(bytes) = hit {
-            return Ok((bytes, true));
+            return Ok(bytes);
         }
         let bytes = Arc::new(decode.await?);
         let mut recent = self.lock();
@@ -719,7 +752,7 @@ impl RecentSegments {
             recent.pop_front();
         }
         recent.push_back((key, bytes.clone()));
-        Ok((bytes, false))
+        Ok(bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<DecodedSegment>> {

@@ -389,6 +389,13 @@ fn a_cold_read_of_a_mapped_file_goes_around_damaged_data_shares() {
     let mnt = home.mount(&[]);
     assert!(std::fs::read(mnt.file("m.bin")).unwrap() == data);
     assert!(mnt.unmount().success());
+    // The unchecked decode ran, failed its hash, and the blocks it was
+    // given named both culprits.
+    let log = std::fs::read_to_string(home.log_path()).unwrap();
+    assert_eq!(log.matches("did not match its hash").count(), 1, "{log}");
+    for share in ["share 0: block 1 does not match", "share 1: block 1 does not match"] {
+        assert!(log.contains(share), "{share}: {log}");
+    }
 
     // A third damaged share leaves two good ones of the three needed.
     damage("2");

@@ -339,7 +339,7 @@ impl Home {
     }
 
     /// Where a mount's daemon logs: kept in /tmp when CAIRN_TEST_LOG is set.
-    fn log_path(&self) -> PathBuf {
+    pub fn log_path(&self) -> PathBuf {
         match std::env::var_os("CAIRN_TEST_LOG") {
             Some(_) => PathBuf::from(format!(
                 "/tmp/cairn-test-{}.log",
