@@ -162,7 +162,7 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
     let records = |s: &str| home.server_dir(s).join("records");
     let old = home.file("old-records");
     for s in ["s1", "s2", "s3", "s4"] {
-        copy_dir(&records(s), &old.join(s));
+        common::copy_tree(&records(s), &old.join(s));
     }
     put(&home, "/b", b"b");
     home.ok(&["sync"]);
@@ -171,7 +171,7 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
     // of them instead serves a forged one; only s5 is honest.
     for s in ["s1", "s2", "s3", "s4"] {
         std::fs::remove_dir_all(records(s)).unwrap();
-        copy_dir(&old.join(s), &records(s));
+        common::copy_tree(&old.join(s), &records(s));
     }
     for entry in std::fs::read_dir(records("s4")).unwrap() {
         let p = entry.unwrap().path();
@@ -197,14 +197,6 @@ fn a_server_serving_an_old_or_forged_pointer_cannot_roll_the_namespace_back() {
         "{}",
         stderr(&out)
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
 }
 
 #[test]

@@ -216,6 +216,20 @@ impl Home {
     }
 }
 
+/// Copies the directory `from` into `to`, everything below it (files and
+/// directories only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let into = to.join(entry.file_name());
+        match entry.file_type().unwrap().is_dir() {
+            true => copy_tree(&entry.path(), &into),
+            false => drop(std::fs::copy(entry.path(), into).unwrap()),
+        }
+    }
+}
+
 pub fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
