@@ -72,7 +72,7 @@ pub fn apply(
     in_use: &dyn Fn(Ino) -> bool,
 ) -> Result<Applied, CatalogError> {
     let mut out = Applied::default();
-    let mut synced: HashMap<Fid, Synced> = store::all_synced(cat)?.into_iter().map(|s| (s.fid, s)).collect();
+    let mut synced: HashMap<Fid, Synced> = store::all_synced(cat)?;
     // A directory this machine made that turned out to be made elsewhere
     // too (two `mkdir`s of one name) is the merged one: the same local
     // node, under the merged id.
