@@ -132,7 +132,7 @@ pub fn codec(bytes: usize, runs: usize) -> CodecReport {
                         dec.verify_block(i as u16, j, b).expect("valid block");
                         picked[i] = Some(b.to_vec());
                     }
-                    std::hint::black_box(dec.decode_segment(j, picked).expect("decode"));
+                    std::hint::black_box(dec.decode_segment(j, &mut picked).expect("decode"));
                 }
             });
             let slowest = sha256_all_blocks.min(aes_ctr).min(reed_solomon);

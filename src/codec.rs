@@ -780,15 +780,10 @@ impl VersionDecoder {
 
     /// Rebuilds one plaintext segment from blocks, indexed by share
     /// number; at least `needed` must be present, each of the block length
-    /// (verified, or the caller checks what comes out).
-    pub fn decode_segment(&self, segment: u64, mut blocks: Vec<Option<Vec<u8>>>) -> Result<Vec<u8>, CodecError> {
-        self.decode_segment_in(segment, &mut blocks)
-    }
-
-    /// As [`Self::decode_segment`], leaving the blocks given where they
-    /// are (missing data blocks rebuilt beside them): a caller that checks
-    /// the plaintext can check those blocks after.
-    pub fn decode_segment_in(&self, segment: u64, blocks: &mut [Option<Vec<u8>>]) -> Result<Vec<u8>, CodecError> {
+    /// (verified, or the caller checks what comes out). The blocks given
+    /// stay where they are (missing data blocks are rebuilt beside them),
+    /// so a caller that checks the plaintext can check them after.
+    pub fn decode_segment(&self, segment: u64, blocks: &mut [Option<Vec<u8>>]) -> Result<Vec<u8>, CodecError> {
         let layout = self.cap.layout;
         let k = layout.params.needed as usize;
         let present = blocks.iter().filter(|b| b.is_some()).count();
@@ -913,7 +908,7 @@ pub fn decode_all(cap: &Capability, shares: &[Option<&[u8]>]) -> Result<Vec<u8>,
                 have += 1;
             }
         }
-        out.extend_from_slice(&dec.decode_segment(j, blocks)?);
+        out.extend_from_slice(&dec.decode_segment(j, &mut blocks)?);
     }
     // A version with no segments still has trailers to check.
     let expected = dec.plaintext_sha256().ok_or(CodecError::Segment {

@@ -224,8 +224,8 @@ impl GridReader {
     /// `needed` servers; every hedge delay without enough answers asks one
     /// more, and a failed or corrupt block is replaced at once.
     pub async fn read_segment(&self, segment: u64) -> Result<Vec<u8>, DownloadError> {
-        let blocks = self.fetch_blocks(segment, Check::EachBlock).await?;
-        Ok(self.decoder.decode_segment(segment, blocks)?)
+        let mut blocks = self.fetch_blocks(segment, Check::EachBlock).await?;
+        Ok(self.decoder.decode_segment(segment, &mut blocks)?)
     }
 
     /// Segment `segment` when its plaintext's SHA-256 is known and pinned
@@ -241,7 +241,7 @@ impl GridReader {
         let given: Vec<bool> = blocks.iter().map(Option::is_some).collect();
         // Blocks that match their leaves decode to the bytes the manifest
         // hashed; a forged one to anything else.
-        if let Ok(plain) = self.decoder.decode_segment_in(segment, &mut blocks) {
+        if let Ok(plain) = self.decoder.decode_segment(segment, &mut blocks) {
             if sha256_of(&plain) == *sha256 {
                 return Ok(plain);
             }
@@ -496,7 +496,7 @@ async fn write_packed(
     cap.open_stored(offset, &mut bytes);
     file.write_all(&bytes).map_err(output_error(out))?;
     progress.advance(len);
-    Ok(Sha256::digest(&bytes).into())
+    Ok(sha256_of(&bytes))
 }
 
 /// An open file version, whatever its capability: its bytes read chunk
